@@ -1,0 +1,11 @@
+"""monai_medcam: Med-CAM minimal evidence masks for frozen medical image classifiers, as a MONAI plugin."""
+
+from __future__ import annotations
+
+from monai_medcam.classifiers import TargetLayer
+from monai_medcam.engine import MedCAM, MedCAMResult
+from monai_medcam.settings import MedCAMSettings
+
+__version__ = "0.1.0"
+
+__all__ = ["MedCAM", "MedCAMResult", "MedCAMSettings", "TargetLayer", "__version__"]

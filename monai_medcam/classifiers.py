@@ -1,0 +1,280 @@
+"""Adapter for any frozen classifier: logits, target-layer lookup and activation capture.
+
+:class:`FrozenClassifier` wraps an ``nn.Module`` so the explainer can ask three things of it:
+the two-or-more-class logits of a batch, the activations of the target layers for that batch,
+and a guarantee that the classifier is left exactly as it was found (training flag,
+``requires_grad`` and hooks) after success and after an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "LayerSpec"]
+
+logger = logging.getLogger(__name__)
+
+LayerSpec = str | nn.Module | Callable[[nn.Module], nn.Module]
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """One layer whose activations the evidence must reproduce.
+
+    Args:
+        name: dotted module name inside the classifier (``"layer4"``, ``"features.7"``).
+        weight: the layer's weight ``alpha_l`` in the activation-matching loss.
+        distance: ``"mse"`` (per-channel standardised MSE, for convolutional maps) or
+            ``"cosine"`` (cosine distance, for shallow maps and token/linear layers).
+    """
+
+    name: str
+    weight: float = 1.0
+    distance: str = "mse"
+
+    def __post_init__(self) -> None:
+        if self.distance not in ("mse", "cosine"):
+            raise ValueError(f"TargetLayer {self.name!r}: distance must be 'mse' or 'cosine', got {self.distance!r}.")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"TargetLayer {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}.")
+
+
+def _spread(names: Sequence[str], distances: Sequence[str] | None = None) -> list[TargetLayer]:
+    """Weights 1, 2, 4, ... doubling with depth (the deepest layers matter most), capped at 8."""
+    weights = [float(min(2**i, 8)) for i in range(len(names))]
+    if distances is None:
+        distances = ["cosine"] * min(2, len(names)) + ["mse"] * max(0, len(names) - 2)
+    return [TargetLayer(n, w, d) for n, w, d in zip(names, weights, distances)]
+
+
+def _quartiles(count: int) -> list[int]:
+    """Indices of about four evenly spaced blocks out of ``count``, always ending at the last."""
+    picks = sorted({max(0, round(count * q) - 1) for q in (0.25, 0.5, 0.75, 1.0)})
+    return picks
+
+
+def default_target_layers(model: nn.Module) -> list[TargetLayer]:
+    """Per-architecture default target layers (``target_layers="auto"``).
+
+    Recognised: torchvision ResNet, MobileNetV2, ConvNeXt, VisionTransformer; MONAI ResNet,
+    DenseNet (121/169/201/264), ViT and EfficientNetBN. Anything else gets up to four evenly
+    spaced convolution or linear layers, with a log message naming them.
+    """
+    cls = type(model).__name__
+    children = dict(model.named_children())
+    if cls == "ResNet" and "layer4" in children:
+        stem = "relu" if "relu" in children else "act"
+        names = [stem, "layer1", "layer2", "layer3", "layer4"]
+        return [TargetLayer(n, w, d) for n, w, d in zip(names, (1, 2, 2, 4, 8), ("cosine",) * 2 + ("mse",) * 3)]
+    if cls == "MobileNetV2":
+        count = len(model.features)
+        return _spread([f"features.{i}" for i in _quartiles(count)])
+    if cls == "ConvNeXt":
+        count = len(model.features)
+        return _spread([f"features.{i}" for i in range(1, count, 2)])
+    if cls == "VisionTransformer" and hasattr(model, "encoder"):
+        count = len(model.encoder.layers)
+        names = [f"encoder.layers.{i}" for i in _quartiles(count)]
+        return _spread(names, ["cosine"] * len(names))
+    if cls == "ViT" and hasattr(model, "blocks"):
+        names = [f"blocks.{i}" for i in _quartiles(len(model.blocks))]
+        return _spread(names, ["cosine"] * len(names))
+    if cls.startswith("DenseNet") and hasattr(model, "features"):
+        feats = dict(model.features.named_children())
+        names = [f"features.{n}" for n in ("transition1", "transition2", "transition3", "norm5") if n in feats]
+        return _spread(names)
+    if cls.startswith("EfficientNet") and hasattr(model, "_blocks"):
+        names = [f"_blocks.{i}" for i in _quartiles(len(model._blocks))][:-1] + ["_bn1"]
+        return _spread(names)
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    if not candidates:
+        raise ValueError(
+            f"target_layers='auto': no convolution or linear layer found in {cls}; pass target_layers explicitly."
+        )
+    body = candidates[:-1] or candidates  # the last linear layer is usually the head
+    picks = [body[i] for i in _quartiles(len(body))]
+    logger.info("target_layers='auto' does not know %s; using %s", cls, picks)
+    return _spread(picks)
+
+
+def _patch_size(model: nn.Module) -> tuple[int, ...] | None:
+    """The patch size of a vision transformer, from torchvision's attribute or a patch-embedding conv."""
+    size = getattr(model, "patch_size", None)
+    if isinstance(size, int):
+        return (size,)
+    if isinstance(size, (tuple, list)):
+        return tuple(int(s) for s in size)
+    for name, module in model.named_modules():
+        if "patch" in name.lower() and isinstance(module, nn.modules.conv._ConvNd):
+            return tuple(int(s) for s in module.kernel_size)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            break
+    return None
+
+
+def tokens_to_grid(tokens: torch.Tensor, spatial: Sequence[int], patch: Sequence[int] | None) -> torch.Tensor:
+    """Turn transformer tokens ``(B, N, D)`` into a feature map ``(B, D, *grid)``.
+
+    The grid is ``spatial // patch`` (one entry per spatial dimension); the leading
+    ``N - prod(grid)`` tokens (class and register tokens) are dropped. Without a known patch
+    size the tokens are kept as a 1D sequence ``(B, D, N)``.
+    """
+    if patch is None:
+        return tokens.transpose(1, 2)
+    patch = list(patch) * len(spatial) if len(patch) == 1 else list(patch)
+    grid = [s // p for s, p in zip(spatial, patch)]
+    n_grid = math.prod(grid)
+    n_prefix = tokens.shape[1] - n_grid
+    if n_prefix < 0:
+        return tokens.transpose(1, 2)
+    return tokens[:, n_prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+
+
+class FrozenClassifier:
+    """A frozen view of a classifier with activation capture on its target layers.
+
+    Args:
+        nn_module: the classifier; maps ``(B, C, *spatial)`` to logits ``(B, K)`` (``K >= 2``, softmax)
+            or ``(B, 1)`` / ``(B,)`` (one logit, sigmoid). A tuple output (MONAI ViT) uses its first item.
+        target_layers: ``"auto"`` for the per-architecture defaults, or a sequence of layer names,
+            modules of the classifier, callables ``model -> module`` or :class:`TargetLayer`;
+            an empty sequence turns activation matching off.
+        layer_weights: optional per-layer weights, overriding the defaults.
+        layer_distances: optional per-layer distances (``"mse"`` or ``"cosine"``).
+
+    Use ``with classifier.frozen():`` around all calls; inside it the classifier is in eval mode
+    with no parameter gradients and hooks are in place; on exit everything is restored.
+    """
+
+    def __init__(
+        self,
+        nn_module: nn.Module,
+        target_layers: str | Sequence[LayerSpec | TargetLayer] = "auto",
+        layer_weights: Sequence[float] | None = None,
+        layer_distances: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(nn_module, nn.Module):
+            raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}.")
+        self.model = nn_module
+        self.layers = self._resolve(target_layers, layer_weights, layer_distances)
+        self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
+        self._patch = _patch_size(nn_module)
+        self._captured: list[torch.Tensor] | None = None
+        self._spatial: tuple[int, ...] = ()
+
+    # -- layer lookup -------------------------------------------------------------------------
+    def _resolve(
+        self,
+        target_layers: str | Sequence[LayerSpec | TargetLayer],
+        layer_weights: Sequence[float] | None,
+        layer_distances: Sequence[str] | None,
+    ) -> list[TargetLayer]:
+        if isinstance(target_layers, str):
+            if target_layers == "auto":
+                layers = default_target_layers(self.model)
+            else:
+                layers = [TargetLayer(self._name_of(target_layers))]
+        else:
+            layers = []
+            for spec in target_layers:
+                if isinstance(spec, TargetLayer):
+                    self._name_of(spec.name)
+                    layers.append(spec)
+                else:
+                    layers.append(TargetLayer(self._name_of(spec)))
+        for what, values in (("layer_weights", layer_weights), ("layer_distances", layer_distances)):
+            if values is not None and len(values) != len(layers):
+                raise ValueError(
+                    f"{what} has {len(values)} entries but there are {len(layers)} target layers "
+                    f"({[layer.name for layer in layers]})."
+                )
+        if layer_weights is not None:
+            layers = [TargetLayer(layer.name, float(w), layer.distance) for layer, w in zip(layers, layer_weights)]
+        if layer_distances is not None:
+            layers = [TargetLayer(layer.name, layer.weight, d) for layer, d in zip(layers, layer_distances)]
+        return layers
+
+    def _name_of(self, spec: LayerSpec) -> str:
+        """Dotted name of a layer given by name, module or callable; unknown names list the nearest."""
+        if callable(spec) and not isinstance(spec, (str, nn.Module)):
+            spec = spec(self.model)
+        if isinstance(spec, nn.Module):
+            for name, module in self.model.named_modules():
+                if module is spec:
+                    return name
+            raise ValueError(f"target layer {type(spec).__name__} is not a submodule of {type(self.model).__name__}.")
+        if isinstance(spec, str):
+            names = [n for n, _ in self.model.named_modules() if n]
+            if spec in names:
+                return spec
+            near = difflib.get_close_matches(spec, names, n=5, cutoff=0.5) or names[:5]
+            raise ValueError(f"target layer {spec!r} not found in {type(self.model).__name__}; nearest valid names: {near}.")
+        raise TypeError(f"target layer must be a name, a module or a callable, got {type(spec).__name__}.")
+
+    # -- freezing and hooks -------------------------------------------------------------------
+    @contextmanager
+    def frozen(self) -> Iterator[FrozenClassifier]:
+        """Eval mode, no parameter gradients and capture hooks, all restored on exit (even on error)."""
+        training = {m: m.training for m in self.model.modules()}
+        grads = {p: p.requires_grad for p in self.model.parameters()}
+        handles = []
+        try:
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for module in self._modules:
+                handles.append(module.register_forward_hook(self._hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+            for m, flag in training.items():
+                m.train(flag)
+            self._captured = None
+
+    def _hook(self, module: nn.Module, args: object, output: object) -> None:
+        if self._captured is None:
+            return
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"target layer {type(module).__name__} returned {type(output).__name__}, not a tensor.")
+        if output.ndim == 3 and self._patch is not None:
+            output = tokens_to_grid(output, self._spatial, self._patch)
+        self._captured.append(output)
+
+    # -- forward ------------------------------------------------------------------------------
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` with ``K >= 2``: a single logit ``z`` becomes ``(0, z)`` so softmax is sigmoid."""
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the classifier returned {type(out).__name__}; expected a logits tensor (B, K).")
+        if out.ndim == 1:
+            out = out[:, None]
+        if out.ndim != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"the classifier returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected (B, K).")
+        if out.shape[1] == 1:
+            out = torch.cat([torch.zeros_like(out), out], dim=1)
+        return out
+
+    def logits_and_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits ``(B, K)`` and the target layers' activations, each ``(B, C_l, *spatial_l)``."""
+        self._captured = []
+        self._spatial = tuple(x.shape[2:])
+        try:
+            logits = self.logits(x)
+            return logits, self._captured
+        finally:
+            self._captured = None

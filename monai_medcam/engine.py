@@ -1,0 +1,398 @@
+"""Med-CAM's per-image optimisation: a batch of independent explainers, checked and stopped early.
+
+Data flow for a batch ``x`` ``(B, C, *spatial)``::
+
+    classifier(x) -> label y, reference logits and activations
+    for each step:  mask nets -> soft mask m -> evidence e = m x + (1 - m) baseline
+                    classifier(e), classifier(m x + (1 - m) r) -> per-image loss -> Adam step
+    every check_every steps: binary mask verified?  stable?  -> finished images leave the batch
+    images still unverified -> retried with more steps and a lower area weight
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from monai_medcam.backgrounds import baseline_image, blurred, random_background
+from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer
+from monai_medcam.losses import (
+    ActivationMatchingLoss,
+    AreaLoss,
+    BinarizationLoss,
+    DecisionLoss,
+    OutputKLLoss,
+    TotalVariationLoss,
+    straight_through_binary,
+)
+from monai_medcam.masknet import StackedMaskNet, pad_to_multiple
+from monai_medcam.settings import MedCAMSettings
+
+__all__ = ["MedCAM", "MedCAMResult"]
+
+logger = logging.getLogger(__name__)
+
+MIN_SPATIAL_SIZE = 8
+_VERIFY_KINDS = ("gaussian", "uniform")
+
+
+@dataclass
+class MedCAMResult:
+    """What Med-CAM found for a batch of B images (every field is per image).
+
+    Attributes:
+        mask: binary evidence mask ``(B, 1, *spatial)``, a MetaTensor with the input's metadata.
+        soft_mask: the mask network's sigmoid output ``(B, 1, *spatial)``.
+        label: explained class ``(B,)``.
+        prob_input: probability of the label on the image ``(B,)``.
+        prob_evidence: probability of the label on the binary evidence ``(B,)``.
+        prob_background: lowest probability of the label over the K random backgrounds ``(B,)``.
+        verified: the binary evidence gives the label alone and under all K random backgrounds ``(B,)``.
+        vacuous: the classifier already gives the label with no evidence at all ``(B,)``.
+        area: fraction of pixels in the binary mask ``(B,)``.
+        steps: optimisation steps spent, over all attempts ``(B,)``.
+        retries: attempts after the first ``(B,)``.
+        seconds: wall time of the batch divided by B (the amortised time per image) ``(B,)``.
+    """
+
+    mask: torch.Tensor
+    soft_mask: torch.Tensor
+    label: torch.Tensor
+    prob_input: torch.Tensor
+    prob_evidence: torch.Tensor
+    prob_background: torch.Tensor
+    verified: torch.Tensor
+    vacuous: torch.Tensor
+    area: torch.Tensor
+    steps: torch.Tensor
+    retries: torch.Tensor
+    seconds: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def summary(self) -> list[dict[str, float | int | bool]]:
+        """One plain dictionary per image, for tables and CSV files."""
+        return [
+            {
+                "label": int(self.label[i]),
+                "prob_input": float(self.prob_input[i]),
+                "prob_evidence": float(self.prob_evidence[i]),
+                "prob_background": float(self.prob_background[i]),
+                "area": float(self.area[i]),
+                "verified": bool(self.verified[i]),
+                "vacuous": bool(self.vacuous[i]),
+                "steps": int(self.steps[i]),
+                "retries": int(self.retries[i]),
+                "seconds": float(self.seconds[i]),
+            }
+            for i in range(len(self))
+        ]
+
+
+@dataclass
+class _Attempt:
+    """Per-image outcome of one optimisation attempt (tensors of length B on the input's device)."""
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+    verified: torch.Tensor
+    steps: torch.Tensor
+
+
+class MedCAM:
+    """Med-CAM: minimal, decision-preserving evidence masks for a frozen classifier.
+
+    For each image ``x`` a BasicUNet is trained from scratch to output a near-binary mask ``m``
+    such that the evidence ``e = m * x`` alone reproduces the classifier's activations, output
+    distribution and label, is small, crisp and contiguous, and keeps the label when everything
+    outside the mask is random. A batch is B independent explainers optimised together.
+
+    Suhail, Anand, Sethi, "Med-CAM: Minimal Evidence for Explaining Medical Decision Making",
+    arXiv:2604.13695, 2026.
+
+    Args:
+        nn_module: the frozen classifier, ``(B, C, *spatial) -> (B, K)`` logits (or one logit).
+            It is put in eval mode without parameter gradients while explaining and restored after.
+        target_layers: ``"auto"`` (per-architecture defaults), or names, modules, callables or
+            :class:`~monai_medcam.classifiers.TargetLayer` objects; ``[]`` turns activation matching off.
+        layer_weights: optional per-layer weights ``alpha_l``.
+        layer_distances: optional per-layer distances, ``"mse"`` or ``"cosine"``.
+        settings: any field of :class:`~monai_medcam.settings.MedCAMSettings` (``steps``,
+            ``area_weight``, ``baseline``, ``seed``, ...).
+
+    Examples::
+
+        from monai.networks.nets import DenseNet121
+        from monai_medcam import MedCAM
+
+        net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+        explainer = MedCAM(net, target_layers="auto", steps=100)
+        mask = explainer(torch.rand(2, 1, 64, 64))          # (2, 1, 64, 64) binary MetaTensor
+        result = explainer.explain(torch.rand(2, 1, 64, 64))
+        result.verified, result.area
+    """
+
+    def __init__(
+        self,
+        nn_module: torch.nn.Module,
+        target_layers: str | Sequence[LayerSpec | TargetLayer] = "auto",
+        layer_weights: Sequence[float] | None = None,
+        layer_distances: Sequence[str] | None = None,
+        **settings: object,
+    ) -> None:
+        self.settings = MedCAMSettings.from_kwargs(**settings)
+        self.classifier = FrozenClassifier(nn_module, target_layers, layer_weights, layer_distances)
+        self.nn_module = nn_module
+
+    def __call__(self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Binary evidence masks ``(B, 1, *spatial)`` for ``x`` ``(B, C, *spatial)``, as a MetaTensor."""
+        return self.explain(x, class_idx).mask
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():
+            raise ValueError(
+                "Med-CAM optimises a mask network and cannot run under torch.inference_mode(); "
+                "call it outside inference mode (torch.no_grad() is fine)."
+            )
+        if any(p.is_inference() for p in self.nn_module.parameters()):
+            raise ValueError(
+                "the classifier's parameters were created under torch.inference_mode() and cannot take part "
+                "in gradient computation; load the classifier outside inference mode."
+            )
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"input must be a torch.Tensor (B, C, H, W[, D]), got {type(x).__name__}.")
+        if x.ndim not in (4, 5):
+            raise ValueError(f"input must have shape (B, C, H, W) or (B, C, H, W, D); got {x.ndim} dims {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            raise ValueError(f"input is an empty batch: shape {tuple(x.shape)}.")
+        if min(x.shape[2:]) < MIN_SPATIAL_SIZE:
+            raise ValueError(
+                f"input spatial size {tuple(x.shape[2:])} is too small: each side must be >= {MIN_SPATIAL_SIZE}."
+            )
+        data = x.as_tensor() if isinstance(x, MetaTensor) else x
+        if data.is_inference():
+            data = data.clone()
+        data = data.detach()
+        if not data.is_floating_point():
+            data = data.float()
+        if not torch.isfinite(data).all():
+            bad = (~torch.isfinite(data)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"input holds NaN or Inf values (images {bad} of the batch).")
+        devices = {p.device for p in self.nn_module.parameters()}
+        if devices and data.device not in devices:
+            raise ValueError(f"input is on {data.device} but the classifier is on {sorted(map(str, devices))}; move one.")
+        return data
+
+    def _labels(self, class_idx: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        count, classes = logits.shape
+        if class_idx is None:
+            return logits.argmax(1)
+        label = torch.as_tensor(class_idx, device=logits.device).long().flatten()
+        if label.numel() == 1:
+            label = label.expand(count).clone()
+        if label.numel() != count:
+            raise ValueError(f"class_idx gives {label.numel()} labels for a batch of {count} images.")
+        if ((label < 0) | (label >= classes)).any():
+            raise ValueError(f"class_idx {label.tolist()} out of range: the classifier has {classes} classes (0..{classes - 1}).")
+        return label
+
+    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        try:
+            with torch.no_grad():
+                logits, acts = self.classifier.logits_and_activations(x)
+        except RuntimeError as err:
+            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}: {err}") from err
+        return logits.float(), [a.detach() for a in acts]
+
+    # -- the public entry point -----------------------------------------------------------------
+    def explain(
+        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None
+    ) -> MedCAMResult:
+        """Explain ``x`` ``(B, C, *spatial)``; ``class_idx`` (one for all or one per image) defaults to the prediction."""
+        data = self._check_input(x)
+        start = time.perf_counter()
+        s = self.settings
+        with self.classifier.frozen(), torch.enable_grad():
+            ref_logits, ref_acts = self._reference(data)
+            label = self._labels(class_idx, ref_logits)
+            base = baseline_image(data, s.baseline)
+            with torch.no_grad():
+                empty_logits = self.classifier.logits(base).float()
+            vacuous = empty_logits.argmax(1) == label
+            if vacuous.any():
+                logger.warning(
+                    "images %s: the classifier gives label %s with no evidence at all (vacuous case); the "
+                    "mask is then held to the robustness check only.",
+                    vacuous.nonzero().flatten().tolist(),
+                    label[vacuous].tolist(),
+                )
+            attempt = self._optimise(data, label, ref_logits, ref_acts, base, s)
+            retries = torch.zeros_like(attempt.steps)
+            for retry in range(1, s.max_retries + 1):
+                todo = (~attempt.verified).nonzero().flatten()
+                if len(todo) == 0:
+                    break
+                harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
+                logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
+                again = self._optimise(
+                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], harder
+                )
+                attempt.steps[todo] += again.steps
+                retries[todo] += 1
+                for name in ("soft", "hard", "verified"):
+                    getattr(attempt, name)[todo] = getattr(again, name)
+            with torch.no_grad():
+                prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
+                evidence = attempt.hard * data + (1 - attempt.hard) * base
+                prob_evidence = torch.softmax(self.classifier.logits(evidence).float(), 1).gather(1, label[:, None])[:, 0]
+                prob_background = torch.stack(
+                    [torch.softmax(z, 1).gather(1, label[:, None])[:, 0] for z in self._outside_logits(data, attempt.hard, s)]
+                ).amin(0)
+        seconds = (time.perf_counter() - start) / data.shape[0]
+        mask = MetaTensor(attempt.hard)
+        if isinstance(x, MetaTensor):
+            mask.copy_meta_from(x, copy_attr=False)
+        return MedCAMResult(
+            mask=mask,
+            soft_mask=attempt.soft,
+            label=label,
+            prob_input=prob_input,
+            prob_evidence=prob_evidence,
+            prob_background=prob_background,
+            verified=attempt.verified,
+            vacuous=vacuous,
+            area=attempt.hard.flatten(1).mean(1),
+            steps=attempt.steps,
+            retries=retries,
+            seconds=torch.full((data.shape[0],), seconds),
+        )
+
+    # -- verification ---------------------------------------------------------------------------
+    def _outside_logits(self, x: torch.Tensor, hard: torch.Tensor, s: MedCAMSettings) -> list[torch.Tensor]:
+        """Logits ``(B, K)`` with the outside of the binary mask replaced by each of the K backgrounds.
+
+        The backgrounds are drawn afresh from the seed at every call (a blurred copy first, then
+        Gaussian and uniform noise in turn), so a check never depends on when it is made.
+        """
+        generator = torch.Generator(device=x.device).manual_seed(s.seed + 7919)
+        x_blurred = blurred(x)
+        logits = []
+        for k in range(s.verify_backgrounds):
+            kind = "blur" if k == 0 else _VERIFY_KINDS[(k - 1) % len(_VERIFY_KINDS)]
+            r = random_background(x, kind, generator, x_blurred)
+            logits.append(self.classifier.logits(hard * x + (1 - hard) * r).float())
+        return logits
+
+    def _verify(self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, label: torch.Tensor, s: MedCAMSettings) -> torch.Tensor:
+        """``(B,)`` bool: the binary evidence gives the label alone and under every background."""
+        kept = self.classifier.logits(hard * x + (1 - hard) * base).argmax(1) == label
+        for logits in self._outside_logits(x, hard, s):
+            kept &= logits.argmax(1) == label
+        return kept
+
+    # -- one optimisation attempt ---------------------------------------------------------------
+    def _optimise(
+        self,
+        x: torch.Tensor,
+        label: torch.Tensor,
+        ref_logits: torch.Tensor,
+        ref_acts: list[torch.Tensor],
+        base: torch.Tensor,
+        s: MedCAMSettings,
+    ) -> _Attempt:
+        count, device = x.shape[0], x.device
+        net = StackedMaskNet(count, x.ndim - 2, x.shape[1], s.mask_features, s.init_keep, s.seed, device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
+        x_padded, crop = pad_to_multiple(x)
+        x_blurred = blurred(x) if "blur" in s.backgrounds else None
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+        kinds = random.Random(s.seed)
+
+        act_loss = ActivationMatchingLoss(self.classifier.layers, reduction="none") if self.classifier.layers else None
+        kl_loss = OutputKLLoss(s.kl_temperature, reduction="none")
+        decision = DecisionLoss(reduction="none")
+        area, crisp, tv = AreaLoss(reduction="none"), BinarizationLoss(reduction="none"), TotalVariationLoss(reduction="none")
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda")
+
+        soft_out = torch.zeros(count, 1, *x.shape[2:], device=device)
+        hard_out = torch.zeros_like(soft_out)
+        verified_out = torch.zeros(count, dtype=torch.bool, device=device)
+        steps_out = torch.full((count,), s.steps, dtype=torch.long, device=device)
+        active = torch.arange(count, device=device)
+        previous = None
+        calm = torch.zeros(count, dtype=torch.long, device=device)  # consecutive checks verified and stable
+        bar = tqdm(total=s.steps, desc="Med-CAM", unit="step", disable=not s.progress, leave=False)
+        for step in range(1, s.steps + 1):
+            xa, ba, ya = x[active], base[active], label[active]
+            with autocast:
+                soft = torch.sigmoid(net(x_padded[active])[crop].float())
+                used = straight_through_binary(soft) if s.hard_mask else soft
+                kind = kinds.choice(s.backgrounds)
+                r = random_background(xa, kind, generator, None if x_blurred is None else x_blurred[active])
+                evidence = used * xa + (1 - used) * ba
+                outside_random = used * xa + (1 - used) * r
+                logits, acts = self.classifier.logits_and_activations(torch.cat([evidence, outside_random]))
+            n = len(active)
+            logits_e, logits_r = logits[:n].float(), logits[n:].float()
+            loss = (
+                s.kl_weight * kl_loss(ref_logits[active], logits_e)
+                + s.ce_weight * decision(logits_e, ya)
+                + s.rob_weight * decision(logits_r, ya)
+                + s.area_weight * area(soft)
+                + s.bin_weight * crisp(soft)
+                + s.tv_weight * tv(soft)
+            )
+            if act_loss is not None:
+                loss = loss + s.act_weight * act_loss([a[active] for a in ref_acts], [a[:n] for a in acts])
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optimizer.step()
+            bar.update(1)
+
+            if step % s.check_every and step != s.steps:
+                continue
+            with torch.no_grad():
+                hard = (soft.detach() > 0.5).float()
+                ok = self._verify(xa, hard, ba, ya, s)
+                soft_out[active[ok]] = soft.detach()[ok]
+                hard_out[active[ok]] = hard[ok]
+                verified_out[active[ok]] = True
+                unverified_yet = ~verified_out[active]
+                soft_out[active[unverified_yet]] = soft.detach()[unverified_yet]
+                hard_out[active[unverified_yet]] = hard[unverified_yet]
+                if previous is not None:
+                    changed = (hard != previous).flatten(1).sum(1).float()
+                    scale = torch.maximum(hard.flatten(1).sum(1), torch.full_like(changed, 0.01 * hard[0].numel()))
+                    calm = torch.where(ok & (changed <= s.stable_tol * scale), calm + 1, 0)
+                done = (calm >= s.patience) & (step >= s.min_steps)
+                steps_out[active[done]] = step
+                keep = (~done).nonzero().flatten()
+                previous, calm = hard[keep], calm[keep]
+            if len(keep) == 0:
+                break
+            if len(keep) < n:
+                self._drop_finished(net, optimizer, keep)
+                active = active[keep]
+        bar.close()
+        return _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, steps=steps_out)
+
+    @staticmethod
+    def _drop_finished(net: StackedMaskNet, optimizer: torch.optim.Adam, keep: torch.Tensor) -> None:
+        """Remove finished explainers from the stacked networks and from Adam's state."""
+        old_params = list(net.parameters())
+        old_state = [optimizer.state.get(p, {}) for p in old_params]
+        net.keep(keep)
+        new_params = list(net.parameters())
+        optimizer.param_groups[0]["params"] = new_params
+        optimizer.state.clear()
+        for p, state in zip(new_params, old_state):
+            optimizer.state[p] = {k: (v[keep] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in state.items()}

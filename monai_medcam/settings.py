@@ -1,0 +1,119 @@
+"""Every setting of the Med-CAM objective and optimisation, with defaults that work out of the box.
+
+The paper's weights map one to one: ``act_weight`` = lambda_act, ``kl_weight`` = lambda_KL,
+``ce_weight`` = lambda_CE, ``area_weight`` = lambda_area, ``bin_weight`` = lambda_bin,
+``tv_weight`` = lambda_tv, ``rob_weight`` = lambda_rob. The loss terms are normalised (means over
+pixels, distances per layer made scale-free), so these numbers are comparable across image sizes
+and architectures; ``docs/settings.md`` says which ones matter and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
+
+__all__ = ["MedCAMSettings"]
+
+
+@dataclass
+class MedCAMSettings:
+    """Settings of :class:`monai_medcam.MedCAM` (pass any of them as keyword arguments).
+
+    Args:
+        act_weight: activation matching over the target layers (paper: lambda_act).
+        kl_weight: KL between the output distributions on image and evidence (lambda_KL).
+        kl_temperature: temperature of that KL.
+        ce_weight: cross-entropy of the explained label on the evidence (lambda_CE).
+        area_weight: evidence area, mean of the mask (lambda_area).
+        bin_weight: binarisation, mean of ``m (1 - m)`` (lambda_bin).
+        tv_weight: total variation of the mask (lambda_tv).
+        rob_weight: cross-entropy of the label when the outside of the mask is random (lambda_rob).
+        hard_mask: the fidelity and robustness terms see the binary mask through a
+            straight-through estimator (forward: ``m > 0.5``; backward: identity), so what is
+            optimised is what is returned. With ``False`` they see the soft mask.
+        baseline: what removed pixels become in the evidence: ``"zeros"`` (the paper's
+            ``e = m * x``, in the classifier's input space), ``"mean"`` (each image's channel
+            means) or ``"blur"`` (a blurred copy).
+        backgrounds: random backgrounds for the robustness term, one drawn per step:
+            ``"gaussian"`` (the image's channel statistics), ``"uniform"``, ``"blur"``, ``"zeros"``,
+            ``"batch"`` (another image of the batch: this one makes images depend on each other).
+        steps: most optimisation steps per attempt.
+        min_steps: no early stop before this many steps.
+        lr: Adam learning rate.
+        check_every: steps between checks of the binary mask (verification and stability).
+        stable_tol: the mask is stable when fewer than this fraction of its pixels (at least 1% of
+            the image) changed since the last check.
+        patience: an image stops once its mask was verified and stable at this many consecutive checks.
+        verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
+        max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
+            halves ``area_weight``.
+        mask_features: BasicUNet's six feature sizes.
+        init_keep: initial mask value (start from "keep nearly everything", then prune).
+        seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        progress: show a progress bar over optimisation steps.
+    """
+
+    act_weight: float = 10.0
+    kl_weight: float = 5.0
+    kl_temperature: float = 2.0
+    ce_weight: float = 15.0
+    area_weight: float = 20.0
+    bin_weight: float = 2.0
+    tv_weight: float = 20.0
+    rob_weight: float = 10.0
+    hard_mask: bool = True
+    baseline: str = "zeros"
+    backgrounds: Sequence[str] = field(default_factory=lambda: ("gaussian", "uniform", "blur", "zeros"))
+    steps: int = 300
+    min_steps: int = 40
+    lr: float = 3e-3
+    check_every: int = 10
+    stable_tol: float = 0.02
+    patience: int = 3
+    verify_backgrounds: int = 8
+    max_retries: int = 1
+    mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
+    init_keep: float = 0.9
+    seed: int = 0
+    amp: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        for name in ("steps", "check_every", "patience", "verify_backgrounds"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}.")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")
+        if not self.lr > 0 or not self.kl_temperature > 0:
+            raise ValueError(f"lr and kl_temperature must be > 0, got {self.lr!r} and {self.kl_temperature!r}.")
+        if not 0 < self.init_keep < 1:
+            raise ValueError(f"init_keep must lie in (0, 1), got {self.init_keep!r}.")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
+        self.backgrounds = tuple(self.backgrounds)
+        unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
+        if unknown or not self.backgrounds:
+            raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {self.backgrounds!r}.")
+        self.mask_features = tuple(int(f) for f in self.mask_features)
+        if len(self.mask_features) != 6 or min(self.mask_features) < 1:
+            raise ValueError(f"mask_features must be six positive integers, got {self.mask_features!r}.")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> MedCAMSettings:
+        """Build settings from keyword arguments; an unknown name is a TypeError listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown MedCAM setting(s) {unknown}; valid settings: {valid}.")
+        return cls(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,48 @@
+"""Tiny classifiers and images with known evidence, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class RegionClassifier(nn.Module):
+    """A CNN whose decision depends only on a known region of the image.
+
+    Class 1 when the mean of ``relu(conv(x))`` inside ``region`` exceeds ``threshold``; pixels
+    outside the region (beyond the 3x3 receptive field) cannot change the logits.
+    """
+
+    def __init__(self, size: int = 32, region: tuple[slice, slice] = (slice(8, 16), slice(8, 16)), channels: int = 1,
+                 threshold: float = 0.4, spatial_dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.conv = conv(channels, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = conv(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0 / (9 * channels * (3 if spatial_dims == 3 else 1)))
+            self.conv.bias.zero_()
+            self.conv2.weight.zero_()
+            for c in range(4):
+                self.conv2.weight[(c, c) + (1,) * spatial_dims] = 1.0
+            self.conv2.bias.zero_()
+        window = torch.zeros((size,) * spatial_dims)
+        window[region if spatial_dims == 2 else region + (region[0],)] = 1.0
+        self.register_buffer("window", window)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.relu2(self.conv2(self.relu(self.conv(x))))
+        score = (f.mean(1) * self.window).flatten(1).sum(1) / self.window.sum()
+        return torch.stack([self.threshold - score, score - self.threshold], dim=1) * 20
+
+
+def region_images(count: int = 2, size: int = 32, channels: int = 1, seed: int = 0,
+                  region: tuple[slice, slice] = (slice(8, 16), slice(8, 16))) -> torch.Tensor:
+    """Noisy images ``(count, channels, size, size)`` with a bright square in ``region`` (class 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.rand(count, channels, size, size, generator=g)
+    x[(slice(None), slice(None)) + region] += 0.8
+    return x
