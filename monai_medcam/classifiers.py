@@ -9,6 +9,7 @@ and a guarantee that the classifier is left exactly as it was found (training fl
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -75,14 +76,15 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
         names = [stem, "layer1", "layer2", "layer3", "layer4"]
         return [TargetLayer(n, w, d) for n, w, d in zip(names, (1, 2, 2, 4, 8), ("cosine",) * 2 + ("mse",) * 3)]
     if cls == "MobileNetV2":
-        count = len(model.features)
-        return _spread([f"features.{i}" for i in _quartiles(count)])
+        count = len(model.features)  # 19 in torchvision: the last block at each resolution
+        picks = [3, 6, 13, 18] if count == 19 else _quartiles(count)
+        return _spread([f"features.{i}" for i in picks])
     if cls == "ConvNeXt":
         count = len(model.features)
         return _spread([f"features.{i}" for i in range(1, count, 2)])
     if cls == "VisionTransformer" and hasattr(model, "encoder"):
-        count = len(model.encoder.layers)
-        names = [f"encoder.layers.{i}" for i in _quartiles(count)]
+        blocks = [n for n, _ in model.encoder.layers.named_children()]
+        names = [f"encoder.layers.{blocks[i]}" for i in _quartiles(len(blocks))]
         return _spread(names, ["cosine"] * len(names))
     if cls == "ViT" and hasattr(model, "blocks"):
         names = [f"blocks.{i}" for i in _quartiles(len(model.blocks))]
@@ -167,7 +169,7 @@ class FrozenClassifier:
         self.layers = self._resolve(target_layers, layer_weights, layer_distances)
         self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
         self._patch = _patch_size(nn_module)
-        self._captured: list[torch.Tensor] | None = None
+        self._captured: dict[int, torch.Tensor] | None = None
         self._spatial: tuple[int, ...] = ()
 
     # -- layer lookup -------------------------------------------------------------------------
@@ -230,8 +232,8 @@ class FrozenClassifier:
             self.model.eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for module in self._modules:
-                handles.append(module.register_forward_hook(self._hook))
+            for index, module in enumerate(self._modules):
+                handles.append(module.register_forward_hook(functools.partial(self._hook, index)))
             yield self
         finally:
             for handle in handles:
@@ -242,7 +244,8 @@ class FrozenClassifier:
                 m.train(flag)
             self._captured = None
 
-    def _hook(self, module: nn.Module, args: object, output: object) -> None:
+    def _hook(self, index: int, module: nn.Module, args: object, output: object) -> None:
+        """Keep the layer's output (its last call, if a layer runs more than once per forward)."""
         if self._captured is None:
             return
         if isinstance(output, (tuple, list)):
@@ -251,7 +254,7 @@ class FrozenClassifier:
             raise TypeError(f"target layer {type(module).__name__} returned {type(output).__name__}, not a tensor.")
         if output.ndim == 3 and self._patch is not None:
             output = tokens_to_grid(output, self._spatial, self._patch)
-        self._captured.append(output)
+        self._captured[index] = output
 
     # -- forward ------------------------------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,10 +274,13 @@ class FrozenClassifier:
 
     def logits_and_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``(B, K)`` and the target layers' activations, each ``(B, C_l, *spatial_l)``."""
-        self._captured = []
+        self._captured = {}
         self._spatial = tuple(x.shape[2:])
         try:
             logits = self.logits(x)
-            return logits, self._captured
+            missing = [layer.name for i, layer in enumerate(self.layers) if i not in self._captured]
+            if missing:
+                raise ValueError(f"target layers {missing} did not run in the classifier's forward pass.")
+            return logits, [self._captured[i] for i in range(len(self.layers))]
         finally:
             self._captured = None

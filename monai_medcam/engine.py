@@ -312,6 +312,7 @@ class MedCAM:
         count, device = x.shape[0], x.device
         net = StackedMaskNet(count, x.ndim - 2, x.shape[1], s.mask_features, s.init_keep, s.seed, device)
         optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(s.lr_decay**i, s.lr_floor))
         x_padded, crop = pad_to_multiple(x)
         x_blurred = blurred(x) if "blur" in s.backgrounds else None
         generator = torch.Generator(device=device).manual_seed(s.seed)
@@ -356,6 +357,7 @@ class MedCAM:
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
             optimizer.step()
+            schedule.step()
             bar.update(1)
 
             if step % s.check_every and step != s.steps:
@@ -369,14 +371,13 @@ class MedCAM:
                 unverified_yet = ~verified_out[active]
                 soft_out[active[unverified_yet]] = soft.detach()[unverified_yet]
                 hard_out[active[unverified_yet]] = hard[unverified_yet]
+                areas = (hard.flatten(1).mean(1), soft.detach().flatten(1).mean(1))
                 if previous is not None:
-                    changed = (hard != previous).flatten(1).sum(1).float()
-                    scale = torch.maximum(hard.flatten(1).sum(1), torch.full_like(changed, 0.01 * hard[0].numel()))
-                    calm = torch.where(ok & (changed <= s.stable_tol * scale), calm + 1, 0)
+                    calm = torch.where(ok & self._stable(*areas, previous, s.stable_tol), calm + 1, 0)
                 done = (calm >= s.patience) & (step >= s.min_steps)
                 steps_out[active[done]] = step
                 keep = (~done).nonzero().flatten()
-                previous, calm = hard[keep], calm[keep]
+                previous, calm = (areas[0][keep], areas[1][keep]), calm[keep]
             if len(keep) == 0:
                 break
             if len(keep) < n:
@@ -384,6 +385,18 @@ class MedCAM:
                 active = active[keep]
         bar.close()
         return _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, steps=steps_out)
+
+    @staticmethod
+    def _stable(hard_area: torch.Tensor, soft_area: torch.Tensor, before: tuple[torch.Tensor, torch.Tensor], tol: float) -> torch.Tensor:
+        """``(B,)`` bool: the binary and the soft mask areas settled since the last check.
+
+        Changes are measured against the mask's own area (at least 1% of the image), so a large
+        mask that is still shrinking slowly does not count as settled; pixels flickering at the
+        boundary (the straight-through estimator's way) do not count as unsettled.
+        """
+        hard_before, soft_before = before
+        scale = hard_area.clamp_min(0.01)
+        return ((hard_area - hard_before).abs() <= tol * scale) & ((soft_area - soft_before).abs() <= tol * scale)
 
     @staticmethod
     def _drop_finished(net: StackedMaskNet, optimizer: torch.optim.Adam, keep: torch.Tensor) -> None:

@@ -27,18 +27,19 @@ _MULTIPLE = 16  # BasicUNet halves the size four times
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = _MULTIPLE) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial sides of ``x`` ``(B, C, *spatial)`` up to a multiple, with edge values.
+    """Pad the spatial sides of ``x`` ``(B, C, *spatial)`` up to a multiple (and at least twice it), with edge values.
 
-    Returns the padded tensor and the slices that crop a padded output back to ``x``'s size.
+    BasicUNet halves each side four times and normalises per instance, so every side must be a
+    multiple of 16 and the bottleneck needs more than one element. Returns the padded tensor and
+    the slices that crop a padded output back to ``x``'s size.
     """
     spatial = x.shape[2:]
+    extras = [max(2 * multiple, size + (-size) % multiple) - size for size in spatial]
     pads: list[int] = []
-    crop = [slice(None), slice(None)]
-    for size in reversed(spatial):
-        extra = (-size) % multiple
+    for extra in reversed(extras):
         pads += [extra // 2, extra - extra // 2]
-    for size in spatial:
-        extra = (-size) % multiple
+    crop = [slice(None), slice(None)]
+    for size, extra in zip(spatial, extras):
         crop.append(slice(extra // 2, extra // 2 + size))
     if any(pads):
         x = F.pad(x, pads, mode="replicate")

@@ -43,10 +43,12 @@ class MedCAMSettings:
             ``"batch"`` (another image of the batch: this one makes images depend on each other).
         steps: most optimisation steps per attempt.
         min_steps: no early stop before this many steps.
-        lr: Adam learning rate.
+        lr: Adam's initial learning rate.
+        lr_decay: the learning rate is multiplied by this every step (a fast start, then a settled mask)...
+        lr_floor: ...down to this fraction of ``lr``.
         check_every: steps between checks of the binary mask (verification and stability).
-        stable_tol: the mask is stable when fewer than this fraction of its pixels (at least 1% of
-            the image) changed since the last check.
+        stable_tol: the mask has settled when its binary and soft areas changed by less than this
+            fraction of its area (at least 1% of the image) since the last check.
         patience: an image stops once its mask was verified and stable at this many consecutive checks.
         verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
         max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
@@ -71,9 +73,11 @@ class MedCAMSettings:
     backgrounds: Sequence[str] = field(default_factory=lambda: ("gaussian", "uniform", "blur", "zeros"))
     steps: int = 300
     min_steps: int = 40
-    lr: float = 3e-3
+    lr: float = 2e-2
+    lr_decay: float = 0.98
+    lr_floor: float = 0.05
     check_every: int = 10
-    stable_tol: float = 0.02
+    stable_tol: float = 0.03
     patience: int = 3
     verify_backgrounds: int = 8
     max_retries: int = 1
@@ -97,6 +101,8 @@ class MedCAMSettings:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")
         if not self.lr > 0 or not self.kl_temperature > 0:
             raise ValueError(f"lr and kl_temperature must be > 0, got {self.lr!r} and {self.kl_temperature!r}.")
+        if not 0 < self.lr_decay <= 1 or not 0 < self.lr_floor <= 1:
+            raise ValueError(f"lr_decay and lr_floor must lie in (0, 1], got {self.lr_decay!r} and {self.lr_floor!r}.")
         if not 0 < self.init_keep < 1:
             raise ValueError(f"init_keep must lie in (0, 1), got {self.init_keep!r}.")
         if self.baseline not in BASELINES:

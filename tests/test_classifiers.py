@@ -1,0 +1,168 @@
+"""Target-layer lookup for every supported family, activation capture, and leaving the classifier as found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks import nets as monai_nets
+
+from monai_medcam import MedCAM
+from monai_medcam.classifiers import FrozenClassifier, TargetLayer, tokens_to_grid
+from tests.toys import RegionClassifier, region_images
+
+tv = pytest.importorskip("torchvision")
+from torchvision.models import ConvNeXt, MobileNetV2, VisionTransformer, resnet18  # noqa: E402
+from torchvision.models.convnext import CNBlockConfig  # noqa: E402
+
+
+def _convnext() -> nn.Module:
+    blocks = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)]
+    return ConvNeXt(blocks, num_classes=3)
+
+
+FAMILIES = {
+    "tv_resnet18": (lambda: resnet18(num_classes=3), (2, 3, 32, 32), ["relu", "layer1", "layer2", "layer3", "layer4"]),
+    "tv_mobilenet_v2": (
+        lambda: MobileNetV2(num_classes=3, width_mult=0.25),
+        (2, 3, 32, 32),
+        ["features.3", "features.6", "features.13", "features.18"],
+    ),
+    "tv_convnext": (_convnext, (2, 3, 32, 32), ["features.1", "features.3", "features.5", "features.7"]),
+    "tv_vit": (
+        lambda: VisionTransformer(32, 8, num_layers=4, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3),
+        (2, 3, 32, 32),
+        [f"encoder.layers.encoder_layer_{i}" for i in range(4)],
+    ),
+    "monai_densenet121_3d": (
+        lambda: monai_nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2),
+        (1, 1, 32, 32, 32),
+        ["features.transition1", "features.transition2", "features.transition3", "features.norm5"],
+    ),
+    "monai_densenet121_2d": (
+        lambda: monai_nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=2),
+        (2, 1, 32, 32),
+        ["features.transition1", "features.transition2", "features.transition3", "features.norm5"],
+    ),
+    "monai_resnet_2d": (
+        lambda: monai_nets.resnet10(spatial_dims=2, n_input_channels=1, num_classes=2),
+        (2, 1, 32, 32),
+        ["act", "layer1", "layer2", "layer3", "layer4"],
+    ),
+    "monai_resnet_3d": (
+        lambda: monai_nets.resnet10(spatial_dims=3, n_input_channels=1, num_classes=2),
+        (1, 1, 16, 16, 16),
+        ["act", "layer1", "layer2", "layer3", "layer4"],
+    ),
+    "monai_vit_2d": (
+        lambda: monai_nets.ViT(1, 32, 8, hidden_size=32, mlp_dim=64, num_layers=4, num_heads=2,
+                               classification=True, num_classes=2, spatial_dims=2),
+        (2, 1, 32, 32),
+        ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+    ),
+    "monai_vit_3d": (
+        lambda: monai_nets.ViT(1, 16, 8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                               classification=True, num_classes=2, spatial_dims=3),
+        (1, 1, 16, 16, 16),
+        ["blocks.0", "blocks.1"],
+    ),
+    "monai_efficientnet": (
+        lambda: monai_nets.EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3, num_classes=2),
+        (2, 3, 32, 32),
+        ["_blocks.1", "_blocks.3", "_blocks.4", "_bn1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_auto_layers_capture_activations(family):
+    make, shape, expected = FAMILIES[family]
+    model = make()
+    clf = FrozenClassifier(model, "auto")
+    assert [layer.name for layer in clf.layers] == expected
+    assert all(layer.weight > 0 for layer in clf.layers)
+    x = torch.randn(shape)
+    with clf.frozen(), torch.no_grad():
+        logits, acts = clf.logits_and_activations(x)
+    assert logits.shape == (shape[0], 3 if family.startswith(("tv_resnet", "tv_mob", "tv_conv", "tv_vit")) else 2)
+    assert len(acts) == len(expected)
+    spatial_dims = len(shape) - 2
+    for act in acts:
+        assert act.shape[0] == shape[0]
+        assert act.ndim == 2 + spatial_dims, f"{family}: activation {tuple(act.shape)} is not a (B, C, *grid) map"
+    if "vit" in family:  # tokens -> grid of input // patch
+        assert tuple(acts[-1].shape[2:]) == tuple(s // 8 for s in shape[2:])
+
+
+def test_auto_layers_drive_a_real_explanation():
+    model = monai_nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
+    result = MedCAM(model, steps=2, check_every=1, max_retries=0, verify_backgrounds=1).explain(torch.randn(1, 1, 32, 32, 32))
+    assert result.mask.shape == (1, 1, 32, 32, 32)
+    assert result.steps.tolist() == [2]
+
+
+def test_tokens_to_grid_drops_prefix_tokens():
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)  # 1 class token + 2x2 grid
+    grid = tokens_to_grid(tokens, (16, 16), (8,))
+    assert grid.shape == (2, 3, 2, 2)
+    assert grid[0, :, 0, 0].tolist() == tokens[0, 1].tolist()
+
+
+def test_unknown_layer_lists_nearest_names():
+    with pytest.raises(ValueError, match=r"layer4x.*nearest valid names.*layer4"):
+        FrozenClassifier(resnet18(), ["layer4x"])
+
+
+def test_layers_by_module_callable_and_target_layer():
+    model = resnet18()
+    clf = FrozenClassifier(model, [model.layer2, lambda m: m.layer3, TargetLayer("layer4", 5.0, "cosine")])
+    assert [(l.name, l.weight, l.distance) for l in clf.layers] == [
+        ("layer2", 1.0, "mse"), ("layer3", 1.0, "mse"), ("layer4", 5.0, "cosine")
+    ]
+    with pytest.raises(ValueError, match="layer_weights has 1 entries"):
+        FrozenClassifier(model, ["layer2", "layer3"], layer_weights=[1.0])
+
+
+def test_single_logit_classifier_becomes_two_class():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    clf = FrozenClassifier(model, [])
+    with clf.frozen(), torch.no_grad():
+        logits = clf.logits(torch.randn(3, 1, 4, 4))
+    assert logits.shape == (3, 2)
+    assert torch.equal(logits[:, 0], torch.zeros(3))
+    assert torch.allclose(torch.softmax(logits, 1)[:, 1], torch.sigmoid(logits[:, 1]))
+
+
+def _state(model: nn.Module) -> tuple:
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return (model.training, [p.requires_grad for p in model.parameters()], hooks)
+
+
+def test_state_restored_and_hooks_removed_after_success():
+    model = RegionClassifier()
+    model.train()
+    model.conv2.weight.requires_grad_(False)
+    before = _state(model)
+    weights = [p.detach().clone() for p in model.parameters()]
+    MedCAM(model, steps=3, check_every=1, max_retries=0).explain(region_images(1))
+    assert _state(model) == before
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_state_restored_and_hooks_removed_after_error():
+    class Failing(RegionClassifier):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 2:
+                raise RuntimeError("boom in forward")
+            return super().forward(x)
+
+    model = Failing()
+    model.train()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        MedCAM(model, steps=3, check_every=1).explain(region_images(1))
+    assert _state(model) == before

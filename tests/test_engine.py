@@ -1,0 +1,185 @@
+"""Med-CAM on toy classifiers with known evidence: localisation, verification, independence, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+
+from monai_medcam import MedCAM, MedCAMSettings
+from tests.toys import RegionClassifier, region_images
+
+REGION = (slice(8, 16), slice(8, 16))
+FAST = dict(max_retries=0)
+
+
+def _region_mask(size: int = 32) -> torch.Tensor:
+    mask = torch.zeros(size, size)
+    mask[REGION] = 1
+    return mask
+
+
+@pytest.fixture(scope="module")
+def toy_result():
+    return MedCAM(RegionClassifier(), **FAST).explain(region_images(3))
+
+
+def test_mask_finds_the_known_region(toy_result):
+    region = _region_mask()
+    chance = region.mean().item()  # 1/16 of the image
+    assert toy_result.verified.all()
+    for i in range(3):
+        mask = toy_result.mask[i, 0]
+        inside = (mask * region).sum() / mask.sum().clamp_min(1)
+        iou = (mask * region).sum() / ((mask + region) > 0).sum()
+        assert inside > 10 * chance, f"image {i}: {inside:.2f} of the mask inside the region"
+        assert iou > 0.5, f"image {i}: IoU {iou:.2f}"
+    assert (toy_result.label == 1).all()
+    assert (toy_result.prob_evidence > 0.5).all() and (toy_result.prob_background > 0.5).all()
+
+
+def test_result_fields_are_consistent(toy_result):
+    r = toy_result
+    assert r.mask.shape == r.soft_mask.shape == (3, 1, 32, 32)
+    assert set(r.mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(r.mask.as_tensor(), (r.soft_mask > 0.5).float())
+    assert torch.allclose(r.area, r.mask.flatten(1).mean(1))
+    assert 0 < r.area.max() < 0.3
+    assert ((r.steps >= 40) & (r.steps <= 300)).all()
+    assert not r.vacuous.any()
+    assert (r.seconds > 0).all()
+    assert len(r.summary()) == 3 and r.summary()[0]["verified"] is True
+
+
+def test_binary_evidence_really_keeps_the_decision(toy_result):
+    model = RegionClassifier()
+    x = region_images(3)
+    with torch.no_grad():
+        assert (model(toy_result.mask * x).argmax(1) == 1).all()
+        assert (model(toy_result.mask * x + (1 - toy_result.mask) * torch.rand_like(x)).argmax(1) == 1).all()
+
+
+def test_batch_independence_is_exact_with_deterministic_kernels():
+    # oneDNN picks kernels by batch size; without it every image's arithmetic is the same alone or in a batch
+    x = region_images(3, seed=5)
+    explainer = MedCAM(RegionClassifier(), steps=150, max_retries=0)
+    with torch.backends.mkldnn.flags(enabled=False):
+        together = explainer.explain(x)
+        alone = explainer.explain(x[1:2])
+    assert torch.equal(together.soft_mask[1], alone.soft_mask[0])
+    assert together.steps[1] == alone.steps[0] and together.verified[1] == alone.verified[0]
+
+
+def test_batch_independence_with_default_kernels():
+    # rounding differences only: tiny after two steps (the optimisation amplifies them later)
+    x = region_images(3, seed=5)
+    explainer = MedCAM(RegionClassifier(), steps=2, check_every=100, max_retries=0)
+    together, alone = explainer.explain(x), explainer.explain(x[1:2])
+    assert (together.soft_mask[1] - alone.soft_mask[0]).abs().max() < 1e-4
+
+
+def test_batch_background_couples_images():
+    # the one setting that makes images depend on each other does show up in the test above's measure
+    x = region_images(3, seed=5)
+    explainer = MedCAM(RegionClassifier(), steps=2, check_every=100, max_retries=0, backgrounds=("batch",), init_keep=0.5)
+    together, alone = explainer.explain(x), explainer.explain(x[1:2])
+    assert (together.soft_mask[1] - alone.soft_mask[0]).abs().max() > 1e-3
+
+
+def test_same_seed_same_mask_different_seed_differs():
+    x = region_images(1, seed=3)
+    a = MedCAM(RegionClassifier(), steps=30, max_retries=0, seed=1).explain(x)
+    b = MedCAM(RegionClassifier(), steps=30, max_retries=0, seed=1).explain(x)
+    c = MedCAM(RegionClassifier(), steps=30, max_retries=0, seed=2).explain(x)
+    assert torch.equal(a.soft_mask, b.soft_mask)
+    assert not torch.equal(a.soft_mask, c.soft_mask)
+
+
+def test_metatensor_metadata_carried_and_call_returns_mask():
+    x = MetaTensor(region_images(1), affine=torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0])), meta={"filename_or_obj": "toy.png"})
+    mask = MedCAM(RegionClassifier(), steps=5, max_retries=0)(x)
+    assert isinstance(mask, MetaTensor)
+    assert mask.meta["filename_or_obj"] == "toy.png"
+    assert torch.equal(mask.affine, x.affine)
+
+
+def test_three_dimensional_volume():
+    region = (slice(4, 12), slice(4, 12))
+    model = RegionClassifier(size=16, region=region, spatial_dims=3)
+    x = 0.3 * torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, :, 4:12, 4:12, 4:12] += 0.8
+    result = MedCAM(model, max_retries=0, mask_features=(4, 4, 8, 8, 16, 4)).explain(x)
+    assert result.mask.shape == (1, 1, 16, 16, 16)
+    assert result.verified.all()
+    inside = result.mask[0, 0, 4:12, 4:12, 4:12].sum() / result.mask.sum()
+    assert inside > 0.8
+    assert result.area.item() < 0.3
+
+
+def test_single_logit_classifier_is_explained():
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = RegionClassifier()
+
+        def forward(self, x):
+            logits = self.inner(x)
+            return logits[:, 1] - logits[:, 0]
+
+    result = MedCAM(OneLogit(), max_retries=0).explain(region_images(1))
+    assert result.label.tolist() == [1]
+    assert result.verified.all()
+    assert result.area.item() < 0.3
+
+
+def test_class_idx_explains_the_requested_class():
+    result = MedCAM(RegionClassifier(), steps=10, max_retries=0).explain(region_images(2), class_idx=[0, 1])
+    assert result.label.tolist() == [0, 1]
+
+
+def test_vacuous_case_is_flagged(caplog):
+    # class 0 ("no bright region") is what the classifier says for an empty image
+    result = MedCAM(RegionClassifier(), steps=20, max_retries=0).explain(region_images(1), class_idx=0)
+    assert result.vacuous.tolist() == [True]
+    assert "vacuous" in caplog.text
+
+
+def test_unverified_mask_is_never_reported_verified():
+    # a mask network that starts empty and can hardly move cannot keep the decision
+    result = MedCAM(RegionClassifier(), steps=4, check_every=1, lr=1e-9, init_keep=0.01, max_retries=1).explain(region_images(1))
+    assert result.label.tolist() == [1]
+    assert result.mask.sum().item() == 0
+    assert result.verified.tolist() == [False]
+    assert result.retries.tolist() == [1]
+    assert result.steps.tolist() == [4 + 8]
+    assert result.prob_evidence.item() < 0.5
+
+
+def test_unknown_setting_is_a_type_error_listing_valid_ones():
+    with pytest.raises(TypeError, match="unknown MedCAM setting.*'stpes'.*valid settings.*'steps'"):
+        MedCAM(RegionClassifier(), stpes=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"area_weight": -1.0}, "area_weight must be a finite number >= 0"),
+        ({"baseline": "black"}, "baseline must be one of"),
+        ({"backgrounds": ("plaid",)}, "backgrounds must be a non-empty subset"),
+        ({"init_keep": 1.5}, "init_keep must lie in"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MedCAMSettings(**kwargs)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "blur"])
+@pytest.mark.parametrize("hard_mask", [True, False])
+def test_baselines_and_soft_mode_run(baseline, hard_mask):
+    result = MedCAM(RegionClassifier(), steps=10, baseline=baseline, hard_mask=hard_mask,
+                    backgrounds=("batch", "gaussian"), max_retries=0).explain(region_images(2))
+    assert result.mask.shape == (2, 1, 32, 32)
+    assert torch.isfinite(result.soft_mask).all()
