@@ -378,6 +378,7 @@ class MedCAM:
                 steps_out[active[done]] = step
                 keep = (~done).nonzero().flatten()
                 previous, calm = (areas[0][keep], areas[1][keep]), calm[keep]
+            bar.set_postfix_str(f"{count - len(keep)}/{count} images done")
             if len(keep) == 0:
                 break
             if len(keep) < n:

@@ -89,16 +89,20 @@ class ActivationMatchingLoss(_Loss):
     """Weighted distance between the classifier's activations on the image and on the evidence.
 
     ``sum_l alpha_l d(phi_l(x), phi_l(e))`` over the target layers. Each distance is normalised
-    so that layers are comparable: ``"mse"`` divides each channel by the standard deviation of
-    the reference activation over space (a per-channel standardised MSE); ``"cosine"`` is
-    ``1 - cos`` between the flattened maps. The sum is divided by the sum of the weights.
+    so that layers are comparable: ``"mse"`` is the mean squared difference divided by the
+    reference's mean square (a relative MSE: 1 when the evidence's activations are all zero);
+    ``"cosine"`` is ``1 - cos`` between the flattened maps. The sum is divided by the sum of the
+    weights.
+
+    A per-channel standardisation (each channel divided by its spatial standard deviation) was
+    tried first: near-constant channels then dominate the loss and hold the mask open.
 
     Args:
         layers: the target layers, giving each layer's weight and distance.
-        eps: floor of the per-channel standard deviation.
+        eps: floor of the reference's mean square.
     """
 
-    def __init__(self, layers: Sequence[TargetLayer], eps: float = 1e-3, reduction: str = "mean") -> None:
+    def __init__(self, layers: Sequence[TargetLayer], eps: float = 1e-8, reduction: str = "mean") -> None:
         super().__init__(reduction=reduction)
         self.layers = list(layers)
         self.eps = eps
@@ -119,10 +123,8 @@ class ActivationMatchingLoss(_Loss):
             if layer.distance == "cosine":
                 dist = 1 - F.cosine_similarity(ref.flatten(1), evi.flatten(1), dim=1, eps=1e-8)
             else:
-                flat = ref.flatten(2) if ref.ndim > 2 else ref[:, :, None]
-                scale = flat.std(dim=2, unbiased=False).clamp_min(self.eps)
-                scale = scale.reshape(*scale.shape, *([1] * (ref.ndim - 2)))
-                dist = ((evi - ref) / scale).pow(2).flatten(1).mean(1)
+                energy = ref.pow(2).flatten(1).mean(1).clamp_min(self.eps)
+                dist = (evi - ref).pow(2).flatten(1).mean(1) / energy
             term = layer.weight * dist
             total = term if total is None else total + term
         weight_sum = sum(layer.weight for layer in self.layers) or 1.0

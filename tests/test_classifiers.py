@@ -115,10 +115,12 @@ def test_unknown_layer_lists_nearest_names():
 
 def test_layers_by_module_callable_and_target_layer():
     model = resnet18()
-    clf = FrozenClassifier(model, [model.layer2, lambda m: m.layer3, TargetLayer("layer4", 5.0, "cosine")])
+    clf = FrozenClassifier(model, [model.layer2, lambda m: m.layer3, TargetLayer("layer4", 5.0, "mse")])
     assert [(l.name, l.weight, l.distance) for l in clf.layers] == [
-        ("layer2", 1.0, "mse"), ("layer3", 1.0, "mse"), ("layer4", 5.0, "cosine")
+        ("layer2", 1.0, "cosine"), ("layer3", 1.0, "cosine"), ("layer4", 5.0, "mse")
     ]
+    clf = FrozenClassifier(model, ["layer3", "layer4"], layer_weights=[2, 3], layer_distances=["mse", "cosine"])
+    assert [(l.weight, l.distance) for l in clf.layers] == [(2.0, "mse"), (3.0, "cosine")]
     with pytest.raises(ValueError, match="layer_weights has 1 entries"):
         FrozenClassifier(model, ["layer2", "layer3"], layer_weights=[1.0])
 

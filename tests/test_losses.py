@@ -61,11 +61,13 @@ def test_decision_loss_is_cross_entropy_of_label():
     assert DecisionLoss(reduction="none")(logits, torch.tensor([1])).tolist() == [pytest.approx(-math.log(0.75))]
 
 
-def test_activation_matching_mse_is_standardised_per_channel():
-    ref = torch.tensor([[[[0.0, 2.0]], [[0.0, 20.0]]]])  # two channels, std 1 and 10
-    evi = torch.tensor([[[[1.0, 2.0]], [[10.0, 20.0]]]])  # each off by one std on one of two pixels
+def test_activation_matching_mse_is_relative_to_reference_energy():
+    ref = torch.tensor([[[[0.0, 2.0]], [[0.0, 20.0]]]])  # mean square (0 + 4 + 0 + 400) / 4 = 101
+    evi = torch.tensor([[[[1.0, 2.0]], [[10.0, 20.0]]]])  # squared differences 1, 0, 100, 0: mean 25.25
     loss = ActivationMatchingLoss([TargetLayer("a", 1.0, "mse")], reduction="none")([ref], [evi])
-    assert loss.tolist() == [pytest.approx(0.5)]  # (1 + 0 + 1 + 0) / 4
+    assert loss.tolist() == [pytest.approx(25.25 / 101)]
+    zeros = ActivationMatchingLoss([TargetLayer("a", 1.0, "mse")])([ref], [torch.zeros_like(ref)])
+    assert zeros.item() == pytest.approx(1.0)
 
 
 def test_activation_matching_cosine_and_weights():

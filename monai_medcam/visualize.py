@@ -1,0 +1,108 @@
+"""Pictures for people who would rather look than read: evidence contours and side-by-side panels.
+
+Also a correctly oriented MONAI Grad-CAM (MONAI's default normaliser maps the map's maximum to 0,
+which inverts it), used for comparison panels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.utils import optional_import
+
+__all__ = ["grad_cam", "to_display", "save_panels"]
+
+plt, _HAS_MPL = optional_import("matplotlib.pyplot")
+
+
+def grad_cam(nn_module: torch.nn.Module, x: torch.Tensor, target_layer: str, class_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM heatmaps ``(B, 1, *spatial)`` in [0, 1], high where the class evidence is.
+
+    Args:
+        nn_module: the classifier.
+        x: images ``(B, C, *spatial)``.
+        target_layer: the layer name (``"layer4"`` for ResNets).
+        class_idx: the class per image ``(B,)``; the prediction when ``None``.
+    """
+    from monai.visualize import GradCAM
+
+    def normalise(cam: np.ndarray | torch.Tensor) -> torch.Tensor:
+        cam = torch.as_tensor(cam)
+        low = cam.flatten(1).amin(1).view(-1, *([1] * (cam.ndim - 1)))
+        high = cam.flatten(1).amax(1).view(-1, *([1] * (cam.ndim - 1)))
+        return (cam - low) / (high - low).clamp_min(1e-8)
+
+    training = nn_module.training
+    nn_module.eval()
+    try:
+        cam = GradCAM(nn_module, target_layers=target_layer, postprocessing=normalise)
+        maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
+    finally:
+        nn_module.train(training)
+    return torch.cat(maps).detach()
+
+
+def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """One 2D image ``(C, H, W)`` as ``(H, W, 3)`` in [0, 1], each image stretched to its own range."""
+    image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[None]
+    image = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    low, high = np.percentile(image, 0.5), np.percentile(image, 99.5)
+    return np.clip((image - low) / max(high - low, 1e-8), 0, 1).transpose(1, 2, 0)
+
+
+def save_panels(
+    path: str | Path,
+    images: torch.Tensor,
+    columns: Mapping[str, torch.Tensor],
+    row_titles: Sequence[str] | None = None,
+    heatmaps: Sequence[str] = (),
+) -> Path:
+    """Save a grid: one row per image, the image then one column per mask or heatmap.
+
+    Args:
+        path: the PNG to write (written to a temporary name, then renamed).
+        images: ``(B, C, H, W)``.
+        columns: title -> ``(B, 1, H, W)``; binary masks are drawn as a contour and a tint over
+            the image, the names in ``heatmaps`` as a colour map over the image.
+        row_titles: one title per row.
+        heatmaps: which columns are continuous heatmaps.
+    """
+    if not _HAS_MPL:
+        raise ImportError("saving panels needs matplotlib: pip install 'monai-medcam[plot]'.")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, 1 + len(columns), figsize=(2.4 * (1 + len(columns)), 2.4 * rows), squeeze=False)
+    for i in range(rows):
+        base = to_display(images[i])
+        axes[i, 0].imshow(base)
+        axes[i, 0].set_title(row_titles[i] if row_titles else "image", fontsize=8)
+        for j, (title, maps) in enumerate(columns.items(), start=1):
+            value = maps[i, 0].detach().cpu().float().numpy()
+            ax = axes[i, j]
+            if title in heatmaps:
+                ax.imshow(base)
+                ax.imshow(value, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            else:
+                tint = base.copy()
+                tint[value > 0.5] = 0.5 * tint[value > 0.5] + 0.5 * np.array([0.0, 1.0, 0.3])
+                ax.imshow(tint * np.where(value[..., None] > 0.5, 1.0, 0.45))
+                if value.max() > 0.5 and value.min() < 0.5:
+                    ax.contour(value, levels=[0.5], colors=["lime"], linewidths=0.8)
+            ax.set_title(f"{title}" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
