@@ -225,6 +225,7 @@ class MedCAM:
             ref_logits, ref_acts = self._reference(data)
             label = self._labels(class_idx, ref_logits)
             base = baseline_image(data, s.baseline)
+            x_blurred = blurred(data)
             with torch.no_grad():
                 empty_logits = self.classifier.logits(base).float()
             vacuous = empty_logits.argmax(1) == label
@@ -235,7 +236,7 @@ class MedCAM:
                     vacuous.nonzero().flatten().tolist(),
                     label[vacuous].tolist(),
                 )
-            attempt = self._optimise(data, label, ref_logits, ref_acts, base, s)
+            attempt = self._optimise(data, label, ref_logits, ref_acts, base, x_blurred, s)
             retries = torch.zeros_like(attempt.steps)
             for retry in range(1, s.max_retries + 1):
                 todo = (~attempt.verified).nonzero().flatten()
@@ -244,7 +245,7 @@ class MedCAM:
                 harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
                 logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
                 again = self._optimise(
-                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], harder
+                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], harder
                 )
                 attempt.steps[todo] += again.steps
                 retries[todo] += 1
@@ -252,11 +253,9 @@ class MedCAM:
                     getattr(attempt, name)[todo] = getattr(again, name)
             with torch.no_grad():
                 prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
-                evidence = attempt.hard * data + (1 - attempt.hard) * base
-                prob_evidence = torch.softmax(self.classifier.logits(evidence).float(), 1).gather(1, label[:, None])[:, 0]
-                prob_background = torch.stack(
-                    [torch.softmax(z, 1).gather(1, label[:, None])[:, 0] for z in self._outside_logits(data, attempt.hard, s)]
-                ).amin(0)
+                checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)
+                probs = checks.gather(2, label[None, :, None].expand(len(checks), -1, 1))[..., 0]
+                prob_evidence, prob_background = probs[0], probs[1:].amin(0)
         seconds = (time.perf_counter() - start) / data.shape[0]
         mask = MetaTensor(attempt.hard)
         if isinstance(x, MetaTensor):
@@ -277,27 +276,21 @@ class MedCAM:
         )
 
     # -- verification ---------------------------------------------------------------------------
-    def _outside_logits(self, x: torch.Tensor, hard: torch.Tensor, s: MedCAMSettings) -> list[torch.Tensor]:
-        """Logits ``(B, K)`` with the outside of the binary mask replaced by each of the K backgrounds.
+    def _check_logits(
+        self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings
+    ) -> torch.Tensor:
+        """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K backgrounds.
 
-        The backgrounds are drawn afresh from the seed at every call (a blurred copy first, then
-        Gaussian and uniform noise in turn), so a check never depends on when it is made.
+        One classifier pass for all of them. The backgrounds are drawn afresh from the seed at
+        every call (a blurred copy first, then Gaussian and uniform noise in turn), so a check
+        never depends on when it is made.
         """
         generator = torch.Generator(device=x.device).manual_seed(s.seed + 7919)
-        x_blurred = blurred(x)
-        logits = []
+        variants = [hard * x + (1 - hard) * base]
         for k in range(s.verify_backgrounds):
             kind = "blur" if k == 0 else _VERIFY_KINDS[(k - 1) % len(_VERIFY_KINDS)]
-            r = random_background(x, kind, generator, x_blurred)
-            logits.append(self.classifier.logits(hard * x + (1 - hard) * r).float())
-        return logits
-
-    def _verify(self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, label: torch.Tensor, s: MedCAMSettings) -> torch.Tensor:
-        """``(B,)`` bool: the binary evidence gives the label alone and under every background."""
-        kept = self.classifier.logits(hard * x + (1 - hard) * base).argmax(1) == label
-        for logits in self._outside_logits(x, hard, s):
-            kept &= logits.argmax(1) == label
-        return kept
+            variants.append(hard * x + (1 - hard) * random_background(x, kind, generator, x_blurred))
+        return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
     # -- one optimisation attempt ---------------------------------------------------------------
     def _optimise(
@@ -307,6 +300,7 @@ class MedCAM:
         ref_logits: torch.Tensor,
         ref_acts: list[torch.Tensor],
         base: torch.Tensor,
+        x_blurred: torch.Tensor,
         s: MedCAMSettings,
     ) -> _Attempt:
         count, device = x.shape[0], x.device
@@ -314,7 +308,6 @@ class MedCAM:
         optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(s.lr_decay**i, s.lr_floor))
         x_padded, crop = pad_to_multiple(x)
-        x_blurred = blurred(x) if "blur" in s.backgrounds else None
         generator = torch.Generator(device=device).manual_seed(s.seed)
         kinds = random.Random(s.seed)
 
@@ -338,7 +331,7 @@ class MedCAM:
                 soft = torch.sigmoid(net(x_padded[active])[crop].float())
                 used = straight_through_binary(soft) if s.hard_mask else soft
                 kind = kinds.choice(s.backgrounds)
-                r = random_background(xa, kind, generator, None if x_blurred is None else x_blurred[active])
+                r = random_background(xa, kind, generator, x_blurred[active])
                 evidence = used * xa + (1 - used) * ba
                 outside_random = used * xa + (1 - used) * r
                 logits, acts = self.classifier.logits_and_activations(torch.cat([evidence, outside_random]))
@@ -364,7 +357,7 @@ class MedCAM:
                 continue
             with torch.no_grad():
                 hard = (soft.detach() > 0.5).float()
-                ok = self._verify(xa, hard, ba, ya, s)
+                ok = (self._check_logits(xa, hard, ba, x_blurred[active], s).argmax(2) == ya).all(0)
                 soft_out[active[ok]] = soft.detach()[ok]
                 hard_out[active[ok]] = hard[ok]
                 verified_out[active[ok]] = True
