@@ -305,7 +305,7 @@ class MedCAM:
     ) -> _Attempt:
         count, device = x.shape[0], x.device
         net = StackedMaskNet(count, x.ndim - 2, x.shape[1], s.mask_features, s.init_keep, s.seed, device)
-        optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
+        optimizer = torch.optim.Adam(net.parameters(), lr=s.lr, fused=True)  # one kernel for all parameters
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(s.lr_decay**i, s.lr_floor))
         x_padded, crop = pad_to_multiple(x)
         generator = torch.Generator(device=device).manual_seed(s.seed)
