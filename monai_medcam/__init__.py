@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from monai_medcam import metrics
 from monai_medcam.classifiers import TargetLayer
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.settings import MedCAMSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["MedCAM", "MedCAMResult", "MedCAMSettings", "TargetLayer", "__version__"]
+__all__ = ["MedCAM", "MedCAMResult", "MedCAMSettings", "TargetLayer", "metrics", "__version__"]
