@@ -74,11 +74,11 @@ class MedCAMSettings:
     steps: int = 300
     min_steps: int = 40
     lr: float = 2e-2
-    lr_decay: float = 0.98
+    lr_decay: float = 0.97
     lr_floor: float = 0.05
-    check_every: int = 10
+    check_every: int = 5
     stable_tol: float = 0.03
-    patience: int = 3
+    patience: int = 2
     verify_backgrounds: int = 8
     max_retries: int = 1
     mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
