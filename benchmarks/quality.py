@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_medcam import MedCAM, metrics  # noqa: E402
 from monai_medcam.demo import demo_classifier, make_known_evidence  # noqa: E402
-from monai_medcam.visualize import save_panels  # noqa: E402
+from monai_medcam.visualize import grad_cam, save_panels  # noqa: E402
 
 PRESETS = {
     "smoke": dict(size=96, images=2, steps=20),
@@ -39,14 +39,6 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
     low, high = flat.amin(1), flat.amax(1)
     shape = (-1,) + (1,) * (maps.ndim - 1)
     return (maps - low.view(shape)) / (high - low).clamp_min(1e-8).view(shape)
-
-
-def cam_maps(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor, plus_plus: bool) -> torch.Tensor:
-    """MONAI Grad-CAM or Grad-CAM++ on ``layer4``, min-max normalised per image (not inverted)."""
-    from monai.visualize import GradCAM, GradCAMpp
-
-    cam = (GradCAMpp if plus_plus else GradCAM)(net, target_layers="layer4", postprocessing=lambda m: m)
-    return _normalise(torch.cat([cam(x[i : i + 1], class_idx=int(label[i])) for i in range(len(x))]).detach())
 
 
 def occlusion_maps(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -80,8 +72,8 @@ def main() -> None:
     label, evidence = result.label, result.mask.as_tensor()
     saliency = {}
     for name, make in (
-        ("Grad-CAM", lambda: cam_maps(net, x, label, plus_plus=False)),
-        ("Grad-CAM++", lambda: cam_maps(net, x, label, plus_plus=True)),
+        ("Grad-CAM", lambda: grad_cam(net, x, "layer4", label)),
+        ("Grad-CAM++", lambda: grad_cam(net, x, "layer4", label, plus_plus=True)),
         ("Occlusion", lambda: occlusion_maps(net, x, label)),
     ):
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.straightforward import explain_one  # noqa: E402
 from monai_medcam import MedCAM  # noqa: E402
+from monai_medcam.metrics import decision_kept, iou  # noqa: E402
 from monai_medcam.demo import demo_classifier, make_known_evidence  # noqa: E402
 
 PRESETS = {
@@ -65,16 +66,6 @@ def train_resnet18(size: int, count: int, device: torch.device) -> tuple[torch.n
         xt = torch.from_numpy(test.images).to(device)
         pred = torch.cat([net(xt[i : i + 64]).argmax(1) for i in range(0, len(xt), 64)]).cpu()
     return net, float((pred == torch.from_numpy(test.labels)).float().mean())
-
-
-def iou(mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    inter = (mask * truth).flatten(1).sum(1)
-    return inter / ((mask + truth) > 0).flatten(1).sum(1).clamp_min(1)
-
-
-def decision_kept(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return (torch.cat([net(x[i : i + 64] * mask[i : i + 64]).argmax(1) for i in range(0, len(x), 64)]) == label).float()
 
 
 def sync(device: torch.device) -> None:
@@ -132,7 +123,7 @@ def main() -> None:
     with torch.no_grad():
         label = net(x[:n]).argmax(1)
     record(f"straightforward ({p['baseline_steps']} steps)", 1, float(np.mean(times)), p["baseline_steps"], float("nan"),
-           float(decision_kept(net, x[:n], m, label).mean()), float(m.mean()), float(iou(m, truth[:n]).mean()))
+           float(decision_kept(net, x[:n], m, label).float().mean()), float(m.mean()), float(iou(m, truth[:n]).mean()))
     if scale != 1:
         print(f"  (straightforward at 300 steps, extrapolated: {np.mean(times) * scale:.2f} s/image)", flush=True)
 
@@ -155,7 +146,7 @@ def main() -> None:
             label = torch.cat([r.label for r in results])
             record(f"{name}", batch, seconds, float(torch.cat([r.steps for r in results]).float().median()),
                    float(torch.cat([r.verified for r in results]).float().mean()),
-                   float(decision_kept(net, x[:count], mask, label).mean()), float(mask.mean()), float(iou(mask, truth[:count]).mean()))
+                   float(decision_kept(net, x[:count], mask, label).float().mean()), float(mask.mean()), float(iou(mask, truth[:count]).mean()))
 
     if not args.skip_3d:
         from monai.networks.nets import DenseNet121

@@ -18,16 +18,23 @@ __all__ = ["grad_cam", "to_display", "save_panels"]
 plt, _HAS_MPL = optional_import("matplotlib.pyplot")
 
 
-def grad_cam(nn_module: torch.nn.Module, x: torch.Tensor, target_layer: str, class_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Grad-CAM heatmaps ``(B, 1, *spatial)`` in [0, 1], high where the class evidence is.
+def grad_cam(
+    nn_module: torch.nn.Module,
+    x: torch.Tensor,
+    target_layer: str,
+    class_idx: torch.Tensor | None = None,
+    plus_plus: bool = False,
+) -> torch.Tensor:
+    """Grad-CAM (or Grad-CAM++) heatmaps ``(B, 1, *spatial)`` in [0, 1], high where the class evidence is.
 
     Args:
         nn_module: the classifier.
         x: images ``(B, C, *spatial)``.
         target_layer: the layer name (``"layer4"`` for ResNets).
         class_idx: the class per image ``(B,)``; the prediction when ``None``.
+        plus_plus: MONAI's ``GradCAMpp`` instead of ``GradCAM``.
     """
-    from monai.visualize import GradCAM
+    from monai.visualize import GradCAM, GradCAMpp
 
     def normalise(cam: np.ndarray | torch.Tensor) -> torch.Tensor:
         cam = torch.as_tensor(cam)
@@ -38,7 +45,7 @@ def grad_cam(nn_module: torch.nn.Module, x: torch.Tensor, target_layer: str, cla
     training = nn_module.training
     nn_module.eval()
     try:
-        cam = GradCAM(nn_module, target_layers=target_layer, postprocessing=normalise)
+        cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=normalise)
         maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
     finally:
         nn_module.train(training)

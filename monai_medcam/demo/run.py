@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_medcam import metrics
 from monai_medcam.demo.classifier import DEMO_SIZE, demo_classifier
 from monai_medcam.demo.known_evidence import make_known_evidence
 from monai_medcam.engine import MedCAM, MedCAMResult
@@ -20,12 +21,6 @@ from monai_medcam.engine import MedCAM, MedCAMResult
 __all__ = ["run_demo"]
 
 logger = logging.getLogger(__name__)
-
-
-def _iou(mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    inter = (mask * truth).flatten(1).sum(1)
-    union = ((mask + truth) > 0).flatten(1).sum(1).clamp_min(1)
-    return inter / union
 
 
 def write_summary_csv(path: Path, result: MedCAMResult, extra: dict[str, list[object]] | None = None) -> Path:
@@ -63,7 +58,7 @@ def run_demo(
     logger.info("explaining %d fundus images with Med-CAM on %s ...", len(chosen), device)
     result = MedCAM(classifier, **{"progress": True, **settings}).explain(images)
     heatmaps = grad_cam(classifier, images, "layer4", result.label)
-    iou = _iou(result.mask.as_tensor(), truth)
+    iou = metrics.iou(result.mask.as_tensor(), truth)
 
     for i in range(len(chosen)):
         tmp = output / f".evidence_{i}.tmp.npy"
