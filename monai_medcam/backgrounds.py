@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from monai.networks.layers import GaussianFilter
 
-__all__ = ["BASELINES", "BACKGROUNDS", "blurred", "baseline_image", "random_background"]
+__all__ = ["BASELINES", "BACKGROUNDS", "blurred", "baseline_image", "random_background", "verification_backgrounds"]
 
 BASELINES = ("zeros", "mean", "blur")
 BACKGROUNDS = ("gaussian", "uniform", "blur", "zeros", "batch")
@@ -75,3 +75,16 @@ def random_background(x: torch.Tensor, kind: str, generator: torch.Generator, x_
     if kind == "zeros":
         return torch.zeros_like(x)
     raise ValueError(f"background must be one of {BACKGROUNDS}, got {kind!r}.")
+
+
+def verification_backgrounds(x: torch.Tensor, count: int, seed: int, x_blurred: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The ``count`` backgrounds a binary evidence mask must survive, each shaped like ``x``.
+
+    A blurred copy first, then Gaussian and uniform noise in turn, drawn afresh from ``seed``, so
+    a check never depends on when it is made. ``MedCAM``'s ``verified`` and
+    :func:`monai_medcam.metrics.decision_kept_under_backgrounds` both use these.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    x_blurred = blurred(x) if x_blurred is None else x_blurred
+    kinds = ["blur"] + [("gaussian", "uniform")[k % 2] for k in range(count - 1)]
+    return [random_background(x, kind, generator, x_blurred) for kind in kinds[:count]]

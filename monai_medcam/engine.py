@@ -21,7 +21,7 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from monai_medcam.backgrounds import baseline_image, blurred, random_background
+from monai_medcam.backgrounds import baseline_image, blurred, random_background, verification_backgrounds
 from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer
 from monai_medcam.losses import (
     ActivationMatchingLoss,
@@ -40,7 +40,6 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
-_VERIFY_KINDS = ("gaussian", "uniform")
 
 
 @dataclass
@@ -281,15 +280,12 @@ class MedCAM:
     ) -> torch.Tensor:
         """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K backgrounds.
 
-        One classifier pass for all of them. The backgrounds are drawn afresh from the seed at
-        every call (a blurred copy first, then Gaussian and uniform noise in turn), so a check
-        never depends on when it is made.
+        One classifier pass for all of them; the backgrounds are
+        :func:`~monai_medcam.backgrounds.verification_backgrounds`.
         """
-        generator = torch.Generator(device=x.device).manual_seed(s.seed + 7919)
-        variants = [hard * x + (1 - hard) * base]
-        for k in range(s.verify_backgrounds):
-            kind = "blur" if k == 0 else _VERIFY_KINDS[(k - 1) % len(_VERIFY_KINDS)]
-            variants.append(hard * x + (1 - hard) * random_background(x, kind, generator, x_blurred))
+        variants = [hard * x + (1 - hard) * base] + [
+            hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, s.seed + 7919, x_blurred)
+        ]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
     # -- one optimisation attempt ---------------------------------------------------------------

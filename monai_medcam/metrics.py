@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from monai_medcam.backgrounds import baseline_image, blurred, random_background
+from monai_medcam.backgrounds import baseline_image, verification_backgrounds
 from monai_medcam.classifiers import FrozenClassifier
 
 __all__ = [
@@ -96,18 +96,16 @@ def decision_kept_under_backgrounds(
 ) -> torch.Tensor:
     """Fraction of K random backgrounds ``r`` for which ``m x + (1 - m) r`` keeps ``label`` ``(B,)``.
 
-    The backgrounds cycle through Gaussian noise, uniform noise and a blurred copy of the image.
+    The backgrounds are those of ``MedCAM``'s verification
+    (:func:`~monai_medcam.backgrounds.verification_backgrounds`): a blurred copy of the image,
+    then Gaussian and uniform noise in turn.
     """
     _check_maps(mask)
+    if k < 1:
+        raise ValueError(f"k must be at least 1 background, got {k}.")
     hard = (mask > 0.5).to(x.dtype)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    x_blurred = blurred(x)
-    kinds = ("gaussian", "uniform", "blur")
-    kept = torch.zeros(x.shape[0], device=x.device)
-    for i in range(k):
-        r = random_background(x, kinds[i % len(kinds)], generator, x_blurred)
-        kept += (_logits(classifier, hard * x + (1 - hard) * r).argmax(1) == label).float()
-    return kept / k
+    kept = [(_logits(classifier, hard * x + (1 - hard) * r).argmax(1) == label).float() for r in verification_backgrounds(x, k, seed)]
+    return torch.stack(kept).mean(0)
 
 
 def insertion_deletion_auc(
