@@ -26,19 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_medcam import MedCAM, metrics  # noqa: E402
 from monai_medcam.demo import demo_classifier, make_known_evidence  # noqa: E402
-from monai_medcam.visualize import grad_cam, save_panels  # noqa: E402
+from monai_medcam.visualize import grad_cam, minmax_per_image, save_panels  # noqa: E402
 
 PRESETS = {
     "smoke": dict(size=96, images=2, steps=20),
     "cpu-small": dict(size=96, images=8, steps=300),
 }
-
-
-def _normalise(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)
-    shape = (-1,) + (1,) * (maps.ndim - 1)
-    return (maps - low.view(shape)) / (high - low).clamp_min(1e-8).view(shape)
 
 
 def occlusion_maps(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -51,7 +44,7 @@ def occlusion_maps(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor) -
         sens, _ = occ(x[i : i + 1])  # (1, classes, *spatial) in MONAI 1.6; older releases put classes last
         k = int(label[i])
         maps.append(-(sens[:, k : k + 1] if sens.ndim == x.ndim else sens[..., k].mean(1, keepdim=True)))
-    return _normalise(torch.cat(maps).detach())
+    return minmax_per_image(torch.cat(maps).detach())
 
 
 def main() -> None:

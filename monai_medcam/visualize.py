@@ -13,9 +13,17 @@ import numpy as np
 import torch
 from monai.utils import optional_import
 
-__all__ = ["grad_cam", "to_display", "save_panels"]
+__all__ = ["minmax_per_image", "grad_cam", "to_display", "save_panels"]
 
 plt, _HAS_MPL = optional_import("matplotlib.pyplot")
+
+
+def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """Each map of ``(B, ...)`` stretched to [0, 1] (highest value 1; MONAI's default normaliser would make it 0)."""
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    flat = maps.flatten(1)
+    low, high = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    return (maps - low) / (high - low).clamp_min(1e-8)
 
 
 def grad_cam(
@@ -36,16 +44,10 @@ def grad_cam(
     """
     from monai.visualize import GradCAM, GradCAMpp
 
-    def normalise(cam: np.ndarray | torch.Tensor) -> torch.Tensor:
-        cam = torch.as_tensor(cam)
-        low = cam.flatten(1).amin(1).view(-1, *([1] * (cam.ndim - 1)))
-        high = cam.flatten(1).amax(1).view(-1, *([1] * (cam.ndim - 1)))
-        return (cam - low) / (high - low).clamp_min(1e-8)
-
     training = nn_module.training
     nn_module.eval()
     try:
-        cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=normalise)
+        cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=lambda cam: minmax_per_image(torch.as_tensor(cam)))
         maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
     finally:
         nn_module.train(training)
