@@ -108,3 +108,8 @@ def test_classifier_state_is_restored():
     model.train()
     metrics.label_probability(model, region_images(1), torch.tensor([1]))
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_backgrounds_count_must_be_positive():
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        metrics.decision_kept_under_backgrounds(RegionClassifier(), region_images(1), torch.ones(1, 1, 32, 32), torch.tensor([1]), k=0)
