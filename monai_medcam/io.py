@@ -1,0 +1,242 @@
+"""Finding and reading the images to explain: DICOM files and series, NIfTI, PNG/JPEG/TIFF.
+
+Reading goes through MONAI's ``LoadImage`` with the reader chosen explicitly (``PydicomReader``
+for DICOM, so ITK is not needed; ``NibabelReader``; ``PILReader``). Every image comes back as a
+channel-first MetaTensor ``(C, *spatial)`` with its affine; a DICOM image also carries its source
+files in the order of its last spatial axis (``meta[SOURCE_FILES]``), which the DICOM SEG writer
+needs to reference the right instance for each frame.
+
+Array axes follow MONAI's convention for DICOM (``swap_ij``): spatial axis 0 runs along the
+columns of the DICOM image, axis 1 along the rows, axis 2 through the slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+
+__all__ = [
+    "ImageInput",
+    "InputError",
+    "SOURCE_FILES",
+    "INPUT_KIND",
+    "PHOTOMETRIC",
+    "find_inputs",
+    "load_image",
+    "is_dicom_file",
+]
+
+logger = logging.getLogger(__name__)
+# MONAI warns on every DICOM read that the optional GPU decoder is missing; the CPU decoder is fine
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+SOURCE_FILES = "medcam_source_files"
+INPUT_KIND = "medcam_input_kind"
+PHOTOMETRIC = "medcam_photometric"
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class InputError(ValueError):
+    """An input that cannot be explained; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to explain.
+
+    Attributes:
+        path: the file, or for a DICOM series its folder.
+        kind: ``"dicom_series"``, ``"dicom"``, ``"nifti"`` or ``"image"``.
+        files: for a DICOM series, its files sorted by Instance Number (the slice order).
+    """
+
+    path: Path
+    kind: str
+    files: tuple[Path, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """A file-system-safe stem for the outputs: ``series_folder``, ``image`` for ``image.png``."""
+        name = self.path.name
+        for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm", ".dicom"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)] or name
+        return name
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a file with the DICOM preamble or a ``.dcm``/``.dicom`` suffix."""
+    import pydicom
+
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        return bool(pydicom.misc.is_dicom(path))
+    except OSError:
+        return False
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return path.name.lower().endswith(suffixes)
+
+
+def _dicom_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, defer_size=1024)  # pixel data is read later, by the reader
+    except Exception as err:  # pydicom raises many kinds for damaged files
+        raise InputError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+
+
+def _check_dicom_image(path: Path, ds) -> None:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
+        raise InputError(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported; give single-frame images.")
+
+
+def _dicom_series(folder: Path, files: list[Path]) -> ImageInput:
+    """One series from the DICOM ``files`` of ``folder``, checked and sorted by Instance Number."""
+    headers = [(f, _dicom_header(f)) for f in files]
+    series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
+    if len(series) > 1:
+        raise InputError(
+            folder, f"the folder mixes {len(series)} DICOM series ({', '.join(series)}); put one series per folder."
+        )
+    for f, ds in headers:
+        _check_dicom_image(f, ds)
+    if len(headers) == 1:
+        return ImageInput(files[0], "dicom", (files[0],))
+    numbers = [ds.get("InstanceNumber") for _, ds in headers]
+    if any(n is None for n in numbers):
+        missing = next(f for f, ds in headers if ds.get("InstanceNumber") is None)
+        raise InputError(missing, "DICOM slice has no Instance Number, so the slice order is unknown.")
+    if len(set(map(int, numbers))) != len(numbers):
+        raise InputError(folder, "two slices of the series share an Instance Number, so the slice order is unknown.")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+    if len(shapes) > 1:
+        raise InputError(folder, f"the series' slices differ in size {sorted(shapes)}.")
+    ordered = tuple(f for f, _ in sorted(headers, key=lambda item: int(item[1].InstanceNumber)))
+    return ImageInput(folder, "dicom_series", ordered)
+
+
+def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
+    """The images under ``path`` (a file or a folder, searched recursively) and the files that are not.
+
+    A folder's DICOM files form one series (a folder mixing series is an error); NIfTI and
+    PNG/JPEG/TIFF files are one image each. Hidden files and ``DICOMDIR`` are skipped.
+
+    Raises:
+        InputError: ``path`` does not exist or cannot be read.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(root, "no such file or folder.")
+    if root.is_file():
+        try:
+            return [_single_file(root)], []
+        except InputError as err:
+            return [], [err]
+    try:
+        folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    except OSError as err:
+        raise InputError(root, f"cannot list the folder ({err}).") from err
+    inputs: list[ImageInput] = []
+    errors: list[InputError] = []
+    for folder in folders:
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        dicoms: list[Path] = []
+        for f in sorted(p for p in folder.iterdir() if p.is_file()):
+            if f.name.startswith(".") or f.name == "DICOMDIR":
+                continue
+            if _has_suffix(f, NIFTI_SUFFIXES):
+                inputs.append(ImageInput(f, "nifti"))
+            elif _has_suffix(f, IMAGE_SUFFIXES):
+                inputs.append(ImageInput(f, "image"))
+            elif is_dicom_file(f):
+                dicoms.append(f)
+            else:
+                errors.append(InputError(f, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF)."))
+        if dicoms:
+            try:
+                inputs.append(_dicom_series(folder, dicoms))
+            except InputError as err:
+                errors.append(err)
+    return inputs, errors
+
+
+def _single_file(path: Path) -> ImageInput:
+    if _has_suffix(path, NIFTI_SUFFIXES):
+        return ImageInput(path, "nifti")
+    if _has_suffix(path, IMAGE_SUFFIXES):
+        return ImageInput(path, "image")
+    if is_dicom_file(path):
+        _check_dicom_image(path, _dicom_header(path))
+        return ImageInput(path, "dicom", (path,))
+    raise InputError(path, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF).")
+
+
+def _reader(item: ImageInput):
+    from monai.data import NibabelReader, PILReader, PydicomReader
+
+    if item.kind == "dicom_series":
+        # exactly the series' files: PydicomReader otherwise tries every entry of the folder
+        pattern = "^(" + "|".join(re.escape(str(f)) for f in item.files) + ")$"
+        return PydicomReader(fname_regex=pattern)
+    if item.kind == "dicom":
+        return PydicomReader()
+    if item.kind == "nifti":
+        return NibabelReader()
+    return PILReader()
+
+
+def load_image(item: ImageInput) -> MetaTensor:
+    """Read ``item`` as a float32 channel-first MetaTensor ``(C, *spatial)`` with its affine.
+
+    Raises:
+        InputError: the file cannot be read or decoded (truncated, corrupt, unsupported).
+    """
+    from monai.transforms import LoadImage
+
+    if not item.path.exists():
+        raise InputError(item.path, "no such file or folder.")
+    loader = LoadImage(reader=_reader(item), image_only=True, ensure_channel_first=True, dtype=torch.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = loader(str(item.path))
+    except Exception as err:  # readers raise many kinds for damaged files
+        cause = err.__cause__ or err
+        raise InputError(item.path, f"cannot read the image ({type(cause).__name__}: {cause}).") from err
+    if not isinstance(image, MetaTensor):
+        image = MetaTensor(image)
+    if item.kind.startswith("dicom"):
+        header = _dicom_header(item.files[0])
+        if int(header.get("SamplesPerPixel", 1)) > 1 and image.ndim == 4 and image.shape[0] == 1:
+            # PydicomReader leaves colour samples last, as if they were a spatial axis
+            image = MetaTensor(image[0].as_tensor().movedim(-1, 0), meta=image.meta)
+        image.meta[SOURCE_FILES] = [str(f) for f in item.files]
+        image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
+    image.meta[INPUT_KIND] = item.kind
+    if image.ndim - 1 not in (2, 3):
+        raise InputError(item.path, f"expected a 2D or 3D image; got spatial shape {tuple(image.shape[1:])}.")
+    if not torch.isfinite(image).all():
+        raise InputError(item.path, "the image holds NaN or Inf values.")
+    return image

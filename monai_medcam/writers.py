@@ -1,0 +1,233 @@
+"""Writing the evidence: NIfTI with the source's geometry, DICOM SEG referencing the source, PNG panels.
+
+Every writer takes the evidence as MONAI reads images (a channel-first MetaTensor ``(1, *spatial)``
+carrying the source image's metadata, see :mod:`monai_medcam.io`), writes to a temporary name in
+the target folder and renames it into place, so a file either appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from monai_medcam.io import SOURCE_FILES
+
+__all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
+
+SEGMENT_LABEL = "Med-CAM evidence"
+
+
+class atomic_path:
+    """``with atomic_path(target) as tmp:`` write ``tmp``; on success it is renamed to ``target``, else removed."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        self.tmp = self.target.with_name(f".tmp-{os.getpid()}-{self.target.name}")
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.tmp.replace(self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> Path:
+    """Write ``mask`` ``(1, *spatial)`` as NIfTI with exactly its metadata's affine (no resampling).
+
+    The affine is the source image's: MONAI's ``NibabelWriter`` with ``resample=False``, as
+    ``SaveImage(..., resample=False)`` does.
+    """
+    from monai.data import NibabelWriter
+
+    path = Path(path)
+    if not isinstance(mask, MetaTensor) or "affine" not in mask.meta:
+        raise ValueError(f"{path}: the mask needs the source image's affine (a MetaTensor from monai_medcam.io).")
+    writer = NibabelWriter(output_dtype=dtype)
+    writer.set_data_array(mask.detach().cpu(), channel_dim=0)
+    writer.set_metadata({"affine": mask.affine, "original_affine": mask.affine}, resample=False)
+    with atomic_path(path) as tmp:
+        writer.write(str(tmp), verbose=False)
+    return path
+
+
+def dicom_frames(mask: torch.Tensor) -> np.ndarray:
+    """``(1, X, Y[, Z])`` in MONAI's DICOM axis order -> DICOM frames ``(Z, rows, columns)``."""
+    array = mask[0].detach().cpu().numpy()
+    if array.ndim == 2:
+        return array.T[None]
+    return array.transpose(2, 1, 0)
+
+
+def write_dicom_seg(
+    mask: MetaTensor,
+    path: str | Path,
+    soft_mask: torch.Tensor | None = None,
+    fractional: bool = False,
+    label: int | None = None,
+    series_number: int = 99,
+    parameters: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the evidence as a DICOM Segmentation that references the source instances.
+
+    One segment, "Med-CAM evidence", property type DCM 130401 "Visual explanation", algorithm
+    type AUTOMATIC with Med-CAM's name and version. Frame ``k`` is the mask on the source instance
+    of slice ``k`` (``mask.meta[SOURCE_FILES]``, in slice order), for a 3D explanation of a series
+    or slice-by-slice 2D explanations alike. New series and instance UIDs; patient and study
+    identity come from the source (highdicom copies exactly what the standard requires).
+
+    Args:
+        mask: binary evidence ``(1, X, Y[, Z])`` carrying the source's metadata.
+        path: the ``.dcm`` file to write.
+        soft_mask: the soft mask ``(1, X, Y[, Z])`` in [0, 1], needed when ``fractional``.
+        fractional: write a FRACTIONAL (probability) segmentation of ``soft_mask`` instead of BINARY.
+        label: the explained class, recorded in the segment's description and algorithm parameters.
+        series_number: the new series' number.
+        parameters: extra algorithm parameters to record (name -> value).
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    from monai_medcam import __version__
+
+    path = Path(path)
+    files = mask.meta.get(SOURCE_FILES) if isinstance(mask, MetaTensor) else None
+    if not files:
+        raise ValueError(f"{path}: a DICOM SEG needs the source DICOM files (load the image with monai_medcam.io).")
+    if fractional and soft_mask is None:
+        raise ValueError(f"{path}: a FRACTIONAL SEG needs the soft mask.")
+    frames = dicom_frames(soft_mask if fractional else mask)
+    if frames.shape[0] != len(files):
+        raise ValueError(f"{path}: the mask has {frames.shape[0]} slices but the source has {len(files)} instances.")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    if frames.shape[1:] != (rows, columns):
+        raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")
+    params = {"class": str(label) if label is not None else "predicted", **dict(parameters or {})}
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="Med-CAM", version=__version__, family=codes.cid7162.ArtificialIntelligence, source="monai_medcam",
+        parameters=params,
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=Code("309825002", "SCT", "Spatial and Relational Concept"),
+        segmented_property_type=Code("130401", "DCM", "Visual explanation"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    if fractional:
+        pixels = np.clip(frames.astype(np.float32), 0.0, 1.0)
+        kind = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        pixels = (frames > 0.5).astype(np.uint8)
+        kind = hd.seg.SegmentationTypeValues.BINARY
+    what = "evidence" if label is None else f"evidence for class {label}"
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=kind,
+        segment_descriptions=[segment],
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="monai_medcam",
+        manufacturer_model_name="Med-CAM",
+        software_versions=__version__,
+        device_serial_number="none",
+        content_label="MEDCAM",
+        content_description=f"Med-CAM {what}"[:64],
+        series_description=f"Med-CAM {what}"[:64],
+        omit_empty_frames=False,
+    )
+    if "ImageOrientationPatient" not in sources[0]:
+        # projection images (CR, DX, US): the General Image module then needs Patient Orientation (type 2C)
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` slices (last axis) with the most evidence, in slice order; the middle one if none."""
+    area = mask[0].flatten(0, -2).float().sum(0)
+    if float(area.max()) == 0:
+        return [image.shape[-1] // 2]
+    top = torch.argsort(area, descending=True)[:count]
+    return sorted(int(k) for k in top if area[k] > 0)
+
+
+def write_png(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    path: str | Path,
+    heatmaps: Mapping[str, torch.Tensor] | None = None,
+    title: str = "",
+    max_slices: int = 3,
+) -> Path:
+    """Panels for a person to look at: image | evidence (contour and tint) | each heatmap.
+
+    Args:
+        image: ``(C, X, Y[, Z])`` as loaded (axis 0 along the columns, shown as such).
+        mask: binary evidence ``(1, X, Y[, Z])``.
+        path: the PNG to write.
+        heatmaps: title -> ``(1, X, Y[, Z])`` maps in [0, 1] (e.g. Grad-CAM) shown beside the evidence.
+        title: text above the first panel.
+        max_slices: for a volume, the slices with the most evidence shown, one per row.
+    """
+    from monai_medcam.visualize import save_panels
+
+    image = torch.as_tensor(image).detach().cpu().float()
+    mask = torch.as_tensor(mask).detach().cpu().float()
+    maps = {k: torch.as_tensor(v).detach().cpu().float() for k, v in (heatmaps or {}).items()}
+    if image.ndim == 3:
+        image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
+    slices = _display_slices(image, mask, max_slices)
+
+    def rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
+        return torch.stack([volume[..., k].transpose(-1, -2) for k in slices])
+
+    columns = {SEGMENT_LABEL: rows(mask), **{k: rows(v) for k, v in maps.items()}}
+    depth = image.shape[-1]
+    titles = [f"{title} slice {k + 1}/{depth}".strip() if depth > 1 else title or "image" for k in slices]
+    return save_panels(path, rows(image), columns, row_titles=titles, heatmaps=tuple(maps))
+
+
+def write_outputs(
+    image: MetaTensor,
+    mask: MetaTensor,
+    folder: str | Path,
+    name: str,
+    formats: Sequence[str],
+    soft_mask: torch.Tensor | None = None,
+    label: int | None = None,
+    heatmaps: Mapping[str, torch.Tensor] | None = None,
+    title: str = "",
+    fractional: bool = False,
+) -> list[Path]:
+    """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``."""
+    folder = Path(folder)
+    written = []
+    for fmt in formats:
+        if fmt == "nifti":
+            written.append(write_nifti(mask, folder / f"{name}_evidence.nii.gz"))
+        elif fmt == "seg":
+            if not mask.meta.get(SOURCE_FILES):
+                continue  # a SEG needs DICOM sources; other inputs get the other formats
+            written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
+        elif fmt == "png":
+            written.append(write_png(image, mask, folder / f"{name}_evidence.png", heatmaps, title))
+        else:
+            raise ValueError(f"unknown output format {fmt!r}; choose from seg, nifti, png.")
+    return written

@@ -1,0 +1,103 @@
+"""The transform pair and the inferer inside MONAI's Compose, DataLoader and SupervisedEvaluator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose, EnsureTyped
+
+from monai_medcam import MedCAMExplain, MedCAMExplaind, MedCAMInferer
+from tests.toys import RegionClassifier, region_images
+
+REGION = (slice(8, 16), slice(8, 16))
+FAST = dict(max_retries=0)
+AFFINE = torch.tensor([[0.5, 0, 0, 10.0], [0, 0.5, 0, -4.0], [0, 0, 1, 2.0], [0, 0, 0, 1]], dtype=torch.float64)
+
+
+def _iou(mask: torch.Tensor) -> float:
+    """IoU with the region the toy classifier looks at (a single optimisation is chaotic: > 0.3 is asked, not 0.5)."""
+    truth = torch.zeros(32, 32)
+    truth[REGION] = 1
+    mask = mask.reshape(32, 32).float()
+    return float((mask * truth).sum() / ((mask + truth) > 0).sum())
+
+
+def _image(seed: int = 0) -> MetaTensor:
+    return MetaTensor(region_images(1, seed=seed)[0], affine=AFFINE, meta={"filename_or_obj": f"img{seed}.nii"})
+
+
+def test_array_transform_keeps_metadata_and_finds_region():
+    evidence = MedCAMExplain(RegionClassifier(), **FAST)(_image())
+    assert evidence.shape == (1, 32, 32)
+    assert torch.equal(evidence.affine, AFFINE)
+    assert evidence.meta["filename_or_obj"] == "img0.nii"
+    diagnostics = evidence.meta["medcam"]
+    assert diagnostics["verified"] is True and diagnostics["label"] == 1
+    assert 0 < diagnostics["area"] < 0.25
+    assert _iou(evidence) > 0.3
+
+
+def test_array_transform_refuses_image_without_channel():
+    with pytest.raises(ValueError, match="channel-first image"):
+        MedCAMExplain(RegionClassifier(), **FAST)(torch.rand(32, 32))  # no channel axis
+
+
+def test_dictionary_transform_in_compose():
+    pipeline = Compose([EnsureTyped(keys="image"), MedCAMExplaind(keys="image", nn_module=RegionClassifier(), **FAST)])
+    out = pipeline({"image": _image(), "label": 1})
+    assert set(out) == {"image", "label", "image_evidence"}
+    assert torch.equal(out["image_evidence"].affine, AFFINE)
+    assert out["image_evidence"].meta["medcam"]["verified"] is True
+    assert _iou(out["image_evidence"]) > 0.3
+
+
+def test_dictionary_transform_options():
+    explain = MedCAMExplaind(
+        keys=["image", "other"], nn_module=RegionClassifier(), output_keys=["ev", "ev_other"], class_idx_key="label",
+        output="soft_mask", allow_missing_keys=True, **FAST,
+    )
+    out = explain({"image": _image(), "label": torch.tensor([0])})
+    assert "ev" in out and "ev_other" not in out
+    assert out["ev"].meta["medcam"]["label"] == 0  # explained the class asked for, not the prediction
+    soft = out["ev"]
+    assert soft.dtype.is_floating_point and 0 <= float(soft.min()) and float(soft.max()) <= 1
+    with pytest.raises(KeyError, match="image"):
+        MedCAMExplaind(keys="image", nn_module=RegionClassifier())({"label": 1})
+    with pytest.raises(ValueError, match="output_keys"):
+        MedCAMExplaind(keys="image", nn_module=RegionClassifier(), output_keys=["a", "b"])
+
+
+def test_inferer_in_supervised_evaluator():
+    data = [{"image": _image(seed), "label": torch.tensor(1)} for seed in range(3)]
+    loader = DataLoader(Dataset(data), batch_size=2)
+    inferer = MedCAMInferer(**FAST)
+    evaluator = SupervisedEvaluator(torch.device("cpu"), loader, network=RegionClassifier(), inferer=inferer, decollate=True)
+    outputs = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.extend(engine.state.output))
+    evaluator.run()
+    assert len(outputs) == 3
+    for item in outputs:
+        pred = item["pred"]
+        assert pred.shape == (1, 32, 32)
+        assert torch.allclose(pred.affine, AFFINE)
+        assert pred.meta["medcam"]["verified"] is True
+        assert _iou(pred) > 0.3
+
+
+def test_inferer_under_no_grad_and_inference_mode():
+    network = RegionClassifier()
+    inferer = MedCAMInferer(**FAST)
+    with torch.no_grad():
+        out = inferer(region_images(2), network)
+    assert out.shape == (2, 1, 32, 32)
+    assert out.meta["medcam"]["verified"] == [True, True]
+    assert inferer.last_result is not None and len(inferer.last_result) == 2
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        inferer(region_images(1), network)
+    with pytest.raises(TypeError, match="unknown MedCAM setting"):
+        MedCAMInferer(stepz=3)
+    with pytest.raises(ValueError, match="extra arguments"):
+        inferer(region_images(1), network, "x")
