@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test
+.PHONY: venv tools demo test
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,5 +17,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/medcam demo --output medcam_demo_output
 
-test: $(STAMP)
+# dciodvfy (Debian's dicom3tools) validates the DICOM SEG files the tests write
+tools:
+	@command -v dciodvfy >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dicom3tools >/dev/null; }
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q

@@ -11,28 +11,150 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from monai_medcam.demo.run import run_demo
+    from pathlib import Path
 
-    result = run_demo(args.output, count=args.count, device=args.device)
+    from monai_medcam.demo.run import run_demo, run_radiology_demo
+
+    output = Path(args.output)
+    settings = {"steps": args.steps} if args.steps else {}
+    print("1/2 known-evidence fundus images (fundus demo classifier), Med-CAM beside Grad-CAM")
+    result = run_demo(output / "known_evidence", count=args.count, device=args.device, **settings)
     print(f"{'image':>5} {'label':>5} {'p(input)':>9} {'p(evidence)':>11} {'area':>7} {'verified':>8} {'steps':>5}")
     for i, row in enumerate(result.summary()):
         print(
             f"{i:>5} {row['label']:>5} {row['prob_input']:>9.3f} {row['prob_evidence']:>11.3f} "
             f"{row['area']:>7.2%} {str(row['verified']):>8} {row['steps']:>5}"
         )
-    print(f"wrote {args.output}/panels.png, {args.output}/summary.csv and one evidence_N.npy per image")
-    return 0 if bool(result.verified.all()) else 1
+    print("\n2/2 radiology path: DICOM MR series, DICOM radiograph, NIfTI volume, fundus PNG (grayscale demo classifier)")
+    report, shares = run_radiology_demo(output / "radiology", device=args.device, progress=True, **settings)
+    print_report(report)
+    for name, share in shares.items():
+        print(f"  {name}: {share:.0%} of the evidence lies on the known lesion")
+    print(f"\nwrote {output}/known_evidence (panels.png, summary.csv)")
+    print(f"wrote {output}/radiology/evidence (DICOM SEG *_seg.dcm, NIfTI *.nii.gz, PNG panels, summary.csv)")
+    print(f"      from the inputs in {output}/radiology/inputs")
+    return 1 if report.failures else 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def print_report(report, out=None) -> None:
+    """One line per input: label(s), mean probabilities, evidence area, verified count; then the failures."""
+    out = out or sys.stdout
+    by_input: dict[str, list[dict]] = {}
+    for row in report.rows:
+        by_input.setdefault(str(row["input"]), []).append(row)
+    print(f"{'input':<40} {'n':>3} {'label':>6} {'p(input)':>9} {'p(evid.)':>9} {'area':>7} {'verified':>8}", file=out)
+    for name, rows in by_input.items():
+        labels = ",".join(str(v) for v in sorted({int(r["label"]) for r in rows}))
+        mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+        verified = sum(bool(r["verified"]) for r in rows)
+        short = name if len(name) <= 40 else "..." + name[-37:]
+        print(
+            f"{short:<40} {len(rows):>3} {labels:>6} {mean('prob_input'):>9.3f} {mean('prob_evidence'):>9.3f} "
+            f"{mean('area'):>7.2%} {verified:>4}/{len(rows):<3}",
+            file=out,
+        )
+    for name, problem in report.failures.items():
+        print(f"FAILED {name}: {problem}", file=out)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from monai_medcam.io import InputError, find_inputs
+    from monai_medcam.loading import load_classifier
+    from monai_medcam.pipeline import explain_inputs
+
+    try:
+        loaded = load_classifier(args.classifier, args.weights)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    inputs, failures = [], []
+    for path in args.input:
+        try:
+            found, bad = find_inputs(path)
+        except InputError as err:
+            found, bad = [], [err]
+        inputs += found
+        failures += bad
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    layers = args.target_layers.split(",") if args.target_layers else loaded.target_layers
+    if layers == []:
+        print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
+              "pass --target-layers or use a bundle or python:module:factory for it.", file=sys.stderr)
+    settings = {"steps": args.steps} if args.steps else {}
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    try:
+        report = explain_inputs(
+            loaded.network,
+            inputs,
+            args.output,
+            formats,
+            spatial_dims=args.spatial_dims or loaded.spatial_dims or 2,
+            channels=args.channels or loaded.channels,
+            size=args.size or loaded.size,
+            class_idx=args.class_idx,
+            target_layers=layers,
+            batch_size=args.batch_size,
+            device=args.device,
+            fractional=args.fractional,
+            gradcam_layer=args.gradcam_layer,
+            progress=not args.no_progress,
+            **settings,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for err in failures:
+        report.failures[str(err.path)] = err.problem
+    print_report(report)
+    done = len(report.written)
+    print(f"{done} input(s) explained, {len(report.failures)} failed; outputs in {args.output}"
+          + (" (summary.csv)" if report.rows else ""))
+    return 1 if report.failures or not done else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcam", description="Med-CAM minimal evidence masks for frozen classifiers.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more detail")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="explain embedded demo images with the committed demo classifier")
+    demo = commands.add_parser(
+        "demo", help="run the whole path on embedded data: fundus panels, then DICOM/NIfTI/PNG in, SEG/NIfTI/PNG out"
+    )
     demo.add_argument("--output", default="medcam_demo_output", help="folder for the pictures and tables")
-    demo.add_argument("--count", type=int, default=4, help="number of images")
+    demo.add_argument("--count", type=int, default=4, help="number of known-evidence fundus images")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    demo.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
     demo.set_defaults(run=_demo)
+
+    explain = commands.add_parser(
+        "explain",
+        help="explain a classifier's decisions on DICOM, NIfTI or 2D image files",
+        description="Explain each input (a file, or a folder searched recursively: each DICOM series folder is "
+        "one input) and write the evidence as DICOM SEG, NIfTI and/or PNG, plus summary.csv.",
+    )
+    explain.add_argument("--classifier", required=True,
+                         help="TorchScript file, MONAI bundle folder, or python:module:factory (with --weights)")
+    explain.add_argument("--weights", help="state dict for a python:module:factory classifier (loaded weights_only)")
+    explain.add_argument("--input", required=True, nargs="+", help="files or folders to explain")
+    explain.add_argument("--output", required=True, help="folder for the evidence files and summary.csv")
+    explain.add_argument("--format", default="seg,nifti,png", help="comma-separated: seg, nifti, png (default: all)")
+    explain.add_argument("--class-idx", type=int, help="class to explain (default: the prediction)")
+    explain.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    explain.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
+    explain.add_argument("--batch-size", type=int, default=8, help="images (or slices) optimised together")
+    explain.add_argument("--size", type=_int_list, help="classifier input size, e.g. 96 or 96,96 (default: as read)")
+    explain.add_argument("--spatial-dims", type=int, choices=(2, 3), help="classifier dims (default: from its weights)")
+    explain.add_argument("--channels", type=int, help="classifier input channels (default: from its weights)")
+    explain.add_argument("--fractional", action="store_true", help="FRACTIONAL SEG of the soft mask instead of BINARY")
+    explain.add_argument("--target-layers", help="comma-separated layer names for activation matching (default: auto)")
+    explain.add_argument("--gradcam-layer", help="add a Grad-CAM column of this layer to the PNG panels")
+    explain.add_argument("--seed", type=int, help="random seed of the mask networks")
+    explain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    explain.set_defaults(run=_explain)
     return parser
 
 

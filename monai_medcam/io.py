@@ -111,18 +111,40 @@ def _check_dicom_image(path: Path, ds) -> None:
         raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported; give single-frame images.")
 
 
-def _dicom_series(folder: Path, files: list[Path]) -> ImageInput:
-    """One series from the DICOM ``files`` of ``folder``, checked and sorted by Instance Number."""
-    headers = [(f, _dicom_header(f)) for f in files]
-    series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
-    if len(series) > 1:
-        raise InputError(
-            folder, f"the folder mixes {len(series)} DICOM series ({', '.join(series)}); put one series per folder."
-        )
-    for f, ds in headers:
-        _check_dicom_image(f, ds)
-    if len(headers) == 1:
-        return ImageInput(files[0], "dicom", (files[0],))
+def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], list[InputError]]:
+    """The DICOM ``files`` of ``folder``: single-instance series are one input each, a multi-slice
+    series is one input (checked and sorted by Instance Number); two multi-slice series in one folder
+    are an error (an ambiguous export), as is any file that is not a readable single-frame image."""
+    inputs: list[ImageInput] = []
+    errors: list[InputError] = []
+    groups: dict[str, list[tuple[Path, object]]] = {}
+    for f in files:
+        try:
+            ds = _dicom_header(f)
+            _check_dicom_image(f, ds)
+        except InputError as err:
+            errors.append(err)
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    multi = {uid: headers for uid, headers in groups.items() if len(headers) > 1}
+    if len(multi) > 1:
+        errors.append(InputError(
+            folder, f"the folder mixes {len(multi)} multi-slice DICOM series ({', '.join(sorted(multi))}); "
+            "put one series per folder."
+        ))
+    for uid, headers in groups.items():
+        if len(headers) == 1:
+            inputs.append(ImageInput(headers[0][0], "dicom", (headers[0][0],)))
+        elif len(multi) == 1:
+            try:
+                inputs.append(_dicom_series(folder, headers))
+            except InputError as err:
+                errors.append(err)
+    return inputs, errors
+
+
+def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInput:
+    """One multi-slice series, checked and sorted by Instance Number."""
     numbers = [ds.get("InstanceNumber") for _, ds in headers]
     if any(n is None for n in numbers):
         missing = next(f for f, ds in headers if ds.get("InstanceNumber") is None)
@@ -139,8 +161,9 @@ def _dicom_series(folder: Path, files: list[Path]) -> ImageInput:
 def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
     """The images under ``path`` (a file or a folder, searched recursively) and the files that are not.
 
-    A folder's DICOM files form one series (a folder mixing series is an error); NIfTI and
-    PNG/JPEG/TIFF files are one image each. Hidden files and ``DICOMDIR`` are skipped.
+    A folder's multi-slice DICOM series is one input and each single-instance DICOM file another
+    (two multi-slice series in one folder are an error); NIfTI and PNG/JPEG/TIFF files are one
+    image each. Hidden files and ``DICOMDIR`` are skipped.
 
     Raises:
         InputError: ``path`` does not exist or cannot be read.
@@ -175,10 +198,9 @@ def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
             else:
                 errors.append(InputError(f, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF)."))
         if dicoms:
-            try:
-                inputs.append(_dicom_series(folder, dicoms))
-            except InputError as err:
-                errors.append(err)
+            found, bad = _dicom_inputs(folder, dicoms)
+            inputs += found
+            errors += bad
     return inputs, errors
 
 
@@ -217,10 +239,10 @@ def load_image(item: ImageInput) -> MetaTensor:
 
     if not item.path.exists():
         raise InputError(item.path, "no such file or folder.")
-    loader = LoadImage(reader=_reader(item), image_only=True, ensure_channel_first=True, dtype=torch.float32)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            loader = LoadImage(reader=_reader(item), image_only=True, ensure_channel_first=True, dtype=torch.float32)
             image = loader(str(item.path))
     except Exception as err:  # readers raise many kinds for damaged files
         cause = err.__cause__ or err

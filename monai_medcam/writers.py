@@ -7,6 +7,7 @@ the target folder and renames it into place, so a file either appears whole or n
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from monai_medcam.io import SOURCE_FILES
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
 SEGMENT_LABEL = "Med-CAM evidence"
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
 
 
 class atomic_path:
@@ -43,19 +45,21 @@ class atomic_path:
 def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> Path:
     """Write ``mask`` ``(1, *spatial)`` as NIfTI with exactly its metadata's affine (no resampling).
 
-    The affine is the source image's: MONAI's ``NibabelWriter`` with ``resample=False``, as
-    ``SaveImage(..., resample=False)`` does.
+    The affine is the source image's as MONAI read it (RAS, as ``SaveImage(..., resample=False)``
+    would write it); written with nibabel directly, because MONAI's writer fails on 2D images when
+    it is told not to resample.
     """
-    from monai.data import NibabelWriter
+    import nibabel
 
     path = Path(path)
     if not isinstance(mask, MetaTensor) or "affine" not in mask.meta:
         raise ValueError(f"{path}: the mask needs the source image's affine (a MetaTensor from monai_medcam.io).")
-    writer = NibabelWriter(output_dtype=dtype)
-    writer.set_data_array(mask.detach().cpu(), channel_dim=0)
-    writer.set_metadata({"affine": mask.affine, "original_affine": mask.affine}, resample=False)
+    data = mask[0].detach().cpu().numpy().astype(dtype)
+    image = nibabel.Nifti1Image(data, np.asarray(mask.affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
     with atomic_path(path) as tmp:
-        writer.write(str(tmp), verbose=False)
+        nibabel.save(image, tmp)
     return path
 
 
@@ -159,11 +163,15 @@ def write_dicom_seg(
     return path
 
 
-def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int) -> list[int]:
-    """The ``count`` slices (last axis) with the most evidence, in slice order; the middle one if none."""
+def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
+    """The ``count`` slices (last axis, among ``candidates``) with the most evidence, in slice order."""
     area = mask[0].flatten(0, -2).float().sum(0)
-    if float(area.max()) == 0:
-        return [image.shape[-1] // 2]
+    if candidates is not None:
+        keep = torch.zeros_like(area, dtype=torch.bool)
+        keep[list(candidates)] = True
+        area = torch.where(keep, area, torch.full_like(area, -1.0))
+    if float(area.max()) <= 0:
+        return [int(candidates[len(candidates) // 2]) if candidates else image.shape[-1] // 2]
     top = torch.argsort(area, descending=True)[:count]
     return sorted(int(k) for k in top if area[k] > 0)
 
@@ -175,6 +183,7 @@ def write_png(
     heatmaps: Mapping[str, torch.Tensor] | None = None,
     title: str = "",
     max_slices: int = 3,
+    candidates: Sequence[int] | None = None,
 ) -> Path:
     """Panels for a person to look at: image | evidence (contour and tint) | each heatmap.
 
@@ -185,6 +194,7 @@ def write_png(
         heatmaps: title -> ``(1, X, Y[, Z])`` maps in [0, 1] (e.g. Grad-CAM) shown beside the evidence.
         title: text above the first panel.
         max_slices: for a volume, the slices with the most evidence shown, one per row.
+        candidates: for a volume, the slices that may be shown (default: all).
     """
     from monai_medcam.visualize import save_panels
 
@@ -193,7 +203,7 @@ def write_png(
     maps = {k: torch.as_tensor(v).detach().cpu().float() for k, v in (heatmaps or {}).items()}
     if image.ndim == 3:
         image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
-    slices = _display_slices(image, mask, max_slices)
+    slices = _display_slices(image, mask, max_slices, candidates)
 
     def rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
         return torch.stack([volume[..., k].transpose(-1, -2) for k in slices])
@@ -215,6 +225,7 @@ def write_outputs(
     heatmaps: Mapping[str, torch.Tensor] | None = None,
     title: str = "",
     fractional: bool = False,
+    display_slices: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``."""
     folder = Path(folder)
@@ -227,7 +238,7 @@ def write_outputs(
                 continue  # a SEG needs DICOM sources; other inputs get the other formats
             written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
         elif fmt == "png":
-            written.append(write_png(image, mask, folder / f"{name}_evidence.png", heatmaps, title))
+            written.append(write_png(image, mask, folder / f"{name}_evidence.png", heatmaps, title, candidates=display_slices))
         else:
             raise ValueError(f"unknown output format {fmt!r}; choose from seg, nifti, png.")
     return written

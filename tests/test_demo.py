@@ -48,18 +48,36 @@ def test_demo_classifier_missing_checkpoint(tmp_path):
         demo_classifier(tmp_path / "absent.pt")
 
 
-def test_demo_command_writes_pictures_and_table(tmp_path, monkeypatch, capsys):
-    from monai_medcam.demo import run as demo_run
+def test_demo_command_runs_the_whole_path(tmp_path, capsys):
+    """`medcam demo` (fewer steps): fundus panels, then DICOM/NIfTI/PNG in and valid SEG, NIfTI, PNG out."""
+    import nibabel
+    import pydicom
 
-    real = demo_run.run_demo
-    monkeypatch.setattr(demo_run, "run_demo", lambda output, count, device: real(output, count, device, steps=40, min_steps=10))
-    code = main(["demo", "--output", str(tmp_path), "--count", "2"])
+    from tests.test_radiology_io import dciodvfy_errors
+
+    code = main(["demo", "--output", str(tmp_path), "--count", "2", "--steps", "40"])
     out = capsys.readouterr().out
-    assert "panels.png" in out
-    assert (tmp_path / "panels.png").stat().st_size > 10_000
-    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert code == 0, out
+    known = tmp_path / "known_evidence"
+    assert (known / "panels.png").stat().st_size > 10_000
+    rows = list(csv.DictReader((known / "summary.csv").open()))
     assert len(rows) == 2 and {"label", "prob_evidence", "area", "verified", "lesion_iou"} <= set(rows[0])
-    masks = [np.load(tmp_path / f"evidence_{i}.npy") for i in range(2)]
+    masks = [np.load(known / f"evidence_{i}.npy") for i in range(2)]
     assert all(m.shape == (96, 96) and set(np.unique(m)) <= {0, 1} for m in masks)
-    assert code == (0 if all(r["verified"] == "True" for r in rows) else 1)
-    assert not list(tmp_path.glob(".*tmp*"))
+
+    evidence = tmp_path / "radiology" / "evidence"
+    for name in ("mr_series", "chest_cr"):
+        seg = evidence / f"{name}_evidence_seg.dcm"
+        assert pydicom.dcmread(seg).Modality == "SEG"
+        assert dciodvfy_errors(seg) == []
+    series = sorted((tmp_path / "radiology" / "inputs" / "mr_series").iterdir())
+    assert pydicom.dcmread(evidence / "mr_series_evidence_seg.dcm").NumberOfFrames == len(series) == 12
+    for name in ("mr_series", "chest_cr", "brain", "fundus"):
+        assert (evidence / f"{name}_evidence.png").stat().st_size > 10_000
+        assert nibabel.load(evidence / f"{name}_evidence.nii.gz").shape[:2] != (64, 64)  # source geometry, not 64 px
+    brain = nibabel.load(tmp_path / "radiology" / "inputs" / "brain.nii.gz")
+    assert np.allclose(nibabel.load(evidence / "brain_evidence.nii.gz").affine, brain.affine)
+    rows = list(csv.DictReader((evidence / "summary.csv").open()))
+    assert len(rows) == 12 + 1 + 25 + 1  # one row per slice or 2D image
+    assert "of the evidence lies on the known lesion" in out and "radiology/evidence" in out
+    assert not list(tmp_path.rglob(".tmp*"))

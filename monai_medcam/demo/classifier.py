@@ -1,7 +1,10 @@
-"""The demo classifier: a small MONAI ResNet-18 that tells fundus crops with a lesion from those without.
+"""The demo classifiers: small MONAI ResNet-18s that tell images with a lesion from those without.
 
-Trained by ``python -m monai_medcam.demo.train`` (that script made the committed checkpoint);
-loaded with ``torch.load(..., weights_only=True)``.
+- fundus: RGB fundus crops at 96 px (``demo_classifier``);
+- radiology: grayscale MR, CT, CR, ultrasound and fundus crops at 64 px (``radiology_classifier``).
+
+Trained by ``python -m monai_medcam.demo.train --kind fundus|radiology`` (that script made the
+committed checkpoints); loaded with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -11,10 +14,21 @@ from pathlib import Path
 import torch
 from monai.networks.nets import resnet18
 
-__all__ = ["DEMO_CHECKPOINT", "DEMO_SIZE", "build_demo_network", "demo_classifier"]
+__all__ = [
+    "DEMO_CHECKPOINT",
+    "DEMO_SIZE",
+    "RADIOLOGY_CHECKPOINT",
+    "RADIOLOGY_SIZE",
+    "build_demo_network",
+    "build_radiology_network",
+    "demo_classifier",
+    "radiology_classifier",
+]
 
 DEMO_CHECKPOINT = Path(__file__).with_name("demo_classifier.pt")
 DEMO_SIZE = 96
+RADIOLOGY_CHECKPOINT = Path(__file__).with_name("radiology_classifier.pt")
+RADIOLOGY_SIZE = 64
 
 
 def build_demo_network() -> torch.nn.Module:
@@ -22,11 +36,24 @@ def build_demo_network() -> torch.nn.Module:
     return resnet18(spatial_dims=2, n_input_channels=3, num_classes=2, widen_factor=0.25)
 
 
+def build_radiology_network() -> torch.nn.Module:
+    """MONAI ResNet-18 at a quarter width: ``(B, 1, 64, 64)`` in [0, 1] -> logits ``(B, 2)``."""
+    return resnet18(spatial_dims=2, n_input_channels=1, num_classes=2, widen_factor=0.25)
+
+
+def radiology_classifier(checkpoint: str | Path = RADIOLOGY_CHECKPOINT) -> torch.nn.Module:
+    """The trained grayscale radiology demo classifier in eval mode."""
+    return _load(build_radiology_network(), checkpoint, "radiology")
+
+
 def demo_classifier(checkpoint: str | Path = DEMO_CHECKPOINT) -> torch.nn.Module:
-    """The trained demo classifier in eval mode."""
+    """The trained fundus demo classifier in eval mode."""
+    return _load(build_demo_network(), checkpoint, "fundus")
+
+
+def _load(network: torch.nn.Module, checkpoint: str | Path, kind: str) -> torch.nn.Module:
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"demo classifier checkpoint {path} not found; run `python -m monai_medcam.demo.train`.")
-    network = build_demo_network()
+        raise FileNotFoundError(f"demo classifier checkpoint {path} not found; run `python -m monai_medcam.demo.train --kind {kind}`.")
     network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return network.eval()

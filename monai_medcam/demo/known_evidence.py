@@ -3,18 +3,20 @@
 Class 1 images carry a lesion (its exact mask is the ground truth); class 0 images carry none.
 Both classes carry class-independent distractors (bright rings) that a good explanation leaves
 out. Backgrounds are real images shipped by installed packages (scikit-image's fundus photo and
-IHC histology), cut into random crops, so nothing is downloaded.
+IHC histology; for ``"radiology"`` the MR, CT, CR and ultrasound images of pydicom-data and
+nibabel's MRI volume), cut into random crops, so nothing is downloaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["KnownEvidence", "background_image", "make_known_evidence", "LESION_KINDS", "BACKGROUNDS"]
+__all__ = ["KnownEvidence", "background_image", "radiology_images", "make_known_evidence", "LESION_KINDS", "BACKGROUNDS"]
 
-BACKGROUNDS = ("retina", "ihc")
+BACKGROUNDS = ("retina", "ihc", "radiology")
 LESION_KINDS = ("disc", "spots")
 
 
@@ -46,6 +48,44 @@ def background_image(name: str) -> np.ndarray:
     else:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {name!r}.")
     return image.astype(np.float32) / 255.0
+
+
+def _stretch(image: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(image, 0.5), np.percentile(image, 99.5)
+    return np.clip((image.astype(np.float32) - low) / max(high - low, 1e-6), 0, 1)
+
+
+def radiology_images() -> list[np.ndarray]:
+    """Real grayscale radiology images ``(H, W, 3)`` in [0, 1] (gray repeated): pydicom-data's MR, CT,
+    CR (MONOCHROME1 inverted) and ultrasound, axial slices of nibabel's example MRI volume, and
+    scikit-image's fundus photo in gray."""
+    import nibabel
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    images = []
+    for name in ("MR_small.dcm", "CT_small.dcm", "MR2_UNCR.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm", "US1_UNCR.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name, download=False) or _data_store(name))
+        pixels = ds.pixel_array.astype(np.float32)
+        if pixels.ndim == 3:
+            pixels = pixels.mean(-1)
+        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+            pixels = pixels.max() - pixels
+        images.append(_stretch(pixels))
+    volume = nibabel.load(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz").get_fdata()[..., 0]
+    images += [_stretch(volume[:, :, z].T) for z in range(6, 18, 3)]
+    images.append(background_image("retina").mean(-1))  # fundus photos are often read in gray too
+    return [np.repeat(image[..., None], 3, axis=-1) for image in images]
+
+
+def _data_store(name: str) -> str:
+    """The path of a pydicom-data file, found without pydicom's network lookup."""
+    import data_store  # installed by pydicom-data
+
+    path = Path(data_store.__file__).parent / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} is not in pydicom-data ({path}); pip install pydicom-data.")
+    return str(path)
 
 
 def _disc(size: int, centre: np.ndarray, radius: float) -> np.ndarray:
@@ -80,7 +120,8 @@ def make_known_evidence(
     Args:
         count: number of images.
         size: side in pixels.
-        background: ``"retina"`` (fundus photo) or ``"ihc"`` (histology).
+        background: ``"retina"`` (fundus photo), ``"ihc"`` (histology) or ``"radiology"`` (a
+            random one of :func:`radiology_images` per image).
         lesion: ``"disc"`` (one yellow-white blob, like an exudate) or ``"spots"`` (a cluster of small dots).
         channels: 3 (RGB) or 1 (grayscale, the mean of RGB).
         seed: the random seed; the same seed gives the same images.
@@ -90,7 +131,7 @@ def make_known_evidence(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
     rng = np.random.default_rng(seed)
-    source = background_image(background)
+    sources = radiology_images() if background == "radiology" else [background_image(background)]
     images = np.zeros((count, 3, size, size), np.float32)
     lesions = np.zeros((count, 1, size, size), np.float32)
     distractors = np.zeros((count, 1, size, size), np.float32)
@@ -98,6 +139,7 @@ def make_known_evidence(
     rng.shuffle(labels)
     lesion_colour = np.array([1.0, 0.95, 0.55], np.float32)[:, None]
     for i in range(count):
+        source = sources[int(rng.integers(len(sources)))]
         image = _crop(source, size, rng, min_mean=0.15).transpose(2, 0, 1).copy()
         for _ in range(int(rng.integers(1, 3))):  # distractors: thin bright rings, in both classes
             centre = rng.uniform(0.1 * size, 0.9 * size, 2)

@@ -1,7 +1,11 @@
-"""The demo: explain the demo classifier's decisions on embedded fundus images, with Grad-CAM beside.
+"""The demo, on embedded data only.
 
-Writes ``panels.png`` (image | known lesion | Med-CAM evidence | Grad-CAM), ``summary.csv`` and
-one ``.npy`` mask per image to the output folder.
+- :func:`run_demo`: the fundus demo classifier on known-evidence fundus crops; writes
+  ``panels.png`` (image | known lesion | Med-CAM evidence | Grad-CAM), ``summary.csv`` and one
+  ``.npy`` mask per image.
+- :func:`run_radiology_demo`: the whole radiology path: demo studies (a DICOM MR series, a DICOM
+  radiograph, a NIfTI volume, a fundus PNG) explained by the grayscale demo classifier, evidence
+  written as DICOM SEG, NIfTI and PNG panels, plus ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from monai_medcam.demo.classifier import DEMO_SIZE, demo_classifier
 from monai_medcam.demo.known_evidence import make_known_evidence
 from monai_medcam.engine import MedCAM, MedCAMResult
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "run_radiology_demo", "lesion_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +78,48 @@ def run_demo(
         heatmaps=("Grad-CAM",),
     )
     return result
+
+
+def lesion_share(evidence_file: Path, lesion: np.ndarray) -> float:
+    """Fraction of the evidence voxels (read back from a written NIfTI) that lie on the known lesion."""
+    import nibabel
+
+    evidence = np.asarray(nibabel.load(evidence_file).dataobj) > 0
+    if evidence.shape != lesion.shape:
+        raise ValueError(f"{evidence_file}: evidence shape {evidence.shape} differs from the lesion's {lesion.shape}.")
+    return float((evidence & lesion).sum() / max(int(evidence.sum()), 1))
+
+
+def run_radiology_demo(
+    output: str | Path = "medcam_demo_output/radiology",
+    device: str = "cpu",
+    batch_size: int = 16,
+    progress: bool = True,
+    **settings: object,
+):
+    """Write the demo studies to ``output/inputs`` and explain them into ``output/evidence``.
+
+    Returns the :class:`~monai_medcam.pipeline.ExplainReport` and, per input, the share of the
+    evidence that lies on the known lesion.
+    """
+    from monai_medcam.demo.classifier import RADIOLOGY_SIZE, radiology_classifier
+    from monai_medcam.demo.studies import write_demo_studies
+    from monai_medcam.io import find_inputs
+    from monai_medcam.pipeline import FORMATS, explain_inputs
+
+    output = Path(output)
+    lesions = write_demo_studies(output / "inputs")
+    inputs, errors = find_inputs(output / "inputs")
+    if errors:
+        raise RuntimeError(f"demo inputs unreadable: {[str(e) for e in errors]}")
+    report = explain_inputs(
+        radiology_classifier(), inputs, output / "evidence", FORMATS, spatial_dims=2, channels=1,
+        size=(RADIOLOGY_SIZE, RADIOLOGY_SIZE), gradcam_layer="layer4", batch_size=batch_size, device=device,
+        progress=progress, **settings,
+    )
+    shares = {}
+    for item in inputs:
+        nifti = output / "evidence" / f"{item.name}_evidence.nii.gz"
+        if nifti.is_file():
+            shares[item.path.name] = lesion_share(nifti, lesions[item.path.name])
+    return report, shares

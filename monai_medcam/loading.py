@@ -1,0 +1,157 @@
+"""Loading the classifier to explain: a TorchScript file, a MONAI bundle folder, or a Python factory.
+
+Nothing here unpickles arbitrary objects: TorchScript archives are loaded with ``torch.jit.load``
+and state dicts with ``torch.load(..., weights_only=True)``. A file that is a plain pickle (a whole
+``nn.Module`` saved with ``torch.save``) is refused with a message saying what to do instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LoadedClassifier", "load_classifier", "load_state_dict", "input_format"]
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier and what it expects, where known.
+
+    Attributes:
+        network: the module, in eval mode, on CPU.
+        spatial_dims: 2 or 3.
+        channels: input channels.
+        size: the spatial size it was trained at (images are resized to it), or ``None`` to keep sizes.
+        source: where it came from, for messages.
+    """
+
+    network: torch.nn.Module
+    spatial_dims: int | None
+    channels: int | None
+    size: tuple[int, ...] | None
+    source: str
+
+    @property
+    def target_layers(self) -> str | list:
+        """``"auto"``, or ``[]`` for TorchScript: forward hooks do not run inside a scripted graph, so
+        activation matching is off and the output, decision and robustness terms carry the explanation."""
+        return [] if isinstance(self.network, torch.jit.ScriptModule) else "auto"
+
+
+def input_format(network: torch.nn.Module) -> tuple[int | None, int | None]:
+    """``(spatial_dims, channels)`` read off the first convolution-like weight ``(out, in, *kernel)``."""
+    for _, param in network.named_parameters():
+        if param.ndim in (4, 5):
+            return param.ndim - 2, int(param.shape[1])
+    return None, None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` with ``weights_only=True``; anything else is refused with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path}: refused: not a plain state dict loadable with weights_only=True ({type(err).__name__}). "
+            "Save weights with torch.save(model.state_dict(), path), or export the model with torch.jit.save."
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}.")
+    return state
+
+
+def _torchscript(path: Path) -> LoadedClassifier:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ deprecates TorchScript, which still loads safely
+            network = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ValueError(
+            f"{path}: refused: not a TorchScript archive ({type(err).__name__}). Only TorchScript files "
+            "(torch.jit.save) are accepted as --classifier files, because unpickling a file can run arbitrary code; "
+            "for a state dict, give the architecture as python:module:factory and the file as --weights."
+        ) from err
+    dims, channels = input_format(network)
+    return LoadedClassifier(network.eval(), dims, channels, None, str(path))
+
+
+def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
+    try:
+        _, module_name, attr = spec.split(":")
+    except ValueError:
+        raise ValueError(f"{spec}: a factory is written python:package.module:function.") from None
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{spec}: cannot import the factory ({err}).") from err
+    network = factory()
+    if not isinstance(network, torch.nn.Module):
+        raise ValueError(f"{spec}: the factory returned {type(network).__name__}, not a torch.nn.Module.")
+    if weights is not None:
+        network.load_state_dict(load_state_dict(weights))
+    dims, channels = input_format(network)
+    return LoadedClassifier(network.eval(), dims, channels, None, spec)
+
+
+def _bundle(folder: Path) -> LoadedClassifier:
+    """``network_def`` of ``configs/inference.json`` with ``models/model.pt`` (or ``models/model.ts``)."""
+    from monai.bundle import ConfigParser
+
+    config = next((folder / "configs" / n for n in ("inference.json", "inference.yaml") if (folder / "configs" / n).is_file()), None)
+    if config is None:
+        raise ValueError(f"{folder}: not a MONAI bundle (no configs/inference.json).")
+    scripted = folder / "models" / "model.ts"
+    weights = folder / "models" / "model.pt"
+    if scripted.is_file() and not weights.is_file():
+        loaded = _torchscript(scripted)
+    else:
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser["bundle_root"] = str(folder)
+        try:
+            network = parser.get_parsed_content("network_def", instantiate=True)
+        except Exception as err:
+            raise ValueError(f"{config}: cannot build network_def ({err}).") from err
+        if not weights.is_file():
+            raise ValueError(f"{folder}: the bundle has no models/model.pt (or models/model.ts).")
+        network.load_state_dict(load_state_dict(weights))
+        dims, channels = input_format(network)
+        loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
+    meta_file = folder / "configs" / "metadata.json"
+    if meta_file.is_file():
+        image = json.loads(meta_file.read_text()).get("network_data_format", {}).get("inputs", {}).get("image", {})
+        shape = image.get("spatial_shape")
+        if shape and all(isinstance(s, int) for s in shape):
+            loaded.size = tuple(shape)
+            loaded.spatial_dims = len(shape)
+        loaded.channels = image.get("num_channels", loaded.channels)
+    return loaded
+
+
+def load_classifier(spec: str | Path, weights: str | Path | None = None) -> LoadedClassifier:
+    """Load ``spec``: a TorchScript file, a MONAI bundle folder, or ``python:module:factory`` (+ ``weights``).
+
+    Raises:
+        ValueError: the classifier cannot be loaded safely; the message names the file and says why.
+    """
+    text = str(spec)
+    if text.startswith("python:"):
+        return _factory(text, weights)
+    path = Path(text)
+    if path.is_dir():
+        return _bundle(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such classifier file or bundle folder.")
+    if weights is not None:
+        raise ValueError(f"{path}: --weights goes with a python:module:factory classifier, not a TorchScript file.")
+    return _torchscript(path)

@@ -1,0 +1,271 @@
+"""The explain job behind ``medcam explain``: files in, evidence files and a summary table out.
+
+Data flow, one input at a time::
+
+    io.find_inputs -> io.load_image (C, *S) -> classifier space: intensities to [0, 1], channels
+    matched, 2D slices of a volume for a 2D classifier, resized to the classifier's size
+    -> batches of same-shaped images (across inputs) -> MedCAM.explain
+    -> masks resized back to the source geometry (nearest) -> writers (SEG, NIfTI, PNG) -> rows
+
+An input that cannot be read or explained is reported with its path and the problem; the others
+go on. Outputs are written atomically as soon as an input is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from monai_medcam.engine import MedCAM
+from monai_medcam.io import PHOTOMETRIC, ImageInput, InputError, load_image
+from monai_medcam.writers import atomic_path, write_outputs
+
+__all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "FORMATS"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("seg", "nifti", "png")
+ROW_FIELDS = (
+    "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "vacuous", "steps", "seconds",
+)
+
+
+@dataclass
+class ExplainReport:
+    """What a job did.
+
+    Attributes:
+        rows: one dict per explained image (a 2D image, a volume, or one slice of a volume
+            explained slice by slice), with the fields of ``ROW_FIELDS``.
+        written: output files, per input path.
+        failures: input path -> the problem.
+    """
+
+    rows: list[dict[str, object]] = field(default_factory=list)
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _fit_channels(image: torch.Tensor, channels: int | None, path: Path) -> torch.Tensor:
+    have = image.shape[0]
+    if channels is None or have == channels:
+        return image
+    if have == 4 and channels == 3:
+        return image[:3]  # RGBA -> RGB
+    if have == 1:
+        return image.expand(channels, *image.shape[1:])
+    if channels == 1 and have in (3, 4):
+        return image[:3].mean(0, keepdim=True)
+    raise InputError(path, f"the image has {have} channels but the classifier takes {channels}.")
+
+
+def to_classifier_space(
+    image: torch.Tensor, spatial_dims: int, channels: int | None, size: Sequence[int] | None, path: Path
+) -> list[torch.Tensor]:
+    """The classifier's inputs for ``image`` ``(C, *S)``: one ``(C', *size)`` tensor, or one per slice.
+
+    Intensities are stretched to [0, 1] over the whole input (MONOCHROME1 DICOM is inverted first).
+    """
+    data = image.as_tensor() if isinstance(image, MetaTensor) else image
+    data = data.float()
+    if isinstance(image, MetaTensor) and image.meta.get(PHOTOMETRIC) == "MONOCHROME1":
+        data = data.max() - data
+    low, high = data.min(), data.max()
+    data = (data - low) / (high - low).clamp_min(1e-8)
+    data = _fit_channels(data, channels, path)
+    dims = data.ndim - 1
+    if spatial_dims == 2 and dims == 3:
+        pieces = [data[..., k] for k in range(data.shape[-1])]
+    elif spatial_dims == dims:
+        pieces = [data]
+    else:
+        raise InputError(path, f"a {spatial_dims}D classifier cannot explain a {dims}D image of shape {tuple(data.shape[1:])}.")
+    if size is not None:
+        size = tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims
+        mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False)[0] for p in pieces]
+    return pieces
+
+
+def _back_to_source(masks: torch.Tensor, shape: Sequence[int], soft: bool) -> torch.Tensor:
+    """``(N, 1, *s)`` -> ``(N, 1, *shape)``: nearest for binary masks, (bi/tri)linear for soft ones."""
+    if tuple(masks.shape[2:]) == tuple(shape):
+        return masks
+    if soft:
+        mode = "bilinear" if masks.ndim == 4 else "trilinear"
+        return F.interpolate(masks.float(), size=tuple(shape), mode=mode, align_corners=False)
+    return F.interpolate(masks.float(), size=tuple(shape), mode="nearest-exact")
+
+
+@dataclass
+class _Pending:
+    """An input whose pieces are being explained."""
+
+    item: ImageInput
+    name: str
+    image: MetaTensor
+    pieces: int
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    softs: dict[int, torch.Tensor] = field(default_factory=dict)
+    heat: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, dict[str, object]] = field(default_factory=dict)
+
+
+def _assemble(parts: dict[int, torch.Tensor], pending: _Pending) -> torch.Tensor:
+    """Per-piece maps ``(1, *s)`` in source geometry -> ``(1, *S)`` for the whole input."""
+    ordered = [parts[k] for k in range(pending.pieces)]
+    if pending.pieces == 1:
+        return ordered[0]
+    return torch.stack(ordered, dim=-1)
+
+
+def write_rows_csv(path: Path, rows: Sequence[dict[str, object]]) -> Path:
+    """The summary table as CSV, written atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ROW_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def explain_inputs(
+    classifier: torch.nn.Module,
+    inputs: Sequence[ImageInput],
+    output: str | Path,
+    formats: Sequence[str] = FORMATS,
+    spatial_dims: int = 2,
+    channels: int | None = None,
+    size: Sequence[int] | None = None,
+    class_idx: int | None = None,
+    target_layers: str | Sequence[str] = "auto",
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    fractional: bool = False,
+    gradcam_layer: str | None = None,
+    progress: bool = True,
+    **settings: object,
+) -> ExplainReport:
+    """Explain every input with ``classifier`` and write ``formats`` to ``output``.
+
+    Args:
+        classifier: the frozen classifier; moved to ``device``.
+        inputs: from :func:`monai_medcam.io.find_inputs`.
+        output: folder for ``<name>_evidence_seg.dcm``, ``<name>_evidence.nii.gz``,
+            ``<name>_evidence.png`` and ``summary.csv``.
+        formats: any of ``seg`` (DICOM inputs only), ``nifti``, ``png``.
+        spatial_dims: the classifier's; a 2D classifier explains a volume slice by slice.
+        channels: the classifier's input channels (images are converted); ``None`` keeps them.
+        size: the classifier's input size (images are resized to it; masks are resized back).
+        class_idx: the class to explain; the prediction when ``None``.
+        target_layers: as for :class:`~monai_medcam.MedCAM`.
+        batch_size: images optimised together (slices and inputs of the same shape share batches).
+        device: where to run.
+        fractional: write FRACTIONAL DICOM SEG of the soft mask instead of BINARY.
+        gradcam_layer: add a Grad-CAM column of this layer to the PNG panels.
+        progress: show a progress bar (inputs done, rate, ETA).
+        settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    classifier = classifier.to(device).eval()
+    explainer = MedCAM(classifier, target_layers, **settings)
+    report = ExplainReport()
+    names: set[str] = set()
+    bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
+
+    queue: list[tuple[_Pending, int, torch.Tensor]] = []
+
+    def fail(pending_or_item, err: Exception) -> None:
+        item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
+        message = err.problem if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+        report.failures[str(item.path)] = message
+        logger.error("%s: %s", item.path, message)
+
+    def finish(pending: _Pending) -> None:
+        image = pending.image
+        mask = MetaTensor(_assemble(pending.masks, pending), meta=dict(image.meta))
+        soft = _assemble(pending.softs, pending)
+        heat = {"Grad-CAM": _assemble(pending.heat, pending)} if pending.heat else None
+        labels = sorted({int(r["label"]) for r in pending.rows.values()})
+        title = f"{pending.name}: class {','.join(map(str, labels))}"
+        # pictures show the slices whose decision needed evidence (not vacuous) where there are any
+        needed = [k for k in range(pending.pieces) if not pending.rows[k]["vacuous"]]
+        try:
+            label = labels[0] if len(labels) == 1 else None
+            report.written[str(pending.item.path)] = write_outputs(
+                image, mask, output, pending.name, formats, soft, label, heat, title, fractional, needed or None
+            )
+        except Exception as err:  # a writer refusing one input must not stop the others
+            fail(pending, err)
+            return
+        report.rows.extend(pending.rows[k] for k in range(pending.pieces))
+        bar.update(1)
+
+    def run_batch() -> None:
+        if not queue:
+            return
+        batch = torch.stack([piece for _, _, piece in queue]).to(device)
+        owners = {id(p): p for p, _, _ in queue}
+        try:
+            result = explainer.explain(batch, class_idx)
+            heat = None
+            if gradcam_layer is not None and "png" in formats:
+                from monai_medcam.visualize import grad_cam
+
+                heat = grad_cam(classifier, batch, gradcam_layer, result.label)
+        except Exception as err:
+            for pending in owners.values():
+                fail(pending, err)
+                bar.update(1)
+            queue.clear()
+            return
+        summary = result.summary()
+        for j, (pending, k, _) in enumerate(queue):
+            if str(pending.item.path) in report.failures:
+                continue
+            shape = pending.image.shape[1:] if pending.pieces == 1 else pending.image.shape[1:-1]
+            pending.masks[k] = _back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
+            pending.softs[k] = _back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
+            if heat is not None:
+                pending.heat[k] = _back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
+            row = {"input": str(pending.item.path), "slice": k if pending.pieces > 1 else ""}
+            row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
+            pending.rows[k] = row
+            if len(pending.masks) == pending.pieces:
+                finish(pending)
+        queue.clear()
+
+    for item in inputs:
+        name = item.name
+        while name in names:
+            name = f"{name}_{len(names)}"
+        names.add(name)
+        try:
+            image = load_image(item)
+            pieces = to_classifier_space(image, spatial_dims, channels, size, item.path)
+        except Exception as err:
+            fail(item, err)
+            bar.update(1)
+            continue
+        pending = _Pending(item, name, image, len(pieces))
+        for k, piece in enumerate(pieces):
+            if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
+                run_batch()
+            queue.append((pending, k, piece))
+    run_batch()
+    bar.close()
+    if report.rows:
+        write_rows_csv(output / "summary.csv", report.rows)
+    return report

@@ -1,0 +1,104 @@
+"""``medcam explain`` end to end: classifier loading (safe only), inputs good and bad, outputs and exit status."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("highdicom")
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from monai_medcam.cli import main  # noqa: E402
+from monai_medcam.demo.classifier import RADIOLOGY_CHECKPOINT, build_radiology_network  # noqa: E402
+from monai_medcam.loading import load_classifier  # noqa: E402
+
+TEST_FILES = Path(get_testdata_file("MR_small.dcm", download=False)).parent
+FACTORY = "python:monai_medcam.demo.classifier:build_radiology_network"
+FAST = ["--steps", "20", "--size", "64", "--no-progress", "--seed", "0"]
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(TEST_FILES / "MR_small.dcm", folder / "mr.dcm")
+    shutil.copy(TEST_FILES / "CT_small.dcm", folder / "ct.dcm")
+    shutil.copy(TEST_FILES / "rtplan.dcm", folder / "plan.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_explain_writes_outputs_and_reports_failures(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(inputs),
+                 "--output", str(out), "--format", "seg,nifti,png", "--gradcam-layer", "layer4", *FAST])
+    printed = capsys.readouterr().out
+    assert code == 1  # two inputs failed
+    assert "FAILED" in printed and "plan.dcm: DICOM file has no pixel data" in printed
+    assert "notes.txt: not an image file" in printed
+    assert "2 input(s) explained, 2 failed" in printed
+    for name in ("mr", "ct"):
+        assert (out / f"{name}_evidence_seg.dcm").stat().st_size > 0
+        assert (out / f"{name}_evidence.nii.gz").stat().st_size > 0
+        assert (out / f"{name}_evidence.png").stat().st_size > 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted(Path(r["input"]).name for r in rows) == ["ct.dcm", "mr.dcm"]
+    for row in rows:
+        assert row["label"] in ("0", "1") and 0 < float(row["area"]) <= 1 and 0 <= float(row["prob_input"]) <= 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_all_good_inputs_exit_zero_and_png_only(tmp_path, capsys):
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
+                 str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), "--format", "png", *FAST])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["MR_small_evidence.png", "summary.csv"]
+
+
+def test_pickled_classifier_is_refused(tmp_path, capsys):
+    pickled = tmp_path / "model.pt"
+    torch.save(build_radiology_network(), pickled)  # a whole module: a pickle of arbitrary objects
+    code = main(["explain", "--classifier", str(pickled), "--input", str(TEST_FILES / "MR_small.dcm"),
+                 "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{pickled}: refused: not a TorchScript archive" in err
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(pickled), "--input",
+                 str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o")])
+    assert code == 2 and "refused: not a plain state dict loadable with weights_only=True" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_input_path(tmp_path, capsys):
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
+                 str(tmp_path / "absent"), "--output", str(tmp_path / "o"), *FAST])
+    assert code == 1 and "absent: no such file or folder" in capsys.readouterr().out
+
+
+def test_torchscript_and_bundle_classifiers(tmp_path):
+    network = build_radiology_network()
+    network.load_state_dict(torch.load(RADIOLOGY_CHECKPOINT, weights_only=True))
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(network.eval()).save(str(scripted))
+    loaded = load_classifier(scripted)
+    assert (loaded.spatial_dims, loaded.channels, loaded.target_layers) == (2, 1, [])
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.allclose(loaded.network(x), network(x), atol=1e-5)
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps(
+        {"network_def": {"_target_": "monai_medcam.demo.classifier.build_radiology_network"}}))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(
+        {"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": [64, 64]}}}}))
+    shutil.copy(RADIOLOGY_CHECKPOINT, bundle / "models" / "model.pt")
+    loaded = load_classifier(bundle)
+    assert (loaded.spatial_dims, loaded.channels, loaded.size, loaded.target_layers) == (2, 1, (64, 64), "auto")
+    assert torch.allclose(loaded.network(x), network(x), atol=1e-5)
+    with pytest.raises(ValueError, match="not a MONAI bundle"):
+        load_classifier(tmp_path)
