@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from monai_medcam.io import SOURCE_FILES
+from monai_medcam.io import PHOTOMETRIC, SOURCE_FILES
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -238,6 +238,8 @@ def write_outputs(
                 continue  # a SEG needs DICOM sources; other inputs get the other formats
             written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
         elif fmt == "png":
+            if image.meta.get(PHOTOMETRIC) == "MONOCHROME1":  # shown as a reader sees it: low values bright
+                image = image.max() - image
             written.append(write_png(image, mask, folder / f"{name}_evidence.png", heatmaps, title, candidates=display_slices))
         else:
             raise ValueError(f"unknown output format {fmt!r}; choose from seg, nifti, png.")
