@@ -88,8 +88,9 @@ def _data_store(name: str) -> str:
     return str(path)
 
 
-def _disc(size: int, centre: np.ndarray, radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]
+def disc(shape: tuple[int, int], centre, radius: float) -> np.ndarray:
+    """Boolean ``shape`` array, True within ``radius`` of ``centre`` (row, column)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) <= radius**2
 
 
@@ -144,18 +145,18 @@ def make_known_evidence(
         for _ in range(int(rng.integers(1, 3))):  # distractors: thin bright rings, in both classes
             centre = rng.uniform(0.1 * size, 0.9 * size, 2)
             radius = rng.uniform(0.06, 0.1) * size
-            ring = _disc(size, centre, radius) & ~_disc(size, centre, radius - 1.5)
+            ring = disc((size, size), centre, radius) & ~disc((size, size), centre, radius - 1.5)
             image[:, ring] = 0.95
             distractors[i, 0, ring] = 1
         if labels[i] == 1:
             centre = rng.uniform(0.25 * size, 0.75 * size, 2)
             if lesion == "disc":
-                shape = _disc(size, centre, rng.uniform(0.06, 0.1) * size)
+                shape = disc((size, size), centre, rng.uniform(0.06, 0.1) * size)
             else:
                 shape = np.zeros((size, size), bool)
                 for _ in range(int(rng.integers(4, 7))):
                     offset = rng.normal(0, 0.06 * size, 2)
-                    shape |= _disc(size, centre + offset, rng.uniform(0.015, 0.03) * size + 0.8)
+                    shape |= disc((size, size), centre + offset, rng.uniform(0.015, 0.03) * size + 0.8)
             image[:, shape] = 0.25 * image[:, shape] + 0.75 * lesion_colour
             lesions[i, 0, shape] = 1
             distractors[i, 0, shape] = 0

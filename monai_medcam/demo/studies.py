@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_medcam.demo.known_evidence import disc
+
 __all__ = ["write_demo_studies", "write_dicom_series"]
 
 LESION = 0.85  # lesion pixels: 0.15 * image + LESION, in display intensities [0, 1] (a bright disc)
-
-
-def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) <= radius**2
 
 
 def _with_lesion(image: np.ndarray, lesion: np.ndarray) -> np.ndarray:
@@ -78,7 +75,7 @@ def _mr_series(folder: Path) -> np.ndarray:
     low, high = np.percentile(np.stack(slices), [0.5, 99.5])
     lesions = np.zeros((len(slices),) + slices[0].shape, bool)
     for k in (5, 6, 7):
-        lesions[k] = _disc(slices[0].shape, (50, 74), 8 if k == 6 else 6)
+        lesions[k] = disc(slices[0].shape, (50, 74), 8 if k == 6 else 6)
     pixels = [_with_lesion(np.clip((image - low) / (high - low), 0, 1), lesions[k]) for k, image in enumerate(slices)]
     write_dicom_series(folder, np.round(np.stack(pixels) * 4000).astype(np.uint16), "Med-CAM demo MR")
     return lesions.transpose(2, 1, 0)  # (columns, rows, slices): MONAI's axis order
@@ -93,7 +90,7 @@ def _radiograph(path: Path) -> np.ndarray:
     raw = ds.pixel_array.astype(np.float32)
     low, high = np.percentile(raw, [0.5, 99.5])
     display = np.clip((high - raw) / (high - low), 0, 1)  # MONOCHROME1: low values are bright
-    lesion = _disc(raw.shape, (0.45 * raw.shape[0], 0.62 * raw.shape[1]), 0.07 * min(raw.shape))
+    lesion = disc(raw.shape, (0.45 * raw.shape[0], 0.62 * raw.shape[1]), 0.07 * min(raw.shape))
     display = _with_lesion(display, lesion)
     ds.PixelData = np.round(high - display * (high - low)).clip(0, 2 ** int(ds.BitsStored) - 1).astype(np.uint16).tobytes()
     ds.SOPInstanceUID = generate_uid()
@@ -114,7 +111,7 @@ def _nifti(path: Path) -> np.ndarray:
     low, high = np.percentile(volume, [0.5, 99.5])
     lesion = np.zeros(volume.shape, bool)
     for z in (11, 12, 13):
-        lesion[:, :, z] = _disc(volume.shape[:2], (20, 24), 4 if z == 12 else 3)
+        lesion[:, :, z] = disc(volume.shape[:2], (20, 24), 4 if z == 12 else 3)
     scaled = _with_lesion(np.clip((volume - low) / (high - low), 0, 1), lesion)
     nibabel.save(nibabel.Nifti1Image(scaled * (high - low) + low, source.affine), path)
     return lesion
