@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from monai.data import MetaTensor
@@ -76,6 +76,14 @@ class MedCAMResult:
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+    @classmethod
+    def concat(cls, results: Sequence[MedCAMResult]) -> MedCAMResult:
+        """One result for the images of several, in order (e.g. the chunks of a large batch)."""
+        if len(results) == 1:
+            return results[0]
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: torch.cat([getattr(r, name) for r in results]) for name in names})
 
     def summary(self) -> list[dict[str, float | int | bool]]:
         """One plain dictionary per image, for tables and CSV files."""

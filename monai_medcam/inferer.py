@@ -28,13 +28,19 @@ class MedCAMInferer(Inferer):
 
     The returned MetaTensor carries the inputs' metadata and, under ``meta["medcam"]``, the
     diagnostics (label, probabilities, area, verified, steps) as one list per name, which MONAI's
-    ``decollate_batch`` splits so that each image gets its own values. The full :class:`~monai_medcam.MedCAMResult` of the
-    last call is kept as ``last_result``.
+    ``decollate_batch`` splits so that each image gets its own values. The full
+    :class:`~monai_medcam.MedCAMResult` of the last call is kept as ``last_result``.
+
+    A 2D classifier explains volumes ``(B, C, H, W, D)`` slice by slice along the last axis when
+    ``spatial_dims=2``: the masks are ``(B, 1, H, W, D)`` and each diagnostic is a ``(B, D)`` tensor,
+    one value per slice.
 
     Args:
         target_layers: as for :class:`~monai_medcam.MedCAM`.
         class_idx: class to explain (one for all images); the prediction when ``None``.
         output: ``"mask"`` or ``"soft_mask"``.
+        spatial_dims: the classifier's spatial dimensions; ``None`` takes the input's.
+        batch_size: the most images (or slices) optimised together; ``None`` for all at once.
         settings: any :class:`~monai_medcam.MedCAMSettings` field.
 
     Example::
@@ -47,15 +53,23 @@ class MedCAMInferer(Inferer):
         target_layers: str | Sequence[LayerSpec | TargetLayer] = "auto",
         class_idx: int | None = None,
         output: str = "mask",
+        spatial_dims: int | None = None,
+        batch_size: int | None = None,
         **settings: object,
     ) -> None:
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        if spatial_dims not in (None, 2, 3):
+            raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
         MedCAMSettings.from_kwargs(**settings)  # unknown names fail now, not at the first batch
         self.target_layers = target_layers
         self.class_idx = class_idx
         self.output = output
+        self.spatial_dims = spatial_dims
+        self.batch_size = batch_size
         self.settings = settings
         self.last_result: MedCAMResult | None = None
 
@@ -67,14 +81,32 @@ class MedCAMInferer(Inferer):
                 "MedCAMInferer optimises mask networks and needs gradients, which torch.inference_mode() forbids; "
                 "run it under torch.no_grad() (as MONAI's evaluators do) or with no context."
             )
+        data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        dims = data.ndim - 2
+        sliced = self.spatial_dims == 2 and dims == 3
+        if self.spatial_dims is not None and not sliced and dims != self.spatial_dims:
+            raise ValueError(
+                f"a {self.spatial_dims}D classifier cannot explain inputs of shape {tuple(data.shape)} "
+                "(expected (B, C, H, W) or, slice by slice, (B, C, H, W, D))."
+            )
+        count, depth = data.shape[0], data.shape[-1] if sliced else 1
+        images = data.movedim(-1, 1).flatten(0, 1) if sliced else data  # (B * D, C, H, W) slices
+        chunk = self.batch_size or images.shape[0]
+        explainer = MedCAM(network, self.target_layers, **self.settings)
         with torch.enable_grad():
-            result = MedCAM(network, self.target_layers, **self.settings).explain(inputs, self.class_idx)
+            result = MedCAMResult.concat([explainer.explain(part, self.class_idx) for part in images.split(chunk)])
         self.last_result = result
         values = getattr(result, self.output)
-        out = MetaTensor(values.as_tensor() if isinstance(values, MetaTensor) else values)
+        values = values.as_tensor() if isinstance(values, MetaTensor) else values
+        rows = result.summary()
+        diagnostics = {name: [row[name] for row in rows] for name in rows[0]}
+        if sliced:
+            values = values.reshape(count, depth, *values.shape[1:]).movedim(1, -1)  # (B, 1, H, W, D)
+            # (B, D) tensors: decollate_batch gives each volume its (D,) row; nested lists it would transpose
+            diagnostics = {name: torch.tensor(column).reshape(count, depth) for name, column in diagnostics.items()}
+        out = MetaTensor(values)
         if isinstance(inputs, MetaTensor):
             out.copy_meta_from(inputs, copy_attr=False)
-        rows = result.summary()
-        out.meta[DIAGNOSTICS_KEY] = {name: [row[name] for row in rows] for name in rows[0]}  # columns decollate per image
+        out.meta[DIAGNOSTICS_KEY] = diagnostics  # columns decollate per image (per volume: one list per name)
         out.is_batch = True  # decollate_batch then gives each image its own meta, diagnostics included
         return out

@@ -27,7 +27,10 @@ __all__ = [
     "SOURCE_FILES",
     "INPUT_KIND",
     "PHOTOMETRIC",
+    "INPUT_NAME",
+    "find_input",
     "find_inputs",
+    "input_datalist",
     "load_image",
     "is_dicom_file",
 ]
@@ -39,6 +42,7 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 SOURCE_FILES = "medcam_source_files"
 INPUT_KIND = "medcam_input_kind"
 PHOTOMETRIC = "medcam_photometric"
+INPUT_NAME = "medcam_input_name"
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -204,6 +208,29 @@ def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
     return inputs, errors
 
 
+def input_datalist(path: str | Path, key: str = "image") -> list[dict[str, str]]:
+    """``[{key: input path}, ...]`` for a MONAI ``Dataset``: each input under ``path`` (a DICOM
+    series as its folder); files that are not images are logged and left out."""
+    inputs, errors = find_inputs(path)
+    for err in errors:
+        logger.warning("%s", err)
+    return [{key: str(item.path)} for item in inputs]
+
+
+def find_input(path: str | Path) -> ImageInput:
+    """The one input at ``path``: an image file or a folder holding one DICOM series.
+
+    Raises:
+        InputError: ``path`` is not an image, or holds no input or several.
+    """
+    inputs, errors = find_inputs(path)
+    if len(inputs) == 1:
+        return inputs[0]
+    if not inputs and errors:
+        raise errors[0]
+    raise InputError(path, f"expected one image or DICOM series, found {len(inputs)}.")
+
+
 def _single_file(path: Path) -> ImageInput:
     if _has_suffix(path, NIFTI_SUFFIXES):
         return ImageInput(path, "nifti")
@@ -257,6 +284,7 @@ def load_image(item: ImageInput) -> MetaTensor:
         image.meta[SOURCE_FILES] = [str(f) for f in item.files]
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
     image.meta[INPUT_KIND] = item.kind
+    image.meta[INPUT_NAME] = item.name
     if image.ndim - 1 not in (2, 3):
         raise InputError(item.path, f"expected a 2D or 3D image; got spatial shape {tuple(image.shape[1:])}.")
     if not torch.isfinite(image).all():

@@ -28,7 +28,7 @@ from monai_medcam.engine import MedCAM
 from monai_medcam.io import PHOTOMETRIC, ImageInput, InputError, load_image
 from monai_medcam.writers import atomic_path, write_outputs
 
-__all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "FORMATS"]
+__all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS", "ROW_FIELDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def to_classifier_space(
     return pieces
 
 
-def _back_to_source(masks: torch.Tensor, shape: Sequence[int], soft: bool) -> torch.Tensor:
+def back_to_source(masks: torch.Tensor, shape: Sequence[int], soft: bool) -> torch.Tensor:
     """``(N, 1, *s)`` -> ``(N, 1, *shape)``: nearest for binary masks, (bi/tri)linear for soft ones."""
     if tuple(masks.shape[2:]) == tuple(shape):
         return masks
@@ -236,10 +236,10 @@ def explain_inputs(
             if str(pending.item.path) in report.failures:
                 continue
             shape = pending.image.shape[1:] if pending.pieces == 1 else pending.image.shape[1:-1]
-            pending.masks[k] = _back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
-            pending.softs[k] = _back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
+            pending.masks[k] = back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
+            pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
             if heat is not None:
-                pending.heat[k] = _back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
+                pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
             row = {"input": str(pending.item.path), "slice": k if pending.pieces > 1 else ""}
             row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
             pending.rows[k] = row

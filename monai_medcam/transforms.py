@@ -1,14 +1,19 @@
-"""MONAI transforms: ``MedCAMExplain`` (arrays) and ``MedCAMExplaind`` (dictionaries).
+"""MONAI transforms around Med-CAM, in the order a pipeline (or a bundle) uses them.
 
-Both take a channel-first image ``(C, *spatial)`` as MONAI pipelines carry it and give the
-binary evidence mask ``(1, *spatial)`` as a MetaTensor with the image's metadata (affine, source
-files) plus Med-CAM's diagnostics under ``meta["medcam"]`` (label, probabilities, area, verified,
-steps). Use them in a ``Compose`` after loading, or as post-transforms.
+- ``LoadInput`` / ``LoadInputd``: a path (image file, or folder of one DICOM series) -> ``(C, *S)``.
+- ``ToClassifierSpace`` / ``ToClassifierSpaced``: ``(C, *S)`` -> what the classifier takes
+  (intensities in [0, 1], channels, size; a volume's slices on the last axis for a 2D classifier).
+- ``MedCAMExplain`` / ``MedCAMExplaind``: ``(C, *spatial)`` -> binary evidence ``(1, *spatial)``,
+  a MetaTensor with the image's metadata and Med-CAM's diagnostics under ``meta["medcam"]``
+  (label, probabilities, area, verified, steps). In an evaluator, ``MedCAMInferer`` does this step.
+- ``SaveEvidenced``: evidence back in the source geometry, written as DICOM SEG / NIfTI / PNG
+  with a summary CSV.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
@@ -17,8 +22,21 @@ from monai.transforms import MapTransform, Transform
 
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MedCAM, MedCAMResult
+from monai_medcam.io import INPUT_NAME, find_input, load_image
+from monai_medcam.pipeline import FORMATS, ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.writers import write_outputs
 
-__all__ = ["MedCAMExplain", "MedCAMExplaind", "DIAGNOSTICS_KEY", "evidence_from_result"]
+__all__ = [
+    "LoadInput",
+    "LoadInputd",
+    "ToClassifierSpace",
+    "ToClassifierSpaced",
+    "MedCAMExplain",
+    "MedCAMExplaind",
+    "SaveEvidenced",
+    "DIAGNOSTICS_KEY",
+    "evidence_from_result",
+]
 
 DIAGNOSTICS_KEY = "medcam"
 OUTPUTS = ("mask", "soft_mask")
@@ -123,4 +141,163 @@ class MedCAMExplaind(MapTransform):
             class_idx = int(torch.as_tensor(d[self.class_idx_key]).flatten()[0])
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.explain(d[key], class_idx)
+        return d
+
+
+class LoadInput(Transform):
+    """A path -> the image as a float32 channel-first MetaTensor ``(C, *S)`` with its affine.
+
+    The path is an image file (DICOM, NIfTI, PNG/JPEG/TIFF) or a folder holding one DICOM series;
+    see :func:`monai_medcam.io.load_image` for the readers and checks. Unreadable input raises
+    :class:`~monai_medcam.io.InputError` naming the path.
+    """
+
+    def __call__(self, path: str | Path) -> MetaTensor:
+        return load_image(find_input(path))
+
+
+class LoadInputd(MapTransform):
+    """Dictionary twin of :class:`LoadInput`: replaces each path under ``keys`` by its image."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadInput()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+class ToClassifierSpace(Transform):
+    """An image as loaded ``(C, *S)`` -> the classifier's input.
+
+    Intensities are stretched to [0, 1] (MONOCHROME1 inverted), channels matched, and the image
+    resized to ``size``: ``(C', *size)``; for a 2D classifier and a volume, the slices resized and
+    stacked on the last axis ``(C', *size, D)`` (``MedCAMInferer(spatial_dims=2)`` explains them
+    one by one). :class:`SaveEvidenced` brings the evidence back to ``(1, *S)``.
+
+    Args:
+        spatial_dims: the classifier's, 2 or 3.
+        channels: the classifier's input channels; ``None`` keeps the image's.
+        size: the classifier's input size (an int for all sides); ``None`` keeps the image's.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int | None = None, size: int | Sequence[int] | None = None) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        self.size = None if size is None else ([size] * spatial_dims if isinstance(size, int) else list(size))
+
+    def __call__(self, img: torch.Tensor) -> MetaTensor:
+        path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
+        pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path)
+        out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
+        return MetaTensor(out, meta=dict(img.meta) if isinstance(img, MetaTensor) else {})
+
+
+class ToClassifierSpaced(MapTransform):
+    """Dictionary twin of :class:`ToClassifierSpace`; the image as loaded is kept under
+    ``"{key}_source"`` for :class:`SaveEvidenced`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        channels: int | None = None,
+        size: int | Sequence[int] | None = None,
+        source_postfix: str = "source",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ToClassifierSpace(spatial_dims, channels, size)
+        self.source_postfix = source_postfix
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}_{self.source_postfix}"] = d[key]
+            d[key] = self.converter(d[key])
+        return d
+
+
+class SaveEvidenced(MapTransform):
+    """Write each evidence mask under ``keys`` for its source image and add a row to a summary CSV.
+
+    The mask ``(1, *s)`` (classifier space, as the inferer gives it) is resized back (nearest) to
+    the source image ``(C, *S)`` kept by :class:`ToClassifierSpaced`, then written with
+    :func:`monai_medcam.writers.write_outputs` as ``<name>_evidence_seg.dcm`` (DICOM sources),
+    ``<name>_evidence.nii.gz`` and ``<name>_evidence.png``. The summary (one row per image, or per
+    slice for a 2D classifier over a volume) is rewritten atomically after each image as
+    ``summary.csv``, or ``summary_rank<r>.csv`` per process under ``torch.distributed``.
+
+    Args:
+        keys: the evidence keys (``"pred"`` in an evaluator's postprocessing).
+        source_keys: the source image for each key.
+        output_dir: where the files go (created).
+        formats: any of ``seg``, ``nifti``, ``png``.
+        allow_missing_keys: skip absent keys instead of raising.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        source_keys: KeysCollection = "image_source",
+        output_dir: str | Path = "medcam_output",
+        formats: Sequence[str] = ("seg", "nifti", "png"),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.source_keys = [source_keys] if isinstance(source_keys, str) else list(source_keys)
+        if len(self.source_keys) != len(self.keys):
+            raise ValueError(f"source_keys has {len(self.source_keys)} names for {len(self.keys)} keys.")
+        unknown = sorted(set(formats) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+        self.output_dir = Path(output_dir)
+        self.formats = list(formats)
+        self.rows: list[dict[str, object]] = []
+
+    @property
+    def summary_path(self) -> Path:
+        """``summary.csv``, or ``summary_rank<r>.csv`` when ``torch.distributed`` is initialised."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return self.output_dir / f"summary_rank{dist.get_rank()}.csv"
+        return self.output_dir / "summary.csv"
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, object]:
+        d = dict(data)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for key, source_key in self.key_iterator(d, self.source_keys):
+            evidence, source = d[key], d[source_key]
+            if not isinstance(source, MetaTensor):
+                raise ValueError(f"{source_key!r} must be the loaded image as a MetaTensor (see ToClassifierSpaced).")
+            mask = back_to_source(torch.as_tensor(evidence).detach().cpu()[None], source.shape[1:], soft=False)[0]
+            diagnostics = evidence.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(evidence, MetaTensor) else {}
+            columns = {name: torch.as_tensor(values).flatten().tolist() for name, values in diagnostics.items()}
+            count = len(next(iter(columns.values()), []))
+            rows = []
+            for k in range(count):
+                row: dict[str, object] = {"input": str(source.meta.get("filename_or_obj", "")), "slice": k if count > 1 else ""}
+                row.update({name: columns[name][k] for name in ROW_FIELDS if name in columns})
+                rows.append(row)
+            name = str(source.meta.get(INPUT_NAME, Path(str(source.meta.get("filename_or_obj", key))).name))
+            labels = sorted({int(r["label"]) for r in rows if "label" in r})
+            needed = [k for k, r in enumerate(rows) if not r.get("vacuous", False)]
+            written = write_outputs(
+                source.cpu(),
+                MetaTensor(mask, meta=dict(source.meta)),
+                self.output_dir,
+                name,
+                self.formats,
+                label=labels[0] if len(labels) == 1 else None,
+                title=f"{name}: class {','.join(map(str, labels))}",
+                display_slices=(needed or None) if count > 1 else None,
+            )
+            self.rows.extend(rows)
+            write_rows_csv(self.summary_path, self.rows)
+            d[f"{key}_files"] = [str(p) for p in written]
         return d

@@ -101,3 +101,62 @@ def test_inferer_under_no_grad_and_inference_mode():
         MedCAMInferer(stepz=3)
     with pytest.raises(ValueError, match="extra arguments"):
         inferer(region_images(1), network, "x")
+
+
+def test_inferer_explains_volumes_slice_by_slice_in_chunks():
+    from monai.data import decollate_batch
+
+    slices = region_images(4, seed=3)  # (4, 1, 32, 32), each with the region
+    slices[[0, 2]] = 0.3 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))  # no region: class 0
+    volume = slices.permute(1, 2, 3, 0)[None]  # (1, 1, 32, 32, 4): slices on the last axis
+    inferer = MedCAMInferer(spatial_dims=2, batch_size=3, **FAST)  # 4 slices in chunks of 3 and 1
+    batch = MetaTensor(volume, affine=AFFINE[None])
+    batch.is_batch = True  # as a DataLoader collates it
+    with torch.no_grad():
+        out = inferer(batch, RegionClassifier())
+    assert out.shape == (1, 1, 32, 32, 4)
+    assert len(inferer.last_result) == 4
+    (item,) = decollate_batch(out)
+    assert item.meta["medcam"]["label"].tolist() == [0, 1, 0, 1]
+    assert item.meta["medcam"]["verified"].tolist() == [True] * 4
+    for k in (1, 3):
+        assert _iou(item[0, :, :, k]) > 0.3
+    assert torch.allclose(item.affine, AFFINE)
+    with pytest.raises(ValueError, match="2D classifier cannot explain"):
+        MedCAMInferer(spatial_dims=2)(torch.rand(1, 1, 8, 8, 8, 8), RegionClassifier())
+
+
+def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from monai_medcam.transforms import LoadInputd, SaveEvidenced, ToClassifierSpaced
+
+    affine = np.diag([0.8, 1.2, 3.0, 1.0])
+    affine[:3, 3] = [-20, 5, 7]
+    volume = np.random.default_rng(0).random((40, 48, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "vol.nii.gz")
+    data = Compose([LoadInputd("image"), ToClassifierSpaced("image", spatial_dims=2, channels=1, size=32)])(
+        {"image": str(tmp_path / "vol.nii.gz")}
+    )
+    assert data["image"].shape == (1, 32, 32, 3) and data["image_source"].shape == (1, 40, 48, 3)
+    assert 0.0 <= float(data["image"].min()) and float(data["image"].max()) <= 1.0
+    # a box in classifier space, with the per-slice diagnostics an inferer gives
+    evidence = torch.zeros(1, 32, 32, 3)
+    evidence[0, 8:16, 16:24, 1] = 1
+    diagnostics = {"label": torch.tensor([0, 1, 0]), "area": torch.tensor([0.0, 0.0625, 0.0]), "vacuous": torch.tensor([True, False, True])}
+    data["pred"] = MetaTensor(evidence, meta={"medcam": diagnostics})
+    saver = SaveEvidenced(output_dir=tmp_path / "out", formats=["nifti"])
+    out = saver(data)
+    written = nib.load(tmp_path / "out" / "vol_evidence.nii.gz")
+    assert out["pred_files"] == [str(tmp_path / "out" / "vol_evidence.nii.gz")]
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    mask = np.asarray(written.dataobj)
+    assert mask.shape == (40, 48, 3)
+    expected = np.zeros((40, 48, 3), np.uint8)
+    expected[10:20, 24:36, 1] = 1  # the box scaled by 40/32 and 48/32
+    np.testing.assert_array_equal(mask, expected)
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].split(",")[1:3] == ["1", "1"]  # slice 1, label 1
+    with pytest.raises(ValueError, match="unknown output format"):
+        SaveEvidenced(formats=["jpeg"])
