@@ -117,6 +117,39 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if report.failures or not done else 0
 
 
+def _wsi(args: argparse.Namespace) -> int:
+    from monai_medcam.io import InputError
+    from monai_medcam.loading import load_classifier
+    from monai_medcam.wsi import explain_slide
+
+    try:
+        loaded = load_classifier(args.classifier, args.weights)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    size = args.size or (loaded.size[0] if loaded.size else None)
+    settings = {"steps": args.steps} if args.steps else {}
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    layers = args.target_layers.split(",") if args.target_layers else loaded.target_layers
+    try:
+        report = explain_slide(
+            loaded.network, args.slide, args.output, level=args.level, tile=args.tile, size=size,
+            batch_size=args.batch_size, device=args.device, class_idx=args.class_idx, target_layers=layers,
+            min_tissue=args.min_tissue, backend=args.backend, restart=args.restart, progress=not args.no_progress,
+            **settings,
+        )
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    height, width = report.level_size
+    print(f"{report.slide}: level {report.level} ({width} x {height}), {report.tiles} tissue tiles "
+          f"({report.explained} explained now, {report.resumed} resumed) in {report.seconds:.1f} s")
+    for kind, path in report.outputs.items():
+        print(f"  {kind:<9} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcam", description="Med-CAM minimal evidence masks for frozen classifiers.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more detail")
@@ -155,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--seed", type=int, help="random seed of the mask networks")
     explain.add_argument("--no-progress", action="store_true", help="no progress bar")
     explain.set_defaults(run=_explain)
+
+    wsi = commands.add_parser(
+        "wsi",
+        help="explain a tile classifier over a whole-slide image (resumable)",
+        description="Explain every tissue tile of a pyramidal slide at --level and write a pyramidal TIFF evidence "
+        "map (255 = evidence), a per-tile CSV and a thumbnail. Killed runs resume where they stopped.",
+    )
+    wsi.add_argument("--classifier", required=True,
+                     help="TorchScript file, MONAI bundle folder, or python:module:factory (with --weights)")
+    wsi.add_argument("--weights", help="state dict for a python:module:factory classifier (loaded weights_only)")
+    wsi.add_argument("--slide", required=True, help="the whole-slide image (openslide formats or pyramidal TIFF)")
+    wsi.add_argument("--output", required=True, help="folder for <slide>_evidence.tif, _tiles.csv, _thumbnail.png")
+    wsi.add_argument("--level", type=int, default=0, help="pyramid level the tiles are cut from (default 0)")
+    wsi.add_argument("--tile", type=int, default=224, help="tile side in pixels of --level (default 224)")
+    wsi.add_argument("--size", type=int, help="classifier input side if not --tile (default: from a bundle, else --tile)")
+    wsi.add_argument("--batch-size", type=int, default=16, help="tiles optimised together")
+    wsi.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
+    wsi.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
+    wsi.add_argument("--seed", type=int, help="random seed of the mask networks")
+    wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching (default: auto)")
+    wsi.add_argument("--min-tissue", type=float, default=0.1, help="least tissue fraction of a tile (default 0.1)")
+    wsi.add_argument("--backend", choices=("auto", "openslide", "tifffile"), default="auto", help="WSIReader backend")
+    wsi.add_argument("--restart", action="store_true", help="discard the saved state of a different earlier run")
+    wsi.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wsi.set_defaults(run=_wsi)
     return parser
 
 

@@ -237,16 +237,18 @@ class MedCAM:
                 empty_logits = self.classifier.logits(base).float()
             vacuous = empty_logits.argmax(1) == label
             if vacuous.any():
-                logger.warning(
-                    "images %s: the classifier gives label %s with no evidence at all (vacuous case); the "
-                    "mask is then held to the robustness check only.",
+                logger.log(
+                    logging.INFO if s.skip_vacuous else logging.WARNING,
+                    "images %s: the classifier gives label %s with no evidence at all (vacuous case); the mask is %s.",
                     vacuous.nonzero().flatten().tolist(),
                     label[vacuous].tolist(),
+                    "left empty (skip_vacuous)" if s.skip_vacuous else "then held to the robustness check only",
                 )
-            attempt = self._optimise(data, label, ref_logits, ref_acts, base, x_blurred, s)
+            skipped = vacuous if s.skip_vacuous else torch.zeros_like(vacuous)
+            attempt = self._optimise_unless_skipped(data, label, ref_logits, ref_acts, base, x_blurred, s, skipped)
             retries = torch.zeros_like(attempt.steps)
             for retry in range(1, s.max_retries + 1):
-                todo = (~attempt.verified).nonzero().flatten()
+                todo = (~attempt.verified & ~skipped).nonzero().flatten()
                 if len(todo) == 0:
                     break
                 harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
@@ -281,6 +283,28 @@ class MedCAM:
             retries=retries,
             seconds=torch.full((data.shape[0],), seconds),
         )
+
+    def _optimise_unless_skipped(
+        self, data, label, ref_logits, ref_acts, base, x_blurred, s: MedCAMSettings, skipped: torch.Tensor
+    ) -> _Attempt:
+        """Optimise the images not ``skipped``; a skipped (vacuous) image keeps an empty mask, verified
+        when the label holds with no evidence over the baseline and every random background."""
+        if not skipped.any():
+            return self._optimise(data, label, ref_logits, ref_acts, base, x_blurred, s)
+        empty = torch.zeros_like(data[:, :1])
+        attempt = _Attempt(
+            soft=empty.clone(), hard=empty.clone(), verified=torch.zeros_like(skipped), steps=torch.zeros_like(label)
+        )
+        idx = skipped.nonzero().flatten()
+        with torch.no_grad():
+            checks = self._check_logits(data[idx], empty[idx], base[idx], x_blurred[idx], s)
+        attempt.verified[idx] = (checks.argmax(2) == label[idx]).all(0)
+        todo = (~skipped).nonzero().flatten()
+        if len(todo):
+            done = self._optimise(data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+            for name in ("soft", "hard", "verified", "steps"):
+                getattr(attempt, name)[todo] = getattr(done, name)
+        return attempt
 
     # -- verification ---------------------------------------------------------------------------
     def _check_logits(

@@ -53,6 +53,9 @@ class MedCAMSettings:
         verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
         max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
             halves ``area_weight``.
+        skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
+            without optimising (verified when the label also holds over the K backgrounds); pays where
+            most images are negative, e.g. the tiles of a whole slide.
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
         seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
@@ -81,6 +84,7 @@ class MedCAMSettings:
     patience: int = 2
     verify_backgrounds: int = 8
     max_retries: int = 1
+    skip_vacuous: bool = False
     mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
     init_keep: float = 0.9
     seed: int = 0

@@ -152,3 +152,22 @@ def test_sample_data_script_rewrites_the_embedded_data(tmp_path):
     made = sorted(p.name for p in (root / "sample_data").iterdir())
     assert made == sorted(p.name for p in (BUNDLE / "sample_data").iterdir())
     assert sorted(p.name for p in root.iterdir()) == ["sample_data", "scripts"]  # no staging folder left
+
+
+def test_whole_slide_config_runs_the_tiled_path(tmp_path):
+    pytest.importorskip("openslide")
+    slide = tmp_path / "slide.tif"  # absent: the config writes the demo slide there first
+    output = tmp_path / "eval_wsi"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "wsi_inference.json"),
+        "--meta_file", METADATA, "--bundle_root", str(BUNDLE), "--slide", str(slide), "--output_dir", str(output),
+        "--steps", "30",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert slide.is_file()
+    assert sorted(p.name for p in output.iterdir()) == ["slide_evidence.tif", "slide_thumbnail.png", "slide_tiles.csv"]
+    with (output / "slide_tiles.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 52  # the tissue tiles of level 2 at 64 px
+    assert sorted((int(r["row"]), int(r["col"])) for r in rows if r["label"] == "1") == [(1, 5), (5, 5), (6, 1)]  # the lesions

@@ -145,6 +145,19 @@ def test_vacuous_case_is_flagged(caplog):
     assert "vacuous" in caplog.text
 
 
+def test_skip_vacuous_gives_empty_verified_masks_without_steps():
+    images = region_images(3)
+    images[1] = 0.3 * torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(1))  # no region: class 0, vacuous
+    full = MedCAM(RegionClassifier(), steps=40, max_retries=0).explain(images)
+    skipped = MedCAM(RegionClassifier(), steps=40, max_retries=0, skip_vacuous=True).explain(images)
+    assert skipped.vacuous.tolist() == full.vacuous.tolist() == [False, True, False]
+    assert skipped.steps.tolist()[1] == 0 and full.steps.tolist()[1] > 0
+    assert skipped.mask[1].sum() == 0 and skipped.area[1] == 0
+    assert skipped.verified[1]  # "no region" holds with nothing shown, over every random background
+    for i in (0, 2):  # the others are optimised as before
+        assert skipped.verified[i] and skipped.steps[i] > 0 and 0 < skipped.area[i] < 0.3
+
+
 def test_unverified_mask_is_never_reported_verified():
     # a mask network that starts empty and can hardly move cannot keep the decision
     result = MedCAM(RegionClassifier(), steps=4, check_every=1, lr=1e-9, init_keep=0.01, max_retries=1).explain(region_images(1))

@@ -1,0 +1,413 @@
+"""Whole-slide images: tiled Med-CAM with a slide-level evidence map, resumable.
+
+Data flow::
+
+    MONAI WSIReader (openslide, else tifffile) -> tissue mask at the lowest level (HSV saturation
+    above Otsu's threshold) -> tile grid at ``level``, tiles with tissue kept -> fixed batches of
+    tiles -> MedCAM -> tile masks into an on-disk array of the level (the slide is never held in
+    memory) -> one journal line per finished batch -> when every batch is done: a tiled pyramidal
+    TIFF of the evidence, a per-tile CSV and a thumbnail PNG, each written atomically.
+
+Resume: the working state lives in ``<output>/.<slide>.medcam/`` (parameters, the level's mask
+as a ``.npy`` memmap, the journal). A run that is killed and started again with the same
+arguments redoes only the batches missing from the journal; batches are fixed by the tile grid
+and seeded the same way, so the outputs equal an uninterrupted run's. The state is removed once
+the outputs are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from monai_medcam.engine import MedCAM
+from monai_medcam.io import InputError
+from monai_medcam.writers import atomic_path
+
+__all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
+
+logger = logging.getLogger(__name__)
+
+TILE_FIELDS = (
+    "tile", "row", "col", "x", "y", "width", "height", "x0", "y0", "tissue",
+    "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "vacuous", "steps",
+)
+EVIDENCE_VALUE = 255  # evidence pixels in the slide map (0 elsewhere), visible in slide viewers
+
+
+@dataclass(frozen=True)
+class SlideTile:
+    """One tile of the grid at the explained level.
+
+    Attributes:
+        index: position in the row-major grid of tissue tiles.
+        row, col: grid position.
+        y, x: top-left corner in pixels of the level.
+        height, width: the part inside the level (edge tiles are smaller; they are padded with
+            white to the full tile for the classifier).
+        tissue: fraction of the tile's footprint that is tissue.
+    """
+
+    index: int
+    row: int
+    col: int
+    y: int
+    x: int
+    height: int
+    width: int
+    tissue: float
+
+
+@dataclass
+class WSIReport:
+    """What :func:`explain_slide` did: the outputs, the tiles explained now and those resumed."""
+
+    slide: Path
+    level: int
+    level_size: tuple[int, int]
+    tiles: int
+    explained: int
+    resumed: int
+    outputs: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def open_slide(path: str | Path, backend: str = "auto"):
+    """``(reader, wsi)`` for a pyramidal slide through MONAI's ``WSIReader``.
+
+    ``backend`` is ``"openslide"``, ``"tifffile"`` or ``"auto"`` (openslide, then tifffile).
+
+    Raises:
+        InputError: the file is missing, unreadable by every backend, or not pyramidal.
+    """
+    from monai.data import WSIReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such slide file.")
+    backends = ("openslide", "tifffile") if backend == "auto" else (backend,)
+    problems = []
+    for name in backends:
+        try:
+            reader = WSIReader(backend=name)
+            wsi = reader.read(str(path))
+            count = reader.get_level_count(wsi)
+        except Exception as err:  # each backend raises its own kinds for files it cannot open
+            problems.append(f"{name}: {type(err).__name__}: {err}".strip())
+            continue
+        if count < 2:
+            raise InputError(
+                path, f"not a pyramidal slide: {name} finds {count} level. Write the levels as consecutive tiled "
+                "TIFF pages (full resolution first), or use a format openslide reads."
+            )
+        return reader, wsi
+    raise InputError(path, "cannot read the slide (" + "; ".join(problems) + ").")
+
+
+def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    """RGB pixels ``(3, height, width)`` uint8 of ``level`` at ``(y, x)`` (level pixels)."""
+    ratio = reader.get_downsample_ratio(wsi, level)
+    location = (int(round(y * ratio)), int(round(x * ratio)))
+    data, _ = reader.get_data(wsi, location=location, size=(height, width), level=level)
+    data = np.asarray(data)
+    return data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
+
+
+def tissue_mask(reader, wsi) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(tissue, rgb, level)``: a boolean tissue mask ``(h, w)`` and the RGB image ``(3, h, w)`` of the
+    lowest-resolution level, where tissue is HSV saturation above Otsu's threshold (as MONAI's
+    ``MaskedPatchWSIDataset`` does); glass and white background are unsaturated."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    level = reader.get_level_count(wsi) - 1
+    height, width = reader.get_size(wsi, level)
+    rgb = _read_region(reader, wsi, level, 0, 0, height, width)
+    saturation = rgb2hsv(rgb.transpose(1, 2, 0))[..., 1]
+    if float(saturation.max() - saturation.min()) < 0.05:  # uniform: no tissue/background contrast
+        return saturation > 0.5, rgb, level
+    return saturation > threshold_otsu(saturation), rgb, level
+
+
+def tile_grid(
+    level_size: tuple[int, int], tile: int, tissue: np.ndarray, scale: float, min_tissue: float = 0.1
+) -> list[SlideTile]:
+    """The tiles of a level ``(H, W)`` whose footprint on ``tissue`` holds at least ``min_tissue`` tissue.
+
+    Args:
+        level_size: ``(H, W)`` of the explained level.
+        tile: tile side in level pixels; edge tiles are cut at the level's border.
+        tissue: boolean mask of a lower level.
+        scale: tissue-mask pixels per level pixel (``< 1``).
+        min_tissue: the least tissue fraction for a tile to be explained.
+    """
+    height, width = level_size
+    tiles = []
+    for row in range(math.ceil(height / tile)):
+        for col in range(math.ceil(width / tile)):
+            y, x = row * tile, col * tile
+            h, w = min(tile, height - y), min(tile, width - x)
+            y0, x0 = int(y * scale), int(x * scale)
+            y1, x1 = max(y0 + 1, math.ceil((y + h) * scale)), max(x0 + 1, math.ceil((x + w) * scale))
+            fraction = float(tissue[y0:y1, x0:x1].mean()) if tissue[y0:y1, x0:x1].size else 0.0
+            if fraction >= min_tissue:
+                tiles.append(SlideTile(len(tiles), row, col, y, x, h, w, round(fraction, 4)))
+    return tiles
+
+
+def _pooled(source: np.ndarray, target: np.ndarray, strip: int = 512) -> None:
+    """``target`` = 2x2 max-pool of ``source`` (both 2D arrays, memmaps welcome), a strip of rows at a time."""
+    for top in range(0, target.shape[0], strip):
+        block = np.asarray(source[2 * top : 2 * (top + strip)])
+        if block.shape[0] % 2:
+            block = np.concatenate([block, np.zeros_like(block[:1])])
+        if block.shape[1] % 2:
+            block = np.concatenate([block, np.zeros_like(block[:, :1])], axis=1)
+        pooled = block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2).max(axis=(1, 3))
+        target[top : top + pooled.shape[0]] = pooled
+
+
+def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: int = 256, mpp: Sequence[float] | None = None) -> Path:
+    """Write a 2D uint8 mask (a memmap is read a tile at a time) as a tiled pyramidal TIFF.
+
+    Levels are consecutive tiled pages, each half the previous (2x2 max-pool, so small evidence
+    stays visible), down to one tile; ``mpp`` (microns per pixel, y and x) of the first level
+    becomes the resolution tags. Lower levels are built as memmaps in ``work``.
+    """
+    import tifffile
+
+    levels = [mask]
+    work = Path(work)
+    while max(levels[-1].shape) > tile:
+        previous = levels[-1]
+        shape = ((previous.shape[0] + 1) // 2, (previous.shape[1] + 1) // 2)
+        lower = np.lib.format.open_memmap(work / f"pyramid_{len(levels)}.npy", mode="w+", dtype=np.uint8, shape=shape)
+        _pooled(previous, lower)
+        levels.append(lower)
+
+    def tiles(level: np.ndarray) -> Iterator[np.ndarray]:
+        for top in range(0, level.shape[0], tile):
+            for left in range(0, level.shape[1], tile):
+                out = np.zeros((tile, tile), np.uint8)
+                part = np.asarray(level[top : top + tile, left : left + tile])
+                out[: part.shape[0], : part.shape[1]] = part
+                yield out
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=mask.size > 2**31) as tif:
+        for k, level in enumerate(levels):
+            extra = {}
+            if mpp is not None:
+                extra = {"resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)), "resolutionunit": "CENTIMETER"}
+            tif.write(
+                tiles(level), shape=level.shape, dtype=np.uint8, tile=(tile, tile), photometric="minisblack",
+                compression="zlib", subfiletype=1 if k else 0, metadata=None, **extra,
+            )
+    return Path(path)
+
+
+def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tiles: Sequence[SlideTile], tile: int) -> Path:
+    """The lowest level ``(3, h, w)`` with the evidence tinted red and the explained tiles outlined."""
+    from PIL import Image, ImageDraw
+
+    height, width = rgb.shape[1:]
+    factor = max(1, int(round(1 / scale)))
+    small = np.zeros((math.ceil(mask.shape[0] / factor), math.ceil(mask.shape[1] / factor)), np.uint8)
+    for top in range(0, small.shape[0], 256):  # max-pool the level's mask to about the thumbnail's size
+        block = np.asarray(mask[top * factor : (top + 256) * factor])
+        pad = (-block.shape[0] % factor, -block.shape[1] % factor)
+        block = np.pad(block, ((0, pad[0]), (0, pad[1])))
+        small[top : top + block.shape[0] // factor] = block.reshape(block.shape[0] // factor, factor, -1, factor).max(axis=(1, 3))
+    evidence = np.asarray(Image.fromarray(small).resize((width, height), Image.NEAREST)) > 0
+    picture = rgb.transpose(1, 2, 0).astype(np.float32)
+    picture[evidence] = 0.45 * picture[evidence] + 0.55 * np.array([255, 0, 0], np.float32)
+    image = Image.fromarray(picture.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for t in tiles:
+        box = [t.x * scale, t.y * scale, (t.x + t.width) * scale - 1, (t.y + t.height) * scale - 1]
+        draw.rectangle(box, outline=(40, 90, 200))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def _read_journal(path: Path) -> dict[int, list[dict[str, object]]]:
+    """Finished batches -> their rows; a torn last line (a run killed while writing it) is ignored."""
+    done: dict[int, list[dict[str, object]]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done[int(entry["batch"])] = entry["rows"]
+    return done
+
+
+def explain_slide(
+    classifier: torch.nn.Module,
+    slide: str | Path,
+    output: str | Path,
+    level: int = 0,
+    tile: int = 224,
+    size: int | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    class_idx: int | None = None,
+    target_layers: str | Sequence[str] = "auto",
+    min_tissue: float = 0.1,
+    backend: str = "auto",
+    restart: bool = False,
+    progress: bool = True,
+    **settings: object,
+) -> WSIReport:
+    """Explain every tissue tile of ``slide`` at ``level`` and write the slide-level evidence.
+
+    Args:
+        classifier: the frozen tile classifier ``(B, 3, T, T)`` RGB in [0, 1] -> logits.
+        slide: a pyramidal whole-slide image (openslide formats, or TIFF with the levels as pages).
+        output: folder for ``<slide>_evidence.tif`` (pyramidal, 255 = evidence), ``<slide>_tiles.csv``
+            and ``<slide>_thumbnail.png``.
+        level: the pyramid level the tiles are cut from (0 = full resolution).
+        tile: tile side in pixels of ``level``.
+        size: the classifier's input side when it differs from ``tile`` (tiles are resized, masks resized back).
+        batch_size: tiles optimised together.
+        device: where Med-CAM runs.
+        class_idx: the class to explain; each tile's prediction when ``None``.
+        target_layers: as for :class:`~monai_medcam.MedCAM`.
+        min_tissue: the least tissue fraction of a tile's footprint for it to be explained.
+        backend: ``"auto"``, ``"openslide"`` or ``"tifffile"``.
+        restart: discard the working state of an earlier, different run instead of refusing.
+        progress: show a progress bar (tiles, tiles/s, ETA).
+        settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
+
+    Tiles whose decision needs no evidence (``vacuous``, e.g. the classifier says "normal" for an
+    empty image) are not optimised (``skip_vacuous=True`` unless given) and add nothing to the slide
+    map; the CSV still lists them.
+
+    Raises:
+        InputError: unreadable or non-pyramidal slide, level out of range, tile larger than the
+            level, no tissue, or working state from a different run. Nothing is written then.
+    """
+    start = time.perf_counter()
+    settings.setdefault("skip_vacuous", True)
+    slide = Path(slide)
+    reader, wsi = open_slide(slide, backend)
+    count = reader.get_level_count(wsi)
+    if not 0 <= level < count:
+        raise InputError(slide, f"level {level} is out of range: the slide has levels 0 to {count - 1}.")
+    level_size = tuple(int(v) for v in reader.get_size(wsi, level))
+    if tile < 8:
+        raise InputError(slide, f"tile {tile} is too small: at least 8 pixels.")
+    if tile > min(level_size):
+        raise InputError(slide, f"tile {tile} is larger than level {level} ({level_size[1]} x {level_size[0]} pixels).")
+    tissue, thumb_rgb, low = tissue_mask(reader, wsi)
+    scale = reader.get_downsample_ratio(wsi, level) / reader.get_downsample_ratio(wsi, low)
+    tiles = tile_grid(level_size, tile, tissue, scale, min_tissue)
+    if not tiles:
+        raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    name = slide.name.split(".")[0] or slide.stem
+    state = output / f".{name}.medcam"
+    run = {
+        "slide": str(slide.resolve()), "slide_bytes": slide.stat().st_size, "level": level, "tile": tile, "size": size,
+        "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue, "tiles": len(tiles),
+        "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
+        "settings": {k: settings[k] for k in sorted(settings)},
+        "classifier": {k: float(v.double().sum()) for k, v in list(classifier.state_dict().items())[:4]},
+    }
+    run = json.loads(json.dumps(run, default=str))
+    if state.exists():
+        previous = json.loads((state / "run.json").read_text()) if (state / "run.json").exists() else None
+        if previous != run:
+            if not restart:
+                raise InputError(
+                    slide, f"{state} holds the state of a different run (other arguments or slide); "
+                    "use restart=True (--restart) to discard it, or remove the folder."
+                )
+            shutil.rmtree(state)
+    if not state.exists():
+        staging = output / f".{name}.medcam.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
+        (staging / "run.json").write_text(json.dumps(run, indent=1))
+        staging.rename(state)  # the state appears whole or not at all
+    mask = np.lib.format.open_memmap(state / "mask.npy", mode="r+")
+    journal_path = state / "journal.jsonl"
+    done = _read_journal(journal_path)
+    batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
+    resumed = sum(len(batches[k]) for k in done)
+    if done:
+        logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
+
+    device = torch.device(device)
+    classifier = classifier.to(device).eval()
+    explainer = MedCAM(classifier, target_layers, **settings)
+    bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
+    with journal_path.open("a") as journal:
+        for k, batch in enumerate(batches):
+            if k in done:
+                continue
+            pixels = np.full((len(batch), 3, tile, tile), 255, np.uint8)  # edge tiles padded with white
+            for j, t in enumerate(batch):
+                pixels[j, :, : t.height, : t.width] = _read_region(reader, wsi, level, t.y, t.x, t.height, t.width)
+            x = torch.from_numpy(pixels).float().div_(255).to(device)
+            if size is not None and size != tile:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            result = explainer.explain(x, class_idx)
+            masks = result.mask.as_tensor().detach().float()
+            if masks.shape[-1] != tile:
+                masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
+            masks = masks.cpu().numpy()
+            rows = []
+            for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
+                keep = 0 if diagnostics["vacuous"] else EVIDENCE_VALUE
+                mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
+                ratio = reader.get_downsample_ratio(wsi, level)
+                row = {**asdict(t), "x0": int(round(t.x * ratio)), "y0": int(round(t.y * ratio))}
+                row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
+                row["tile"] = row.pop("index")
+                rows.append(row)
+            mask.flush()  # the tile masks are on disk before the journal says the batch is done
+            journal.write(json.dumps({"batch": k, "rows": rows}) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            done[k] = rows
+            bar.update(len(batch))
+    bar.close()
+
+    outputs = {
+        "evidence": output / f"{name}_evidence.tif",
+        "tiles": output / f"{name}_tiles.csv",
+        "thumbnail": output / f"{name}_thumbnail.png",
+    }
+    try:
+        mpp = reader.get_mpp(wsi, level)
+    except Exception:  # slides without a physical resolution
+        mpp = None
+    write_pyramid(mask, outputs["evidence"], state, mpp=mpp)
+    with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
+        writer.writeheader()
+        for k in range(len(batches)):
+            writer.writerows(done[k])
+    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile)
+    del mask
+    shutil.rmtree(state)
+    return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

@@ -1,0 +1,202 @@
+"""Whole-slide Med-CAM: tissue detection, tile grid, stitching geometry, kill-and-resume, bad slides.
+
+The slide is made at test time from scikit-image's IHC section (mosaicked to 2048 x 2560, four
+levels) with lesions at known places; ``LesionColourClassifier`` decides from lesion pixels only.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+tifffile = pytest.importorskip("tifffile")
+pytest.importorskip("openslide")
+
+from monai_medcam.demo.slides import LESION_CENTRES, write_demo_slide, write_pyramidal_tiff  # noqa: E402
+from monai_medcam.io import InputError  # noqa: E402
+from monai_medcam.wsi import explain_slide, open_slide, tile_grid, tissue_mask  # noqa: E402
+from tests.toys import LesionColourClassifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(target_layers=[], steps=40, max_retries=0, progress=False)
+LEVEL, TILE = 2, 64
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    path = tmp_path_factory.mktemp("slides") / "ihc.tif"
+    truth = write_demo_slide(path)
+    return path, truth
+
+
+@pytest.fixture(scope="module")
+def explained(slide, tmp_path_factory):
+    path, truth = slide
+    out = tmp_path_factory.mktemp("wsi_out")
+    report = explain_slide(LesionColourClassifier(), path, out, level=LEVEL, tile=TILE, batch_size=8, **{**FAST, "steps": 100})
+    return report, out, truth
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_both_backends_read_the_pyramid(slide, backend):
+    reader, wsi = open_slide(slide[0], backend)
+    assert reader.get_level_count(wsi) == 4
+    assert [tuple(reader.get_size(wsi, k)) for k in range(4)] == [(2048, 2560), (1024, 1280), (512, 640), (256, 320)]
+
+
+def test_tissue_detection_keeps_tissue_and_leaves_glass(slide):
+    reader, wsi = open_slide(slide[0])
+    tissue, rgb, level = tissue_mask(reader, wsi)
+    assert level == 3 and tissue.shape == (256, 320) and rgb.shape == (3, 256, 320)
+    glass = tissue[:, int(0.8 * 320) + 1 :]
+    assert glass.mean() == 0.0  # the right fifth is glass
+    assert 0.3 < tissue[:, :250].mean() < 0.95  # the IHC section: stained tissue and pale gaps
+
+
+def test_tile_grid_on_a_hand_made_mask():
+    tissue = np.zeros((10, 12), bool)
+    tissue[0:5, 0:6] = True  # the top-left quarter of a (20, 24) level at scale 0.5
+    tiles = tile_grid((20, 24), 8, tissue, scale=0.5, min_tissue=0.5)
+    # (0, 1): level columns 8-15 are mask columns 4-7, half of them tissue; (1, 0): mask rows 4-7, a quarter
+    assert [(t.row, t.col, t.tissue) for t in tiles] == [(0, 0, 1.0), (0, 1, 0.5)]
+    edge = tile_grid((20, 24), 8, np.ones((10, 12), bool), scale=0.5)
+    assert len(edge) == 9 and (edge[-1].height, edge[-1].width) == (4, 8)  # edge tiles cut at the border
+
+
+def test_slide_map_puts_each_tile_mask_at_its_place(explained):
+    report, out, truth = explained
+    assert report.explained == report.tiles and report.resumed == 0
+    with tifffile.TiffFile(report.outputs["evidence"]) as tif:
+        shapes = [page.shape for page in tif.pages]
+        evidence = tif.pages[0].asarray()
+        assert tif.pages[0].is_tiled and tif.pages[1].is_reduced
+    assert shapes == [(512, 640), (256, 320), (128, 160)]
+    assert set(np.unique(evidence)) <= {0, 255}
+    truth = truth[::4, ::4]  # level 2
+    rows = list(csv.DictReader(report.outputs["tiles"].open()))
+    assert len(rows) == report.tiles
+    positive = {(int(r["row"]), int(r["col"])) for r in rows if r["label"] == "1"}
+    assert positive == {(cy // 4 // TILE, cx // 4 // TILE) for cy, cx in LESION_CENTRES}
+    for cy, cx in LESION_CENTRES:
+        y, x = cy // 4, cx // 4
+        window = (slice(y // TILE * TILE, y // TILE * TILE + TILE), slice(x // TILE * TILE, x // TILE * TILE + TILE))
+        on = evidence[window] > 0
+        lesion = truth[window]
+        # the minimal evidence covers part of the lesion (a few of its most yellow pixels decide) at its place;
+        # after 100 steps thin stray arcs remain in the tile, but a tile mask shifted by more than the
+        # lesion's radius (5 pixels) would cover the lesion no more densely than the rest of the tile
+        on_lesion = (on & lesion).sum() / lesion.sum()
+        off_lesion = (on & ~lesion).sum() / (~lesion).sum()
+        assert on_lesion > 0.2 and on_lesion > 3 * off_lesion, (float(on_lesion), float(off_lesion))
+    # tiles without a lesion decide "no lesion" with no evidence needed: nothing in the slide map
+    covered = np.zeros_like(truth)
+    for row, col in positive:
+        covered[row * TILE : (row + 1) * TILE, col * TILE : (col + 1) * TILE] = True
+    assert not evidence[~covered].any()
+    for row in rows:
+        assert int(row["x0"]) == 4 * int(row["x"]) and int(row["y0"]) == 4 * int(row["y"])
+    thumbnail = report.outputs["thumbnail"]
+    from PIL import Image
+
+    assert Image.open(thumbnail).size == (320, 256)
+    assert sorted(p.name for p in out.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv"]
+
+
+def _cli(slide: Path, out: Path, *extra: str) -> list[str]:
+    """``medcam wsi`` at level 3 with 32-pixel tiles in batches of 4 (cheap, many batches)."""
+    return [
+        sys.executable, "-m", "monai_medcam.cli", "wsi", "--classifier", "python:tests.toys:LesionColourClassifier",
+        "--slide", str(slide), "--output", str(out), "--level", "3", "--tile", "32", "--batch-size", "4",
+        "--steps", "20", "--target-layers", "", "--no-progress", *extra,
+    ]
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_to_the_same_outputs(slide, tmp_path):
+    path, _ = slide
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(path, whole), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+    resumed = tmp_path / "resumed"
+    journal = resumed / ".ihc.medcam" / "journal.jsonl"
+    process = subprocess.Popen(_cli(path, resumed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    total = len((whole / "ihc_tiles.csv").read_text().splitlines()) - 1
+    finished = sum(1 for line in journal.read_text().splitlines() if line.endswith("}"))  # complete journal lines
+    assert 1 <= finished < -(-total // 4)  # killed mid-slide
+    assert not (resumed / "ihc_evidence.tif").exists()  # no output before the slide is done
+
+    again = subprocess.run(_cli(path, resumed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{total - 4 * finished} explained now, {4 * finished} resumed" in again.stdout  # finished tiles not redone
+    assert (whole / "ihc_tiles.csv").read_text() == (resumed / "ihc_tiles.csv").read_text()
+    with tifffile.TiffFile(whole / "ihc_evidence.tif") as a, tifffile.TiffFile(resumed / "ihc_evidence.tif") as b:
+        assert len(a.pages) == len(b.pages)
+        for page_a, page_b in zip(a.pages, b.pages):
+            np.testing.assert_array_equal(page_a.asarray(), page_b.asarray())
+    assert sorted(p.name for p in resumed.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv"]
+
+
+def _no_files(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
+    path, _ = slide
+    net = LesionColourClassifier()
+    text = tmp_path / "notes.tif"
+    text.write_text("not a slide")
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
+    glass = tmp_path / "glass.tif"
+    write_pyramidal_tiff(np.full((1024, 1024, 3), 242, np.uint8), glass, levels=3)
+    cases = [
+        (tmp_path / "absent.tif", {}, "no such slide"),
+        (text, {}, "cannot read the slide"),
+        (flat, {}, "not a pyramidal slide"),
+        (path, {"level": 9}, "level 9 is out of range: the slide has levels 0 to 3"),
+        (path, {"level": 3, "tile": 512}, "tile 512 is larger than level 3"),
+        (glass, {"level": 1, "tile": 64}, "no tissue found"),
+    ]
+    for k, (source, options, message) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        arguments = {"level": LEVEL, "tile": TILE, **options}
+        with pytest.raises(InputError, match=message) as caught:
+            explain_slide(net, source, out, **arguments, **FAST)
+        assert caught.value.path == source
+        assert _no_files(out), source
+
+
+def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
+    path, _ = slide
+    state = tmp_path / ".ihc.medcam"
+    state.mkdir()
+    (state / "run.json").write_text("{}")
+    with pytest.raises(InputError, match="different run"):
+        explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
+    report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+    assert report.outputs["evidence"].is_file() and not state.exists()
+
+
+def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"\x00" * 100)
+    done = subprocess.run(_cli(bad, tmp_path / "out"), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1
+    assert str(bad) in done.stderr and "cannot read the slide" in done.stderr
