@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools demo test
+ML_VENV ?= .venv-monailabel
+ML_STAMP := $(ML_VENV)/.installed
+
+.PHONY: venv venv-monailabel tools demo test
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +17,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# MONAI Label 0.8.5 needs pydicom<3, which highdicom (main environment) cannot share: its own environment
+$(ML_STAMP): pyproject.toml apps/medcam/constraints.txt
+	python3 -m venv $(ML_VENV)
+	$(ML_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ML_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(ML_VENV)/bin/python -m pip install -q -c apps/medcam/constraints.txt -e '.[nifti,monailabel]'
+	touch $(ML_STAMP)
+
+venv-monailabel: $(ML_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/medcam demo --output medcam_demo_output
 
@@ -22,5 +35,5 @@ tools:
 	@command -v dciodvfy >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dicom3tools >/dev/null; }
 
-test: $(STAMP) tools
+test: $(STAMP) $(ML_STAMP) tools
 	$(PY) -m pytest -q

@@ -1,0 +1,103 @@
+"""MONAI Label app: Med-CAM evidence of a frozen classifier, on demand, as a label.
+
+    .venv-monailabel/bin/monailabel start_server --app apps/medcam --studies <folder> \
+        --host 127.0.0.1 --port 8000 [--conf classifier <spec>] [--conf weights <file>]
+
+``classifier`` is what ``medcam explain --classifier`` takes (TorchScript file, MONAI bundle folder,
+``python:module:factory`` with ``weights``); by default the repository's bundle
+``bundles/medcam_explain`` (the grayscale demo classifier, 64 px, slice by slice). ``size``,
+``spatial_dims`` and ``channels`` override what the classifier says about its input.
+
+The studies folder may hold NIfTI files and DICOM series, one series per sub-folder (its name is
+the image id). See README.md in this folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pydicom
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+
+import monai_medcam
+from monai_medcam.io import InputError
+from monai_medcam.loading import load_classifier
+from monai_medcam.monailabel import MedCAMInferTask, RequestError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[2] / "bundles" / "medcam_explain"
+
+
+class SeriesDatastore(LocalDatastore):
+    """MONAI Label's local datastore, plus each sub-folder holding DICOM files as one image (id: the folder name)."""
+
+    def _list_files(self, path, patterns):
+        found = super()._list_files(path, patterns)
+        if os.path.realpath(path) != os.path.realpath(self._datastore.image_path()):
+            return found  # label folders: files only
+        for name in sorted(os.listdir(path)):
+            folder = os.path.join(path, name)
+            if name.startswith(".") or name == "labels" or not os.path.isdir(folder) or "." in name:
+                continue
+            if any(pydicom.misc.is_dicom(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))):
+                found[name] = name
+        return found
+
+
+class MedCAMApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        spec = conf.get("classifier", str(DEFAULT_CLASSIFIER))
+        self.loaded = load_classifier(spec, conf.get("weights"))
+        self.size = int(conf["size"]) if conf.get("size") else self.loaded.size
+        self.spatial_dims = int(conf.get("spatial_dims") or self.loaded.spatial_dims or 2)
+        self.channels = int(conf["channels"]) if conf.get("channels") else self.loaded.channels
+        logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Med-CAM",
+            description="Minimal, decision-preserving evidence masks for a frozen classifier's decisions",
+            version=monai_medcam.__version__,
+            labels={"evidence": 1},
+        )
+
+    def init_datastore(self):
+        return SeriesDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        return {
+            "medcam": MedCAMInferTask(
+                self.loaded.network,
+                spatial_dims=self.spatial_dims,
+                channels=self.channels,
+                size=self.size,
+                target_layers=self.loaded.target_layers,
+            )
+        }
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, with HTTP 4xx and a message for what the client got wrong."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {sorted(self._infers)}.")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image) and not (datastore or self.datastore()).get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in the studies folder.")
+        try:
+            return super().infer(request, datastore)
+        except RequestError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
+        except InputError as err:
+            raise HTTPException(status_code=422, detail=f"cannot explain this image: {err}") from err

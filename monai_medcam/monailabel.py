@@ -1,0 +1,154 @@
+"""MONAI Label: Med-CAM evidence on demand, returned as a segmentation label ``{"evidence": 1}``.
+
+MONAI Label 0.8.5 needs ``pydicom<3`` and lives in its own environment (``make venv-monailabel``);
+this module is imported there, by a MONAI Label app such as ``apps/medcam``.
+
+Request flow (``POST /infer/medcam?image=<id>``)::
+
+    image path (NIfTI file or DICOM series folder) -> LoadInputd -> ToClassifierSpaced
+    -> MedCAMInferer (gradients re-enabled under MONAI Label's no_grad) -> evidence resized back to
+    the source voxels, a uint8 MetaTensor with the source affine -> MONAI Label's writer (NIfTI)
+
+Request parameters (the ``params`` form field, JSON): ``steps`` (int >= 1), ``class_idx`` (int or
+null for the prediction), ``seed`` (int). The response JSON holds the diagnostics (label, verified,
+area per image or slice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+
+from monai_medcam.inferer import MedCAMInferer
+from monai_medcam.pipeline import back_to_source
+from monai_medcam.transforms import DIAGNOSTICS_KEY, LoadInputd, ToClassifierSpaced
+
+try:
+    from monailabel.interfaces.tasks.infer_v2 import InferType
+    from monailabel.tasks.infer.basic_infer import BasicInferTask
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "monai_medcam.monailabel needs MONAI Label 0.8.5, which lives in its own virtual environment "
+        "(it needs pydicom<3): run `make venv-monailabel` and use .venv-monailabel."
+    ) from err
+
+__all__ = ["MedCAMInferTask", "RequestError", "ToSourceGeometryd"]
+
+PARAMETERS = {"steps": 300, "class_idx": None, "seed": 0}
+
+
+class RequestError(ValueError):
+    """A request the task cannot serve (bad parameters); the app answers it with HTTP 400."""
+
+
+class ToSourceGeometryd:
+    """``pred`` ``(1, *s)`` in classifier space -> ``(*S)`` uint8 on the source voxels, a MetaTensor with the
+    source image's affine (what MONAI Label's writer uses); the diagnostics go to ``data["result"]``."""
+
+    def __init__(self, pred_key: str = "pred", source_key: str = "image_source", result_key: str = "result") -> None:
+        self.pred_key, self.source_key, self.result_key = pred_key, source_key, result_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pred, source = d[self.pred_key], d[self.source_key]
+        values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+        mask = back_to_source(values.detach().float().cpu()[None], source.shape[1:], soft=False)[0, 0]
+        diagnostics = pred.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(pred, MetaTensor) else {}
+        d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
+        columns = {name: torch.as_tensor(values).flatten().tolist() for name, values in diagnostics.items()}
+        result = dict(d.get(self.result_key) or {})
+        result["medcam"] = {name: columns[name] for name in ("label", "verified", "vacuous", "area", "prob_evidence", "steps") if name in columns}
+        result["evidence_voxels"] = int(mask.sum())
+        d[self.result_key] = result
+        return d
+
+
+def _parameters(data: Mapping[Hashable, Any]) -> dict[str, Any]:
+    """The Med-CAM parameters of a request, checked."""
+    out = {}
+    for name, default in PARAMETERS.items():
+        value = data.get(name, default)
+        if name == "class_idx" and value in (None, "", -1):
+            out[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                value = int(str(value))
+            except ValueError:
+                raise RequestError(f"parameter {name!r} must be an integer, got {value!r}.") from None
+        if name == "steps" and not 1 <= value <= 10_000:
+            raise RequestError(f"parameter 'steps' must be between 1 and 10000, got {value}.")
+        out[name] = value
+    return out
+
+
+class MedCAMInferTask(BasicInferTask):
+    """Med-CAM for a frozen classifier as a MONAI Label segmentation task (label ``evidence`` = 1).
+
+    Args:
+        network: the frozen classifier, weights loaded (e.g. :func:`monai_medcam.loading.load_classifier`);
+            MONAI Label's own checkpoint loading (a plain ``torch.load``) is not used.
+        spatial_dims: the classifier's; a 2D classifier explains a volume slice by slice.
+        channels: the classifier's input channels (images are converted); ``None`` keeps them.
+        size: the classifier's input size (images resized to it, evidence resized back).
+        dimension: what MONAI Label clients are told (3 for volumes).
+        batch_size: slices optimised together.
+        description: shown by ``GET /info/``.
+        settings: any :class:`~monai_medcam.MedCAMSettings` field, fixed for every request.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        spatial_dims: int = 2,
+        channels: int | None = None,
+        size: int | Sequence[int] | None = None,
+        dimension: int = 3,
+        batch_size: int = 32,
+        description: str = "Med-CAM: the minimal evidence behind the classifier's decision, as a label",
+        **settings: object,
+    ) -> None:
+        super().__init__(
+            path=None,
+            network=network,
+            type=InferType.SEGMENTATION,
+            labels={"evidence": 1},
+            dimension=dimension,
+            description=description,
+            config=dict(PARAMETERS),
+        )
+        self.classifier = network.eval()
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        self.size = size
+        self.batch_size = batch_size
+        self.settings = settings
+
+    def is_valid(self) -> bool:
+        return True
+
+    def pre_transforms(self, data: Mapping[Hashable, Any] | None = None) -> Sequence[Callable]:
+        if data is not None:
+            _parameters(data)  # bad parameters fail before the image is read
+        return [LoadInputd(keys="image"), ToClassifierSpaced(keys="image", spatial_dims=self.spatial_dims, channels=self.channels, size=self.size)]
+
+    def inferer(self, data: Mapping[Hashable, Any] | None = None) -> MedCAMInferer:
+        params = _parameters(data or {})
+        return MedCAMInferer(
+            class_idx=params["class_idx"], spatial_dims=self.spatial_dims, batch_size=self.batch_size,
+            steps=params["steps"], seed=params["seed"], **self.settings,
+        )
+
+    def post_transforms(self, data: Mapping[Hashable, Any] | None = None) -> Sequence[Callable]:
+        return [ToSourceGeometryd()]
+
+    def _get_network(self, device: str, data: Any) -> torch.nn.Module:
+        """The classifier given at construction, on ``device`` (one instance, no checkpoint reloads)."""
+        return self.classifier.to(torch.device(device))
+
+    def writer(self, data: Mapping[Hashable, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, dict]:
+        """NIfTI (``.nii.gz``, uint8) whatever the input's format: a DICOM series folder has no extension."""
+        return super().writer(data, extension=extension or ".nii.gz", dtype=dtype or "uint8")

@@ -1,0 +1,148 @@
+"""The MONAI Label app ``apps/medcam``, for real: a server on loopback, requests over HTTP.
+
+MONAI Label 0.8.5 needs pydicom<3, so it runs from its own environment ``.venv-monailabel``
+(``make venv-monailabel``, done by ``make test``); this test talks to it over HTTP only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from monai_medcam.io import find_input, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+MONAILABEL = ROOT / ".venv-monailabel" / "bin" / "monailabel"
+SAMPLES = ROOT / "bundles" / "medcam_explain" / "sample_data"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, data: dict | None = None, timeout: float = 300) -> tuple[int, bytes]:
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not MONAILABEL.exists():
+        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
+    root = tmp_path_factory.mktemp("monailabel")
+    app = root / "app"
+    app.mkdir()
+    shutil.copy(ROOT / "apps" / "medcam" / "main.py", app / "main.py")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLES / "brain.nii.gz", studies / "brain.nii.gz")
+    shutil.copytree(SAMPLES / "mr_series", studies / "mr_series")
+    port = _free_port()
+    # the monailabel script runs `python` from PATH: the environment's own
+    path = f"{MONAILABEL.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, PATH=path, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", OMP_NUM_THREADS="2")
+    env.pop("PYTHONPATH", None)
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [str(MONAILABEL), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
+         "--port", str(port), "--conf", "classifier", str(ROOT / "bundles" / "medcam_explain")],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited ({process.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                status, _ = _request(f"{base}/info/", timeout=5)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the server did not answer in 180 s:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield base, studies
+    finally:  # stopped even when a test fails
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _label(content: bytes, folder: Path) -> nib.Nifti1Image:
+    path = folder / "label.nii.gz"
+    path.write_bytes(content)
+    assert gzip.decompress(content)[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # a NIfTI-1 header
+    return nib.load(path)
+
+
+def test_info_lists_the_task(server):
+    base, _ = server
+    status, body = _request(f"{base}/info/")
+    assert status == 200
+    info = json.loads(body)
+    assert "medcam" in info["models"]
+    model = info["models"]["medcam"]
+    assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1} and model["dimension"] == 3
+    assert info["datastore"]["total"] == 2  # the NIfTI volume and the DICOM series folder
+
+
+@pytest.mark.parametrize("image", ["brain", "mr_series"])
+def test_infer_returns_evidence_in_the_source_geometry(server, image, tmp_path):
+    base, studies = server
+    status, body = _request(f"{base}/infer/medcam?image={image}&output=image", {"params": json.dumps({"steps": 10})})
+    assert status == 200, body[:500]
+    label = _label(body, tmp_path)
+    source = load_image(find_input(studies / ("brain.nii.gz" if image == "brain" else image)))
+    assert label.shape == tuple(source.shape[1:])
+    np.testing.assert_allclose(label.affine, source.affine.numpy(), atol=1e-4)
+    values = np.asarray(label.dataobj)
+    assert set(np.unique(values)) <= {0, 1} and values.sum() > 0
+
+
+def test_infer_json_holds_the_diagnostics(server):
+    base, _ = server
+    status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": json.dumps({"steps": 5, "seed": 3})})
+    assert status == 200
+    result = json.loads(body)
+    medcam = result["medcam"]
+    assert len(medcam["label"]) == 25 and len(medcam["verified"]) == 25  # one per slice of the 25-slice volume
+    assert all(0.0 <= a <= 1.0 for a in medcam["area"]) and result["evidence_voxels"] > 0
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(server):
+    base, _ = server
+    status, body = _request(f"{base}/infer/medcam?image=no_such_image&output=json", {"params": "{}"})
+    assert status == 404 and b"no_such_image" in body
+    status, body = _request(f"{base}/infer/nomodel?image=brain&output=json", {"params": "{}"})
+    assert status == 404 and b"nomodel" in body
+    status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": json.dumps({"steps": -3})})
+    assert status == 400 and b"steps" in body
+    status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": json.dumps({"class_idx": "two"})})
+    assert status == 400 and b"class_idx" in body
+    status, _ = _request(f"{base}/info/")
+    assert status == 200
