@@ -80,7 +80,7 @@ def _explain(args: argparse.Namespace) -> int:
         inputs += found
         failures += bad
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    layers = args.target_layers.split(",") if args.target_layers else loaded.target_layers
+    layers = loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
     if layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
               "pass --target-layers or use a bundle or python:module:factory for it.", file=sys.stderr)
@@ -131,7 +131,7 @@ def _wsi(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps} if args.steps else {}
     if args.seed is not None:
         settings["seed"] = args.seed
-    layers = args.target_layers.split(",") if args.target_layers else loaded.target_layers
+    layers = loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
     try:
         report = explain_slide(
             loaded.network, args.slide, args.output, level=args.level, tile=args.tile, size=size,
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--spatial-dims", type=int, choices=(2, 3), help="classifier dims (default: from its weights)")
     explain.add_argument("--channels", type=int, help="classifier input channels (default: from its weights)")
     explain.add_argument("--fractional", action="store_true", help="FRACTIONAL SEG of the soft mask instead of BINARY")
-    explain.add_argument("--target-layers", help="comma-separated layer names for activation matching (default: auto)")
+    explain.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     explain.add_argument("--gradcam-layer", help="add a Grad-CAM column of this layer to the PNG panels")
     explain.add_argument("--seed", type=int, help="random seed of the mask networks")
     explain.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
     wsi.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
     wsi.add_argument("--seed", type=int, help="random seed of the mask networks")
-    wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching (default: auto)")
+    wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     wsi.add_argument("--min-tissue", type=float, default=0.1, help="least tissue fraction of a tile (default 0.1)")
     wsi.add_argument("--backend", choices=("auto", "openslide", "tifffile"), default="auto", help="WSIReader backend")
     wsi.add_argument("--restart", action="store_true", help="discard the saved state of a different earlier run")

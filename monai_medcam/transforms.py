@@ -170,6 +170,18 @@ class LoadInputd(MapTransform):
         return d
 
 
+def _resized_affine(affine: torch.Tensor, old: Sequence[int], new: Sequence[int]) -> torch.Tensor:
+    """The affine of an image resized from ``old`` to ``new`` voxels (pixel centres, ``align_corners=False``)."""
+    rank = affine.shape[-1] - 1
+    scale = torch.eye(rank + 1, dtype=affine.dtype)
+    for i, (a, b) in enumerate(zip(old, new)):
+        if i < rank and a != b:
+            factor = a / b
+            scale[i, i] = factor
+            scale[i, rank] = (factor - 1) / 2
+    return affine @ scale
+
+
 class ToClassifierSpace(Transform):
     """An image as loaded ``(C, *S)`` -> the classifier's input.
 
@@ -195,7 +207,12 @@ class ToClassifierSpace(Transform):
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
-        return MetaTensor(out, meta=dict(img.meta) if isinstance(img, MetaTensor) else {})
+        if not isinstance(img, MetaTensor):
+            return MetaTensor(out)
+        meta = dict(img.meta)
+        meta["affine"] = _resized_affine(img.affine, img.shape[1:], out.shape[1:])
+        meta["spatial_shape"] = list(out.shape[1:])
+        return MetaTensor(out, meta=meta)
 
 
 class ToClassifierSpaced(MapTransform):
@@ -259,6 +276,7 @@ class SaveEvidenced(MapTransform):
         self.output_dir = Path(output_dir)
         self.formats = list(formats)
         self.rows: list[dict[str, object]] = []
+        self.names: set[str] = set()
 
     @property
     def summary_path(self) -> Path:
@@ -285,6 +303,11 @@ class SaveEvidenced(MapTransform):
                 row.update({name: columns[name][k] for name in ROW_FIELDS if name in columns})
                 rows.append(row)
             name = str(source.meta.get(INPUT_NAME, Path(str(source.meta.get("filename_or_obj", key))).name))
+            base, k = name, 1
+            while name in self.names:  # two inputs with one name (e.g. a/t1.nii.gz, b/t1.nii.gz) keep both outputs
+                k += 1
+                name = f"{base}_{k}"
+            self.names.add(name)
             labels = sorted({int(r["label"]) for r in rows if "label" in r})
             needed = [k for k, r in enumerate(rows) if not r.get("vacuous", False)]
             written = write_outputs(

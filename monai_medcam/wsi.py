@@ -18,6 +18,7 @@ the outputs are written.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -126,6 +127,30 @@ def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: in
     return data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
 
 
+class _LevelReader:
+    """RGB regions ``(3, h, w)`` of one level. MONAI's tifffile reader decodes the whole level on every
+    read, so with it the level is decoded once and kept (refused above ``MAX_TIFFFILE_PIXELS``)."""
+
+    MAX_TIFFFILE_PIXELS = 2**28
+
+    def __init__(self, reader, wsi, level: int, path: Path) -> None:
+        self.reader, self.wsi, self.level = reader, wsi, level
+        self.whole = None
+        if getattr(reader, "backend", "") == "tifffile":
+            height, width = reader.get_size(wsi, level)
+            if height * width > self.MAX_TIFFFILE_PIXELS:
+                raise InputError(
+                    path, f"the tifffile reader decodes whole levels and level {level} has {width} x {height} pixels; "
+                    "install openslide-bin and openslide-python (--backend openslide), or explain a higher level."
+                )
+            self.whole = _read_region(reader, wsi, level, 0, 0, height, width)
+
+    def __call__(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole[:, y : y + height, x : x + width]
+        return _read_region(self.reader, self.wsi, self.level, y, x, height, width)
+
+
 def tissue_mask(reader, wsi) -> tuple[np.ndarray, np.ndarray, int]:
     """``(tissue, rgb, level)``: a boolean tissue mask ``(h, w)`` and the RGB image ``(3, h, w)`` of the
     lowest-resolution level, where tissue is HSV saturation above Otsu's threshold (as MONAI's
@@ -185,7 +210,7 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
 
     Levels are consecutive tiled pages, each half the previous (2x2 max-pool, so small evidence
     stays visible), down to one tile; ``mpp`` (microns per pixel, y and x) of the first level
-    becomes the resolution tags. Lower levels are built as memmaps in ``work``.
+    becomes the resolution tags (TIFF stores x then y). Lower levels are built as memmaps in ``work``.
     """
     import tifffile
 
@@ -210,7 +235,7 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
         for k, level in enumerate(levels):
             extra = {}
             if mpp is not None:
-                extra = {"resolution": (1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)), "resolutionunit": "CENTIMETER"}
+                extra = {"resolution": (1e4 / (mpp[1] * 2**k), 1e4 / (mpp[0] * 2**k)), "resolutionunit": "CENTIMETER"}
             tif.write(
                 tiles(level), shape=level.shape, dtype=np.uint8, tile=(tile, tile), photometric="minisblack",
                 compression="zlib", subfiletype=1 if k else 0, metadata=None, **extra,
@@ -244,17 +269,44 @@ def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tile
 
 
 def _read_journal(path: Path) -> dict[int, list[dict[str, object]]]:
-    """Finished batches -> their rows; a torn last line (a run killed while writing it) is ignored."""
+    """Finished batches -> their rows. A torn last line (a run killed while writing it) is cut off
+    the file, so that the next entries start on a line of their own."""
     done: dict[int, list[dict[str, object]]] = {}
     if not path.exists():
         return done
-    for line in path.read_text().splitlines():
+    data = path.read_bytes()
+    good = 0
+    for line in data.splitlines(keepends=True):
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        if not line.endswith(b"\n"):
             break
         done[int(entry["batch"])] = entry["rows"]
+        good += len(line)
+    if good < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(good)
     return done
+
+
+def _fingerprint(network: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer: a resumed run must use the same classifier."""
+    digest = hashlib.sha256()
+    for name, value in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _slide_name(slide: Path) -> str:
+    """``case.1.svs`` -> ``case.1``; ``x.ome.tif`` -> ``x``."""
+    name = slide.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return slide.stem or name
 
 
 def explain_slide(
@@ -296,7 +348,8 @@ def explain_slide(
 
     Tiles whose decision needs no evidence (``vacuous``, e.g. the classifier says "normal" for an
     empty image) are not optimised (``skip_vacuous=True`` unless given) and add nothing to the slide
-    map; the CSV still lists them.
+    map; the CSV still lists them. With the tifffile backend the explained level is decoded into
+    memory once (MONAI's tifffile reader cannot read windows); openslide reads tile by tile.
 
     Raises:
         InputError: unreadable or non-pyramidal slide, level out of range, tile larger than the
@@ -319,17 +372,19 @@ def explain_slide(
     tiles = tile_grid(level_size, tile, tissue, scale, min_tissue)
     if not tiles:
         raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
+    read = _LevelReader(reader, wsi, level, slide)
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    name = slide.name.split(".")[0] or slide.stem
+    name = _slide_name(slide)
     state = output / f".{name}.medcam"
+    stat = slide.stat()
     run = {
-        "slide": str(slide.resolve()), "slide_bytes": slide.stat().st_size, "level": level, "tile": tile, "size": size,
-        "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue, "tiles": len(tiles),
-        "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
-        "settings": {k: settings[k] for k in sorted(settings)},
-        "classifier": {k: float(v.double().sum()) for k, v in list(classifier.state_dict().items())[:4]},
+        "slide": str(slide.resolve()), "slide_bytes": stat.st_size, "slide_mtime_ns": stat.st_mtime_ns,
+        "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
+        "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
+        "tiles": len(tiles), "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
+        "settings": {k: settings[k] for k in sorted(settings)}, "classifier": _fingerprint(classifier),
     }
     run = json.loads(json.dumps(run, default=str))
     if state.exists():
@@ -356,6 +411,7 @@ def explain_slide(
     if done:
         logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
 
+    skip = bool(settings["skip_vacuous"])
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     explainer = MedCAM(classifier, target_layers, **settings)
@@ -366,18 +422,25 @@ def explain_slide(
                 continue
             pixels = np.full((len(batch), 3, tile, tile), 255, np.uint8)  # edge tiles padded with white
             for j, t in enumerate(batch):
-                pixels[j, :, : t.height, : t.width] = _read_region(reader, wsi, level, t.y, t.x, t.height, t.width)
+                try:
+                    pixels[j, :, : t.height, : t.width] = read(t.y, t.x, t.height, t.width)
+                except Exception as err:  # a damaged tile in an otherwise readable slide
+                    raise InputError(slide, f"cannot read tile {t.index} (row {t.row}, column {t.col}) at level {level}: "
+                                     f"{type(err).__name__}: {err}") from err
             x = torch.from_numpy(pixels).float().div_(255).to(device)
             if size is not None and size != tile:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            result = explainer.explain(x, class_idx)
+            try:
+                result = explainer.explain(x, class_idx)
+            except ValueError as err:  # e.g. a class index the classifier does not have
+                raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
             masks = result.mask.as_tensor().detach().float()
             if masks.shape[-1] != tile:
                 masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
             masks = masks.cpu().numpy()
             rows = []
             for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
-                keep = 0 if diagnostics["vacuous"] else EVIDENCE_VALUE
+                keep = 0 if diagnostics["vacuous"] and skip else EVIDENCE_VALUE
                 mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
                 ratio = reader.get_downsample_ratio(wsi, level)
                 row = {**asdict(t), "x0": int(round(t.x * ratio)), "y0": int(round(t.y * ratio))}

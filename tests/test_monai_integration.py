@@ -140,6 +140,10 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
         {"image": str(tmp_path / "vol.nii.gz")}
     )
     assert data["image"].shape == (1, 32, 32, 3) and data["image_source"].shape == (1, 40, 48, 3)
+    # the resized image's affine puts its voxel centres where they lie in the source: voxel (0, 0, k)
+    # covers source voxels 0..1.25 (40/32) along x, centred at 0.125
+    centre = data["image"].affine.numpy() @ np.array([0, 0, 1, 1.0])
+    np.testing.assert_allclose(centre, affine @ np.array([(40 / 32 - 1) / 2, (48 / 32 - 1) / 2, 1, 1.0]), atol=1e-9)
     assert 0.0 <= float(data["image"].min()) and float(data["image"].max()) <= 1.0
     # a box in classifier space, with the per-slice diagnostics an inferer gives
     evidence = torch.zeros(1, 32, 32, 3)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("openslide")
 
@@ -200,3 +201,32 @@ def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 1
     assert str(bad) in done.stderr and "cannot read the slide" in done.stderr
+
+
+def test_torn_journal_line_is_cut_before_new_entries(tmp_path):
+    from monai_medcam.wsi import _read_journal
+
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text('{"batch": 0, "rows": []}\n{"batch": 1, "rows": []}\n{"batch": 2, "ro')  # killed mid-write
+    assert sorted(_read_journal(journal)) == [0, 1]
+    assert journal.read_text() == '{"batch": 0, "rows": []}\n{"batch": 1, "rows": []}\n'
+    with journal.open("a") as handle:
+        handle.write('{"batch": 2, "rows": []}\n')
+    assert sorted(_read_journal(journal)) == [0, 1, 2]  # the next entry is not glued to the fragment
+
+
+def test_a_changed_classifier_is_a_different_run():
+    from monai_medcam.wsi import _fingerprint
+
+    net = LesionColourClassifier()
+    before = _fingerprint(net)
+    assert _fingerprint(LesionColourClassifier()) == before
+    with torch.no_grad():
+        net.colour.bias.add_(1e-6)  # the last parameter, a tiny change
+    assert _fingerprint(net) != before
+
+
+def test_output_names_keep_dots_inside_slide_names():
+    from monai_medcam.wsi import _slide_name
+
+    assert _slide_name(Path("case.1.svs")) == "case.1" and _slide_name(Path("b.ome.tif")) == "b"

@@ -101,3 +101,5 @@ class MedCAMApp(MONAILabelApp):
             raise HTTPException(status_code=400, detail=str(err)) from err
         except InputError as err:
             raise HTTPException(status_code=422, detail=f"cannot explain this image: {err}") from err
+        except ValueError as err:  # e.g. a class index the classifier does not have
+            raise HTTPException(status_code=400, detail=f"cannot explain with these parameters: {err}") from err
