@@ -81,7 +81,7 @@ class MedCAMSettings:
     lr_floor: float = 0.05
     check_every: int = 5
     stable_tol: float = 0.03
-    patience: int = 2
+    patience: int = 1
     verify_backgrounds: int = 8
     max_retries: int = 1
     skip_vacuous: bool = False
