@@ -21,6 +21,7 @@ from monai_medcam import metrics
 from monai_medcam.demo.classifier import DEMO_SIZE, demo_classifier
 from monai_medcam.demo.known_evidence import make_known_evidence
 from monai_medcam.engine import MedCAM, MedCAMResult
+from monai_medcam.writers import atomic_path
 
 __all__ = ["run_demo", "run_radiology_demo", "lesion_share"]
 
@@ -33,12 +34,10 @@ def write_summary_csv(path: Path, result: MedCAMResult, extra: dict[str, list[ob
     for key, values in (extra or {}).items():
         for row, value in zip(rows, values):
             row[key] = value
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
     return path
 
 
@@ -65,9 +64,8 @@ def run_demo(
     iou = metrics.iou(result.mask.as_tensor(), truth)
 
     for i in range(len(chosen)):
-        tmp = output / f".evidence_{i}.tmp.npy"
-        np.save(tmp, result.mask[i, 0].cpu().numpy().astype(np.uint8))
-        tmp.replace(output / f"evidence_{i}.npy")
+        with atomic_path(output / f"evidence_{i}.npy") as tmp:  # the temporary name ends in .npy too
+            np.save(tmp, result.mask[i, 0].cpu().numpy().astype(np.uint8))
     write_summary_csv(output / "summary.csv", result, {"lesion_iou": [round(float(v), 4) for v in iou]})
     titles = [f"label {int(result.label[i])}, p={float(result.prob_input[i]):.2f}" for i in range(len(chosen))]
     save_panels(

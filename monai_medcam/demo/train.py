@@ -28,6 +28,7 @@ from monai_medcam.demo.classifier import (
     build_radiology_network,
 )
 from monai_medcam.demo.known_evidence import make_known_evidence
+from monai_medcam.writers import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,8 @@ def train(output: Path, epochs: int = 6, train_count: int = 2400, test_count: in
             schedule.step()
         accuracy = evaluate(network, x_test, y_test)
         logger.info("epoch %d: loss %.3f, test accuracy %.3f", epoch + 1, loss.item(), accuracy)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    torch.save(network.state_dict(), tmp)
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        torch.save(network.state_dict(), tmp)
     return accuracy
 
 
