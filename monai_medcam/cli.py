@@ -61,15 +61,36 @@ def print_report(report, out=None) -> None:
         print(f"FAILED {name}: {problem}", file=out)
 
 
-def _explain(args: argparse.Namespace) -> int:
-    from monai_medcam.io import InputError, find_inputs
+def _classifier(args: argparse.Namespace):
+    """The ``--classifier`` (+ ``--weights``) as a LoadedClassifier, or ``None`` after saying why it was refused."""
     from monai_medcam.loading import load_classifier
-    from monai_medcam.pipeline import explain_inputs
 
     try:
-        loaded = load_classifier(args.classifier, args.weights)
+        return load_classifier(args.classifier, args.weights)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def _target_layers(args: argparse.Namespace, loaded) -> str | list[str]:
+    """``--target-layers`` as names (``''``: matching off), else what suits the classifier."""
+    return loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
+
+
+def _settings(args: argparse.Namespace) -> dict[str, int]:
+    """The MedCAM settings given on the command line (``--steps``, ``--seed``)."""
+    settings = {"steps": args.steps} if args.steps else {}
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    return settings
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from monai_medcam.io import InputError, find_inputs
+    from monai_medcam.pipeline import explain_inputs
+
+    loaded = _classifier(args)
+    if loaded is None:
         return 2
     inputs, failures = [], []
     for path in args.input:
@@ -80,13 +101,11 @@ def _explain(args: argparse.Namespace) -> int:
         inputs += found
         failures += bad
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    layers = loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
-    if layers == []:
+    layers = _target_layers(args, loaded)
+    if args.target_layers is None and layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
               "pass --target-layers or use a bundle or python:module:factory for it.", file=sys.stderr)
-    settings = {"steps": args.steps} if args.steps else {}
-    if args.seed is not None:
-        settings["seed"] = args.seed
+    settings = _settings(args)
     try:
         report = explain_inputs(
             loaded.network,
@@ -119,19 +138,13 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _wsi(args: argparse.Namespace) -> int:
     from monai_medcam.io import InputError
-    from monai_medcam.loading import load_classifier
     from monai_medcam.wsi import explain_slide
 
-    try:
-        loaded = load_classifier(args.classifier, args.weights)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = _classifier(args)
+    if loaded is None:
         return 2
     size = args.size or (loaded.size[0] if loaded.size else None)
-    settings = {"steps": args.steps} if args.steps else {}
-    if args.seed is not None:
-        settings["seed"] = args.seed
-    layers = loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
+    settings, layers = _settings(args), _target_layers(args, loaded)
     try:
         report = explain_slide(
             loaded.network, args.slide, args.output, level=args.level, tile=args.tile, size=size,

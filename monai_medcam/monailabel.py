@@ -23,8 +23,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.inferer import MedCAMInferer
-from monai_medcam.pipeline import back_to_source
-from monai_medcam.transforms import DIAGNOSTICS_KEY, LoadInputd, ToClassifierSpaced
+from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
 
 try:
     from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -54,11 +53,9 @@ class ToSourceGeometryd:
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         pred, source = d[self.pred_key], d[self.source_key]
-        values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
-        mask = back_to_source(values.detach().float().cpu()[None], source.shape[1:], soft=False)[0, 0]
-        diagnostics = pred.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(pred, MetaTensor) else {}
+        mask, columns = evidence_in_source(pred, source)
+        mask = mask[0]  # MONAI Label's writer takes spatial axes only
         d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
-        columns = {name: torch.as_tensor(values).flatten().tolist() for name, values in diagnostics.items()}
         result = dict(d.get(self.result_key) or {})
         result["medcam"] = {name: columns[name] for name in ("label", "verified", "vacuous", "area", "prob_evidence", "steps") if name in columns}
         result["evidence_voxels"] = int(mask.sum())

@@ -36,6 +36,7 @@ __all__ = [
     "SaveEvidenced",
     "DIAGNOSTICS_KEY",
     "evidence_from_result",
+    "evidence_in_source",
 ]
 
 DIAGNOSTICS_KEY = "medcam"
@@ -49,6 +50,16 @@ def evidence_from_result(result: MedCAMResult, index: int, like: torch.Tensor, o
     meta = dict(like.meta) if isinstance(like, MetaTensor) else {}
     meta[DIAGNOSTICS_KEY] = result.summary()[index]
     return MetaTensor(values.to(like.device), meta=meta)
+
+
+def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, dict[str, list]]:
+    """Evidence ``(1, *s)`` in classifier space (as an inferer gives it) -> ``(1, *S)`` float on the
+    source's voxels (nearest, on CPU), and its diagnostics as one list per name (one value per
+    image, or per slice for a 2D classifier over a volume)."""
+    values = evidence.as_tensor() if isinstance(evidence, MetaTensor) else torch.as_tensor(evidence)
+    mask = back_to_source(values.detach().float().cpu()[None], source.shape[1:], soft=False)[0]
+    diagnostics = evidence.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(evidence, MetaTensor) else {}
+    return mask, {name: torch.as_tensor(column).flatten().tolist() for name, column in diagnostics.items()}
 
 
 def _check_output(output: str) -> str:
@@ -293,9 +304,7 @@ class SaveEvidenced(MapTransform):
             evidence, source = d[key], d[source_key]
             if not isinstance(source, MetaTensor):
                 raise ValueError(f"{source_key!r} must be the loaded image as a MetaTensor (see ToClassifierSpaced).")
-            mask = back_to_source(torch.as_tensor(evidence).detach().cpu()[None], source.shape[1:], soft=False)[0]
-            diagnostics = evidence.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(evidence, MetaTensor) else {}
-            columns = {name: torch.as_tensor(values).flatten().tolist() for name, values in diagnostics.items()}
+            mask, columns = evidence_in_source(evidence, source)
             count = len(next(iter(columns.values()), []))
             rows = []
             for k in range(count):

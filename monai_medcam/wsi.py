@@ -368,7 +368,8 @@ def explain_slide(
     if tile > min(level_size):
         raise InputError(slide, f"tile {tile} is larger than level {level} ({level_size[1]} x {level_size[0]} pixels).")
     tissue, thumb_rgb, low = tissue_mask(reader, wsi)
-    scale = reader.get_downsample_ratio(wsi, level) / reader.get_downsample_ratio(wsi, low)
+    level_ratio = reader.get_downsample_ratio(wsi, level)  # level-0 pixels per pixel of the level
+    scale = level_ratio / reader.get_downsample_ratio(wsi, low)
     tiles = tile_grid(level_size, tile, tissue, scale, min_tissue)
     if not tiles:
         raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
@@ -442,8 +443,7 @@ def explain_slide(
             for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
                 keep = 0 if diagnostics["vacuous"] and skip else EVIDENCE_VALUE
                 mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
-                ratio = reader.get_downsample_ratio(wsi, level)
-                row = {**asdict(t), "x0": int(round(t.x * ratio)), "y0": int(round(t.y * ratio))}
+                row = {**asdict(t), "x0": int(round(t.x * level_ratio)), "y0": int(round(t.y * level_ratio))}
                 row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
                 row["tile"] = row.pop("index")
                 rows.append(row)
