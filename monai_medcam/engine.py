@@ -352,11 +352,17 @@ class MedCAM:
         active = torch.arange(count, device=device)
         previous = None
         calm = torch.zeros(count, dtype=torch.long, device=device)  # consecutive checks verified and stable
+
+        def sharpness(step: int) -> float:  # the sigmoid steepens over the steps, so the soft mask ends near-binary
+            return min(1.0 + s.sharpen_rate * step, s.sharpen_max)
+
         bar = tqdm(total=s.steps, desc="Med-CAM", unit="step", disable=not s.progress, leave=False)
         for step in range(1, s.steps + 1):
             xa, ba, ya = x[active], base[active], label[active]
             with autocast:
-                soft = torch.sigmoid(net(x_padded[active])[crop].float())
+                mask_logits = net(x_padded[active])[crop].float()
+                plain = torch.sigmoid(mask_logits)  # forward: the sharpened sigmoid; backward: the plain one's gradient
+                soft = plain + (torch.sigmoid(sharpness(step) * mask_logits) - plain).detach()
                 used = straight_through_binary(soft) if s.hard_mask else soft
                 kind = kinds.choice(s.backgrounds)
                 r = random_background(xa, kind, generator, x_blurred[active])
@@ -394,7 +400,8 @@ class MedCAM:
                 hard_out[active[unverified_yet]] = hard[unverified_yet]
                 areas = (hard.flatten(1).mean(1), soft.detach().flatten(1).mean(1))
                 if previous is not None:
-                    calm = torch.where(ok & self._stable(*areas, previous, s.stable_tol), calm + 1, 0)
+                    near_binary = ((soft.detach() > 0.01) & (soft.detach() < 0.99)).flatten(1).float().mean(1) <= s.binary_tol
+                    calm = torch.where(ok & near_binary & self._stable(*areas, previous, s.stable_tol), calm + 1, 0)
                 done = (calm >= s.patience) & (step >= s.min_steps)
                 steps_out[active[done]] = step
                 keep = (~done).nonzero().flatten()

@@ -49,6 +49,8 @@ class MedCAMSettings:
         check_every: steps between checks of the binary mask (verification and stability).
         stable_tol: the mask has settled when its binary and soft areas changed by less than this
             fraction of its area (at least 1% of the image) since the last check.
+        binary_tol: a mask counts as settled only when at most this share of its pixels lies
+            strictly between 0.01 and 0.99.
         patience: an image stops once its mask was verified and stable at this many consecutive checks.
         verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
         max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
@@ -56,6 +58,11 @@ class MedCAMSettings:
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.
+        sharpen_rate: the soft mask is ``sigmoid(beta * logits)`` with ``beta = 1 + sharpen_rate * step``,
+            while gradients flow as through the plain sigmoid (a straight-through estimator): the
+            mask ends near-binary without its pruning slowing down. 0 gives the paper's plain
+            sigmoid, whose background lingers at a few percent...
+        sharpen_max: ...up to this ``beta``.
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
         seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
@@ -81,10 +88,13 @@ class MedCAMSettings:
     lr_floor: float = 0.05
     check_every: int = 5
     stable_tol: float = 0.03
+    binary_tol: float = 0.05
     patience: int = 1
     verify_backgrounds: int = 8
     max_retries: int = 1
     skip_vacuous: bool = False
+    sharpen_rate: float = 0.07
+    sharpen_max: float = 8.0
     mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
     init_keep: float = 0.9
     seed: int = 0
@@ -107,6 +117,10 @@ class MedCAMSettings:
             raise ValueError(f"lr and kl_temperature must be > 0, got {self.lr!r} and {self.kl_temperature!r}.")
         if not 0 < self.lr_decay <= 1 or not 0 < self.lr_floor <= 1:
             raise ValueError(f"lr_decay and lr_floor must lie in (0, 1], got {self.lr_decay!r} and {self.lr_floor!r}.")
+        if not 0 <= self.binary_tol <= 1:
+            raise ValueError(f"binary_tol must lie in [0, 1], got {self.binary_tol!r}.")
+        if not (math.isfinite(self.sharpen_rate) and self.sharpen_rate >= 0 and math.isfinite(self.sharpen_max) and self.sharpen_max >= 1):
+            raise ValueError(f"sharpen_rate must be >= 0 and sharpen_max >= 1, got {self.sharpen_rate!r} and {self.sharpen_max!r}.")
         if not 0 < self.init_keep < 1:
             raise ValueError(f"init_keep must lie in (0, 1), got {self.init_keep!r}.")
         if self.baseline not in BASELINES:

@@ -34,19 +34,33 @@ def test_speed_benchmark_smoke(tmp_path):
             assert 1 <= row["median_steps"] <= 20
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_quality_benchmark_smoke(tmp_path):
+    """Every architecture family (CNN, ViT, 3D DenseNet) and every method runs; values lie in their ranges."""
     pytest.importorskip("skimage")
+    pytest.importorskip("torchvision")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "smoke", "--output", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "smoke", "--output", str(tmp_path), "--results", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    table = (tmp_path / "quality_smoke.md").read_text().splitlines()
-    rows = [line.split("|")[1:-1] for line in table if line.startswith("| ") and not line.startswith("| method")]
-    assert [r[0].strip() for r in rows][:2] == ["Med-CAM", "Grad-CAM @ Med-CAM area"] and len(rows) == 7
-    for cells in rows:
-        iou, kept, kept_bg = (float(c) for c in cells[1:4])
-        assert 0 <= iou <= 1 and 0 <= kept <= 1 and 0 <= kept_bg <= 1
-        assert 0 <= float(cells[4].strip().rstrip("%")) <= 100
-    assert (tmp_path / "images" / "quality_smoke.png").stat().st_size > 10_000
+    report = json.loads((tmp_path / "quality_smoke.json").read_text())
+    assert report["device"].startswith("CPU") and list(report["architectures"]) == ["mobilenet_v2", "vit", "densenet121_3d"]
+    for arch, a in report["architectures"].items():
+        methods = [r["method"] for r in a["rows"]]
+        cams = ["Grad-CAM"] if arch == "vit" else ["Grad-CAM", "Grad-CAM++"]  # MONAI's Grad-CAM++ needs a conv map
+        assert methods == ["Med-CAM"] + [f"{m} @ {at} area" for m in cams + ["Occlusion", "Extremal"] for at in ("Med-CAM", "lesion")]
+        assert 0 <= a["accuracy"] <= 1 and a["images"] == 2 and 0 <= a["correct"] <= 2
+        assert 0 <= a["verified"] <= 1 and 0 <= a["non_binary"] <= 1 and 1 <= a["median_steps"] <= 10
+        assert 0 < a["lesion_area"] < 0.1
+        for r in a["rows"]:
+            for key in ("iou", "kept", "kept_backgrounds", "area", "energy", "pointing", "insertion", "deletion"):
+                assert 0 <= r[key] <= 1, (arch, r["method"], key, r[key])
+            assert r["s_per_image"] > 0
+        # saliency masks at the lesion's area hold the lesion's share of pixels
+        at_lesion = [r for r in a["rows"] if r["method"].endswith("@ lesion area")]
+        assert all(abs(r["area"] - a["lesion_area"]) < 0.01 for r in at_lesion)
+        assert (tmp_path / "images" / f"quality_smoke_{arch}.png").stat().st_size > 10_000
+        assert (tmp_path / "models" / f"smoke-{arch}.pt").is_file()
+    table = (tmp_path / "quality_smoke.md").read_text()
+    assert table.count("| Med-CAM |") == 3 and "MONAI DenseNet121 (3D)" in table

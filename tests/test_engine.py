@@ -39,6 +39,16 @@ def test_mask_finds_the_known_region(toy_result):
     assert (toy_result.prob_evidence > 0.5).all() and (toy_result.prob_background > 0.5).all()
 
 
+def test_soft_mask_ends_near_binary(toy_result):
+    # the sharpened sigmoid and the near-binary stop rule (binary_tol 5%) leave few soft values
+    # between 0.01 and 0.99; the paper's plain sigmoid (sharpen_rate=0) leaves its background at a few percent
+    soft = toy_result.soft_mask
+    share = ((soft > 0.01) & (soft < 0.99)).flatten(1).float().mean(1)
+    assert (share <= 0.05).all(), share
+    plain = MedCAM(RegionClassifier(), sharpen_rate=0.0, **FAST).explain(region_images(1)).soft_mask
+    assert ((plain > 0.01) & (plain < 0.99)).float().mean() > 2 * share[0]
+
+
 def test_result_fields_are_consistent(toy_result):
     r = toy_result
     assert r.mask.shape == r.soft_mask.shape == (3, 1, 32, 32)
@@ -182,6 +192,9 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"baseline": "black"}, "baseline must be one of"),
         ({"backgrounds": ("plaid",)}, "backgrounds must be a non-empty subset"),
         ({"init_keep": 1.5}, "init_keep must lie in"),
+        ({"sharpen_max": 0.5}, "sharpen_max >= 1"),
+        ({"sharpen_rate": -0.1}, "sharpen_rate must be >= 0"),
+        ({"binary_tol": 2}, "binary_tol must lie in"),
     ],
 )
 def test_bad_settings(kwargs, message):

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["KnownEvidence", "background_image", "radiology_images", "make_known_evidence", "LESION_KINDS", "BACKGROUNDS"]
+__all__ = [
+    "KnownEvidence",
+    "background_image",
+    "radiology_images",
+    "make_known_evidence",
+    "make_known_evidence_3d",
+    "LESION_KINDS",
+    "BACKGROUNDS",
+]
 
 BACKGROUNDS = ("retina", "ihc", "radiology")
 LESION_KINDS = ("disc", "spots")
@@ -164,3 +172,52 @@ def make_known_evidence(
     if channels == 1:
         images = images.mean(1, keepdims=True)
     return KnownEvidence(images.astype(np.float32), labels, lesions, distractors)
+
+
+def mri_volume() -> np.ndarray:
+    """nibabel's example MRI volume ``(128, 96, 24)`` (first time point), stretched to [0, 1]."""
+    import nibabel
+
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+    return _stretch(np.asarray(nibabel.load(path).dataobj[..., 0], dtype=np.float32))
+
+
+def _ball(shape: tuple[int, ...], centre, radius: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    return ((grid - np.asarray(centre, float).reshape(-1, 1, 1, 1)) ** 2).sum(0) <= radius**2
+
+
+def make_known_evidence_3d(count: int, size: int = 32, seed: int = 0) -> KnownEvidence:
+    """Volumes ``(count, 1, S, S, S)`` cut from nibabel's example MRI, half with a bright ball lesion.
+
+    Random sub-volumes (resampled to ``size`` per side) of the real brain MRI; class 1 volumes carry
+    a bright ball (radius 10-15% of the side; its exact voxels are the ground truth), both classes 1-2
+    bright spherical shells as distractors. Fields as :class:`KnownEvidence`, with 3D spatial shape.
+    """
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    source = mri_volume()
+    shape = (size,) * 3
+    images = np.zeros((count, 1, *shape), np.float32)
+    lesions = np.zeros_like(images)
+    distractors = np.zeros_like(images)
+    labels = (np.arange(count) % 2).astype(np.int64)
+    rng.shuffle(labels)
+    for i in range(count):
+        side = [int(rng.integers(n // 2, n + 1)) for n in source.shape]
+        start = [int(rng.integers(0, n - s + 1)) for n, s in zip(source.shape, side)]
+        crop = source[tuple(slice(a, a + s) for a, s in zip(start, side))]
+        volume = resize(crop, shape, anti_aliasing=True, preserve_range=True).astype(np.float32)
+        for _ in range(int(rng.integers(1, 3))):
+            centre, radius = rng.uniform(0.15 * size, 0.85 * size, 3), rng.uniform(0.08, 0.12) * size
+            shell = _ball(shape, centre, radius) & ~_ball(shape, centre, radius - 1.2)
+            volume[shell] = 0.95
+            distractors[i, 0, shell] = 1
+        if labels[i] == 1:
+            ball = _ball(shape, rng.uniform(0.3 * size, 0.7 * size, 3), rng.uniform(0.1, 0.15) * size)
+            volume[ball] = 0.2 * volume[ball] + 0.8
+            lesions[i, 0, ball] = 1
+            distractors[i, 0, ball] = 0
+        images[i, 0] = np.clip(volume + rng.normal(0, 0.02, shape), 0, 1)
+    return KnownEvidence(images, labels, lesions, distractors)

@@ -1,0 +1,135 @@
+"""Saliency baselines the quality benchmark compares Med-CAM with (2D and 3D).
+
+- :func:`grad_cams`: MONAI ``GradCAM`` / ``GradCAMpp`` on a CNN layer (min-max normalised per
+  image, not inverted); for a vision transformer, Grad-CAM on the tokens of a block laid back on
+  the patch grid (MONAI's CAMs expect a convolutional feature map).
+- :func:`occlusion`: MONAI ``OcclusionSensitivity``, the drop of the label's probability.
+- :func:`extremal_perturbation`: a smooth mask of a fixed area that best preserves the label when
+  the rest of the image is blurred (Fong, Patrick and Vedaldi, ICCV 2019, simplified).
+
+Every function returns maps ``(B, 1, *spatial)`` in [0, 1], high where the evidence is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from monai_medcam.backgrounds import baseline_image
+from monai_medcam.classifiers import _patch_size, tokens_to_grid
+from monai_medcam.visualize import grad_cam, minmax_per_image
+
+__all__ = ["grad_cams", "occlusion", "extremal_perturbation"]
+
+
+def _token_grad_cam(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM on a transformer block's tokens ``(B, N, D)``, on the patch grid, upsampled to ``x``."""
+    module = dict(net.named_modules())[layer]
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _i, out):
+        out.retain_grad()
+        store["tokens"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        net.eval()
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            score = net(x).gather(1, label[:, None]).sum()
+            score.backward()
+    finally:
+        handle.remove()
+    patch = _patch_size(net)
+    acts = tokens_to_grid(store["tokens"].detach(), x.shape[2:], patch)
+    grads = tokens_to_grid(store["tokens"].grad, x.shape[2:], patch)
+    weights = grads.flatten(2).mean(2)[:, :, None, None]
+    cam = F.relu((weights * acts).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return minmax_per_image(cam)
+
+
+def grad_cams(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"Grad-CAM": maps, "Grad-CAM++": maps}`` (only Grad-CAM for a vision transformer)."""
+    if type(net).__name__ in ("VisionTransformer", "ViT"):
+        return {"Grad-CAM": _token_grad_cam(net, x, layer, label)}
+    return {
+        "Grad-CAM": grad_cam(net, x, layer, label),
+        "Grad-CAM++": grad_cam(net, x, layer, label, plus_plus=True),
+    }
+
+
+def occlusion(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor, mask_size: int, overlap: float = 0.25) -> torch.Tensor:
+    """MONAI occlusion sensitivity: how much the label's probability drops when a patch is occluded."""
+    from monai.visualize import OcclusionSensitivity
+
+    occ = OcclusionSensitivity(net, mask_size=mask_size, overlap=overlap, n_batch=32, verbose=False)
+    maps = []
+    for i in range(len(x)):
+        sens, _ = occ(x[i : i + 1])  # (1, classes, *spatial) in MONAI 1.6
+        k = int(label[i])
+        maps.append(-sens[:, k : k + 1])
+    return minmax_per_image(torch.cat(maps).detach())
+
+
+def _smooth(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, 1, *spatial)``."""
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=m.dtype, device=m.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    conv = F.conv2d if m.ndim == 4 else F.conv3d
+    for dim in range(m.ndim - 2):
+        shape = [1, 1] + [1] * (m.ndim - 2)
+        shape[2 + dim] = len(kernel)
+        pad = [0, 0] * (m.ndim - 2)
+        pad[2 * (m.ndim - 3 - dim)] = pad[2 * (m.ndim - 3 - dim) + 1] = radius
+        m = conv(F.pad(m, pad, mode="replicate"), kernel.view(shape))
+    return m
+
+
+def extremal_perturbation(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    label: torch.Tensor,
+    area: torch.Tensor,
+    steps: int = 150,
+    stride: int = 8,
+    lr: float = 0.1,
+) -> torch.Tensor:
+    """Smooth masks ``(B, 1, *spatial)`` of a fixed area per image that preserve the label on a blurred image.
+
+    The mask is a sigmoid on a grid ``stride`` times coarser than the image, upsampled and
+    Gaussian-smoothed; the evidence is ``m x + (1 - m) blur(x)``; the loss is the label's negative
+    log-probability plus ``lambda * ||sort(m) - r_a||^2``, where ``r_a`` holds ``area`` ones, with
+    ``lambda`` growing from 10 to 1000 over the steps (the area constraint tightens as in the paper).
+
+    Args:
+        area: the target area fraction per image ``(B,)`` (e.g. Med-CAM's evidence area).
+    """
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    spatial = x.shape[2:]
+    coarse = [max(2, s // stride) for s in spatial]
+    blurred = baseline_image(x, "blur")
+    param = torch.zeros(len(x), 1, *coarse, device=x.device, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=lr)
+    count = int(torch.tensor(spatial).prod())
+    ranks = torch.arange(count, device=x.device)[None].float()
+    target = (ranks >= count - (area.to(x.device)[:, None] * count).round()).float()  # sorted ascending: ones last
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    with torch.enable_grad():
+        for step in range(steps):
+            weight = 10.0 * 100.0 ** (step / max(steps - 1, 1))
+            m = _smooth(F.interpolate(torch.sigmoid(param), size=spatial, mode=mode, align_corners=False), stride / 2)
+            evidence = m * x + (1 - m) * blurred
+            log_p = torch.log_softmax(net(evidence).float(), 1).gather(1, label[:, None])[:, 0]
+            regul = ((m.flatten(1).sort(1).values - target) ** 2).mean(1)
+            loss = (-log_p + weight * regul).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return m.detach()
