@@ -5,7 +5,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
     classifier(x) -> label y, reference logits and activations
     for each step:  mask nets -> soft mask m -> evidence e = m x + (1 - m) baseline
                     classifier(e), classifier(m x + (1 - m) r) -> per-image loss -> Adam step
-    every check_every steps: binary mask verified?  stable?  -> finished images leave the batch
+    every check_every steps: binary mask verified?  near-binary?  stable?  -> finished images leave the batch
     images still unverified -> retried with more steps and a lower area weight
 """
 
@@ -353,7 +353,7 @@ class MedCAM:
         previous = None
         calm = torch.zeros(count, dtype=torch.long, device=device)  # consecutive checks verified and stable
 
-        def sharpness(step: int) -> float:  # the sigmoid steepens over the steps, so the soft mask ends near-binary
+        def sharpness(step: int) -> float:  # the read-out steepens over the steps, so the soft mask ends near-binary
             return min(1.0 + s.sharpen_rate * step, s.sharpen_max)
 
         bar = tqdm(total=s.steps, desc="Med-CAM", unit="step", disable=not s.progress, leave=False)
@@ -361,7 +361,8 @@ class MedCAM:
             xa, ba, ya = x[active], base[active], label[active]
             with autocast:
                 mask_logits = net(x_padded[active])[crop].float()
-                plain = torch.sigmoid(mask_logits)  # forward: the sharpened sigmoid; backward: the plain one's gradient
+                plain = torch.sigmoid(mask_logits)  # what the area, binarisation and TV terms act on
+                # the mask read out through a steepening sigmoid (gradient: the plain one's); same binary mask
                 soft = plain + (torch.sigmoid(sharpness(step) * mask_logits) - plain).detach()
                 used = straight_through_binary(soft) if s.hard_mask else soft
                 kind = kinds.choice(s.backgrounds)
@@ -375,9 +376,9 @@ class MedCAM:
                 s.kl_weight * kl_loss(ref_logits[active], logits_e)
                 + s.ce_weight * decision(logits_e, ya)
                 + s.rob_weight * decision(logits_r, ya)
-                + s.area_weight * area(soft)
-                + s.bin_weight * crisp(soft)
-                + s.tv_weight * tv(soft)
+                + s.area_weight * area(plain)
+                + s.bin_weight * crisp(plain)
+                + s.tv_weight * tv(plain)
             )
             if act_loss is not None:
                 loss = loss + s.act_weight * act_loss([a[active] for a in ref_acts], [a[:n] for a in acts])

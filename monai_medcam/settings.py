@@ -58,10 +58,11 @@ class MedCAMSettings:
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.
-        sharpen_rate: the soft mask is ``sigmoid(beta * logits)`` with ``beta = 1 + sharpen_rate * step``,
-            while gradients flow as through the plain sigmoid (a straight-through estimator): the
-            mask ends near-binary without its pruning slowing down. 0 gives the paper's plain
-            sigmoid, whose background lingers at a few percent...
+        sharpen_rate: the returned soft mask is ``sigmoid(beta * logits)`` with ``beta = 1 +
+            sharpen_rate * step``: a steeper read-out of the same logits (the binary mask, the
+            area, binarisation and TV terms and all gradients are those of the plain sigmoid).
+            With ``binary_tol`` it makes the early stop wait until the logits are decisive, so the
+            soft mask ends near-binary. 0 reads out the paper's plain sigmoid...
         sharpen_max: ...up to this ``beta``.
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
