@@ -284,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--output", type=Path, default=ROOT / "docs")
-    parser.add_argument("--archs", nargs="+", choices=ARCHS, help="a subset of the preset's architectures")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, help="run only these; the report keeps the others' earlier results")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON report and classifier cache")
     parser.add_argument("--retrain", action="store_true", help="train the classifiers again instead of using the cache")
     args = parser.parse_args()
@@ -296,6 +296,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     report = {"preset": args.preset, "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
     json_path = args.results / f"quality_{args.preset}.json"
+    if args.archs and json_path.is_file():  # a subset run updates the earlier report's other architectures' sections
+        report["architectures"] = json.loads(json_path.read_text())["architectures"]
     for arch in args.archs or p["archs"]:
         net, layer, about, accuracy, train_seconds = trained(arch, p, args.preset, device, args.results / "models", args.retrain)
         print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
