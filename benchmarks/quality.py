@@ -52,7 +52,7 @@ PRESETS = {
 }
 # per architecture: AdamW's peak learning rate (one-cycle schedule) and epochs, found on cpu-small;
 # the layer-normalised models (ConvNeXt, ViT) stay at chance with 1e-3 and need standardised inputs
-RECIPES = {"resnet18": (1e-3, 6), "mobilenet_v2": (3e-3, 12), "convnext": (3e-4, 16), "vit": (2e-4, 8), "densenet121_3d": (1e-3, 8)}
+RECIPES = {"resnet18": (1e-3, 6), "mobilenet_v2": (3e-3, 12), "convnext": (5e-4, 24), "vit": (3e-4, 6), "densenet121_3d": (1e-3, 8)}
 MEAN, STD = 0.45, 0.25  # every classifier standardises its input (a forward pre-hook), as torchvision's transforms would
 COMBOS = [(b, lesion) for b in ("retina", "ihc", "radiology") for lesion in ("disc", "spots")]
 NAMES = {"resnet18": "torchvision ResNet-18", "mobilenet_v2": "torchvision MobileNet-V2", "convnext": "torchvision ConvNeXt",
