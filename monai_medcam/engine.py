@@ -48,7 +48,7 @@ class MedCAMResult:
 
     Attributes:
         mask: binary evidence mask ``(B, 1, *spatial)``, a MetaTensor with the input's metadata.
-        soft_mask: the mask network's sigmoid output ``(B, 1, *spatial)``.
+        soft_mask: the mask network's output through the steepened sigmoid (``sharpen_rate``) ``(B, 1, *spatial)``.
         label: explained class ``(B,)``.
         prob_input: probability of the label on the image ``(B,)``.
         prob_evidence: probability of the label on the binary evidence ``(B,)``.
