@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.baselines import extremal_perturbation, grad_cams, occlusion  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 from monai_medcam.demo.known_evidence import make_known_evidence, make_known_evidence_3d  # noqa: E402
+from monai_medcam.demo.train import fit  # noqa: E402
 from monai_medcam.visualize import save_panels  # noqa: E402
 from monai_medcam.writers import atomic_path  # noqa: E402
 
@@ -127,29 +127,13 @@ def trained(
     lr, epochs = RECIPES[arch]
     epochs = max(1, epochs * p["epoch_scale"])
     config = {"size": p["size"], "volume": p["volume"], "train": count, "epochs": epochs, "lr": lr, "small": p["small"], "input": [MEAN, STD]}
-    if not retrain and cache.is_file() and info.is_file() and json.loads(info.read_text())["config"] == config:
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    if not retrain and cache.is_file() and meta.get("config") == config:
         net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-        meta = json.loads(info.read_text())
         return net.to(device).eval(), layer, about, meta["accuracy"], meta["seconds"]
     x, y, _, _ = dataset(arch, count, p, seed=100)
-    net = net.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    batches = len(x) // 32
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * batches))
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        net.train()
-        order = torch.randperm(len(x))
-        for b in range(batches):
-            idx = order[b * 32 : (b + 1) * 32]
-            batch = x[idx].to(device)
-            if torch.rand(1).item() < 0.5:
-                batch = batch.flip(-1)
-            loss = F.cross_entropy(net(batch), y[idx].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    net = fit(net, x, y, epochs, max_lr=lr, weight_decay=0.05, device=device)
     seconds = time.perf_counter() - t0
     xt, yt, _, _ = dataset(arch, 300 if preset != "smoke" else 24, p, seed=200)
     accuracy = float((predict(net, xt, device) == yt).float().mean())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,32 +53,58 @@ def _data(count: int, seed: int, kind: str = "fundus") -> tuple[torch.Tensor, to
     return images, labels
 
 
+def fit(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    max_lr: float,
+    weight_decay: float,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> torch.nn.Module:
+    """Train ``network`` on ``images`` ``(N, C, *spatial)`` and ``labels`` ``(N,)``: AdamW with a
+    one-cycle schedule peaking at ``max_lr``, batches of 32, each batch mirrored with probability
+    1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. Returns the network, in train mode."""
+    network = network.to(device)
+    batches = len(images) // 32
+    optimizer = torch.optim.AdamW(network.parameters(), lr=max_lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, epochs * batches))
+    for epoch in range(epochs):
+        network.train()
+        order = torch.randperm(len(images))
+        for b in range(batches):
+            idx = order[b * 32 : (b + 1) * 32]
+            batch = images[idx].to(device)
+            if torch.rand(1).item() < 0.5:
+                batch = batch.flip(-1)
+            loss = F.cross_entropy(network(batch), labels[idx].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if on_epoch is not None:
+            on_epoch(epoch, loss.item())
+    return network
+
+
 def train(output: Path, epochs: int = 6, train_count: int = 2400, test_count: int = 400, kind: str = "fundus") -> float:
     """Train, save the state dict to ``output`` and return the test accuracy."""
     torch.manual_seed(0)
     x_train, y_train = _data(train_count, seed=0, kind=kind)
     x_test, y_test = _data(test_count, seed=10_000, kind=kind)
     network = KINDS[kind][4]()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * (train_count // 32))
-    for epoch in range(epochs):
-        network.train()
-        order = torch.randperm(train_count)
-        for start in range(0, train_count - 31, 32):
-            idx = order[start : start + 32]
-            batch = x_train[idx]
-            if torch.rand(1).item() < 0.5:
-                batch = batch.flip(-1)
-            loss = F.cross_entropy(network(batch), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        accuracy = evaluate(network, x_test, y_test)
-        logger.info("epoch %d: loss %.3f, test accuracy %.3f", epoch + 1, loss.item(), accuracy)
+
+    accuracies: list[float] = []
+
+    def report(epoch: int, loss: float) -> None:
+        accuracies.append(evaluate(network, x_test, y_test))
+        logger.info("epoch %d: loss %.3f, test accuracy %.3f", epoch + 1, loss, accuracies[-1])
+
+    fit(network, x_train, y_train, epochs, max_lr=3e-3, weight_decay=1e-4, on_epoch=report)
     with atomic_path(output) as tmp:
         torch.save(network.state_dict(), tmp)
-    return accuracy
+    return accuracies[-1]
 
 
 @torch.no_grad()
