@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_medcam.backgrounds import baseline_image
-from monai_medcam.classifiers import _patch_size, tokens_to_grid
+from monai_medcam.classifiers import FrozenClassifier, _patch_size, tokens_to_grid
 from monai_medcam.visualize import grad_cam, minmax_per_image
 
 __all__ = ["grad_cams", "occlusion", "extremal_perturbation"]
@@ -107,9 +107,6 @@ def extremal_perturbation(
     Args:
         area: the target area fraction per image ``(B,)`` (e.g. Med-CAM's evidence area).
     """
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     spatial = x.shape[2:]
     coarse = [max(2, s // stride) for s in spatial]
     blurred = baseline_image(x, "blur")
@@ -119,7 +116,7 @@ def extremal_perturbation(
     ranks = torch.arange(count, device=x.device)[None].float()
     target = (ranks >= count - (area.to(x.device)[:, None] * count).round()).float()  # sorted ascending: ones last
     mode = "bilinear" if x.ndim == 4 else "trilinear"
-    with torch.enable_grad():
+    with torch.enable_grad(), FrozenClassifier(net, []).frozen():  # eval mode, no weight gradients; restored after
         for step in range(steps):
             weight = 10.0 * 100.0 ** (step / max(steps - 1, 1))
             m = _smooth(F.interpolate(torch.sigmoid(param), size=spatial, mode=mode, align_corners=False), stride / 2)
@@ -130,6 +127,4 @@ def extremal_perturbation(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    for p in net.parameters():
-        p.requires_grad_(True)
     return m.detach()

@@ -33,6 +33,7 @@ from monai_medcam.losses import (
     straight_through_binary,
 )
 from monai_medcam.masknet import StackedMaskNet, pad_to_multiple
+from monai_medcam.metrics import non_binary_fraction
 from monai_medcam.settings import MedCAMSettings
 
 __all__ = ["MedCAM", "MedCAMResult"]
@@ -401,7 +402,7 @@ class MedCAM:
                 hard_out[active[unverified_yet]] = hard[unverified_yet]
                 areas = (hard.flatten(1).mean(1), soft.detach().flatten(1).mean(1))
                 if previous is not None:
-                    near_binary = ((soft.detach() > 0.01) & (soft.detach() < 0.99)).flatten(1).float().mean(1) <= s.binary_tol
+                    near_binary = non_binary_fraction(soft.detach()) <= s.binary_tol  # values within 0.01 of 0 or 1
                     calm = torch.where(ok & near_binary & self._stable(*areas, previous, s.stable_tol), calm + 1, 0)
                 done = (calm >= s.patience) & (step >= s.min_steps)
                 steps_out[active[done]] = step
