@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,9 @@ def test_quality_benchmark_smoke(tmp_path):
         assert 0 <= a["accuracy"] <= 1 and a["images"] == 2 and 0 <= a["correct"] <= 2
         assert 0 <= a["verified"] <= 1 and 0 <= a["non_binary"] <= 1 and 1 <= a["median_steps"] <= 10
         assert 0 < a["lesion_area"] < 0.1
+        assert 0 <= a["validity_images"] <= 8
+        for key in ("lesion_alone_keeps", "lesion_alone_backgrounds", "lesion_removed_flips"):
+            assert (a[key] is None) if a["validity_images"] == 0 else (0 <= a[key] <= 1), (arch, key, a[key])
         for r in a["rows"]:
             for key in ("iou", "kept", "kept_backgrounds", "area", "energy", "pointing", "insertion", "deletion"):
                 assert 0 <= r[key] <= 1, (arch, r["method"], key, r[key])
@@ -64,3 +68,32 @@ def test_quality_benchmark_smoke(tmp_path):
         assert (tmp_path / "models" / f"smoke-{arch}.pt").is_file()
     table = (tmp_path / "quality_smoke.md").read_text()
     assert table.count("| Med-CAM |") == 3 and "MONAI DenseNet121 (3D)" in table
+
+
+def test_with_removals_relabels_by_the_lesion_kept():
+    """Training images with regions removed keep their label only if they keep >= 90% of the lesion."""
+    pytest.importorskip("skimage")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.quality import with_removals
+    from monai_medcam.demo.known_evidence import make_known_evidence
+
+    d = make_known_evidence(24, 32, "retina", "disc", seed=5)
+    x, y, lesions = (torch.from_numpy(a) for a in (d.images, d.labels, d.lesion_masks))
+    out, out_y = with_removals(x, y, lesions, share=1.0, seed=1)
+    again, again_y = with_removals(x, y, lesions, share=1.0, seed=1)
+    assert torch.equal(out, again) and torch.equal(out_y, again_y)  # seeded
+    assert out.shape == x.shape and ((out_y == y) | (out_y == 0)).all()  # labels only ever become 0
+    changed = [i for i in range(len(x)) if not torch.equal(out[i], x[i])]
+    assert len(changed) >= len(x) // 2  # most images: those cutting through a lesion stay whole
+    relabelled = 0
+    for i in changed:
+        lesion = lesions[i, 0] > 0
+        if lesion.any():
+            kept = (out[i] == x[i]).all(0)[lesion].float().mean()
+            assert (kept >= 0.9 and out_y[i] == 1) or (kept <= 0.1 and out_y[i] == 0), (i, float(kept), int(out_y[i]))
+            relabelled += int(out_y[i] == 0)
+        else:
+            assert out_y[i] == 0
+    assert relabelled >= 1
+    _, unchanged_y = with_removals(x, y, lesions, share=0.0, seed=1)
+    assert torch.equal(unchanged_y, y)
