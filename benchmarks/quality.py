@@ -144,7 +144,8 @@ def with_removals(
             centre = torch.rand(len(spatial), 1, generator=g).view(-1, *[1] * len(spatial)) * scale
             radius = float(0.08 + 0.3 * torch.rand(1, generator=g)) * min(spatial)
             balls |= (grid - centre).pow(2).sum(0) <= radius**2
-        if keep_inside and lesion.any() and bool(torch.rand(1, generator=g) < 0.5):  # the lesion, a little dilated
+        if keep_inside and lesion.any() and bool(torch.rand(1, generator=g) < 0.5):  # the lesion, a little dilated:
+            # a ball at its centre with its volume (4.19 ~ 4 pi / 3) or area (3.14 ~ pi), radius plus 0-2
             centre = (grid * lesion).flatten(1).sum(1) / lesion.sum()
             radius = (lesion.sum().item() / (4.19 if len(spatial) == 3 else 3.14)) ** (1 / len(spatial)) + 2 * float(torch.rand(1, generator=g))
             balls |= (grid - centre.view(-1, *[1] * len(spatial))).pow(2).sum(0) <= radius**2
