@@ -135,20 +135,23 @@ def with_removals(
     out, out_labels = images.clone(), labels.clone()
     spatial = images.shape[2:]
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in spatial], indexing="ij"))
-    scale = torch.tensor(spatial, dtype=torch.float32).view(-1, *[1] * len(spatial))
+    scale = torch.tensor(spatial, dtype=torch.float32)
+
+    def ball(centre: torch.Tensor, radius: float) -> torch.Tensor:
+        return (grid - centre.view(-1, *[1] * len(spatial))).pow(2).sum(0) <= radius**2
+
     for i in torch.randperm(len(images), generator=g)[: int(share * len(images))].tolist():
         keep_inside = bool(torch.rand(1, generator=g) < 0.5)
         balls = torch.zeros(spatial, dtype=torch.bool)
         lesion = lesions[i, 0] > 0
         for _ in range(1 + int(torch.randint(3 if keep_inside else 2, (1,), generator=g))):
-            centre = torch.rand(len(spatial), 1, generator=g).view(-1, *[1] * len(spatial)) * scale
-            radius = float(0.08 + 0.3 * torch.rand(1, generator=g)) * min(spatial)
-            balls |= (grid - centre).pow(2).sum(0) <= radius**2
+            centre = torch.rand(len(spatial), generator=g) * scale
+            balls |= ball(centre, float(0.08 + 0.3 * torch.rand(1, generator=g)) * min(spatial))
         if keep_inside and lesion.any() and bool(torch.rand(1, generator=g) < 0.5):  # the lesion, a little dilated:
             # a ball at its centre with its volume (4.19 ~ 4 pi / 3) or area (3.14 ~ pi), radius plus 0-2
             centre = (grid * lesion).flatten(1).sum(1) / lesion.sum()
             radius = (lesion.sum().item() / (4.19 if len(spatial) == 3 else 3.14)) ** (1 / len(spatial)) + 2 * float(torch.rand(1, generator=g))
-            balls |= (grid - centre.view(-1, *[1] * len(spatial))).pow(2).sum(0) <= radius**2
+            balls |= ball(centre, radius)
         keep = balls if keep_inside else ~balls
         kept = float(keep[lesion].float().mean()) if lesion.any() else 1.0
         if 0.1 < kept < 0.9:
