@@ -23,9 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import time
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +49,12 @@ from monai_medcam.writers import atomic_path  # noqa: E402
 ARCHS = ("resnet18", "mobilenet_v2", "convnext", "vit", "densenet121_3d")
 PRESETS = {
     # CI: every code path, tiny training, ranges only
-    "smoke": dict(size=32, volume=32, archs=("mobilenet_v2", "vit", "densenet121_3d"), train=96, train_3d=24, epoch_scale=0, images=2,
-                  steps=10, extremal_steps=5, auc_steps=4, small=True, device="cpu"),
-    "cpu-small": dict(size=64, volume=32, archs=ARCHS, train=1800, train_3d=1200, epoch_scale=1, images=6, steps=300, extremal_steps=100,
-                      auc_steps=16, small=True, device="cpu"),
-    "cuda-224": dict(size=224, volume=96, archs=ARCHS, train=3600, train_3d=800, epoch_scale=1, images=32, steps=300, extremal_steps=150,
-                     auc_steps=32, small=False, device="cuda"),
+    "smoke": dict(size=32, volume=32, archs=("mobilenet_v2", "vit", "densenet121_3d"), train=96, train_3d=24, test=24, epoch_scale=0,
+                  images=2, steps=10, extremal_steps=5, auc_steps=4, small=True, device="cpu"),
+    "cpu-small": dict(size=64, volume=32, archs=ARCHS, train=1800, train_3d=1200, test=300, epoch_scale=1, images=6, steps=300,
+                      extremal_steps=100, auc_steps=16, small=True, device="cpu"),
+    "cuda-224": dict(size=224, volume=96, archs=ARCHS, train=3600, train_3d=800, test=300, epoch_scale=1, images=32, steps=300,
+                     extremal_steps=150, auc_steps=32, small=False, device="cuda"),
 }
 # per architecture: AdamW's peak learning rate (one-cycle schedule) and epochs, found on cpu-small;
 # the layer-normalised models (ConvNeXt, ViT) stay at chance with 1e-3 and need standardised inputs
@@ -58,6 +62,7 @@ RECIPES = {"resnet18": (1e-3, 6), "mobilenet_v2": (3e-3, 12), "convnext": (5e-4,
 # per architecture: share of training images with regions removed (with_removals); the 2D classifiers
 # pass the evidence checks without it, the 3D one does not (docs/benchmark.md)
 REMOVALS = {"densenet121_3d": 0.5}
+TRAIN_SEED, TEST_SEED, EXPLAINED_SEED = 100, 200, 300  # the datasets (dataset_keys lists them)
 MEAN, STD = 0.45, 0.25  # every classifier standardises its input (a forward pre-hook), as torchvision's transforms would
 COMBOS = [(b, lesion) for b in ("retina", "ihc", "radiology") for lesion in ("disc", "spots")]
 NAMES = {"resnet18": "torchvision ResNet-18", "mobilenet_v2": "torchvision MobileNet-V2", "convnext": "torchvision ConvNeXt",
@@ -84,8 +89,8 @@ def _build(arch: str, size: int, small: bool) -> tuple[torch.nn.Module, str, str
     if arch == "mobilenet_v2":
         return tv.mobilenet_v2(num_classes=2), "features.18", "mobilenet_v2"
     if arch == "convnext":
-        if not small:
-            return tv.convnext_tiny(num_classes=2), "features.7", "convnext_tiny"
+        if not small:  # layer scale 1 as below
+            return tv.convnext_tiny(num_classes=2, layer_scale=1.0), "features.7", "convnext_tiny, layer scale 1"
         dims = [(32, 64, 2), (64, 128, 2), (128, 256, 4), (256, None, 2)]
         # layer scale 1 instead of 1e-6: with 1e-6 the blocks start as identities and 64 px training stays at chance
         net = tv.ConvNeXt([CNBlockConfig(*d) for d in dims], layer_scale=1.0, num_classes=2)
@@ -108,16 +113,43 @@ def dataset(arch: str, count: int, p: dict, seed: int) -> tuple[torch.Tensor, to
     return _dataset(arch.endswith("_3d"), count, side, seed)
 
 
-@functools.lru_cache(maxsize=8)  # made once per run, not once per architecture (half a minute each at cpu-small)
-def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def _part(volumes: bool, count: int, side: int, seed: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Part ``k`` of a dataset: the volumes, or the 2D images of the k-th (background, lesion) combination."""
     if volumes:
         d = make_known_evidence_3d(count, side, seed=seed)
-        return torch.from_numpy(d.images), torch.from_numpy(d.labels), torch.from_numpy(d.lesion_masks), ["MRI"] * count
-    parts = [make_known_evidence(max(2, count // len(COMBOS)), side, b, lesion, seed=seed + k)
-             for k, (b, lesion) in enumerate(COMBOS)]
-    names = [f"{b}/{lesion}" for (b, lesion), d in zip(COMBOS, parts) for _ in d.labels]
-    cat = lambda field: torch.from_numpy(np.concatenate([getattr(d, field) for d in parts]))  # noqa: E731
-    return cat("images"), cat("labels"), cat("lesion_masks"), names
+    else:
+        background, lesion = COMBOS[k]
+        d = make_known_evidence(max(2, count // len(COMBOS)), side, background, lesion, seed=seed + k)
+    return d.images, d.labels, d.lesion_masks.astype(bool)  # bool: the same values, fewer bytes from a worker process
+
+
+_PENDING: dict[tuple, list[Future]] = {}
+
+
+def prefetch(keys: list[tuple[bool, int, int, int]], workers: int) -> None:
+    """Start making the datasets ``(volumes, count, side, seed)`` in worker processes; :func:`_dataset`
+    collects them. On a GPU the CPU would otherwise make them one after the other while the GPU waits."""
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))  # workers use numpy only
+    for key in sorted(set(keys), key=lambda key: (not key[0], -key[1])):  # the slowest (volumes, large sets) first
+        _PENDING[key] = [executor.submit(_part, *key, k) for k in range(1 if key[0] else len(COMBOS))]
+    executor.shutdown(wait=False)
+
+
+@functools.lru_cache(maxsize=8)  # made once per run, not once per architecture (half a minute each at cpu-small)
+def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    pending = _PENDING.pop((volumes, count, side, seed), None)
+    parts = [f.result() for f in pending] if pending else [_part(volumes, count, side, seed, k) for k in range(1 if volumes else len(COMBOS))]
+    names = ["MRI"] * count if volumes else [f"{b}/{lesion}" for (b, lesion), part in zip(COMBOS, parts) for _ in part[1]]
+    cat = lambda i: torch.from_numpy(np.concatenate([part[i] for part in parts]))  # noqa: E731
+    return cat(0), cat(1), cat(2).float(), names
+
+
+def dataset_keys(arch: str, p: dict) -> list[tuple[bool, int, int, int]]:
+    """The :func:`_dataset` keys an architecture's run uses: training, test and explained sets."""
+    volumes = arch.endswith("_3d")
+    side = p["volume"] if volumes else p["size"]
+    sets = ((p["train_3d" if volumes else "train"], TRAIN_SEED), (p["test"], TEST_SEED), (8 * p["images"], EXPLAINED_SEED))
+    return [(volumes, count, side, seed) for count, seed in sets]
 
 
 def with_removals(
@@ -189,13 +221,13 @@ def trained(
     if not retrain and cache.is_file() and meta.get("config") == config:
         net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
         return net.to(device).eval(), layer, about, meta["accuracy"], meta["seconds"]
-    x, y, lesions, _ = dataset(arch, count, p, seed=100)
+    x, y, lesions, _ = dataset(arch, count, p, seed=TRAIN_SEED)
     if removals:
         x, y = with_removals(x, y, lesions, removals, seed=101)
     t0 = time.perf_counter()
     net = fit(net, x, y, epochs, max_lr=lr, weight_decay=0.05, device=device)
     seconds = time.perf_counter() - t0
-    xt, yt, _, _ = dataset(arch, 300 if preset != "smoke" else 24, p, seed=200)
+    xt, yt, _, _ = dataset(arch, p["test"], p, seed=TEST_SEED)
     accuracy = float((predict(net, xt, device) == yt).float().mean())
     with atomic_path(cache) as tmp:
         torch.save(net.state_dict(), tmp)
@@ -230,7 +262,7 @@ def evidence_checks(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor) 
 
 def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch.device) -> dict:
     """Every method on lesion images the classifier gets right; returns the rows and the figure's maps."""
-    pool, labels, truth, names = dataset(arch, 8 * p["images"], p, seed=300)
+    pool, labels, truth, names = dataset(arch, 8 * p["images"], p, seed=EXPLAINED_SEED)
     predicted = predict(net, pool, device)
     # lesion images the classifier gets right first (then, for a weak classifier, the others),
     # spread over the backgrounds and lesion kinds
@@ -351,6 +383,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train (or load) one architecture's classifier, explain with every method, save its figure; its report section."""
+    started = time.perf_counter()
+    net, layer, about, accuracy, train_seconds = trained(arch, p, args.preset, device, args.results / "models", args.retrain)
+    print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
+    a = evaluate(arch, net, layer, p, device)
+    print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, non-binary {a['non_binary']:.2%}; "
+          f"{time.perf_counter() - started:.0f} s for this architecture", flush=True)
+    figure(args.output / "images" / f"quality_{args.preset}_{arch}.png", a.pop("figure"))
+    for r in a["rows"]:
+        print(f"  {r['method']:<28} IoU {r['iou']:.2f} kept {r['kept']:.2f} bg {r['kept_backgrounds']:.2f} area {r['area']:.2%} "
+              f"energy {r['energy']:.2f} ins {r['insertion']:.2f} del {r['deletion']:.2f} {r['s_per_image']:.3f} s", flush=True)
+    side = p["volume"] if arch.endswith("_3d") else p["size"]
+    shape = f"{side}^3 grayscale volumes" if arch.endswith("_3d") else f"{side} px RGB (grayscale radiology repeated)"
+    return dict(about=about, input=shape, accuracy=accuracy, train_seconds=train_seconds, **a)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
@@ -363,31 +412,31 @@ def main() -> None:
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible (use --preset cpu-small).")
+    archs = args.archs or p["archs"]
+    if device.type == "cuda":  # make every dataset ahead, in parallel, while the GPU trains and explains
+        prefetch([key for arch in archs for key in dataset_keys(arch, p)], workers=max(1, (os.cpu_count() or 2) - 1))
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products (the ConvNeXt and ViT MLPs)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     report = {"preset": args.preset, "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
     json_path = args.results / f"quality_{args.preset}.json"
     if args.archs and json_path.is_file():  # a subset run updates the earlier report's other architectures' sections
         report["architectures"] = json.loads(json_path.read_text())["architectures"]
-    for arch in args.archs or p["archs"]:
-        started = time.perf_counter()
-        net, layer, about, accuracy, train_seconds = trained(arch, p, args.preset, device, args.results / "models", args.retrain)
-        print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
-        a = evaluate(arch, net, layer, p, device)
-        print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, non-binary {a['non_binary']:.2%}; "
-              f"{time.perf_counter() - started:.0f} s for this architecture", flush=True)
-        figure(args.output / "images" / f"quality_{args.preset}_{arch}.png", a.pop("figure"))
-        side = p["volume"] if arch.endswith("_3d") else p["size"]
-        shape = f"{side}^3 grayscale volumes" if arch.endswith("_3d") else f"{side} px RGB (grayscale radiology repeated)"
-        report["architectures"][arch] = dict(about=about, input=shape, accuracy=accuracy, train_seconds=train_seconds, **a)
-        for r in a["rows"]:
-            print(f"  {r['method']:<28} IoU {r['iou']:.2f} kept {r['kept']:.2f} bg {r['kept_backgrounds']:.2f} area {r['area']:.2%} "
-                  f"energy {r['energy']:.2f} ins {r['insertion']:.2f} del {r['deletion']:.2f} {r['s_per_image']:.3f} s", flush=True)
+    failed = []
+    for arch in archs:
+        try:
+            report["architectures"][arch] = run_architecture(arch, p, args, device)
+        except Exception:  # one architecture's failure is reported; the others still run
+            traceback.print_exc()
+            failed.append(arch)
+            continue
         # after each architecture, so a cut-off run keeps what it measured
         with atomic_path(json_path) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))
         with atomic_path(args.output / f"quality_{args.preset}.md") as tmp:
             Path(tmp).write_text(markdown(report))
+    if failed:
+        sys.exit(f"quality benchmark: {', '.join(failed)} failed (traceback above); the report holds the others.")
     print(f"wrote {args.output}/quality_{args.preset}.md, {args.output}/images/quality_{args.preset}_*.png and {json_path}")
 
 

@@ -159,6 +159,7 @@ class MedCAM:
         self.settings = MedCAMSettings.from_kwargs(**settings)
         self.classifier = FrozenClassifier(nn_module, target_layers, layer_weights, layer_distances)
         self.nn_module = nn_module
+        self._fits: int | None = None  # the most images optimised together that fitted in GPU memory, once one did not
 
     def __call__(self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Binary evidence masks ``(B, 1, *spatial)`` for ``x`` ``(B, C, *spatial)``, as a MetaTensor."""
@@ -225,9 +226,41 @@ class MedCAM:
     def explain(
         self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None
     ) -> MedCAMResult:
-        """Explain ``x`` ``(B, C, *spatial)``; ``class_idx`` (one for all or one per image) defaults to the prediction."""
+        """Explain ``x`` ``(B, C, *spatial)``; ``class_idx`` (one for all or one per image) defaults to the prediction.
+
+        A batch that does not fit in GPU memory is explained in halves (then quarters, ...), and
+        later calls start from the size that fitted; the images' results do not depend on it.
+        """
         data = self._check_input(x)
         start = time.perf_counter()
+        result = self._explain_in_parts(data, class_idx)
+        result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
+        result.mask = MetaTensor(result.mask)
+        if isinstance(x, MetaTensor):
+            result.mask.copy_meta_from(x, copy_attr=False)
+        return result
+
+    def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
+        count = data.shape[0]
+        per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
+        labels = torch.as_tensor(class_idx).flatten() if per_image else None
+        size = min(count, self._fits or count)
+        parts = []
+        for begin in range(0, count, size):
+            part = slice(begin, begin + size)
+            try:
+                parts.append(self._explain(data[part], labels[part] if per_image else class_idx))
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self._fits = max(1, size // 2)
+                logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
+                torch.cuda.empty_cache()
+                parts.append(self._explain_in_parts(data[part], labels[part] if per_image else class_idx))
+        return MedCAMResult.concat(parts)
+
+    def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
+        """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds`` unset)."""
         s = self.settings
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
@@ -266,12 +299,8 @@ class MedCAM:
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)
                 probs = checks.gather(2, label[None, :, None].expand(len(checks), -1, 1))[..., 0]
                 prob_evidence, prob_background = probs[0], probs[1:].amin(0)
-        seconds = (time.perf_counter() - start) / data.shape[0]
-        mask = MetaTensor(attempt.hard)
-        if isinstance(x, MetaTensor):
-            mask.copy_meta_from(x, copy_attr=False)
         return MedCAMResult(
-            mask=mask,
+            mask=attempt.hard,
             soft_mask=attempt.soft,
             label=label,
             prob_input=prob_input,
@@ -282,7 +311,7 @@ class MedCAM:
             area=attempt.hard.flatten(1).mean(1),
             steps=attempt.steps,
             retries=retries,
-            seconds=torch.full((data.shape[0],), seconds),
+            seconds=torch.zeros(data.shape[0]),
         )
 
     def _optimise_unless_skipped(

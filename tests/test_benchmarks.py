@@ -97,3 +97,26 @@ def test_with_removals_relabels_by_the_lesion_kept():
     assert relabelled >= 1
     _, unchanged_y = with_removals(x, y, lesions, share=0.0, seed=1)
     assert torch.equal(unchanged_y, y)
+
+
+def test_prefetched_datasets_equal_those_made_in_process():
+    """The GPU preset makes its datasets in worker processes ahead of time: the same tensors as made in process."""
+    pytest.importorskip("skimage")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import quality
+
+    keys = [(False, 12, 32, 7), (True, 3, 32, 8)]
+    quality.prefetch(keys, workers=2)
+    assert set(quality._PENDING) == set(keys)
+    try:
+        ahead = [quality._dataset.__wrapped__(*key) for key in keys]
+        assert not quality._PENDING  # each collected, and forgotten, once
+    finally:
+        quality._PENDING.clear()
+    for key, (images, labels, lesions, names) in zip(keys, ahead):
+        serial = quality._dataset.__wrapped__(*key)
+        assert images.shape[0] == lesions.shape[0] == len(names) == (12 if not key[0] else 3)
+        assert lesions.dtype == torch.float32 and set(lesions.unique().tolist()) == {0.0, 1.0}
+        for a, b in zip((images, labels, lesions), serial[:3]):
+            assert torch.equal(a, b)
+        assert names == serial[3]

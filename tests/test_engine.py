@@ -209,3 +209,33 @@ def test_baselines_and_soft_mode_run(baseline, hard_mask):
                     backgrounds=("batch", "gaussian"), max_retries=0).explain(region_images(2))
     assert result.mask.shape == (2, 1, 32, 32)
     assert torch.isfinite(result.soft_mask).all()
+
+
+def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplog):
+    # stand-in for a GPU that holds at most two images' optimisation: the batch of five is split
+    # into halves until each part fits, later calls start from the size that fitted, and every
+    # image's result is the one it gets in a batch that fits (exact with deterministic kernels)
+    x = region_images(5, seed=5)
+    explainer = MedCAM(RegionClassifier(), steps=60, max_retries=0)
+    optimise, sizes = MedCAM._optimise, []
+
+    def small_gpu(self, x, *args):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return optimise(self, x, *args)
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        reference = explainer.explain(x)
+        monkeypatch.setattr(MedCAM, "_optimise", small_gpu)
+        with caplog.at_level("WARNING", logger="monai_medcam.engine"):
+            parts = explainer.explain(x, class_idx=[1, 1, 1, 1, 1])
+        assert sizes == [5, 2, 2, 1]  # all five fail together, then 2 + 2 + 1 fit
+        assert "out of GPU memory with 5 images at once; explaining them 2 at a time" in caplog.text
+        assert torch.equal(parts.soft_mask, reference.soft_mask) and torch.equal(parts.steps, reference.steps)
+        assert isinstance(parts.mask, MetaTensor) and parts.mask.shape == (5, 1, 32, 32)
+        assert parts.seconds.shape == (5,) and (parts.seconds > 0).all()
+        sizes.clear()
+        again = explainer.explain(x)
+    assert sizes == [2, 2, 1]  # no failed attempt the second time
+    assert torch.equal(again.soft_mask, reference.soft_mask)

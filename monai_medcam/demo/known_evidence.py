@@ -183,8 +183,9 @@ def mri_volume() -> np.ndarray:
 
 
 def _ball(shape: tuple[int, ...], centre, radius: float) -> np.ndarray:
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
-    return ((grid - np.asarray(centre, float).reshape(-1, 1, 1, 1)) ** 2).sum(0) <= radius**2
+    """Boolean ``shape`` array, True within ``radius`` of ``centre`` (squared distances broadcast per axis)."""
+    axes = [np.arange(n, dtype=float).reshape([-1 if k == a else 1 for k in range(len(shape))]) for a, n in enumerate(shape)]
+    return sum((axis - c) ** 2 for axis, c in zip(axes, np.asarray(centre, float))) <= radius**2
 
 
 def make_known_evidence_3d(count: int, size: int = 32, seed: int = 0) -> KnownEvidence:
