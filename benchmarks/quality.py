@@ -414,7 +414,8 @@ def main() -> None:
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible (use --preset cpu-small).")
     archs = args.archs or p["archs"]
     if device.type == "cuda":  # make every dataset ahead, in parallel, while the GPU trains and explains
-        prefetch([key for arch in archs for key in dataset_keys(arch, p)], workers=max(1, (os.cpu_count() or 2) - 1))
+        # half the cores: the explainers' steps are host-bound and need theirs
+        prefetch([key for arch in archs for key in dataset_keys(arch, p)], workers=max(1, (os.cpu_count() or 2) // 2))
         torch.set_float32_matmul_precision("high")  # TF32 matrix products (the ConvNeXt and ViT MLPs)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -41,6 +42,23 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
+
+
+@contextmanager
+def _without_cudnn_autotuning() -> Iterator[None]:
+    """Turn cuDNN's benchmark mode off while explaining, and restore it after.
+
+    Benchmark mode (common in training scripts) tunes the convolution kernels for every new input
+    shape. Med-CAM's batch shrinks as images finish and its checks run at other batch sizes, so it
+    would tune again and again: the likely main cause of 4.8 s/image in the quality benchmark's
+    first H100 run, against 0.27 s/image without it (docs/performance.md).
+    """
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @dataclass
@@ -233,7 +251,8 @@ class MedCAM:
         """
         data = self._check_input(x)
         start = time.perf_counter()
-        result = self._explain_in_parts(data, class_idx)
+        with _without_cudnn_autotuning():
+            result = self._explain_in_parts(data, class_idx)
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):

@@ -239,3 +239,18 @@ def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplo
         again = explainer.explain(x)
     assert sizes == [2, 2, 1]  # no failed attempt the second time
     assert torch.equal(again.soft_mask, reference.soft_mask)
+
+
+def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeypatch):
+    # benchmark mode would re-tune cuDNN's kernels each time the batch shrinks (finished images leave)
+    optimise, seen = MedCAM._optimise, []
+
+    def spy(self, *args):
+        seen.append(torch.backends.cudnn.benchmark)
+        return optimise(self, *args)
+
+    monkeypatch.setattr(MedCAM, "_optimise", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    MedCAM(RegionClassifier(), steps=5, max_retries=0).explain(region_images(1))
+    assert seen == [False]
+    assert torch.backends.cudnn.benchmark is True
