@@ -32,7 +32,7 @@ def test_speed_benchmark_smoke(tmp_path):
         assert 0 <= row["area"] <= 1
         if setting.startswith("Med-CAM"):
             assert 0 <= row["verified"] <= 1 and 0 <= row["kept"] <= 1 and 0 <= row["iou"] <= 1
-            assert 1 <= row["median_steps"] <= 20
+            assert 1 <= row["median_steps"] <= row["max_steps"] <= 60  # smoke: 20 steps, then one retry of 40
 
 
 @pytest.mark.timeout(900)
