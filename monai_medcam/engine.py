@@ -260,6 +260,7 @@ class MedCAM:
         return result
 
     def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
+        """Parts of at most ``self._fits`` images, one after the other; a part out of GPU memory is halved."""
         count = data.shape[0]
         per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
         labels = torch.as_tensor(class_idx).flatten() if per_image else None
