@@ -281,7 +281,7 @@ class MedCAM:
 
     def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
         """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds`` unset)."""
-        s = self.settings
+        s = self.settings.for_spatial_dims(data.ndim - 2)
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
             label = self._labels(class_idx, ref_logits)

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 
 from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
 
-__all__ = ["MedCAMSettings"]
+__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS"]
+
+# defaults that differ between 2D images and 3D volumes (a setting left at None takes these);
+# tuned on the known-evidence benchmark (docs/settings.md)
+BY_SPATIAL_DIMS: dict[str, dict[int, float]] = {"area_weight": {2: 20.0, 3: 120.0}, "lr_decay": {2: 0.97, 3: 0.99}}
 
 
 @dataclass
@@ -28,7 +32,7 @@ class MedCAMSettings:
         kl_weight: KL between the output distributions on image and evidence (lambda_KL).
         kl_temperature: temperature of that KL.
         ce_weight: cross-entropy of the explained label on the evidence (lambda_CE).
-        area_weight: evidence area, mean of the mask (lambda_area).
+        area_weight: evidence area, mean of the mask (lambda_area); ``None``: 20 for 2D images, 120 for 3D volumes.
         bin_weight: binarisation, mean of ``m (1 - m)`` (lambda_bin).
         tv_weight: total variation of the mask (lambda_tv).
         rob_weight: cross-entropy of the label when the outside of the mask is random (lambda_rob).
@@ -44,7 +48,8 @@ class MedCAMSettings:
         steps: most optimisation steps per attempt.
         min_steps: no early stop before this many steps.
         lr: Adam's initial learning rate.
-        lr_decay: the learning rate is multiplied by this every step (a fast start, then a settled mask)...
+        lr_decay: the learning rate is multiplied by this every step (a fast start, then a settled mask;
+            ``None``: 0.97 for 2D images, 0.99 for 3D volumes)...
         lr_floor: ...down to this fraction of ``lr``.
         check_every: steps between checks of the binary mask (verification and stability).
         stable_tol: the mask has settled when its binary and soft areas changed by less than this
@@ -75,7 +80,7 @@ class MedCAMSettings:
     kl_weight: float = 5.0
     kl_temperature: float = 2.0
     ce_weight: float = 15.0
-    area_weight: float = 20.0
+    area_weight: float | None = None
     bin_weight: float = 2.0
     tv_weight: float = 20.0
     rob_weight: float = 10.0
@@ -85,7 +90,7 @@ class MedCAMSettings:
     steps: int = 300
     min_steps: int = 40
     lr: float = 2e-2
-    lr_decay: float = 0.97
+    lr_decay: float | None = None
     lr_floor: float = 0.05
     check_every: int = 5
     stable_tol: float = 0.03
@@ -105,6 +110,8 @@ class MedCAMSettings:
     def __post_init__(self) -> None:
         for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight"):
             value = getattr(self, name)
+            if value is None and name in BY_SPATIAL_DIMS:
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         for name in ("steps", "check_every", "patience", "verify_backgrounds"):
@@ -116,7 +123,7 @@ class MedCAMSettings:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")
         if not self.lr > 0 or not self.kl_temperature > 0:
             raise ValueError(f"lr and kl_temperature must be > 0, got {self.lr!r} and {self.kl_temperature!r}.")
-        if not 0 < self.lr_decay <= 1 or not 0 < self.lr_floor <= 1:
+        if not (self.lr_decay is None or 0 < self.lr_decay <= 1) or not 0 < self.lr_floor <= 1:
             raise ValueError(f"lr_decay and lr_floor must lie in (0, 1], got {self.lr_decay!r} and {self.lr_floor!r}.")
         if not 0 <= self.binary_tol <= 1:
             raise ValueError(f"binary_tol must lie in [0, 1], got {self.binary_tol!r}.")
@@ -133,6 +140,11 @@ class MedCAMSettings:
         self.mask_features = tuple(int(f) for f in self.mask_features)
         if len(self.mask_features) != 6 or min(self.mask_features) < 1:
             raise ValueError(f"mask_features must be six positive integers, got {self.mask_features!r}.")
+
+    def for_spatial_dims(self, spatial_dims: int) -> MedCAMSettings:
+        """These settings with the 2D or 3D defaults (:data:`BY_SPATIAL_DIMS`) in place of ``None``."""
+        fill = {name: by[spatial_dims] for name, by in BY_SPATIAL_DIMS.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **fill) if fill else self
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> MedCAMSettings:

@@ -254,3 +254,23 @@ def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeyp
     MedCAM(RegionClassifier(), steps=5, max_retries=0).explain(region_images(1))
     assert seen == [False]
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
+    # volumes need a stronger area term and a slower decay (docs/settings.md); explicit values win
+    s = MedCAMSettings()
+    assert (s.for_spatial_dims(2).area_weight, s.for_spatial_dims(2).lr_decay) == (20.0, 0.97)
+    assert (s.for_spatial_dims(3).area_weight, s.for_spatial_dims(3).lr_decay) == (120.0, 0.99)
+    assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
+    optimise, seen = MedCAM._optimise, []
+
+    def spy(self, x, *args):
+        seen.append((x.ndim, args[-1].area_weight, args[-1].lr_decay))
+        return optimise(self, x, *args)
+
+    monkeypatch.setattr(MedCAM, "_optimise", spy)
+    explainer = MedCAM(RegionClassifier(), steps=2, max_retries=0)
+    explainer.explain(region_images(1))
+    explainer3d = MedCAM(RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3), steps=2, max_retries=0)
+    explainer3d.explain(torch.rand(1, 1, 16, 16, 16))
+    assert seen == [(4, 20.0, 0.97), (5, 120.0, 0.99)]

@@ -153,8 +153,7 @@ def test_explain_job_puts_evidence_on_the_right_instances(dims, tmp_path):
     items, _ = find_inputs(tmp_path / "box")
     size = (32, 32, 32) if dims == 3 else (32, 32)
     net = RegionClassifier(size=32, spatial_dims=dims, threshold=0.6)
-    # volumes need a slower learning-rate decay than the 2D default to shrink from the full mask (docs/settings.md)
-    settings = dict(max_retries=0, seed=0, lr_decay=0.99 if dims == 3 else 0.97)
+    settings = dict(max_retries=0, seed=0)  # the 3D defaults (area weight 120, lr decay 0.99) for the volume
     report = explain_inputs(net, items, tmp_path / "out", ("seg", "nifti"), spatial_dims=dims, channels=1, size=size,
                             target_layers=[], progress=False, **settings)
     assert report.failures == {}
@@ -168,9 +167,10 @@ def test_explain_job_puts_evidence_on_the_right_instances(dims, tmp_path):
     inside = (mask.astype(bool) & box).sum() / max(mask.sum(), 1)
     on_box_slices = [k for k in range(12) if mask[..., k].any()]
     if dims == 3:
-        assert inside > 0.4, f"{inside:.2f} of the evidence in the box"  # 0.57 measured; 0.10 with lr_decay 0.97
+        assert inside > 0.4, f"{inside:.2f} of the evidence in the box"  # 0.69 measured; 0.10 with the 2D defaults
         assert box[..., 3:6].sum() * 0.9 <= (mask.astype(bool) & box).sum()  # the box itself is kept
-        assert set(on_box_slices) <= {1, 2, 3, 4, 5, 6, 7}
+        off = mask[..., [k for k in range(12) if not 2 <= k <= 6]].sum()  # away from the box's slices 3-5
+        assert off <= 0.02 * mask.sum(), f"{off} of {mask.sum()} evidence voxels on slices {on_box_slices}"  # 4 of 840 measured
     else:  # slices without the box are explained as class 0; the box slices' evidence is on the box
         rows = [r for r in report.rows if r["label"] == 1]
         assert sorted(int(r["slice"]) for r in rows) == [3, 4, 5]
