@@ -260,7 +260,8 @@ class MedCAM:
         return result
 
     def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
-        """Parts of at most ``self._fits`` images, one after the other; a part out of GPU memory is halved."""
+        """Parts of at most ``self._fits`` images, one after the other; once a part runs out of GPU
+        memory, it and the images after it are explained in parts of half its size."""
         count = data.shape[0]
         per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
         labels = torch.as_tensor(class_idx).flatten() if per_image else None
@@ -276,7 +277,9 @@ class MedCAM:
                 self._fits = max(1, size // 2)
                 logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
                 torch.cuda.empty_cache()
-                parts.append(self._explain_in_parts(data[part], labels[part] if per_image else class_idx))
+                rest = slice(begin, None)  # the later parts would not fit either
+                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx))
+                break
         return MedCAMResult.concat(parts)
 
     def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
