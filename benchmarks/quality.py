@@ -107,10 +107,19 @@ def _build(arch: str, size: int, small: bool) -> tuple[torch.nn.Module, str, str
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}.")
 
 
+def _side(arch: str, p: dict) -> int:
+    """The side of an architecture's inputs: the volume's for 3D, the image's for 2D."""
+    return p["volume"] if arch.endswith("_3d") else p["size"]
+
+
 def dataset(arch: str, count: int, p: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Images, labels, lesion masks and the background of each image (the same for every 2D architecture)."""
-    side = p["volume"] if arch.endswith("_3d") else p["size"]
-    return _dataset(arch.endswith("_3d"), count, side, seed)
+    return _dataset(arch.endswith("_3d"), count, _side(arch, p), seed)
+
+
+def _part_count(volumes: bool) -> int:
+    """A volume dataset is one part; a 2D one has a part per (background, lesion) combination."""
+    return 1 if volumes else len(COMBOS)
 
 
 def _part(volumes: bool, count: int, side: int, seed: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,14 +140,14 @@ def prefetch(keys: list[tuple[bool, int, int, int]], workers: int) -> None:
     collects them. On a GPU the CPU would otherwise make them one after the other while the GPU waits."""
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))  # workers use numpy only
     for key in sorted(set(keys), key=lambda key: (not key[0], -key[1])):  # the slowest (volumes, large sets) first
-        _PENDING[key] = [executor.submit(_part, *key, k) for k in range(1 if key[0] else len(COMBOS))]
+        _PENDING[key] = [executor.submit(_part, *key, k) for k in range(_part_count(key[0]))]
     executor.shutdown(wait=False)
 
 
 @functools.lru_cache(maxsize=8)  # made once per run, not once per architecture (half a minute each at cpu-small)
 def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     pending = _PENDING.pop((volumes, count, side, seed), None)
-    parts = [f.result() for f in pending] if pending else [_part(volumes, count, side, seed, k) for k in range(1 if volumes else len(COMBOS))]
+    parts = [f.result() for f in pending] if pending else [_part(volumes, count, side, seed, k) for k in range(_part_count(volumes))]
     names = ["MRI"] * count if volumes else [f"{b}/{lesion}" for (b, lesion), part in zip(COMBOS, parts) for _ in part[1]]
     cat = lambda i: torch.from_numpy(np.concatenate([part[i] for part in parts]))  # noqa: E731
     return cat(0), cat(1), cat(2).float(), names
@@ -147,9 +156,8 @@ def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Ten
 def dataset_keys(arch: str, p: dict) -> list[tuple[bool, int, int, int]]:
     """The :func:`_dataset` keys an architecture's run uses: training, test and explained sets."""
     volumes = arch.endswith("_3d")
-    side = p["volume"] if volumes else p["size"]
     sets = ((p["train_3d" if volumes else "train"], TRAIN_SEED), (p["test"], TEST_SEED), (8 * p["images"], EXPLAINED_SEED))
-    return [(volumes, count, side, seed) for count, seed in sets]
+    return [(volumes, count, _side(arch, p), seed) for count, seed in sets]
 
 
 def with_removals(
@@ -395,7 +403,7 @@ def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch
     for r in a["rows"]:
         print(f"  {r['method']:<28} IoU {r['iou']:.2f} kept {r['kept']:.2f} bg {r['kept_backgrounds']:.2f} area {r['area']:.2%} "
               f"energy {r['energy']:.2f} ins {r['insertion']:.2f} del {r['deletion']:.2f} {r['s_per_image']:.3f} s", flush=True)
-    side = p["volume"] if arch.endswith("_3d") else p["size"]
+    side = _side(arch, p)
     shape = f"{side}^3 grayscale volumes" if arch.endswith("_3d") else f"{side} px RGB (grayscale radiology repeated)"
     return dict(about=about, input=shape, accuracy=accuracy, train_seconds=train_seconds, **a)
 
