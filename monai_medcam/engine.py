@@ -7,6 +7,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
                     classifier(e), classifier(m x + (1 - m) r) -> per-image loss -> Adam step
     every check_every steps: binary mask verified?  near-binary?  stable?  -> finished images leave the batch
     images still unverified -> retried with more steps and a lower area weight
+    verified masks still large -> restarted from another seed; the smallest verified mask is kept
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
+RESTART_SEED_STEP = 104729  # restart k uses seed + k * this, far from the seeds a user would compare
 
 
 @contextmanager
@@ -76,7 +78,7 @@ class MedCAMResult:
         vacuous: the classifier already gives the label with no evidence at all ``(B,)``.
         area: fraction of pixels in the binary mask ``(B,)``.
         steps: optimisation steps spent, over all attempts ``(B,)``.
-        retries: attempts after the first ``(B,)``.
+        retries: attempts after the first (retries of unverified masks and restarts of large ones) ``(B,)``.
         seconds: wall time of the batch divided by B (the amortised time per image) ``(B,)``.
     """
 
@@ -304,19 +306,36 @@ class MedCAM:
             skipped = vacuous if s.skip_vacuous else torch.zeros_like(vacuous)
             attempt = self._optimise_unless_skipped(data, label, ref_logits, ref_acts, base, x_blurred, s, skipped)
             retries = torch.zeros_like(attempt.steps)
+
+            def try_again(todo: torch.Tensor, settings: MedCAMSettings, only_if_smaller: bool) -> None:
+                """Optimise the images ``todo`` once more; take the new masks (all, or the smaller verified ones)."""
+                again = self._optimise(
+                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], settings
+                )
+                attempt.steps[todo] += again.steps
+                retries[todo] += 1
+                take = torch.ones_like(again.verified)
+                if only_if_smaller:
+                    take = again.verified & (again.hard.flatten(1).mean(1) < attempt.hard[todo].flatten(1).mean(1))
+                for name in ("soft", "hard", "verified"):
+                    getattr(attempt, name)[todo[take]] = getattr(again, name)[take]
+
             for retry in range(1, s.max_retries + 1):
                 todo = (~attempt.verified & ~skipped).nonzero().flatten()
                 if len(todo) == 0:
                     break
                 harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
                 logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
-                again = self._optimise(
-                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], harder
-                )
-                attempt.steps[todo] += again.steps
-                retries[todo] += 1
-                for name in ("soft", "hard", "verified"):
-                    getattr(attempt, name)[todo] = getattr(again, name)
+                try_again(todo, harder, only_if_smaller=False)
+            # with fewer steps than min_steps no mask can settle: a large one is unfinished, not stalled
+            for restart in range(1, s.restarts + 1 if s.steps >= s.min_steps else 1):
+                large = attempt.verified & ~vacuous & (attempt.hard.flatten(1).mean(1) > s.restart_above)
+                todo = large.nonzero().flatten()
+                if len(todo) == 0:
+                    break
+                seed = s.seed + RESTART_SEED_STEP * restart
+                logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
+                try_again(todo, replace(s, seed=seed), only_if_smaller=True)
             with torch.no_grad():
                 prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)

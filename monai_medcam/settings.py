@@ -60,6 +60,12 @@ class MedCAMSettings:
         verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
         max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
             halves ``area_weight``.
+        restarts: the optimisation is chaotic and now and then stalls near "keep everything"; a
+            verified mask that keeps more than ``restart_above`` of the image is optimised again
+            from another seed, at most this many times (each restart its own seed), and the
+            smallest verified mask is kept. Vacuous images are not restarted, nor any image when
+            ``steps < min_steps`` (no mask can settle then). 0 turns restarts off...
+        restart_above: ...this fraction of the image.
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.
@@ -98,6 +104,8 @@ class MedCAMSettings:
     patience: int = 1
     verify_backgrounds: int = 8
     max_retries: int = 1
+    restarts: int = 2
+    restart_above: float = 0.1
     skip_vacuous: bool = False
     sharpen_rate: float = 0.07
     sharpen_max: float = 8.0
@@ -117,8 +125,11 @@ class MedCAMSettings:
         for name in ("steps", "check_every", "patience", "verify_backgrounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}.")
+        for name in ("max_retries", "restarts"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}.")
+        if not 0 <= self.restart_above <= 1:
+            raise ValueError(f"restart_above must lie in [0, 1], got {self.restart_above!r}.")
         if not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")
         if not self.lr > 0 or not self.kl_temperature > 0:

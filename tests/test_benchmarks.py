@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -68,6 +69,31 @@ def test_quality_benchmark_smoke(tmp_path):
         assert (tmp_path / "models" / f"smoke-{arch}.pt").is_file()
     table = (tmp_path / "quality_smoke.md").read_text()
     assert table.count("| Med-CAM |") == 3 and "MONAI DenseNet121 (3D)" in table
+    # the settings sweep on the classifier just cached: one row per setting, values in their ranges
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "2",
+         "--results", str(tmp_path), "--setting", "", "--setting", "restarts=0, area_weight=40"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| mobilenet_v2")]
+    assert [r[1].strip() for r in rows] == ["`defaults`", "`restarts=0, area_weight=40`"]
+    for r in rows:
+        iou, energy, kept, background = (float(r[i]) for i in (2, 3, 6, 7))
+        assert all(0 <= v <= 1 for v in (iou, energy, kept, background)), r
+        assert 0 <= float(r[4].strip(" %")) <= 100 and 0 <= float(r[5].strip(" %")) <= 100
+        assert 1 <= float(r[8]) <= 30  # smoke: 10 steps, a retry of 20 if unverified; no restarts below min_steps
+
+
+def test_sweep_setting_parsing():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.sweep import parse_setting
+
+    assert parse_setting("") == {}
+    assert parse_setting("area_weight=40, lr_decay=0.98,hard_mask=False") == {"area_weight": 40, "lr_decay": 0.98, "hard_mask": False}
+    with pytest.raises(argparse.ArgumentTypeError, match="not name=value"):
+        parse_setting("area_weight")
+    assert parse_setting("baseline=blur,backgrounds=('zeros',)") == {"baseline": "blur", "backgrounds": ("zeros",)}
 
 
 def test_with_removals_relabels_by_the_lesion_kept():

@@ -8,6 +8,7 @@ import torch.nn as nn
 from monai.data import MetaTensor
 
 from monai_medcam import MedCAM, MedCAMSettings
+from monai_medcam.engine import RESTART_SEED_STEP
 from tests.toys import RegionClassifier, region_images
 
 REGION = (slice(8, 16), slice(8, 16))
@@ -195,6 +196,8 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"sharpen_max": 0.5}, "sharpen_max >= 1"),
         ({"sharpen_rate": -0.1}, "sharpen_rate must be >= 0"),
         ({"binary_tol": 2}, "binary_tol must lie in"),
+        ({"restarts": -1}, "restarts must be an integer >= 0"),
+        ({"restart_above": 1.5}, "restart_above must lie in"),
     ],
 )
 def test_bad_settings(kwargs, message):
@@ -216,7 +219,7 @@ def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplo
     # into halves until each part fits, later calls start from the size that fitted, and every
     # image's result is the one it gets in a batch that fits (exact with deterministic kernels)
     x = region_images(5, seed=5)
-    explainer = MedCAM(RegionClassifier(), steps=60, max_retries=0)
+    explainer = MedCAM(RegionClassifier(), steps=60, max_retries=0, restarts=0)  # one _optimise call per part
     optimise, sizes = MedCAM._optimise, []
 
     def small_gpu(self, x, *args):
@@ -252,7 +255,7 @@ def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeyp
     monkeypatch.setattr(MedCAM, "_optimise", spy)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     MedCAM(RegionClassifier(), steps=5, max_retries=0).explain(region_images(1))
-    assert seen == [False]
+    assert seen and not any(seen)  # every attempt (the first and any restarts)
     assert torch.backends.cudnn.benchmark is True
 
 
@@ -269,8 +272,32 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
         return optimise(self, x, *args)
 
     monkeypatch.setattr(MedCAM, "_optimise", spy)
-    explainer = MedCAM(RegionClassifier(), steps=2, max_retries=0)
+    explainer = MedCAM(RegionClassifier(), steps=2, max_retries=0, restarts=0)
     explainer.explain(region_images(1))
-    explainer3d = MedCAM(RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3), steps=2, max_retries=0)
+    explainer3d = MedCAM(RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3), steps=2, max_retries=0, restarts=0)
     explainer3d.explain(torch.rand(1, 1, 16, 16, 16))
     assert seen == [(4, 20.0, 0.97), (5, 120.0, 0.99)]
+
+
+def test_large_verified_masks_are_restarted_and_the_smallest_kept():
+    # restart_above=0: every verified mask is optimised again from two other seeds; the result is,
+    # per image, the smallest verified of the three runs, with all their steps counted
+    x = region_images(2)
+    seeds = [k * RESTART_SEED_STEP for k in range(3)]
+    runs = [MedCAM(RegionClassifier(), steps=100, max_retries=0, restarts=0, seed=seed).explain(x) for seed in seeds]
+    assert all(r.verified.all() for r in runs)
+    best = MedCAM(RegionClassifier(), steps=100, max_retries=0, restarts=2, restart_above=0.0).explain(x)
+    assert best.verified.all()
+    assert best.retries.tolist() == [2, 2]
+    assert best.steps.tolist() == sum(r.steps for r in runs).tolist()
+    areas = torch.stack([r.area for r in runs])  # (3 seeds, 2 images)
+    assert len({tuple(a.tolist()) for a in areas}) > 1, "the seeds should give different masks"
+    for i, seed in enumerate(areas.argmin(0).tolist()):  # ties go to the earlier seed, as in the engine
+        assert torch.equal(best.mask[i].as_tensor(), runs[seed].mask[i].as_tensor()), f"image {i}"
+        assert best.area[i] == areas[:, i].min()
+    # with the default threshold (10% of the image) these small masks are not restarted, and with
+    # fewer steps than min_steps (no mask can settle) none is, whatever its size
+    assert runs[0].area.max() < 0.1
+    assert MedCAM(RegionClassifier(), steps=100, max_retries=0).explain(x).retries.tolist() == [0, 0]
+    short = MedCAM(RegionClassifier(), steps=20, max_retries=0, restart_above=0.0).explain(x)
+    assert short.retries.tolist() == [0, 0] and short.steps.tolist() == [20, 20]

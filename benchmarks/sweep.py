@@ -1,0 +1,122 @@
+"""Tune Med-CAM's settings on the known-evidence benchmark, away from the images it reports.
+
+    python benchmarks/sweep.py --archs resnet18 mobilenet_v2 --setting "" --setting "area_weight=40"
+
+Each ``--setting`` is one row: comma-separated ``name=value`` pairs of :class:`MedCAMSettings`
+(``""``: the defaults). The classifiers are those of ``benchmarks/quality.py`` (its cache; trained
+there if missing). The lesion images come from their own seed (``TUNE_SEED``), not from the images
+``quality.py`` reports, so settings chosen here are judged there on images they were not chosen on;
+``--images`` per architecture, spread over the background and lesion kinds, classified right
+(where the classifier gets enough right: the cached ``cpu-small`` ones all do).
+
+Prints a markdown table, one row per (architecture, setting): Med-CAM's mean lesion IoU, energy in
+the lesion (soft mask), non-binary share, area, decision kept, kept under 8 random backgrounds,
+median steps and seconds per image; and the rows of every architecture averaged per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import ARCHS, COMBOS, PRESETS, dataset, predict, trained  # noqa: E402
+from monai_medcam import MedCAM, metrics  # noqa: E402
+
+TUNE_SEED = 400  # quality.py's datasets use 100 (train), 200 (test), 300 (reported images)
+COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "s_per_image")
+
+
+def parse_setting(text: str) -> dict:
+    """``"area_weight=40,baseline=blur"`` -> ``{"area_weight": 40, "baseline": "blur"}``: Python literals, else strings."""
+    pairs, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):  # split at the commas outside brackets
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            pairs.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for pair in filter(None, pairs):
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"setting {pair!r} is not name=value.")
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):  # a bare word: a string setting such as baseline=blur
+            out[name.strip()] = value.strip()
+    return out
+
+
+def tuning_images(arch: str, p: dict, net: torch.nn.Module, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` lesion images, round-robin over the (background, lesion) kinds, and their lesion masks:
+    those the classifier gets right first (for a weak classifier, then the others)."""
+    pool, labels, truth, names = dataset(arch, 8 * count, p, seed=TUNE_SEED)
+    predicted = predict(net, pool, device).numpy()
+    lesion = sorted(np.flatnonzero(labels.numpy() == 1), key=lambda i: (predicted[i] != 1, i))
+    kinds = {name: [i for i in lesion if names[i] == name] for name in dict.fromkeys(names)}
+    chosen = [i for rank in range(count) for k in kinds.values() if rank < len(k) for i in [k[rank]]][:count]
+    return pool[chosen].to(device), truth[chosen].to(device)
+
+
+def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dict, steps: int) -> dict:
+    """Med-CAM with ``setting`` on ``x``; its mean metrics."""
+    t0 = time.perf_counter()
+    result = MedCAM(net, **{"steps": steps, **setting}).explain(x)
+    seconds = time.perf_counter() - t0
+    evidence, label = result.mask.as_tensor(), result.label
+    return dict(
+        iou=float(metrics.iou(evidence, truth).mean()),
+        energy=float(metrics.energy_in_truth(result.soft_mask, truth).mean()),
+        non_binary=float(metrics.non_binary_fraction(result.soft_mask).mean()),
+        area=float(metrics.area_fraction(evidence).mean()),
+        kept=float(metrics.decision_kept(net, x, evidence, label).float().mean()),
+        kept_backgrounds=float(metrics.decision_kept_under_backgrounds(net, x, evidence, label).mean()),
+        median_steps=float(result.steps.float().median()),
+        s_per_image=seconds / len(x),
+    )
+
+
+def _row(name: str, setting: str, r: dict) -> str:
+    return (f"| {name} | `{setting or 'defaults'}` | {r['iou']:.2f} | {r['energy']:.2f} | {r['non_binary']:.1%} | {r['area']:.1%} "
+            f"| {r['kept']:.2f} | {r['kept_backgrounds']:.2f} | {r['median_steps']:.0f} | {r['s_per_image']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=[a for a in ARCHS if not a.endswith("_3d")])
+    parser.add_argument("--setting", action="append", default=None, help='one row, e.g. "area_weight=40,lr_decay=0.98"; repeat')
+    parser.add_argument("--images", type=int, default=2 * len(COMBOS), help="lesion images per architecture")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="classifier cache of quality.py")
+    args = parser.parse_args()
+    p = dict(PRESETS[args.preset])
+    device = torch.device(p["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible.")
+    texts = args.setting if args.setting is not None else [""]
+    settings = {text: parse_setting(text) for text in texts}
+    print("| architecture | setting | IoU | energy | non-binary | area | kept | kept under bg | median steps | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    totals: dict[str, list[dict]] = {text: [] for text in texts}
+    for arch in args.archs:
+        net, *_ = trained(arch, p, args.preset, device, args.results / "models", retrain=False)
+        x, truth = tuning_images(arch, p, net, args.images, device)
+        for text, setting in settings.items():
+            r = run(net, x, truth, setting, p["steps"])
+            totals[text].append(r)
+            print(_row(arch, text, r), flush=True)
+    if len(args.archs) > 1:
+        for text, rows in totals.items():
+            print(_row("mean", text, {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
