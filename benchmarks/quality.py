@@ -268,15 +268,34 @@ def evidence_checks(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor) 
     )
 
 
+def lesion_images(labels: torch.Tensor, predicted: torch.Tensor, names: list[str], count: int) -> list[int]:
+    """Indices of ``count`` lesion images: those the classifier gets right first (then, for a weak
+    classifier, the others), spread round-robin over the backgrounds and lesion kinds."""
+    lesion = np.flatnonzero(labels.numpy() == 1)
+    order = sorted(lesion, key=lambda i: (int(predicted[i] != 1), sum(names[j] == names[i] for j in lesion if j < i), i))
+    return order[:count]
+
+
+def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, truth: torch.Tensor,
+                 label: torch.Tensor) -> dict:
+    """Means over the images: a binary ``mask``'s lesion IoU, decision kept (alone, under 8 random
+    backgrounds) and area; the continuous map ``raw``'s energy in the lesion and pointing game."""
+    return dict(
+        iou=float(metrics.iou(mask, truth).mean()),
+        kept=float(metrics.decision_kept(net, x, mask, label).float().mean()),
+        kept_backgrounds=float(metrics.decision_kept_under_backgrounds(net, x, mask, label).mean()),
+        area=float(metrics.area_fraction(mask).mean()),
+        energy=float(metrics.energy_in_truth(raw, truth).mean()),
+        pointing=float(metrics.pointing_game(raw, truth).float().mean()),
+    )
+
+
 def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch.device) -> dict:
     """Every method on lesion images the classifier gets right; returns the rows and the figure's maps."""
     pool, labels, truth, names = dataset(arch, 8 * p["images"], p, seed=EXPLAINED_SEED)
     predicted = predict(net, pool, device)
-    # lesion images the classifier gets right first (then, for a weak classifier, the others),
-    # spread over the backgrounds and lesion kinds
     lesion = np.flatnonzero(labels.numpy() == 1)
-    order = sorted(lesion, key=lambda i: (int(predicted[i] != 1), sum(names[j] == names[i] for j in lesion if j < i), i))
-    chosen = order[: p["images"]]
+    chosen = lesion_images(labels, predicted, names, p["images"])
     correct = int((predicted[chosen] == 1).sum())
     right = [i for i in lesion if predicted[i] == 1]
     checks = evidence_checks(net, pool[right].to(device), truth[right].to(device))
@@ -302,12 +321,7 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         ins, dele = metrics.insertion_deletion_auc(net, x, raw, label, steps=p["auc_steps"])
         return dict(
             method=method,
-            iou=float(metrics.iou(mask, truth).mean()),
-            kept=float(metrics.decision_kept(net, x, mask, label).float().mean()),
-            kept_backgrounds=float(metrics.decision_kept_under_backgrounds(net, x, mask, label).mean()),
-            area=float(metrics.area_fraction(mask).mean()),
-            energy=float(metrics.energy_in_truth(raw, truth).mean()),
-            pointing=float(metrics.pointing_game(raw, truth).float().mean()),
+            **mask_metrics(net, x, mask, raw, truth, label),
             insertion=float(ins.mean()),
             deletion=float(dele.mean()),
             s_per_image=seconds[method.split(" @")[0]],

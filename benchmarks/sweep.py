@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import ARCHS, COMBOS, PRESETS, dataset, predict, trained  # noqa: E402
+from benchmarks.quality import ARCHS, COMBOS, PRESETS, dataset, lesion_images, mask_metrics, predict, trained  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 
 TUNE_SEED = 400  # quality.py's datasets use 100 (train), 200 (test), 300 (reported images)
@@ -59,10 +59,7 @@ def tuning_images(arch: str, p: dict, net: torch.nn.Module, count: int, device: 
     """``count`` lesion images, round-robin over the (background, lesion) kinds, and their lesion masks:
     those the classifier gets right first (for a weak classifier, then the others)."""
     pool, labels, truth, names = dataset(arch, 8 * count, p, seed=TUNE_SEED)
-    predicted = predict(net, pool, device).numpy()
-    lesion = sorted(np.flatnonzero(labels.numpy() == 1), key=lambda i: (predicted[i] != 1, i))
-    kinds = {name: [i for i in lesion if names[i] == name] for name in dict.fromkeys(names)}
-    chosen = [i for rank in range(count) for k in kinds.values() if rank < len(k) for i in [k[rank]]][:count]
+    chosen = lesion_images(labels, predict(net, pool, device), names, count)  # as quality.py chooses its images
     return pool[chosen].to(device), truth[chosen].to(device)
 
 
@@ -71,14 +68,9 @@ def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dic
     t0 = time.perf_counter()
     result = MedCAM(net, **{"steps": steps, **setting}).explain(x)
     seconds = time.perf_counter() - t0
-    evidence, label = result.mask.as_tensor(), result.label
     return dict(
-        iou=float(metrics.iou(evidence, truth).mean()),
-        energy=float(metrics.energy_in_truth(result.soft_mask, truth).mean()),
+        **mask_metrics(net, x, result.mask.as_tensor(), result.soft_mask, truth, result.label),
         non_binary=float(metrics.non_binary_fraction(result.soft_mask).mean()),
-        area=float(metrics.area_fraction(evidence).mean()),
-        kept=float(metrics.decision_kept(net, x, evidence, label).float().mean()),
-        kept_backgrounds=float(metrics.decision_kept_under_backgrounds(net, x, evidence, label).mean()),
         median_steps=float(result.steps.float().median()),
         s_per_image=seconds / len(x),
     )

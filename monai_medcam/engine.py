@@ -328,7 +328,8 @@ class MedCAM:
                 logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
                 try_again(todo, harder, only_if_smaller=False)
             # with fewer steps than min_steps no mask can settle: a large one is unfinished, not stalled
-            for restart in range(1, s.restarts + 1 if s.steps >= s.min_steps else 1):
+            restarts = s.restarts if s.steps >= s.min_steps else 0
+            for restart in range(1, restarts + 1):
                 large = attempt.verified & ~vacuous & (attempt.hard.flatten(1).mean(1) > s.restart_above)
                 todo = large.nonzero().flatten()
                 if len(todo) == 0:
