@@ -6,6 +6,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
     for each step:  mask nets -> soft mask m -> evidence e = m x + (1 - m) baseline
                     classifier(e), classifier(m x + (1 - m) r) -> per-image loss -> Adam step
     every check_every steps: binary mask verified?  near-binary?  stable?  -> finished images leave the batch
+    verified masks -> connected components the objective does not need dropped, largest first
     images still unverified -> retried with more steps and a lower area weight
     verified masks still large -> restarted from another seed; the smallest verified mask is kept
 """
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.backgrounds import baseline_image, blurred, random_background, verification_backgrounds
 from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer
+from monai_medcam.components import connected_components, largest_components
 from monai_medcam.losses import (
     ActivationMatchingLoss,
     AreaLoss,
@@ -487,7 +489,84 @@ class MedCAM:
                 self._drop_finished(net, optimizer, keep)
                 active = active[keep]
         bar.close()
-        return _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, steps=steps_out)
+        attempt = _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, steps=steps_out)
+        self._prune(attempt, x, label, ref_logits, ref_acts, base, x_blurred, s)
+        return attempt
+
+    # -- pruning: a last, discrete descent on the same objective ---------------------------------
+    def _prune(
+        self,
+        attempt: _Attempt,
+        x: torch.Tensor,
+        label: torch.Tensor,
+        ref_logits: torch.Tensor,
+        ref_acts: list[torch.Tensor],
+        base: torch.Tensor,
+        x_blurred: torch.Tensor,
+        s: MedCAMSettings,
+    ) -> None:
+        """Drop connected components of the verified binary masks, in place, one at a time and
+        largest first (at most ``s.prune_components`` per mask), wherever the mask without it is
+        still verified and scores lower on the objective (:meth:`_hard_objective`). The soft mask
+        is zeroed where a component was dropped."""
+        if s.prune_components == 0 or not attempt.verified.any():
+            return
+        with torch.no_grad():
+            labels = connected_components(attempt.hard)
+            order = largest_components(labels, s.prune_components)
+            order[~attempt.verified] = 0
+            order[:, 0] *= (order[:, 1] > 0).long()  # a mask of one component is left whole
+            score = torch.full_like(ref_logits[:, 0], float("inf"))
+            todo = order[:, 0].nonzero().flatten()
+            if len(todo):
+                score[todo], _ = self._hard_objective(attempt.hard[todo], x[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+            dropped = torch.zeros_like(label)
+            for rank in range(order.shape[1]):
+                todo = order[:, rank].nonzero().flatten()
+                if len(todo) == 0:
+                    break
+                keep = labels[todo] != order[todo, rank].view(-1, *[1] * (labels.ndim - 1))
+                candidate = attempt.hard[todo] * keep
+                loss, ok = self._hard_objective(candidate, x[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+                better = ok & (loss < score[todo]) & (candidate.flatten(1).amax(1) > 0)
+                take = todo[better]
+                attempt.hard[take] = candidate[better]
+                attempt.soft[take] = attempt.soft[take] * keep[better]
+                score[take] = loss[better]
+                dropped[take] += 1
+        if dropped.any():
+            logger.info("dropped %d component(s) the objective does not need from %d mask(s)", int(dropped.sum()), int((dropped > 0).sum()))
+
+    def _hard_objective(
+        self,
+        hard: torch.Tensor,
+        x: torch.Tensor,
+        label: torch.Tensor,
+        ref_logits: torch.Tensor,
+        ref_acts: list[torch.Tensor],
+        base: torch.Tensor,
+        x_blurred: torch.Tensor,
+        s: MedCAMSettings,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective of binary masks ``hard`` ``(B, 1, *spatial)`` and whether they are verified, both ``(B,)``.
+
+        The terms and weights of the optimisation (binarisation is 0 on a binary mask), with the
+        robustness term averaged over the K verification backgrounds instead of one random draw.
+        """
+        checks = self._check_logits(x, hard, base, x_blurred, s)  # (1 + K, B, classes)
+        verified = (checks.argmax(2) == label).all(0)
+        decision = DecisionLoss(reduction="none")
+        loss = (
+            s.kl_weight * OutputKLLoss(s.kl_temperature, reduction="none")(ref_logits, checks[0])
+            + s.ce_weight * decision(checks[0], label)
+            + s.rob_weight * torch.stack([decision(c, label) for c in checks[1:]]).mean(0)
+            + s.area_weight * AreaLoss(reduction="none")(hard)
+            + s.tv_weight * TotalVariationLoss(reduction="none")(hard)
+        )
+        if self.classifier.layers:
+            _, acts = self.classifier.logits_and_activations(hard * x + (1 - hard) * base)
+            loss = loss + s.act_weight * ActivationMatchingLoss(self.classifier.layers, reduction="none")(ref_acts, acts)
+        return loss, verified
 
     @staticmethod
     def _stable(hard_area: torch.Tensor, soft_area: torch.Tensor, before: tuple[torch.Tensor, torch.Tensor], tol: float) -> torch.Tensor:

@@ -66,6 +66,11 @@ class MedCAMSettings:
             smallest verified mask is kept. Vacuous images are not restarted, nor any image when
             ``steps < min_steps`` (no mask can settle then). 0 turns restarts off...
         restart_above: ...this fraction of the image.
+        prune_components: after each attempt, the connected components of a verified binary mask
+            (its this many largest) are dropped one at a time, largest first, wherever the mask
+            without it is still verified and scores lower on the same objective (the robustness
+            term averaged over the K verification backgrounds): a stalled optimisation often keeps
+            a blob the decision does not need beside the real evidence. 0 turns pruning off.
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.
@@ -106,6 +111,7 @@ class MedCAMSettings:
     max_retries: int = 1
     restarts: int = 2
     restart_above: float = 0.1
+    prune_components: int = 16
     skip_vacuous: bool = False
     sharpen_rate: float = 0.07
     sharpen_max: float = 8.0
@@ -125,7 +131,7 @@ class MedCAMSettings:
         for name in ("steps", "check_every", "patience", "verify_backgrounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
-        for name in ("max_retries", "restarts"):
+        for name in ("max_retries", "restarts", "prune_components"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}.")
         if not 0 <= self.restart_above <= 1:

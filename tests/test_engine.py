@@ -8,7 +8,8 @@ import torch.nn as nn
 from monai.data import MetaTensor
 
 from monai_medcam import MedCAM, MedCAMSettings
-from monai_medcam.engine import RESTART_SEED_STEP
+from monai_medcam.backgrounds import baseline_image, blurred
+from monai_medcam.engine import RESTART_SEED_STEP, _Attempt
 from tests.toys import RegionClassifier, region_images
 
 REGION = (slice(8, 16), slice(8, 16))
@@ -198,6 +199,7 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"binary_tol": 2}, "binary_tol must lie in"),
         ({"restarts": -1}, "restarts must be an integer >= 0"),
         ({"restart_above": 1.5}, "restart_above must lie in"),
+        ({"prune_components": -1}, "prune_components must be an integer >= 0"),
     ],
 )
 def test_bad_settings(kwargs, message):
@@ -301,3 +303,61 @@ def test_large_verified_masks_are_restarted_and_the_smallest_kept():
     assert MedCAM(RegionClassifier(), steps=100, max_retries=0).explain(x).retries.tolist() == [0, 0]
     short = MedCAM(RegionClassifier(), steps=20, max_retries=0, restart_above=0.0).explain(x)
     assert short.retries.tolist() == [0, 0] and short.steps.tolist() == [20, 20]
+
+
+def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
+    """The region plus a blob far from it, as a stalled optimisation leaves it, and what _prune needs."""
+    hard = _region_mask().expand(len(x), 1, 32, 32).clone()
+    hard[:, :, 22:28, 22:28] = 1  # the blob: the classifier cannot see it (outside its receptive field)
+    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=torch.ones(len(x), dtype=torch.bool), steps=torch.full((len(x),), 50))
+    s = explainer.settings.for_spatial_dims(2)
+    ref_logits, ref_acts = explainer._reference(x)
+    label = ref_logits.argmax(1)
+    return attempt, (x, label, ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
+
+
+def test_pruning_drops_a_component_the_objective_does_not_need():
+    explainer = MedCAM(RegionClassifier())
+    x = region_images(2, seed=3)
+    with explainer.classifier.frozen():  # the target layers' hooks are in place only while frozen
+        attempt, args = _attempt_with_a_stray_blob(explainer, x)
+        before = attempt.hard.clone()
+        loss_before, verified_before = explainer._hard_objective(before, *args)
+        attempt.verified[1] = False  # an unverified mask is left as it is
+        explainer._prune(attempt, *args)
+        loss_after, verified_after = explainer._hard_objective(attempt.hard, *args)
+    region = _region_mask()
+    assert verified_before.all() and verified_after[0]
+    assert torch.equal(attempt.hard[0, 0], region)  # the blob is gone, the region whole
+    assert loss_after[0] < loss_before[0]
+    assert torch.equal(attempt.soft[0, 0], region * 0.97)  # the soft mask zeroed where the blob was
+    assert torch.equal(attempt.hard[1], before[1])  # unverified: untouched
+    # a mask of one component is never emptied, and prune_components=0 turns pruning off
+    one = _Attempt(soft=region.expand(2, 1, 32, 32).clone(), hard=region.expand(2, 1, 32, 32).clone(),
+                   verified=torch.ones(2, dtype=torch.bool), steps=attempt.steps)
+    off = MedCAM(RegionClassifier(), prune_components=0)
+    with explainer.classifier.frozen():
+        explainer._prune(one, *args)
+    with off.classifier.frozen():
+        blob, off_args = _attempt_with_a_stray_blob(off, x)
+        off._prune(blob, *off_args)
+    assert torch.equal(one.hard[:, 0], region.expand(2, 32, 32))
+    assert blob.hard[:, :, 22:28, 22:28].eq(1).all()
+
+
+def test_pruning_keeps_a_component_the_decision_needs():
+    # two blobs, both needed: the region split in halves by a one-pixel gap; neither half alone
+    # gives the label, so nothing is dropped
+    explainer = MedCAM(RegionClassifier())
+    x = region_images(1, seed=4)
+    with explainer.classifier.frozen():
+        attempt, args = _attempt_with_a_stray_blob(explainer, x)
+        attempt.hard[:, :, 22:28, 22:28] = 0
+        attempt.hard[:, :, 8:16, 12] = 0
+        split = attempt.hard.clone()
+        for half in (slice(8, 12), slice(13, 16)):
+            alone = split.clone()
+            alone[:, :, :, half] = 0
+            assert not explainer._hard_objective(alone, *args)[1].any(), "each half alone should lose the label"
+        explainer._prune(attempt, *args)
+    assert torch.equal(attempt.hard, split)
