@@ -383,15 +383,17 @@ class MedCAM:
 
     # -- verification ---------------------------------------------------------------------------
     def _check_logits(
-        self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings
+        self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
     ) -> torch.Tensor:
         """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K backgrounds.
 
         One classifier pass for all of them; the backgrounds are
-        :func:`~monai_medcam.backgrounds.verification_backgrounds`.
+        :func:`~monai_medcam.backgrounds.verification_backgrounds`, ``draw`` 0 those of the
+        verification, another ``draw`` K fresh ones.
         """
+        seed = s.seed + 7919 * (1 + draw)
         variants = [hard * x + (1 - hard) * base] + [
-            hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, s.seed + 7919, x_blurred)
+            hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)
         ]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
@@ -507,8 +509,9 @@ class MedCAM:
     ) -> None:
         """Drop connected components of the verified binary masks, in place, one at a time and
         largest first (at most ``s.prune_components`` per mask), wherever the mask without it is
-        still verified and scores lower on the objective (:meth:`_hard_objective`). The soft mask
-        is zeroed where a component was dropped."""
+        still verified, also under K fresh backgrounds (choosing among masks by the verification
+        backgrounds alone would pick those that just pass them), and scores lower on the objective
+        (:meth:`_hard_objective`). The soft mask is zeroed where a component was dropped."""
         if s.prune_components == 0 or not attempt.verified.any():
             return
         with torch.no_grad():
@@ -528,6 +531,8 @@ class MedCAM:
                 keep = labels[todo] != order[todo, rank].view(-1, *[1] * (labels.ndim - 1))
                 candidate = attempt.hard[todo] * keep
                 loss, ok = self._hard_objective(candidate, x[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+                fresh = self._check_logits(x[todo], candidate, base[todo], x_blurred[todo], s, draw=1)[1:]
+                ok &= (fresh.argmax(2) == label[todo]).all(0)
                 better = ok & (loss < score[todo]) & (candidate.flatten(1).amax(1) > 0)
                 take = todo[better]
                 attempt.hard[take] = candidate[better]

@@ -332,6 +332,9 @@ def test_pruning_drops_a_component_the_objective_does_not_need():
     assert loss_after[0] < loss_before[0]
     assert torch.equal(attempt.soft[0, 0], region * 0.97)  # the soft mask zeroed where the blob was
     assert torch.equal(attempt.hard[1], before[1])  # unverified: untouched
+    with explainer.classifier.frozen():  # a candidate must also pass K fresh backgrounds, not only the verification's
+        first, fresh = (explainer._check_logits(x, before, *args[4:], draw=d) for d in (0, 1))
+    assert torch.equal(first[0], fresh[0]) and not torch.equal(first[1:], fresh[1:])
     # a mask of one component is never emptied, and prune_components=0 turns pruning off
     one = _Attempt(soft=region.expand(2, 1, 32, 32).clone(), hard=region.expand(2, 1, 32, 32).clone(),
                    verified=torch.ones(2, dtype=torch.bool), steps=attempt.steps)
