@@ -20,14 +20,15 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
     positive label, unique within its image (labels need not be consecutive).
 
     Each foreground pixel starts with its own index and takes the largest label in its
-    neighbourhood until nothing changes: as many passes as the longest path inside a component.
+    neighbourhood until nothing changes: as many passes as the longest path inside a component
+    from its highest-index pixel (a few for blobs; thousands for a long serpentine).
     """
     if mask.ndim not in (4, 5) or mask.shape[1] != 1:
         raise ValueError(f"mask must have shape (B, 1, H, W[, D]), got {tuple(mask.shape)}.")
     pool = F.max_pool2d if mask.ndim == 4 else F.max_pool3d
     inside = mask > 0.5
     per_image = inside[0].numel()
-    dtype = torch.float32 if per_image < 2**24 else torch.float64  # labels exact in the float type
+    dtype = torch.float32 if per_image < 2**24 else torch.float64  # labels exact in the float type (float64: not on MPS)
     index = torch.arange(1, per_image + 1, device=mask.device, dtype=dtype).view(1, *inside.shape[1:])
     labels = torch.where(inside, index, torch.zeros((), device=mask.device, dtype=dtype))
     while True:
@@ -38,8 +39,9 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def largest_components(labels: torch.Tensor, count: int) -> torch.Tensor:
-    """The labels of each image's ``count`` largest components, largest first: ``(B, count)``, 0 where
-    an image has fewer. ``labels``: :func:`connected_components`' output ``(B, 1, *spatial)``."""
+    """The labels of each image's ``count`` largest components, largest first (equal sizes: the lower
+    label first): ``(B, count)``, 0 where an image has fewer. ``labels``: :func:`connected_components`'
+    output ``(B, 1, *spatial)``."""
     out = torch.zeros(labels.shape[0], count, dtype=torch.long, device=labels.device)
     for i, image in enumerate(labels.flatten(1)):
         ids, sizes = image[image > 0].unique(return_counts=True)

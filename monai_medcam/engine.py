@@ -509,20 +509,25 @@ class MedCAM:
     ) -> None:
         """Drop connected components of the verified binary masks, in place, one at a time and
         largest first (at most ``s.prune_components`` per mask), wherever the mask without it is
-        still verified, also under K fresh backgrounds (choosing among masks by the verification
-        backgrounds alone would pick those that just pass them), and scores lower on the objective
-        (:meth:`_hard_objective`). The soft mask is zeroed where a component was dropped."""
+        still verified, keeps the label under K fresh backgrounds too (choosing among masks by the
+        verification backgrounds alone would pick those that just pass them; the blurred copy is
+        in both sets), and scores lower on the objective (:meth:`_hard_objective`). A mask is
+        never emptied. The soft mask is zeroed where a component was dropped."""
         if s.prune_components == 0 or not attempt.verified.any():
             return
+        def inputs(idx: torch.Tensor) -> tuple:  # what _hard_objective needs, for the images idx
+            return x[idx], label[idx], ref_logits[idx], [a[idx] for a in ref_acts], base[idx], x_blurred[idx], s
+
         with torch.no_grad():
             labels = connected_components(attempt.hard)
-            order = largest_components(labels, s.prune_components)
-            order[~attempt.verified] = 0
-            order[:, 0] *= (order[:, 1] > 0).long()  # a mask of one component is left whole
+            order = largest_components(labels, max(2, s.prune_components))  # (B, n) component labels, 0: none
+            several = order[:, 1] > 0  # a mask of one component is left whole
+            order = order[:, : s.prune_components]
+            order[~(attempt.verified & several)] = 0
             score = torch.full_like(ref_logits[:, 0], float("inf"))
             todo = order[:, 0].nonzero().flatten()
             if len(todo):
-                score[todo], _ = self._hard_objective(attempt.hard[todo], x[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+                score[todo] = self._hard_objective(attempt.hard[todo], *inputs(todo))[0]
             dropped = torch.zeros_like(label)
             for rank in range(order.shape[1]):
                 todo = order[:, rank].nonzero().flatten()
@@ -530,10 +535,10 @@ class MedCAM:
                     break
                 keep = labels[todo] != order[todo, rank].view(-1, *[1] * (labels.ndim - 1))
                 candidate = attempt.hard[todo] * keep
-                loss, ok = self._hard_objective(candidate, x[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+                loss, verified = self._hard_objective(candidate, *inputs(todo))
                 fresh = self._check_logits(x[todo], candidate, base[todo], x_blurred[todo], s, draw=1)[1:]
-                ok &= (fresh.argmax(2) == label[todo]).all(0)
-                better = ok & (loss < score[todo]) & (candidate.flatten(1).amax(1) > 0)
+                verified &= (fresh.argmax(2) == label[todo]).all(0)
+                better = verified & (loss < score[todo]) & (candidate.flatten(1).amax(1) > 0)
                 take = todo[better]
                 attempt.hard[take] = candidate[better]
                 attempt.soft[take] = attempt.soft[take] * keep[better]

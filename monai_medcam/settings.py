@@ -68,9 +68,10 @@ class MedCAMSettings:
         restart_above: ...this fraction of the image.
         prune_components: after each attempt, the connected components of a verified binary mask
             (its this many largest) are dropped one at a time, largest first, wherever the mask
-            without it is still verified and scores lower on the same objective (the robustness
-            term averaged over the K verification backgrounds): a stalled optimisation often keeps
-            a blob the decision does not need beside the real evidence. 0 turns pruning off.
+            without it is still verified, keeps the label under K fresh backgrounds too, and scores
+            lower on the same objective (the robustness term averaged over the K verification
+            backgrounds): a stalled optimisation often keeps a blob the decision does not need
+            beside the real evidence. A mask is never emptied. 0 turns pruning off.
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.

@@ -59,6 +59,10 @@ def test_largest_components_in_order_and_padded():
     sizes = [int((labels[0] == i).sum()) for i in order[0].tolist() if i]
     assert sizes == [9, 2, 1] and order[0, 3] == 0
     assert order[1].tolist() == [0, 0, 0, 0]  # an empty mask has no components
+    # equal sizes: the lower label first (a component's label is its highest pixel index)
+    tie = torch.zeros(1, 1, 4, 4)
+    tie[0, 0, 3, 3] = tie[0, 0, 0, 0] = tie[0, 0, 0, 2] = 1
+    assert largest_components(connected_components(tie), 3).tolist() == [[1, 3, 16]]
 
 
 def test_components_reject_a_bad_shape():

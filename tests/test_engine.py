@@ -308,7 +308,7 @@ def test_large_verified_masks_are_restarted_and_the_smallest_kept():
 def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
     """The region plus a blob far from it, as a stalled optimisation leaves it, and what _prune needs."""
     hard = _region_mask().expand(len(x), 1, 32, 32).clone()
-    hard[:, :, 22:28, 22:28] = 1  # the blob: the classifier cannot see it (outside its receptive field)
+    hard[:, :, 22:28, 22:28] = 1  # the blob: outside the region the logits depend on (the activations do see it)
     attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=torch.ones(len(x), dtype=torch.bool), steps=torch.full((len(x),), 50))
     s = explainer.settings.for_spatial_dims(2)
     ref_logits, ref_acts = explainer._reference(x)
@@ -364,3 +364,41 @@ def test_pruning_keeps_a_component_the_decision_needs():
             assert not explainer._hard_objective(alone, *args)[1].any(), "each half alone should lose the label"
         explainer._prune(attempt, *args)
     assert torch.equal(attempt.hard, split)
+
+
+@pytest.mark.parametrize("prune_components", [1, 16])
+def test_pruning_never_empties_a_mask(prune_components):
+    # an image without the bright square: class 0 ("no region") holds with no evidence at all, so
+    # (without activation matching) every component could go and the objective would fall; a mask
+    # of one component is left whole, and of two, one stays (prune_components=1: the larger is tried)
+    explainer = MedCAM(RegionClassifier(), target_layers=[], prune_components=prune_components)
+    x = 0.3 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with explainer.classifier.frozen():
+        attempt, args = _attempt_with_a_stray_blob(explainer, x)
+        assert (args[1] == 0).all()
+        attempt.hard[0, :, 8:16, 8:16] = 0  # image 0: the blob alone; image 1: square and blob
+        empty = torch.zeros_like(attempt.hard)
+        loss_empty, verified_empty = explainer._hard_objective(empty, *args)
+        loss_now = explainer._hard_objective(attempt.hard, *args)[0]
+        assert verified_empty.all() and (loss_empty < loss_now).all(), "emptying would be accepted"
+        before = attempt.hard.clone()
+        explainer._prune(attempt, *args)
+    assert torch.equal(attempt.hard[0], before[0])
+    assert attempt.hard[1].sum() == 36  # the larger 8 x 8 square dropped, the 6 x 6 blob kept
+    assert attempt.hard[1, 0, 22:28, 22:28].eq(1).all()
+
+
+def test_pruning_a_volume():
+    explainer = MedCAM(RegionClassifier(size=16, region=(slice(4, 8), slice(4, 8)), spatial_dims=3))
+    x = 0.3 * torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    x[:, :, 4:8, 4:8, 4:8] += 0.8
+    hard = torch.zeros_like(x)
+    hard[:, :, 4:8, 4:8, 4:8] = 1
+    hard[:, :, 12:15, 12:15, 12:15] = 1
+    attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=torch.ones(1, dtype=torch.bool), steps=torch.full((1,), 50))
+    s = explainer.settings.for_spatial_dims(3)
+    with explainer.classifier.frozen():
+        ref_logits, ref_acts = explainer._reference(x)
+        explainer._prune(attempt, x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
+    assert ref_logits.argmax(1).item() == 1
+    assert attempt.hard.sum() == 64 and attempt.hard[0, 0, 4:8, 4:8, 4:8].eq(1).all()
