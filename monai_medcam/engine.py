@@ -127,6 +127,11 @@ class MedCAMResult:
         ]
 
 
+def _rows(idx: torch.Tensor, *values: torch.Tensor | list[torch.Tensor]) -> tuple:
+    """Each value's rows ``idx`` (for a list of tensors, such as the reference activations, each tensor's)."""
+    return tuple([v[idx] for v in value] if isinstance(value, list) else value[idx] for value in values)
+
+
 @dataclass
 class _Attempt:
     """Per-image outcome of one optimisation attempt (tensors of length B on the input's device)."""
@@ -311,9 +316,7 @@ class MedCAM:
 
             def try_again(todo: torch.Tensor, settings: MedCAMSettings, only_if_smaller: bool) -> None:
                 """Optimise the images ``todo`` once more; take the new masks (all, or the smaller verified ones)."""
-                again = self._optimise(
-                    data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], settings
-                )
+                again = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), settings)
                 attempt.steps[todo] += again.steps
                 retries[todo] += 1
                 take = torch.ones_like(again.verified)
@@ -376,7 +379,7 @@ class MedCAM:
         attempt.verified[idx] = (checks.argmax(2) == label[idx]).all(0)
         todo = (~skipped).nonzero().flatten()
         if len(todo):
-            done = self._optimise(data[todo], label[todo], ref_logits[todo], [a[todo] for a in ref_acts], base[todo], x_blurred[todo], s)
+            done = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), s)
             for name in ("soft", "hard", "verified", "steps"):
                 getattr(attempt, name)[todo] = getattr(done, name)
         return attempt
@@ -515,8 +518,9 @@ class MedCAM:
         never emptied. The soft mask is zeroed where a component was dropped."""
         if s.prune_components == 0 or not attempt.verified.any():
             return
+
         def inputs(idx: torch.Tensor) -> tuple:  # what _hard_objective needs, for the images idx
-            return x[idx], label[idx], ref_logits[idx], [a[idx] for a in ref_acts], base[idx], x_blurred[idx], s
+            return *_rows(idx, x, label, ref_logits, ref_acts, base, x_blurred), s
 
         with torch.no_grad():
             labels = connected_components(attempt.hard)
