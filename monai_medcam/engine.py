@@ -8,7 +8,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
     every check_every steps: binary mask verified?  near-binary?  stable?  -> finished images leave the batch
     verified masks -> connected components the objective does not need dropped, largest first
     images still unverified -> retried with more steps and a lower area weight
-    verified masks still large -> restarted from another seed; the smallest verified mask is kept
+    verified masks still large -> restarted from another seed; the verified mask that scores lowest is kept
 """
 
 from __future__ import annotations
@@ -314,14 +314,19 @@ class MedCAM:
             attempt = self._optimise_unless_skipped(data, label, ref_logits, ref_acts, base, x_blurred, s, skipped)
             retries = torch.zeros_like(attempt.steps)
 
-            def try_again(todo: torch.Tensor, settings: MedCAMSettings, only_if_smaller: bool) -> None:
-                """Optimise the images ``todo`` once more; take the new masks (all, or the smaller verified ones)."""
-                again = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), settings)
+            def try_again(todo: torch.Tensor, settings: MedCAMSettings, only_if_better: bool) -> None:
+                """Optimise the images ``todo`` once more; take the new masks (all, or the verified ones
+                that score lower on the objective than the masks they would replace). Every attempt
+                is verified on the same backgrounds (``s.verify_seed``)."""
+                inputs = _rows(todo, data, label, ref_logits, ref_acts, base, x_blurred)
+                again = self._optimise(*inputs, settings)
                 attempt.steps[todo] += again.steps
                 retries[todo] += 1
                 take = torch.ones_like(again.verified)
-                if only_if_smaller:
-                    take = again.verified & (again.hard.flatten(1).mean(1) < attempt.hard[todo].flatten(1).mean(1))
+                if only_if_better:
+                    with torch.no_grad():
+                        new, old = (self._hard_objective(hard, *inputs, s)[0] for hard in (again.hard, attempt.hard[todo]))
+                    take = again.verified & (new < old)
                 for name in ("soft", "hard", "verified"):
                     getattr(attempt, name)[todo[take]] = getattr(again, name)[take]
 
@@ -331,7 +336,7 @@ class MedCAM:
                     break
                 harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
                 logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
-                try_again(todo, harder, only_if_smaller=False)
+                try_again(todo, harder, only_if_better=False)
             # with fewer steps than min_steps no mask can settle: a large one is unfinished, not stalled
             restarts = s.restarts if s.steps >= s.min_steps else 0
             for restart in range(1, restarts + 1):
@@ -341,7 +346,7 @@ class MedCAM:
                     break
                 seed = s.seed + RESTART_SEED_STEP * restart
                 logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
-                try_again(todo, replace(s, seed=seed), only_if_smaller=True)
+                try_again(todo, replace(s, seed=seed), only_if_better=True)
             with torch.no_grad():
                 prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)
@@ -394,7 +399,7 @@ class MedCAM:
         :func:`~monai_medcam.backgrounds.verification_backgrounds`, ``draw`` 0 those of the
         verification, another ``draw`` K fresh ones.
         """
-        seed = s.seed + 7919 * (1 + draw)
+        seed = (s.seed if s.verify_seed is None else s.verify_seed) + 7919 * (1 + draw)
         variants = [hard * x + (1 - hard) * base] + [
             hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)
         ]
