@@ -399,7 +399,7 @@ class MedCAM:
         :func:`~monai_medcam.backgrounds.verification_backgrounds`, ``draw`` 0 those of the
         verification, another ``draw`` K fresh ones.
         """
-        seed = (s.seed if s.verify_seed is None else s.verify_seed) + 7919 * (1 + draw)
+        seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
         variants = [hard * x + (1 - hard) * base] + [
             hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)
         ]
