@@ -81,3 +81,29 @@ def test_demo_command_runs_the_whole_path(tmp_path, capsys):
     assert len(rows) == 12 + 1 + 25 + 1  # one row per slice or 2D image
     assert "of the evidence lies on the known lesion" in out and "radiology/evidence" in out
     assert not list(tmp_path.rglob(".tmp*"))
+
+
+def test_fit_channels_last_changes_the_layout_not_the_training():
+    """Channels-last training (the benchmark's, for depthwise-convolution networks on CPU) gives the
+    same network up to float rounding, handed back in the default memory format."""
+    from monai_medcam.demo.train import fit
+
+    x = torch.rand(64, 3, 16, 16)
+    y = (x[:, 0, 4:8, 4:8].mean((1, 2)) > 0.5).long()
+
+    def untrained() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2),
+        )
+
+    def trained(channels_last: bool) -> torch.nn.Module:
+        net = untrained()
+        return fit(net, x, y, epochs=2, max_lr=1e-2, weight_decay=0.0, channels_last=channels_last)
+
+    start, plain, last = untrained(), trained(False), trained(True)
+    for a, b, a0 in zip(plain.parameters(), last.parameters(), start.parameters()):
+        assert b.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert (a - a0).abs().max() > 1e-3  # every tensor moved: it did train

