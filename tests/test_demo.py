@@ -107,3 +107,10 @@ def test_fit_channels_last_changes_the_layout_not_the_training():
         assert b.is_contiguous()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert (a - a0).abs().max() > 1e-3  # every tensor moved: it did train
+
+
+def test_fit_channels_last_refuses_volumes():
+    from monai_medcam.demo.train import fit
+
+    with pytest.raises(ValueError, match=r"channels_last needs 2D images .*\(4, 1, 8, 8, 8\)"):
+        fit(torch.nn.Conv3d(1, 2, 1), torch.rand(4, 1, 8, 8, 8), torch.zeros(4, dtype=torch.long), 1, 1e-3, 0.0, channels_last=True)
