@@ -77,6 +77,9 @@ class MedCAMResult:
         prob_evidence: probability of the label on the binary evidence ``(B,)``.
         prob_background: lowest probability of the label over the K random backgrounds ``(B,)``.
         verified: the binary evidence gives the label alone and under all K random backgrounds ``(B,)``.
+        settled: the kept attempt stopped early, its mask verified, near-binary and stable, rather than
+            running out of steps ``(B,)``. An unsettled mask is the last state of an optimisation still
+            under way: its soft mask can be far from binary (raise ``steps``); images skipped as vacuous count as settled.
         vacuous: the classifier already gives the label with no evidence at all ``(B,)``.
         area: fraction of pixels in the binary mask ``(B,)``.
         steps: optimisation steps spent, over all attempts ``(B,)``.
@@ -91,6 +94,7 @@ class MedCAMResult:
     prob_evidence: torch.Tensor
     prob_background: torch.Tensor
     verified: torch.Tensor
+    settled: torch.Tensor
     vacuous: torch.Tensor
     area: torch.Tensor
     steps: torch.Tensor
@@ -118,6 +122,7 @@ class MedCAMResult:
                 "prob_background": float(self.prob_background[i]),
                 "area": float(self.area[i]),
                 "verified": bool(self.verified[i]),
+                "settled": bool(self.settled[i]),
                 "vacuous": bool(self.vacuous[i]),
                 "steps": int(self.steps[i]),
                 "retries": int(self.retries[i]),
@@ -139,6 +144,7 @@ class _Attempt:
     soft: torch.Tensor
     hard: torch.Tensor
     verified: torch.Tensor
+    settled: torch.Tensor
     steps: torch.Tensor
 
 
@@ -327,7 +333,7 @@ class MedCAM:
                     with torch.no_grad():
                         new, old = (self._hard_objective(hard, *inputs, s)[0] for hard in (again.hard, attempt.hard[todo]))
                     take = again.verified & (new < old)
-                for name in ("soft", "hard", "verified"):
+                for name in ("soft", "hard", "verified", "settled"):
                     getattr(attempt, name)[todo[take]] = getattr(again, name)[take]
 
             for retry in range(1, s.max_retries + 1):
@@ -360,6 +366,7 @@ class MedCAM:
             prob_evidence=prob_evidence,
             prob_background=prob_background,
             verified=attempt.verified,
+            settled=attempt.settled,
             vacuous=vacuous,
             area=attempt.hard.flatten(1).mean(1),
             steps=attempt.steps,
@@ -376,7 +383,7 @@ class MedCAM:
             return self._optimise(data, label, ref_logits, ref_acts, base, x_blurred, s)
         empty = torch.zeros_like(data[:, :1])
         attempt = _Attempt(
-            soft=empty.clone(), hard=empty.clone(), verified=torch.zeros_like(skipped), steps=torch.zeros_like(label)
+            soft=empty.clone(), hard=empty.clone(), verified=torch.zeros_like(skipped), settled=skipped.clone(), steps=torch.zeros_like(label)
         )
         idx = skipped.nonzero().flatten()
         with torch.no_grad():
@@ -385,7 +392,7 @@ class MedCAM:
         todo = (~skipped).nonzero().flatten()
         if len(todo):
             done = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), s)
-            for name in ("soft", "hard", "verified", "steps"):
+            for name in ("soft", "hard", "verified", "settled", "steps"):
                 getattr(attempt, name)[todo] = getattr(done, name)
         return attempt
 
@@ -433,6 +440,7 @@ class MedCAM:
         soft_out = torch.zeros(count, 1, *x.shape[2:], device=device)
         hard_out = torch.zeros_like(soft_out)
         verified_out = torch.zeros(count, dtype=torch.bool, device=device)
+        settled_out = torch.zeros_like(verified_out)
         steps_out = torch.full((count,), s.steps, dtype=torch.long, device=device)
         active = torch.arange(count, device=device)
         previous = None
@@ -490,6 +498,7 @@ class MedCAM:
                     calm = torch.where(ok & near_binary & self._stable(*areas, previous, s.stable_tol), calm + 1, 0)
                 done = (calm >= s.patience) & (step >= s.min_steps)
                 steps_out[active[done]] = step
+                settled_out[active[done]] = True
                 keep = (~done).nonzero().flatten()
                 previous, calm = (areas[0][keep], areas[1][keep]), calm[keep]
             bar.set_postfix_str(f"{count - len(keep)}/{count} images done")
@@ -499,7 +508,7 @@ class MedCAM:
                 self._drop_finished(net, optimizer, keep)
                 active = active[keep]
         bar.close()
-        attempt = _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, steps=steps_out)
+        attempt = _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, settled=settled_out, steps=steps_out)
         self._prune(attempt, x, label, ref_logits, ref_acts, base, x_blurred, s)
         return attempt
 

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("seg", "nifti", "png")
 ROW_FIELDS = (
-    "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "vacuous", "steps", "seconds",
+    "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
+    "seconds",
 )
 
 

@@ -69,6 +69,17 @@ def test_result_fields_are_consistent(toy_result):
     assert len(r.summary()) == 3 and r.summary()[0]["verified"] is True
 
 
+def test_settled_says_whether_the_mask_stopped_before_its_step_budget():
+    x = region_images(2)
+    short = MedCAM(RegionClassifier(), steps=20, **FAST).explain(x)  # fewer steps than min_steps (40): nothing can settle
+    assert short.steps.tolist() == [20, 20] and short.settled.tolist() == [False, False]
+    assert short.summary()[0]["settled"] is False
+    full = MedCAM(RegionClassifier(), restarts=0, **FAST).explain(x)  # one attempt each
+    assert full.settled.tolist() == [True, True]  # (one of them at the last check, step 300)
+    soft = full.soft_mask
+    assert (((soft > 0.01) & (soft < 0.99)).flatten(1).float().mean(1) <= 0.05).all()  # settled means near-binary (binary_tol)
+
+
 def test_binary_evidence_really_keeps_the_decision(toy_result):
     model = RegionClassifier()
     x = region_images(3)
@@ -171,6 +182,7 @@ def test_skip_vacuous_gives_empty_verified_masks_without_steps():
     assert skipped.steps.tolist()[1] == 0 and full.steps.tolist()[1] > 0
     assert skipped.mask[1].sum() == 0 and skipped.area[1] == 0
     assert skipped.verified[1]  # "no region" holds with nothing shown, over every random background
+    assert skipped.settled[1]  # nothing was optimised, so nothing is left unfinished
     for i in (0, 2):  # the others are optimised as before
         assert skipped.verified[i] and skipped.steps[i] > 0 and 0 < skipped.area[i] < 0.3
 
@@ -181,6 +193,7 @@ def test_unverified_mask_is_never_reported_verified():
     assert result.label.tolist() == [1]
     assert result.mask.sum().item() == 0
     assert result.verified.tolist() == [False]
+    assert result.settled.tolist() == [False]
     assert result.retries.tolist() == [1]
     assert result.steps.tolist() == [4 + 8]
     assert result.prob_evidence.item() < 0.5
@@ -334,7 +347,8 @@ def test_restarts_keep_the_lowest_objective_among_verified_masks(monkeypatch):
         hard = torch.zeros(len(x), 1, *x.shape[2:])
         for i in range(len(x)):
             hard[i].view(-1)[: 40 - 10 * k + i] = 1
-        return _Attempt(soft=hard.clone(), hard=hard, verified=torch.ones(len(x), dtype=torch.bool), steps=torch.full((len(x),), 50))
+        ones = torch.ones(len(x), dtype=torch.bool)
+        return _Attempt(soft=hard.clone(), hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50))
 
     def objective(self, hard, *args):
         loss, ok = zip(*(scripted[int(n)] for n in hard.flatten(1).sum(1)))
@@ -365,7 +379,8 @@ def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
     """The region plus a blob far from it, as a stalled optimisation leaves it, and what _prune needs."""
     hard = _region_mask().expand(len(x), 1, 32, 32).clone()
     hard[:, :, 22:28, 22:28] = 1  # the blob: outside the region the logits depend on (the activations do see it)
-    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=torch.ones(len(x), dtype=torch.bool), steps=torch.full((len(x),), 50))
+    ones = torch.ones(len(x), dtype=torch.bool)
+    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50))
     s = explainer.settings.for_spatial_dims(2)
     ref_logits, ref_acts = explainer._reference(x)
     label = ref_logits.argmax(1)
@@ -393,7 +408,7 @@ def test_pruning_drops_a_component_the_objective_does_not_need():
     assert torch.equal(first[0], fresh[0]) and not torch.equal(first[1:], fresh[1:])
     # a mask of one component is never emptied, and prune_components=0 turns pruning off
     one = _Attempt(soft=region.expand(2, 1, 32, 32).clone(), hard=region.expand(2, 1, 32, 32).clone(),
-                   verified=torch.ones(2, dtype=torch.bool), steps=attempt.steps)
+                   verified=torch.ones(2, dtype=torch.bool), settled=torch.ones(2, dtype=torch.bool), steps=attempt.steps)
     off = MedCAM(RegionClassifier(), prune_components=0)
     with explainer.classifier.frozen():
         explainer._prune(one, *args)
@@ -451,7 +466,8 @@ def test_pruning_a_volume():
     hard = torch.zeros_like(x)
     hard[:, :, 4:8, 4:8, 4:8] = 1
     hard[:, :, 12:15, 12:15, 12:15] = 1
-    attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=torch.ones(1, dtype=torch.bool), steps=torch.full((1,), 50))
+    one = torch.ones(1, dtype=torch.bool)
+    attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=one, settled=one.clone(), steps=torch.full((1,), 50))
     s = explainer.settings.for_spatial_dims(3)
     with explainer.classifier.frozen():
         ref_logits, ref_acts = explainer._reference(x)
