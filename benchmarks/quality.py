@@ -339,13 +339,18 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         rows.append(row(f"{name} @ Med-CAM area", metrics.binarize_top(sal, metrics.area_fraction(evidence)), sal))
         rows.append(row(f"{name} @ lesion area", metrics.binarize_top(sal, metrics.area_fraction(truth)), sal))
     lesion_iou = metrics.iou(evidence, truth)
+    non_binary = metrics.non_binary_fraction(result.soft_mask)
     per_background = {b: float(lesion_iou[[i for i, nm in enumerate(names) if nm == b]].mean()) for b in dict.fromkeys(names)}
     return dict(
         rows=rows,
         images=n,
         correct=correct,
         verified=float(result.verified.float().mean()),
-        non_binary=float(metrics.non_binary_fraction(result.soft_mask).mean()),
+        settled=float(result.settled.float().mean()),
+        # the mean is dominated by the few masks that run out of steps unsettled (docs/settings.md): median and largest too
+        non_binary=float(non_binary.mean()),
+        non_binary_median=float(non_binary.median()),
+        non_binary_max=float(non_binary.max()),
         median_steps=float(result.steps.float().median()),
         p_input=float(result.prob_input.mean()),
         p_evidence=float(result.prob_evidence.mean()),
@@ -394,7 +399,9 @@ def markdown(report: dict) -> str:
             "",
             f"Input {a['input']}; trained here in {a['train_seconds']:.0f} s; test accuracy {a['accuracy']:.3f}. "
             f"{a['images']} lesion images ({a['correct']} classified correctly). Med-CAM: verified {a['verified']:.2f}, "
-            f"non-binary share of the soft mask {a['non_binary']:.4f}, median steps {a['median_steps']:.0f}, "
+            f"settled before the step budget {a.get('settled', float('nan')):.2f}, "
+            f"non-binary share of the soft mask {a['non_binary']:.4f} (median {a.get('non_binary_median', float('nan')):.4f}, "
+            f"largest {a.get('non_binary_max', float('nan')):.4f}), median steps {a['median_steps']:.0f}, "
             f"label probability {a['p_input']:.3f} on the input and {a['p_evidence']:.3f} on the evidence; "
             f"lesion area {a['lesion_area']:.2%}. {_checks_sentence(a)} Med-CAM IoU by background: "
             + ", ".join(f"{b} {v:.2f}" for b, v in a["medcam_iou_by_background"].items()) + ".",
@@ -418,7 +425,8 @@ def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch
     net, layer, about, accuracy, train_seconds = trained(arch, p, args.preset, device, args.results / "models", args.retrain)
     print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
     a = evaluate(arch, net, layer, p, device)
-    print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, non-binary {a['non_binary']:.2%}; "
+    print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, settled {a['settled']:.2f}, non-binary {a['non_binary']:.2%} "
+          f"(median {a['non_binary_median']:.2%}, largest {a['non_binary_max']:.2%}); "
           f"{time.perf_counter() - started:.0f} s for this architecture", flush=True)
     figure(args.output / "images" / f"quality_{args.preset}_{arch}.png", a.pop("figure"))
     for r in a["rows"]:

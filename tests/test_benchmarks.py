@@ -54,6 +54,8 @@ def test_quality_benchmark_smoke(tmp_path):
         assert methods == ["Med-CAM"] + [f"{m} @ {at} area" for m in cams + ["Occlusion", "Extremal"] for at in ("Med-CAM", "lesion")]
         assert 0 <= a["accuracy"] <= 1 and a["images"] == 2 and 0 <= a["correct"] <= 2
         assert 0 <= a["verified"] <= 1 and 0 <= a["non_binary"] <= 1 and 1 <= a["median_steps"] <= 10
+        assert 0 <= a["non_binary_median"] <= a["non_binary_max"] <= 1 and a["non_binary"] <= a["non_binary_max"]
+        assert a["settled"] == 0  # 10 steps, under min_steps: no mask can settle
         assert 0 < a["lesion_area"] < 0.1
         assert 0 <= a["validity_images"] <= 8
         for key in ("lesion_alone_keeps", "lesion_alone_backgrounds", "lesion_removed_flips"):
