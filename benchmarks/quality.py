@@ -399,7 +399,7 @@ def markdown(report: dict) -> str:
             "",
             f"Input {a['input']}; trained here in {a['train_seconds']:.0f} s; test accuracy {a['accuracy']:.3f}. "
             f"{a['images']} lesion images ({a['correct']} classified correctly). Med-CAM: verified {a['verified']:.2f}, "
-            f"settled before the step budget {a.get('settled', float('nan')):.2f}, "
+            f"settled {a.get('settled', float('nan')):.2f}, "
             f"non-binary share of the soft mask {a['non_binary']:.4f} (median {a.get('non_binary_median', float('nan')):.4f}, "
             f"largest {a.get('non_binary_max', float('nan')):.4f}), median steps {a['median_steps']:.0f}, "
             f"label probability {a['p_input']:.3f} on the input and {a['p_evidence']:.3f} on the evidence; "

@@ -77,9 +77,10 @@ class MedCAMResult:
         prob_evidence: probability of the label on the binary evidence ``(B,)``.
         prob_background: lowest probability of the label over the K random backgrounds ``(B,)``.
         verified: the binary evidence gives the label alone and under all K random backgrounds ``(B,)``.
-        settled: the kept attempt stopped early, its mask verified, near-binary and stable, rather than
-            running out of steps ``(B,)``. An unsettled mask is the last state of an optimisation still
-            under way: its soft mask can be far from binary (raise ``steps``); images skipped as vacuous count as settled.
+        settled: the kept attempt ended at a check where its mask was verified, near-binary and
+            stable (possibly the last check), not because its steps ran out ``(B,)``. An unsettled
+            mask comes from an optimisation that was still moving: its soft mask can be far from
+            binary (raise ``steps``). Images skipped as vacuous (``skip_vacuous``) count as settled.
         vacuous: the classifier already gives the label with no evidence at all ``(B,)``.
         area: fraction of pixels in the binary mask ``(B,)``.
         steps: optimisation steps spent, over all attempts ``(B,)``.

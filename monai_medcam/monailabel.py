@@ -57,7 +57,7 @@ class ToSourceGeometryd:
         mask = mask[0]  # MONAI Label's writer takes spatial axes only
         d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
         result = dict(d.get(self.result_key) or {})
-        result["medcam"] = {name: columns[name] for name in ("label", "verified", "vacuous", "area", "prob_evidence", "steps") if name in columns}
+        result["medcam"] = {name: columns[name] for name in ("label", "verified", "settled", "vacuous", "area", "prob_evidence", "steps") if name in columns}
         result["evidence_voxels"] = int(mask.sum())
         d[self.result_key] = result
         return d
