@@ -354,6 +354,10 @@ class MedCAM:
                 seed = s.seed + RESTART_SEED_STEP * restart
                 logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
                 try_again(todo, replace(s, seed=seed), only_if_better=True)
+            unsettled = (~attempt.settled).nonzero().flatten().tolist()
+            if unsettled:
+                logger.info("images %s ran out of steps before their masks settled (soft masks may be far from binary; "
+                            "raise steps)", unsettled)
             with torch.no_grad():
                 prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -69,9 +70,11 @@ def test_result_fields_are_consistent(toy_result):
     assert len(r.summary()) == 3 and r.summary()[0]["verified"] is True
 
 
-def test_settled_says_whether_the_mask_stopped_before_its_step_budget():
+def test_settled_says_whether_the_mask_stopped_before_its_step_budget(caplog):
     x = region_images(2)
-    short = MedCAM(RegionClassifier(), steps=20, **FAST).explain(x)  # fewer steps than min_steps (40): nothing can settle
+    with caplog.at_level(logging.INFO, logger="monai_medcam.engine"):
+        short = MedCAM(RegionClassifier(), steps=20, **FAST).explain(x)  # fewer steps than min_steps (40): nothing can settle
+    assert "images [0, 1] ran out of steps before their masks settled" in caplog.text
     assert short.steps.tolist() == [20, 20] and short.settled.tolist() == [False, False]
     assert short.summary()[0]["settled"] is False
     full = MedCAM(RegionClassifier(), restarts=0, **FAST).explain(x)  # one attempt each
