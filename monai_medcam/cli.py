@@ -19,11 +19,11 @@ def _demo(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps} if args.steps else {}
     print("1/2 known-evidence fundus images (fundus demo classifier), Med-CAM beside Grad-CAM")
     result = run_demo(output / "known_evidence", count=args.count, device=args.device, **settings)
-    print(f"{'image':>5} {'label':>5} {'p(input)':>9} {'p(evidence)':>11} {'area':>7} {'verified':>8} {'steps':>5}")
+    print(f"{'image':>5} {'label':>5} {'p(input)':>9} {'p(evidence)':>11} {'area':>7} {'verified':>8} {'settled':>7} {'steps':>5}")
     for i, row in enumerate(result.summary()):
         print(
             f"{i:>5} {row['label']:>5} {row['prob_input']:>9.3f} {row['prob_evidence']:>11.3f} "
-            f"{row['area']:>7.2%} {str(row['verified']):>8} {row['steps']:>5}"
+            f"{row['area']:>7.2%} {str(row['verified']):>8} {str(row['settled']):>7} {row['steps']:>5}"
         )
     print("\n2/2 radiology path: DICOM MR series, DICOM radiograph, NIfTI volume, fundus PNG (grayscale demo classifier)")
     report, shares = run_radiology_demo(output / "radiology", device=args.device, progress=True, **settings)
@@ -41,20 +41,21 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def print_report(report, out=None) -> None:
-    """One line per input: label(s), mean probabilities, evidence area, verified count; then the failures."""
+    """One line per input: label(s), mean probabilities, evidence area, verified and settled counts; then the failures."""
     out = out or sys.stdout
     by_input: dict[str, list[dict]] = {}
     for row in report.rows:
         by_input.setdefault(str(row["input"]), []).append(row)
-    print(f"{'input':<40} {'n':>3} {'label':>6} {'p(input)':>9} {'p(evid.)':>9} {'area':>7} {'verified':>8}", file=out)
+    print(f"{'input':<40} {'n':>3} {'label':>6} {'p(input)':>9} {'p(evid.)':>9} {'area':>7} {'verified':>8} {'settled':>8}", file=out)
     for name, rows in by_input.items():
         labels = ",".join(str(v) for v in sorted({int(r["label"]) for r in rows}))
         mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
         verified = sum(bool(r["verified"]) for r in rows)
+        settled = sum(bool(r["settled"]) for r in rows)
         short = name if len(name) <= 40 else "..." + name[-37:]
         print(
             f"{short:<40} {len(rows):>3} {labels:>6} {mean('prob_input'):>9.3f} {mean('prob_evidence'):>9.3f} "
-            f"{mean('area'):>7.2%} {verified:>4}/{len(rows):<3}",
+            f"{mean('area'):>7.2%} {verified:>4}/{len(rows):<3} {settled:>4}/{len(rows):<3}",
             file=out,
         )
     for name, problem in report.failures.items():

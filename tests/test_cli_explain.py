@@ -42,6 +42,7 @@ def test_explain_writes_outputs_and_reports_failures(inputs, tmp_path, capsys):
     assert "FAILED" in printed and "plan.dcm: DICOM file has no pixel data" in printed
     assert "notes.txt: not an image file" in printed
     assert "2 input(s) explained, 2 failed" in printed
+    assert "verified  settled" in printed  # the console table counts both per input
     for name in ("mr", "ct"):
         assert (out / f"{name}_evidence_seg.dcm").stat().st_size > 0
         assert (out / f"{name}_evidence.nii.gz").stat().st_size > 0
@@ -50,6 +51,7 @@ def test_explain_writes_outputs_and_reports_failures(inputs, tmp_path, capsys):
     assert sorted(Path(r["input"]).name for r in rows) == ["ct.dcm", "mr.dcm"]
     for row in rows:
         assert row["label"] in ("0", "1") and 0 < float(row["area"]) <= 1 and 0 <= float(row["prob_input"]) <= 1
+        assert row["settled"] in ("True", "False") and (row["settled"] == "False" or row["verified"] == "True")
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
