@@ -347,7 +347,7 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         correct=correct,
         verified=float(result.verified.float().mean()),
         settled=float(result.settled.float().mean()),
-        # the mean is dominated by the few masks that run out of steps unsettled (docs/settings.md): median and largest too
+        # a mean alone hides one far-from-binary mask (one that ran out of steps, docs/settings.md): median and largest too
         non_binary=float(non_binary.mean()),
         non_binary_median=float(non_binary.median()),
         non_binary_max=float(non_binary.max()),
