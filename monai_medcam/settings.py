@@ -16,7 +16,20 @@ from dataclasses import dataclass, field
 
 from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
 
-__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS"]
+__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "as_bool"]
+
+BOOL_FIELDS = ("hard_mask", "skip_vacuous", "amp", "progress")
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def as_bool(name: str, value: object) -> bool:
+    """``value`` as a bool: a bool, or the word a command line gives (``python -m monai.bundle run
+    ... --skip_vacuous false`` passes the string ``"false"``, which Python would take as true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 # defaults that differ between 2D images and 3D volumes (a setting left at None takes these);
 # tuned on the known-evidence benchmark (docs/settings.md)
@@ -129,6 +142,8 @@ class MedCAMSettings:
     progress: bool = False
 
     def __post_init__(self) -> None:
+        for name in BOOL_FIELDS:
+            setattr(self, name, as_bool(name, getattr(self, name)))
         for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight"):
             value = getattr(self, name)
             if value is None and name in BY_SPATIAL_DIMS:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
+from monai_medcam.settings import as_bool
 from monai_medcam.writers import atomic_path
 
 __all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
@@ -357,6 +358,7 @@ def explain_slide(
     """
     start = time.perf_counter()
     settings.setdefault("skip_vacuous", True)
+    restart = as_bool("restart", restart)  # a bundle's command line gives "false" as a string
     slide = Path(slide)
     reader, wsi = open_slide(slide, backend)
     count = reader.get_level_count(wsi)
@@ -412,10 +414,10 @@ def explain_slide(
     if done:
         logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
 
-    skip = bool(settings["skip_vacuous"])
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     explainer = MedCAM(classifier, target_layers, **settings)
+    skip = explainer.settings.skip_vacuous
     bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
     with journal_path.open("a") as journal:
         for k, batch in enumerate(batches):

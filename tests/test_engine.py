@@ -222,11 +222,19 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"restart_above": 1.5}, "restart_above must lie in"),
         ({"prune_components": -1}, "prune_components must be an integer >= 0"),
         ({"verify_seed": 1.5}, "verify_seed must be an integer or None"),
+        ({"skip_vacuous": "maybe"}, "skip_vacuous must be true or false, got 'maybe'"),
+        ({"hard_mask": None}, "hard_mask must be true or false"),
     ],
 )
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MedCAMSettings(**kwargs)
+
+
+def test_switches_take_the_words_a_command_line_gives():
+    """``python -m monai.bundle run ... --skip_vacuous false`` passes the string "false": it must mean False."""
+    s = MedCAMSettings(skip_vacuous="false", amp="TRUE", progress="0", hard_mask=True)
+    assert (s.skip_vacuous, s.amp, s.progress, s.hard_mask) == (False, True, False, True)
 
 
 @pytest.mark.parametrize("baseline", ["mean", "blur"])

@@ -190,6 +190,8 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
     (state / "run.json").write_text("{}")
     with pytest.raises(InputError, match="different run"):
         explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
+    with pytest.raises(InputError, match="different run"):  # the word a bundle's command line passes
+        explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart="false", **FAST)
     report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
     assert report.outputs["evidence"].is_file() and not state.exists()
 
