@@ -26,10 +26,10 @@ def _demo(args: argparse.Namespace) -> int:
             f"{row['area']:>7.2%} {str(row['verified']):>8} {str(row['settled']):>7} {row['steps']:>5}"
         )
     print("\n2/2 radiology path: DICOM MR series, DICOM radiograph, NIfTI volume, fundus PNG (grayscale demo classifier)")
-    report, shares = run_radiology_demo(output / "radiology", device=args.device, progress=True, **settings)
+    report, overlaps = run_radiology_demo(output / "radiology", device=args.device, progress=True, **settings)
     print_report(report)
-    for name, share in shares.items():
-        print(f"  {name}: {share:.0%} of the evidence lies on the known lesion")
+    for name, overlap in overlaps.items():
+        print(f"  {name}: {overlap}")
     print(f"\nwrote {output}/known_evidence (panels.png, summary.csv)")
     print(f"wrote {output}/radiology/evidence (DICOM SEG *_seg.dcm, NIfTI *.nii.gz, PNG panels, summary.csv)")
     print(f"      from the inputs in {output}/radiology/inputs")
@@ -78,11 +78,13 @@ def _target_layers(args: argparse.Namespace, loaded) -> str | list[str]:
     return loaded.target_layers if args.target_layers is None else [n for n in args.target_layers.split(",") if n]
 
 
-def _settings(args: argparse.Namespace) -> dict[str, int]:
-    """The MedCAM settings given on the command line (``--steps``, ``--seed``)."""
-    settings = {"steps": args.steps} if args.steps else {}
+def _settings(args: argparse.Namespace) -> dict[str, int | bool]:
+    """The MedCAM settings given on the command line (``--steps``, ``--seed``, ``--skip-vacuous``)."""
+    settings: dict[str, int | bool] = {"steps": args.steps} if args.steps else {}
     if args.seed is not None:
         settings["seed"] = args.seed
+    if getattr(args, "skip_vacuous", False):
+        settings["skip_vacuous"] = True
     return settings
 
 
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     explain.add_argument("--gradcam-layer", help="add a Grad-CAM column of this layer to the PNG panels")
     explain.add_argument("--seed", type=int, help="random seed of the mask networks")
+    explain.add_argument("--skip-vacuous", action="store_true",
+                         help="leave the mask empty, without optimising, where the classifier gives the label with no "
+                              "evidence at all (e.g. 'no lesion' slices of a volume); much faster when most are")
     explain.add_argument("--no-progress", action="store_true", help="no progress bar")
     explain.set_defaults(run=_explain)
 

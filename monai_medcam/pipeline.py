@@ -91,8 +91,10 @@ def to_classifier_space(
         raise InputError(path, f"a {spatial_dims}D classifier cannot explain a {dims}D image of shape {tuple(data.shape[1:])}.")
     if size is not None:
         size = tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims
-        mode = "bilinear" if spatial_dims == 2 else "trilinear"
-        pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False)[0] for p in pieces]
+        # 2D: antialiased, so a large radiograph squeezed to a small classifier input is not aliased
+        # (torch has no antialiased trilinear)
+        mode, antialias = ("bilinear", True) if spatial_dims == 2 else ("trilinear", False)
+        pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0] for p in pieces]
     return pieces
 
 

@@ -104,3 +104,24 @@ def test_torchscript_and_bundle_classifiers(tmp_path):
     assert torch.allclose(loaded.network(x), network(x), atol=1e-5)
     with pytest.raises(ValueError, match="not a MONAI bundle"):
         load_classifier(tmp_path)
+
+
+def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys):
+    from monai_medcam.demo.studies import write_demo_studies
+
+    lesions = write_demo_studies(tmp_path / "studies")["mr_series"]  # (columns, rows, slices): a lesion on 3 of 12
+    out = tmp_path / "o"
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
+                 str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti", "--skip-vacuous", *FAST])
+    assert code == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 12
+    vacuous = [r for r in rows if r["vacuous"] == "True"]
+    assert vacuous and len(vacuous) < 12  # the no-lesion slices, not the lesion ones
+    for row in rows:
+        if row["vacuous"] == "True":  # left empty without a single step
+            assert (row["label"], float(row["area"]), row["steps"], row["settled"]) == ("0", 0.0, "0", "True")
+        else:
+            assert int(row["steps"]) > 0 and float(row["area"]) > 0
+    lesion_slices = {k for k in range(12) if lesions[..., k].any()}
+    assert lesion_slices <= {int(r["slice"]) for r in rows if r["vacuous"] == "False"}
