@@ -40,9 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import extremal_perturbation, grad_cams, occlusion  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
-from monai_medcam.backgrounds import random_background  # noqa: E402
 from monai_medcam.demo.known_evidence import make_known_evidence, make_known_evidence_3d  # noqa: E402
-from monai_medcam.demo.train import fit  # noqa: E402
+from monai_medcam.demo.train import fit, with_removals  # noqa: E402
 from monai_medcam.visualize import save_panels  # noqa: E402
 from monai_medcam.writers import atomic_path  # noqa: E402
 
@@ -162,50 +161,6 @@ def dataset_keys(arch: str, p: dict) -> list[tuple[bool, int, int, int]]:
     volumes = arch.endswith("_3d")
     sets = ((p["train_3d" if volumes else "train"], TRAIN_SEED), (p["test"], TEST_SEED), (8 * p["images"], EXPLAINED_SEED))
     return [(volumes, count, _side(arch, p), seed) for count, seed in sets]
-
-
-def with_removals(
-    images: torch.Tensor, labels: torch.Tensor, lesions: torch.Tensor, share: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of ``images`` ``(N, C, *spatial)`` and ``labels`` where ``share`` of the images have
-    regions removed as the explanations and the metrics remove them (zeros, or Gaussian or uniform
-    noise as Med-CAM's random backgrounds): either 1-2 balls (radius 8-38% of the side), or
-    everything outside 1-3 such balls, one of them the lesion itself for half the lesion images. An
-    image that keeps at least 90% of its lesion keeps its label; one that keeps at most 10% becomes
-    class 0; one in between stays whole. The lesion is then the classifier's evidence under removal
-    too: trained on whole volumes only, the 3D classifier still said "lesion" on most volumes whose
-    lesion was zeroed, so no removal-based explanation could have been the lesion."""
-    g = torch.Generator().manual_seed(seed)
-    out, out_labels = images.clone(), labels.clone()
-    spatial = images.shape[2:]
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in spatial], indexing="ij"))
-    scale = torch.tensor(spatial, dtype=torch.float32)
-
-    def ball(centre: torch.Tensor, radius: float) -> torch.Tensor:
-        return (grid - centre.view(-1, *[1] * len(spatial))).pow(2).sum(0) <= radius**2
-
-    for i in torch.randperm(len(images), generator=g)[: int(share * len(images))].tolist():
-        keep_inside = bool(torch.rand(1, generator=g) < 0.5)
-        balls = torch.zeros(spatial, dtype=torch.bool)
-        lesion = lesions[i, 0] > 0
-        for _ in range(1 + int(torch.randint(3 if keep_inside else 2, (1,), generator=g))):
-            centre = torch.rand(len(spatial), generator=g) * scale
-            balls |= ball(centre, float(0.08 + 0.3 * torch.rand(1, generator=g)) * min(spatial))
-        if keep_inside and lesion.any() and bool(torch.rand(1, generator=g) < 0.5):  # the lesion, a little dilated:
-            # a ball at its centre with its volume (4.19 ~ 4 pi / 3) or area (3.14 ~ pi), radius plus 0-2
-            centre = (grid * lesion).flatten(1).sum(1) / lesion.sum()
-            radius = (lesion.sum().item() / (4.19 if len(spatial) == 3 else 3.14)) ** (1 / len(spatial)) + 2 * float(torch.rand(1, generator=g))
-            balls |= ball(centre, radius)
-        keep = balls if keep_inside else ~balls
-        kept = float(keep[lesion].float().mean()) if lesion.any() else 1.0
-        if 0.1 < kept < 0.9:
-            continue
-        kind = ("zeros", "zeros", "gaussian", "uniform")[int(torch.randint(4, (1,), generator=g))]
-        fill = random_background(images[i : i + 1], kind, g)[0]
-        out[i] = torch.where(keep, images[i], fill)
-        if kept <= 0.1:
-            out_labels[i] = 0
-    return out, out_labels
 
 
 @torch.no_grad()

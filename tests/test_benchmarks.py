@@ -102,7 +102,7 @@ def test_with_removals_relabels_by_the_lesion_kept():
     """Training images with regions removed keep their label only if they keep >= 90% of the lesion."""
     pytest.importorskip("skimage")
     sys.path.insert(0, str(ROOT))
-    from benchmarks.quality import with_removals
+    from monai_medcam.demo.train import with_removals
     from monai_medcam.demo.known_evidence import make_known_evidence
 
     d = make_known_evidence(24, 32, "retina", "disc", seed=5)

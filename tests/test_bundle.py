@@ -73,7 +73,7 @@ def test_config_workflow_runs_and_writes_evidence(tmp_path):
     workflow.run()
     workflow.finalize()
 
-    expected = {"mr_series": 12, "brain": 25, "fundus": 1}  # rows: one per slice for the 2D classifier
+    expected = {"mr_series": 12, "brain": 24, "fundus": 1}  # rows: one per slice for the 2D classifier
     for name in expected:
         assert (output / f"{name}_evidence.nii.gz").is_file()
         assert (output / f"{name}_evidence.png").stat().st_size > 1000

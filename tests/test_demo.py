@@ -78,7 +78,7 @@ def test_demo_command_runs_the_whole_path(tmp_path, capsys):
     brain = nibabel.load(tmp_path / "radiology" / "inputs" / "brain.nii.gz")
     assert np.allclose(nibabel.load(evidence / "brain_evidence.nii.gz").affine, brain.affine)
     rows = list(csv.DictReader((evidence / "summary.csv").open()))
-    assert len(rows) == 12 + 1 + 25 + 1  # one row per slice or 2D image
+    assert len(rows) == 12 + 1 + 24 + 1  # one row per slice or 2D image
     assert "of the evidence lies on the known lesion" in out and "radiology/evidence" in out
     assert not list(tmp_path.rglob(".tmp*"))
 
@@ -114,3 +114,25 @@ def test_fit_channels_last_refuses_volumes():
 
     with pytest.raises(ValueError, match=r"channels_last needs 2D images .*\(4, 1, 8, 8, 8\)"):
         fit(torch.nn.Conv3d(1, 2, 1), torch.rand(4, 1, 8, 8, 8), torch.zeros(4, dtype=torch.long), 1, 1e-3, 0.0, channels_last=True)
+
+
+def test_lesion_overlap_counts_evidence_per_slice(tmp_path):
+    import nibabel
+
+    from monai_medcam.demo.run import lesion_overlap
+
+    lesion = np.zeros((8, 8, 4), bool)
+    lesion[2:4, 2:4, 1] = True  # 4 voxels on slice 1
+    evidence = np.zeros((8, 8, 4), np.uint8)
+    evidence[2:4, 2:5, 1] = 1  # 6 voxels on slice 1, 4 of them on the lesion
+    evidence[0, 0, 3] = 1  # a lesion-free slice with evidence
+    path = tmp_path / "e.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(evidence, np.eye(4)), path)
+    overlap = lesion_overlap(path, lesion)
+    assert (overlap.lesion_slices, overlap.lesion_free_slices, overlap.lesion_free_with_evidence) == (1, 3, 1)
+    assert overlap.on_lesion == pytest.approx(4 / 6)
+    assert str(overlap) == "67% of the evidence lies on the known lesion (on the 1 slice(s) with it); 1 of 3 lesion-free slice(s) hold evidence"
+    nibabel.save(nibabel.Nifti1Image(evidence[..., 1], np.eye(4)), path)  # a 2D image: no slice counts
+    assert str(lesion_overlap(path, lesion[..., 1])) == "67% of the evidence lies on the known lesion"
+    with pytest.raises(ValueError, match="differs from the lesion's"):
+        lesion_overlap(path, lesion)

@@ -133,7 +133,7 @@ def test_infer_json_holds_the_diagnostics(server):
     assert status == 200
     result = json.loads(body)
     medcam = result["medcam"]
-    assert len(medcam["label"]) == 25 and len(medcam["verified"]) == 25  # one per slice of the 25-slice volume
+    assert len(medcam["label"]) == 24 and len(medcam["verified"]) == 24  # one per slice of the 24-slice volume
     assert all(0.0 <= a <= 1.0 for a in medcam["area"]) and result["evidence_voxels"] > 0
 
 

@@ -21,11 +21,13 @@ __all__ = [
     "make_known_evidence",
     "make_known_evidence_3d",
     "LESION_KINDS",
+    "LESION_COLOUR",
     "BACKGROUNDS",
 ]
 
 BACKGROUNDS = ("retina", "ihc", "radiology")
 LESION_KINDS = ("disc", "spots")
+LESION_COLOUR = (1.0, 0.95, 0.55)  # RGB; lesion pixels become 0.25 * image + 0.75 * this (grayscale: its mean)
 
 
 @dataclass
@@ -123,6 +125,7 @@ def make_known_evidence(
     lesion: str = "disc",
     channels: int = 3,
     seed: int = 0,
+    whole_share: float = 0.0,
 ) -> KnownEvidence:
     """Make ``count`` images, half with a lesion (class 1), all with random distractors.
 
@@ -134,11 +137,16 @@ def make_known_evidence(
         lesion: ``"disc"`` (one yellow-white blob, like an exudate) or ``"spots"`` (a cluster of small dots).
         channels: 3 (RGB) or 1 (grayscale, the mean of RGB).
         seed: the random seed; the same seed gives the same images.
+        whole_share: share of the images made from a whole background image squeezed to
+            ``size`` x ``size`` (as a pipeline resizes a whole study for its classifier) instead of
+            a random crop of a quarter to half its side.
     """
     if lesion not in LESION_KINDS:
         raise ValueError(f"lesion must be one of {LESION_KINDS}, got {lesion!r}.")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
+    from skimage.transform import resize
+
     rng = np.random.default_rng(seed)
     sources = radiology_images() if background == "radiology" else [background_image(background)]
     images = np.zeros((count, 3, size, size), np.float32)
@@ -146,10 +154,16 @@ def make_known_evidence(
     distractors = np.zeros((count, 1, size, size), np.float32)
     labels = (np.arange(count) % 2).astype(np.int64)
     rng.shuffle(labels)
-    lesion_colour = np.array([1.0, 0.95, 0.55], np.float32)[:, None]
+    lesion_colour = np.array(LESION_COLOUR, np.float32)[:, None]
+    wholes: dict[int, np.ndarray] = {}  # each source squeezed to size x size, once
     for i in range(count):
-        source = sources[int(rng.integers(len(sources)))]
-        image = _crop(source, size, rng, min_mean=0.15).transpose(2, 0, 1).copy()
+        k = int(rng.integers(len(sources)))
+        if whole_share and rng.random() < whole_share:  # no draw at 0: the crops of a seed stay those they were
+            if k not in wholes:
+                wholes[k] = resize(sources[k], (size, size), anti_aliasing=True, preserve_range=True).astype(np.float32)
+            image = wholes[k].transpose(2, 0, 1).copy()
+        else:
+            image = _crop(sources[k], size, rng, min_mean=0.15).transpose(2, 0, 1).copy()
         for _ in range(int(rng.integers(1, 3))):  # distractors: thin bright rings, in both classes
             centre = rng.uniform(0.1 * size, 0.9 * size, 2)
             radius = rng.uniform(0.06, 0.1) * size

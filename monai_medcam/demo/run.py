@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from monai_medcam.demo.known_evidence import make_known_evidence
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.writers import atomic_path
 
-__all__ = ["run_demo", "run_radiology_demo", "lesion_share"]
+__all__ = ["run_demo", "run_radiology_demo", "lesion_overlap", "LesionOverlap"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +79,49 @@ def run_demo(
     return result
 
 
-def lesion_share(evidence_file: Path, lesion: np.ndarray) -> float:
-    """Fraction of the evidence voxels (read back from a written NIfTI) that lie on the known lesion."""
+@dataclass
+class LesionOverlap:
+    """How an input's evidence meets its known lesion (slices: those of a volume, or the one 2D image).
+
+    Attributes:
+        on_lesion: share of the evidence in the slices with the lesion that lies on the lesion.
+        lesion_slices: slices with the lesion.
+        lesion_free_slices: slices without it...
+        lesion_free_with_evidence: ...of which hold evidence (the classifier called them "lesion":
+            their evidence shows what it decided from).
+    """
+
+    on_lesion: float
+    lesion_slices: int
+    lesion_free_slices: int
+    lesion_free_with_evidence: int
+
+    def __str__(self) -> str:
+        text = f"{self.on_lesion:.0%} of the evidence lies on the known lesion"
+        if self.lesion_slices + self.lesion_free_slices > 1:
+            text += (f" (on the {self.lesion_slices} slice(s) with it); {self.lesion_free_with_evidence} of "
+                     f"{self.lesion_free_slices} lesion-free slice(s) hold evidence")
+        return text
+
+
+def lesion_overlap(evidence_file: Path, lesion: np.ndarray) -> LesionOverlap:
+    """Compare the evidence read back from a written NIfTI with the known ``lesion`` (same shape; a
+    volume's slices along its last axis)."""
     import nibabel
 
     evidence = np.asarray(nibabel.load(evidence_file).dataobj) > 0
     if evidence.shape != lesion.shape:
         raise ValueError(f"{evidence_file}: evidence shape {evidence.shape} differs from the lesion's {lesion.shape}.")
-    return float((evidence & lesion).sum() / max(int(evidence.sum()), 1))
+    if lesion.ndim == 2:
+        evidence, lesion = evidence[..., None], lesion[..., None]
+    with_lesion = lesion.any((0, 1))
+    inside = evidence[..., with_lesion]
+    return LesionOverlap(
+        on_lesion=float((inside & lesion[..., with_lesion]).sum() / max(int(inside.sum()), 1)),
+        lesion_slices=int(with_lesion.sum()),
+        lesion_free_slices=int((~with_lesion).sum()),
+        lesion_free_with_evidence=int(evidence[..., ~with_lesion].any((0, 1)).sum()),
+    )
 
 
 def run_radiology_demo(
@@ -97,8 +133,9 @@ def run_radiology_demo(
 ):
     """Write the demo studies to ``output/inputs`` and explain them into ``output/evidence``.
 
-    Returns the :class:`~monai_medcam.pipeline.ExplainReport` and, per input, the share of the
-    evidence that lies on the known lesion.
+    Slices and images the classifier calls "no lesion" with no evidence at all are left empty
+    (``skip_vacuous``; pass ``skip_vacuous=False`` to optimise them too). Returns the
+    :class:`~monai_medcam.pipeline.ExplainReport` and, per input, its :class:`LesionOverlap`.
     """
     from monai_medcam.demo.classifier import RADIOLOGY_SIZE, radiology_classifier
     from monai_medcam.demo.studies import write_demo_studies
@@ -113,11 +150,11 @@ def run_radiology_demo(
     report = explain_inputs(
         radiology_classifier(), inputs, output / "evidence", FORMATS, spatial_dims=2, channels=1,
         size=(RADIOLOGY_SIZE, RADIOLOGY_SIZE), gradcam_layer="layer4", batch_size=batch_size, device=device,
-        progress=progress, **settings,
+        progress=progress, **{"skip_vacuous": True, **settings},
     )
-    shares = {}
+    overlaps = {}
     for item in inputs:
         nifti = output / "evidence" / f"{item.name}_evidence.nii.gz"
         if nifti.is_file():
-            shares[item.path.name] = lesion_share(nifti, lesions[item.path.name])
-    return report, shares
+            overlaps[item.path.name] = lesion_overlap(nifti, lesions[item.path.name])
+    return report, overlaps

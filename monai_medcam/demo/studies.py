@@ -5,7 +5,7 @@
 - ``mr_series/``: a 12-slice axial MR series (one DICOM file per slice), pixel data from nibabel's
   example MRI volume, headers from pydicom's ``MR_small.dcm``; the lesion spans three slices;
 - ``chest_cr.dcm``: pydicom-data's computed radiograph ``RG1_UNCR`` (MONOCHROME1) with a lesion;
-- ``brain.nii.gz``: nibabel's ``anatomical.nii`` volume with a lesion, affine kept;
+- ``brain.nii.gz``: nibabel's example MRI volume (the second time point) with a lesion, affine kept;
 - ``fundus.png``: a crop of scikit-image's fundus photo with an exudate-like lesion.
 
 The lesion masks are returned, so the demo can say how much of the evidence lies on them.
@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_medcam.demo.known_evidence import disc
+from monai_medcam.demo.known_evidence import LESION_COLOUR, disc
 
 __all__ = ["write_demo_studies", "write_dicom_series"]
 
-LESION = 0.85  # lesion pixels: 0.15 * image + LESION, in display intensities [0, 1] (a bright disc)
+LESION_GRAY = float(np.mean(LESION_COLOUR))  # the training lesions' colour in grayscale
 
 
 def _with_lesion(image: np.ndarray, lesion: np.ndarray) -> np.ndarray:
-    """``image`` in [0, 1] with the ``lesion`` pixels brightened as in the training data."""
+    """``image`` in [0, 1] with the ``lesion`` pixels painted as in the training data
+    (:func:`~monai_medcam.demo.known_evidence.make_known_evidence` in grayscale)."""
     out = image.copy()
-    out[lesion] = 0.15 * out[lesion] + LESION
+    out[lesion] = 0.25 * out[lesion] + 0.75 * LESION_GRAY
     return out
 
 
@@ -75,7 +76,7 @@ def _mr_series(folder: Path) -> np.ndarray:
     low, high = np.percentile(np.stack(slices), [0.5, 99.5])
     lesions = np.zeros((len(slices),) + slices[0].shape, bool)
     for k in (5, 6, 7):
-        lesions[k] = disc(slices[0].shape, (50, 74), 8 if k == 6 else 6)
+        lesions[k] = disc(slices[0].shape, (50, 74), 12 if k == 6 else 9)  # 6-8 px at the classifier's 64 px
     pixels = [_with_lesion(np.clip((image - low) / (high - low), 0, 1), lesions[k]) for k, image in enumerate(slices)]
     write_dicom_series(folder, np.round(np.stack(pixels) * 4000).astype(np.uint16), "Med-CAM demo MR")
     return lesions.transpose(2, 1, 0)  # (columns, rows, slices): MONAI's axis order
@@ -106,12 +107,12 @@ def _radiograph(path: Path) -> np.ndarray:
 def _nifti(path: Path) -> np.ndarray:
     import nibabel
 
-    source = nibabel.load(Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii")
-    volume = source.get_fdata().astype(np.float32)
+    source = nibabel.load(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz")
+    volume = np.asarray(source.dataobj[..., 1], dtype=np.float32)  # the second time point (the MR series has the first)
     low, high = np.percentile(volume, [0.5, 99.5])
     lesion = np.zeros(volume.shape, bool)
-    for z in (11, 12, 13):
-        lesion[:, :, z] = disc(volume.shape[:2], (20, 24), 4 if z == 12 else 3)
+    for z in (13, 14, 15):
+        lesion[:, :, z] = disc(volume.shape[:2], (60, 30), 9 if z == 14 else 7)  # 5-7 px at the classifier's 64 px
     scaled = _with_lesion(np.clip((volume - low) / (high - low), 0, 1), lesion)
     nibabel.save(nibabel.Nifti1Image(scaled * (high - low) + low, source.affine), path)
     return lesion
