@@ -199,3 +199,20 @@ def test_find_inputs_reports_bad_files(tmp_path):
         load_image(truncated)
     with pytest.raises(InputError, match="no such file"):
         find_inputs(tmp_path / "absent")
+
+
+def test_input_datalist_leaves_out_inputs_that_cannot_be_loaded(tmp_path, caplog):
+    """A bundle's Dataset would stop the whole run at a truncated file: the datalist leaves it out, logged."""
+    from monai_medcam.io import input_datalist
+
+    test_files = Path(get_testdata_file("MR_small.dcm", download=False)).parent
+    shutil.copy(MR_SMALL, tmp_path / "good.dcm")
+    (tmp_path / "other").mkdir()  # its own folder: beside MR_small (same series) it would join its series
+    shutil.copy(test_files / "MR_truncated.dcm", tmp_path / "other" / "truncated.dcm")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="monai_medcam.io"):
+        datalist = input_datalist(tmp_path)
+    assert datalist == [{"image": str(tmp_path / "good.dcm")}]
+    assert "truncated.dcm: cannot read the image" in caplog.text and "notes.txt: not an image file" in caplog.text
+    unchecked = input_datalist(tmp_path, key="img", check=False)  # listing only: the truncated file passes
+    assert sorted(Path(d["img"]).name for d in unchecked) == ["good.dcm", "truncated.dcm"]
