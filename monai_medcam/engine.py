@@ -148,6 +148,8 @@ class _Attempt:
     settled: torch.Tensor
     steps: torch.Tensor
 
+    OUTCOME = ("soft", "hard", "verified", "settled")  # what a later attempt replaces; steps add up
+
 
 class MedCAM:
     """Med-CAM: minimal, decision-preserving evidence masks for a frozen classifier.
@@ -334,7 +336,7 @@ class MedCAM:
                     with torch.no_grad():
                         new, old = (self._hard_objective(hard, *inputs, s)[0] for hard in (again.hard, attempt.hard[todo]))
                     take = again.verified & (new < old)
-                for name in ("soft", "hard", "verified", "settled"):
+                for name in _Attempt.OUTCOME:
                     getattr(attempt, name)[todo[take]] = getattr(again, name)[take]
 
             for retry in range(1, s.max_retries + 1):
@@ -397,7 +399,7 @@ class MedCAM:
         todo = (~skipped).nonzero().flatten()
         if len(todo):
             done = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), s)
-            for name in ("soft", "hard", "verified", "settled", "steps"):
+            for name in (*_Attempt.OUTCOME, "steps"):
                 getattr(attempt, name)[todo] = getattr(done, name)
         return attempt
 

@@ -27,8 +27,9 @@ def as_bool(name: str, value: object) -> bool:
     ... --skip_vacuous false`` passes the string ``"false"``, which Python would take as true)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _BOOL_WORDS:
+        return _BOOL_WORDS[word]
     raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 # defaults that differ between 2D images and 3D volumes (a setting left at None takes these);

@@ -22,12 +22,18 @@ __all__ = [
     "make_known_evidence_3d",
     "LESION_KINDS",
     "LESION_COLOUR",
+    "paint_lesion",
     "BACKGROUNDS",
 ]
 
 BACKGROUNDS = ("retina", "ihc", "radiology")
 LESION_KINDS = ("disc", "spots")
-LESION_COLOUR = (1.0, 0.95, 0.55)  # RGB; lesion pixels become 0.25 * image + 0.75 * this (grayscale: its mean)
+LESION_COLOUR = (1.0, 0.95, 0.55)  # RGB in [0, 1]; grayscale images take its mean
+
+
+def paint_lesion(pixels: np.ndarray, colour: np.ndarray | float) -> np.ndarray:
+    """Lesion pixels as every known-evidence image paints them: ``0.25 * pixels + 0.75 * colour``."""
+    return 0.25 * pixels + 0.75 * colour
 
 
 @dataclass
@@ -179,7 +185,7 @@ def make_known_evidence(
                 for _ in range(int(rng.integers(4, 7))):
                     offset = rng.normal(0, 0.06 * size, 2)
                     shape |= disc((size, size), centre + offset, rng.uniform(0.015, 0.03) * size + 0.8)
-            image[:, shape] = 0.25 * image[:, shape] + 0.75 * lesion_colour
+            image[:, shape] = paint_lesion(image[:, shape], lesion_colour)
             lesions[i, 0, shape] = 1
             distractors[i, 0, shape] = 0
         images[i] = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_medcam.demo.known_evidence import disc
+from monai_medcam.demo.known_evidence import disc, paint_lesion
 from monai_medcam.writers import atomic_path
 
 __all__ = ["write_demo_slide", "write_pyramidal_tiff", "LESION_CENTRES"]
@@ -64,7 +64,7 @@ def write_demo_slide(
     truth = np.zeros((height, width), bool)
     for centre in lesions:
         shape = disc((height, width), centre, radius)
-        image[shape] = (0.25 * image[shape] + 0.75 * LESION_COLOUR).astype(np.uint8)
+        image[shape] = paint_lesion(image[shape], LESION_COLOUR).astype(np.uint8)
         truth |= shape
     write_pyramidal_tiff(image, path, levels)
     return truth

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_medcam.demo.known_evidence import LESION_COLOUR, disc
+from monai_medcam.demo.known_evidence import LESION_COLOUR, disc, paint_lesion
 
 __all__ = ["write_demo_studies", "write_dicom_series"]
 
@@ -28,7 +28,7 @@ def _with_lesion(image: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """``image`` in [0, 1] with the ``lesion`` pixels painted as in the training data
     (:func:`~monai_medcam.demo.known_evidence.make_known_evidence` in grayscale)."""
     out = image.copy()
-    out[lesion] = 0.25 * out[lesion] + 0.75 * LESION_GRAY
+    out[lesion] = paint_lesion(out[lesion], LESION_GRAY)
     return out
 
 
