@@ -1,6 +1,6 @@
 """Connected components of binary masks, in torch (2D and 3D, batched, on the masks' device).
 
-The engine's last step (``prune_components``) drops the components of an evidence mask that the
+The engine's pruning step (``prune_components``) drops the components of an evidence mask that the
 objective does not need; these functions find them, without a SciPy or scikit-image dependency.
 """
 

@@ -7,8 +7,9 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
                     classifier(e), classifier(m x + (1 - m) r) -> per-image loss -> Adam step
     every check_every steps: binary mask verified?  near-binary?  stable?  -> finished images leave the batch
     verified masks -> connected components the objective does not need dropped, largest first
+    verified masks still large -> cut down to a ball around the point the decision leans on most, where the objective prefers it
     images still unverified -> retried with more steps and a lower area weight
-    verified masks still large -> restarted from another seed; the verified mask that scores lowest is kept
+    verified masks that were still large -> restarted from another seed; the verified mask that scores lowest is kept
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
+SHRINK_RADII = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4)  # the balls shrinking offers, as fractions of the smallest side
 RESTART_SEED_STEP = 104729  # restart k uses seed + k * this, far from the seeds a user would compare
 
 
@@ -147,8 +149,9 @@ class _Attempt:
     verified: torch.Tensor
     settled: torch.Tensor
     steps: torch.Tensor
+    stalled: torch.Tensor  # verified, and larger than restart_above after pruning, before shrinking: worth a restart
 
-    OUTCOME = ("soft", "hard", "verified", "settled")  # what a later attempt replaces; steps add up
+    OUTCOME = ("soft", "hard", "verified", "settled", "stalled")  # what a later attempt replaces; steps add up
 
 
 class MedCAM:
@@ -349,8 +352,7 @@ class MedCAM:
             # with fewer steps than min_steps no mask can settle: a large one is unfinished, not stalled
             restarts = s.restarts if s.steps >= s.min_steps else 0
             for restart in range(1, restarts + 1):
-                large = attempt.verified & ~vacuous & (attempt.hard.flatten(1).mean(1) > s.restart_above)
-                todo = large.nonzero().flatten()
+                todo = (attempt.stalled & ~vacuous).nonzero().flatten()  # a shrunk mask too: a restart may do better
                 if len(todo) == 0:
                     break
                 seed = s.seed + RESTART_SEED_STEP * restart
@@ -390,7 +392,8 @@ class MedCAM:
             return self._optimise(data, label, ref_logits, ref_acts, base, x_blurred, s)
         empty = torch.zeros_like(data[:, :1])
         attempt = _Attempt(
-            soft=empty.clone(), hard=empty.clone(), verified=torch.zeros_like(skipped), settled=skipped.clone(), steps=torch.zeros_like(label)
+            soft=empty.clone(), hard=empty.clone(), verified=torch.zeros_like(skipped), settled=skipped.clone(),
+            steps=torch.zeros_like(label), stalled=torch.zeros_like(skipped),
         )
         idx = skipped.nonzero().flatten()
         with torch.no_grad():
@@ -515,11 +518,14 @@ class MedCAM:
                 self._drop_finished(net, optimizer, keep)
                 active = active[keep]
         bar.close()
-        attempt = _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, settled=settled_out, steps=steps_out)
+        attempt = _Attempt(soft=soft_out, hard=hard_out, verified=verified_out, settled=settled_out, steps=steps_out,
+                           stalled=torch.zeros_like(verified_out))
         self._prune(attempt, x, label, ref_logits, ref_acts, base, x_blurred, s)
+        attempt.stalled = attempt.verified & (attempt.hard.flatten(1).mean(1) > s.restart_above)
+        self._shrink(attempt, x, label, ref_logits, ref_acts, base, x_blurred, s)
         return attempt
 
-    # -- pruning: a last, discrete descent on the same objective ---------------------------------
+    # -- pruning: a discrete descent on the same objective, component by component ---------------
     def _prune(
         self,
         attempt: _Attempt,
@@ -560,9 +566,7 @@ class MedCAM:
                     break
                 keep = labels[todo] != order[todo, rank].view(-1, *[1] * (labels.ndim - 1))
                 candidate = attempt.hard[todo] * keep
-                loss, verified = self._hard_objective(candidate, *inputs(todo))
-                fresh = self._check_logits(x[todo], candidate, base[todo], x_blurred[todo], s, draw=1)[1:]
-                verified &= (fresh.argmax(2) == label[todo]).all(0)
+                loss, verified = self._judge(candidate, inputs(todo))
                 better = verified & (loss < score[todo]) & (candidate.flatten(1).amax(1) > 0)
                 take = todo[better]
                 attempt.hard[take] = candidate[better]
@@ -571,6 +575,77 @@ class MedCAM:
                 dropped[take] += 1
         if dropped.any():
             logger.info("dropped %d component(s) the objective does not need from %d mask(s)", int(dropped.sum()), int((dropped > 0).sum()))
+
+    # -- shrinking: cut a large verified mask down around the point the decision leans on most ---
+    def _shrink(
+        self,
+        attempt: _Attempt,
+        x: torch.Tensor,
+        label: torch.Tensor,
+        ref_logits: torch.Tensor,
+        ref_acts: list[torch.Tensor],
+        base: torch.Tensor,
+        x_blurred: torch.Tensor,
+        s: MedCAMSettings,
+    ) -> None:
+        """Replace verified binary masks larger than ``s.restart_above``, in place, by their part
+        within a ball around the point the decision leans on most, where that scores lower on the
+        objective; up to ``s.shrink_rounds`` rounds.
+
+        The point is the peak, inside the mask, of the gradient of the label's logit margin with
+        respect to the mask (over the evidence and the K verification backgrounds), averaged over
+        a window of about a tenth of the image's side. The balls' radii are :data:`SHRINK_RADII`
+        of the smallest side. A candidate is taken when it is verified, keeps the label under K
+        fresh backgrounds too, and scores lowest on :meth:`_hard_objective`, below the mask; an
+        image stops once no ball beats its mask. The soft mask is zeroed outside the ball.
+        """
+        if s.shrink_rounds == 0:
+            return
+        spatial = x.shape[2:]
+        pool = torch.nn.functional.avg_pool2d if len(spatial) == 2 else torch.nn.functional.avg_pool3d
+        window = max(1, round(min(spatial) / 20))
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=x.device, dtype=torch.float32) for n in spatial], indexing="ij"))
+        active = attempt.verified & (attempt.hard.flatten(1).mean(1) > s.restart_above)
+        for _ in range(s.shrink_rounds):
+            todo = active.nonzero().flatten()
+            if len(todo) == 0:
+                break
+            inputs = (*_rows(todo, x, label, ref_logits, ref_acts, base, x_blurred), s)
+            xs, labels, bases, blurs = inputs[0], inputs[1], inputs[4], inputs[5]
+            hard = attempt.hard[todo]
+            with torch.enable_grad():
+                mask = hard.clone().requires_grad_(True)
+                checks = self._check_logits(xs, mask, bases, blurs, s)  # (1 + K, B, classes)
+                at_label = labels[None, :, None].expand(len(checks), -1, 1)
+                margin = checks.gather(2, at_label)[..., 0] - checks.scatter(2, at_label, float("-inf")).amax(2)
+                (support,) = torch.autograd.grad(margin.sum(), mask)
+            with torch.no_grad():
+                support = pool(support, 2 * window + 1, stride=1, padding=window, count_include_pad=False)
+                peak = torch.where(hard > 0.5, support, torch.full_like(support, float("-inf"))).flatten(1).argmax(1)
+                centre = grid.flatten(1)[:, peak].T.reshape(len(todo), len(spatial), *[1] * len(spatial))  # (B, dims, 1, ...)
+                distance = (grid[None] - centre).square().sum(1, keepdim=True).sqrt()  # (B, 1, *spatial)
+                score = self._hard_objective(hard, *inputs)[0]
+                best, chosen = score.clone(), hard.clone()
+                for radius in SHRINK_RADII:
+                    candidate = hard * (distance <= radius * min(spatial)).float()
+                    loss, verified = self._judge(candidate, inputs)
+                    better = verified & (loss < best)
+                    best[better], chosen[better] = loss[better], candidate[better]
+                improved = best < score
+                take = todo[improved]
+                attempt.hard[take] = chosen[improved]
+                attempt.soft[take] = attempt.soft[take] * chosen[improved]
+                active[todo[~improved]] = False
+
+    def _judge(self, candidate: torch.Tensor, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_hard_objective` of candidate masks ``(B, 1, *spatial)``, and whether each keeps the
+        label on the K verification backgrounds and on K fresh ones, both ``(B,)``. Choosing among
+        masks by the verification's own backgrounds would pick those that just pass them (the
+        blurred copy is in both sets). ``inputs``: what ``_hard_objective`` takes after the mask."""
+        loss, verified = self._hard_objective(candidate, *inputs)
+        x, label, _, _, base, x_blurred, s = inputs
+        fresh = self._check_logits(x, candidate, base, x_blurred, s, draw=1)[1:]
+        return loss, verified & (fresh.argmax(2) == label).all(0)
 
     def _hard_objective(
         self,

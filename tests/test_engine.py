@@ -113,7 +113,9 @@ def test_batch_independence_with_default_kernels():
 def test_batch_background_couples_images():
     # the one setting that makes images depend on each other does show up in the test above's measure
     x = region_images(3, seed=5)
-    explainer = MedCAM(RegionClassifier(), steps=2, check_every=100, max_retries=0, backgrounds=("batch",), init_keep=0.5)
+    # (shrinking off: it would cut both large two-step masks down to the same ball around the region)
+    explainer = MedCAM(RegionClassifier(), steps=2, check_every=100, max_retries=0, backgrounds=("batch",), init_keep=0.5,
+                       shrink_rounds=0)
     together, alone = explainer.explain(x), explainer.explain(x[1:2])
     assert (together.soft_mask[1] - alone.soft_mask[0]).abs().max() > 1e-3
 
@@ -348,7 +350,8 @@ def test_restarts_keep_the_lowest_objective_among_verified_masks(monkeypatch):
     # the rule alone, on scripted attempts: seeds 0, 1, 2 give masks of 40, 30, 20 pixels (image 0)
     # and 41, 31, 21 (image 1), the objective scripted per mask size. Image 0: both smaller
     # restarts score worse, the first mask stays. Image 1: the second wins. Every attempt is
-    # verified on the first seed's backgrounds.
+    # verified on the first seed's backgrounds. Each attempt says it stalled (was large before
+    # shrinking), so all are restarted although every mask is under restart_above now.
     scripted = {40: (2.0, True), 30: (3.0, True), 20: (2.5, True), 41: (2.0, True), 31: (1.5, True), 21: (1.8, True)}
     seen = []
 
@@ -359,7 +362,8 @@ def test_restarts_keep_the_lowest_objective_among_verified_masks(monkeypatch):
         for i in range(len(x)):
             hard[i].view(-1)[: 40 - 10 * k + i] = 1
         ones = torch.ones(len(x), dtype=torch.bool)
-        return _Attempt(soft=hard.clone(), hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50))
+        return _Attempt(soft=hard.clone(), hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50),
+                        stalled=ones.clone())
 
     def objective(self, hard, *args):
         loss, ok = zip(*(scripted[int(n)] for n in hard.flatten(1).sum(1)))
@@ -367,7 +371,7 @@ def test_restarts_keep_the_lowest_objective_among_verified_masks(monkeypatch):
 
     monkeypatch.setattr(MedCAM, "_optimise", optimise)
     monkeypatch.setattr(MedCAM, "_hard_objective", objective)
-    result = MedCAM(RegionClassifier(), max_retries=0, restart_above=0.0).explain(region_images(2))
+    result = MedCAM(RegionClassifier(), max_retries=0, restart_above=0.5).explain(region_images(2))
     assert result.mask.flatten(1).sum(1).tolist() == [40, 31]
     assert result.retries.tolist() == [2, 2] and result.steps.tolist() == [150, 150]
     assert seen == [(0, 0), (RESTART_SEED_STEP, 0), (2 * RESTART_SEED_STEP, 0)]
@@ -391,7 +395,8 @@ def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
     hard = _region_mask().expand(len(x), 1, 32, 32).clone()
     hard[:, :, 22:28, 22:28] = 1  # the blob: outside the region the logits depend on (the activations do see it)
     ones = torch.ones(len(x), dtype=torch.bool)
-    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50))
+    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50),
+                       stalled=ones.clone())
     s = explainer.settings.for_spatial_dims(2)
     ref_logits, ref_acts = explainer._reference(x)
     label = ref_logits.argmax(1)
@@ -419,7 +424,8 @@ def test_pruning_drops_a_component_the_objective_does_not_need():
     assert torch.equal(first[0], fresh[0]) and not torch.equal(first[1:], fresh[1:])
     # a mask of one component is never emptied, and prune_components=0 turns pruning off
     one = _Attempt(soft=region.expand(2, 1, 32, 32).clone(), hard=region.expand(2, 1, 32, 32).clone(),
-                   verified=torch.ones(2, dtype=torch.bool), settled=torch.ones(2, dtype=torch.bool), steps=attempt.steps)
+                   verified=torch.ones(2, dtype=torch.bool), settled=torch.ones(2, dtype=torch.bool), steps=attempt.steps,
+                   stalled=torch.ones(2, dtype=torch.bool))
     off = MedCAM(RegionClassifier(), prune_components=0)
     with explainer.classifier.frozen():
         explainer._prune(one, *args)
@@ -470,6 +476,66 @@ def test_pruning_never_empties_a_mask(prune_components):
     assert attempt.hard[1, 0, 22:28, 22:28].eq(1).all()
 
 
+def _stalled_attempt(explainer: MedCAM, x: torch.Tensor, keep: slice = slice(2, 30)):
+    """A verified mask that keeps a large block around the region, as a stalled optimisation leaves it."""
+    hard = torch.zeros(len(x), 1, *x.shape[2:])
+    hard[(slice(None), slice(None)) + (keep,) * (x.ndim - 2)] = 1
+    ones = torch.ones(len(x), dtype=torch.bool)
+    attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50),
+                       stalled=ones.clone())
+    s = explainer.settings.for_spatial_dims(x.ndim - 2)
+    ref_logits, ref_acts = explainer._reference(x)
+    return attempt, (x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
+
+
+def test_shrinking_cuts_a_stalled_mask_down_to_the_region():
+    # a verified block of 77% of the image around the 8 x 8 region the logits depend on: the ball
+    # around the point the decision leans on most keeps the region and little else, scores lower
+    # and is verified; one block is left whole (as pruning would: one component)
+    explainer = MedCAM(RegionClassifier())
+    x = region_images(2, seed=3)
+    with explainer.classifier.frozen():
+        attempt, args = _stalled_attempt(explainer, x)
+        before = attempt.hard.clone()
+        loss_before = explainer._hard_objective(before, *args)[0]
+        attempt.verified[1] = False  # an unverified mask is left as it is
+        explainer._shrink(attempt, *args)
+        loss_after, verified_after = explainer._hard_objective(attempt.hard, *args)
+    region = _region_mask()
+    shrunk = attempt.hard[0, 0]
+    assert before[0].mean() > 0.75 and verified_after[0] and loss_after[0] < loss_before[0]
+    assert shrunk.mean() < 0.2, f"still {float(shrunk.mean()):.0%} of the image"
+    assert (shrunk * region).sum() >= 0.5 * region.sum(), "the ball lost most of the region"
+    assert shrunk[20:, :].sum() == 0 and shrunk[:, 20:].sum() == 0, "kept pixels far from the region"
+    assert torch.equal(attempt.soft[0, 0], 0.97 * shrunk)  # the soft mask zeroed outside the ball
+    assert torch.equal(attempt.hard[1], before[1])  # unverified: untouched
+
+
+def test_shrinking_leaves_small_masks_and_can_be_turned_off():
+    # a mask at or below restart_above is not shrunk; shrink_rounds=0 turns shrinking off
+    x = region_images(1, seed=3)
+    for explainer, keep in ((MedCAM(RegionClassifier(), restart_above=0.8), slice(2, 30)),
+                            (MedCAM(RegionClassifier(), shrink_rounds=0), slice(2, 30)),
+                            (MedCAM(RegionClassifier()), slice(8, 16))):
+        with explainer.classifier.frozen():
+            attempt, args = _stalled_attempt(explainer, x, keep)
+            before = attempt.hard.clone()
+            explainer._shrink(attempt, *args)
+        assert torch.equal(attempt.hard, before)
+
+
+def test_shrinking_a_volume():
+    explainer = MedCAM(RegionClassifier(size=16, region=(slice(4, 8), slice(4, 8)), spatial_dims=3))
+    x = 0.3 * torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    x[:, :, 4:8, 4:8, 4:8] += 0.8
+    with explainer.classifier.frozen():
+        attempt, args = _stalled_attempt(explainer, x, slice(1, 15))
+        explainer._shrink(attempt, *args)
+        assert explainer._hard_objective(attempt.hard, *args)[1].all()
+    assert attempt.hard.mean() < 0.1 and attempt.hard[0, 0, 4:8, 4:8, 4:8].mean() >= 0.5
+    assert attempt.hard[0, 0, 10:].sum() == 0
+
+
 def test_pruning_a_volume():
     explainer = MedCAM(RegionClassifier(size=16, region=(slice(4, 8), slice(4, 8)), spatial_dims=3))
     x = 0.3 * torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -478,7 +544,8 @@ def test_pruning_a_volume():
     hard[:, :, 4:8, 4:8, 4:8] = 1
     hard[:, :, 12:15, 12:15, 12:15] = 1
     one = torch.ones(1, dtype=torch.bool)
-    attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=one, settled=one.clone(), steps=torch.full((1,), 50))
+    attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=one, settled=one.clone(), steps=torch.full((1,), 50),
+                       stalled=one.clone())
     s = explainer.settings.for_spatial_dims(3)
     with explainer.classifier.frozen():
         ref_logits, ref_acts = explainer._reference(x)
