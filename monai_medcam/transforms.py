@@ -318,7 +318,10 @@ class SaveEvidenced(MapTransform):
                 name = f"{base}_{k}"
             self.names.add(name)
             labels = sorted({int(r["label"]) for r in rows if "label" in r})
+            # the panels show the optimised slices the classifier is surest of (a stalled mask tends to
+            # come with an unsure call, and keeps much of its slice)
             needed = [k for k, r in enumerate(rows) if not r.get("vacuous", False)]
+            needed.sort(key=lambda k: -float(rows[k].get("prob_input", 0.0)))
             written = write_outputs(
                 source.cpu(),
                 MetaTensor(mask, meta=dict(source.meta)),

@@ -164,16 +164,16 @@ def write_dicom_seg(
 
 
 def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
-    """The ``count`` slices (last axis, among ``candidates``) with the most evidence, in slice order."""
+    """``count`` slices (last axis) that hold evidence, in slice order: the first of ``candidates``
+    (most wanted first) that do, or without ``candidates`` those with the most evidence. With no
+    evidence anywhere, the middle candidate (or the middle slice)."""
     area = mask[0].flatten(0, -2).float().sum(0)
-    if candidates is not None:
-        keep = torch.zeros_like(area, dtype=torch.bool)
-        keep[list(candidates)] = True
-        area = torch.where(keep, area, torch.full_like(area, -1.0))
-    if float(area.max()) <= 0:
-        return [int(candidates[len(candidates) // 2]) if candidates else image.shape[-1] // 2]
-    top = torch.argsort(area, descending=True)[:count]
-    return sorted(int(k) for k in top if area[k] > 0)
+    if candidates is None:
+        candidates = torch.argsort(area, descending=True, stable=True).tolist()
+    shown = [int(k) for k in candidates if area[k] > 0][:count]
+    if not shown:
+        return [int(candidates[len(candidates) // 2]) if len(candidates) else image.shape[-1] // 2]
+    return sorted(shown)
 
 
 def write_png(
@@ -193,8 +193,9 @@ def write_png(
         path: the PNG to write.
         heatmaps: title -> ``(1, X, Y[, Z])`` maps in [0, 1] (e.g. Grad-CAM) shown beside the evidence.
         title: text above the first panel.
-        max_slices: for a volume, the slices with the most evidence shown, one per row.
-        candidates: for a volume, the slices that may be shown (default: all).
+        max_slices: for a volume, at most this many slices with evidence are shown, one per row...
+        candidates: ...the first of these that hold evidence (most wanted first; default: the
+            slices with the most evidence).
     """
     from monai_medcam.visualize import save_panels
 

@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from monai_medcam.demo.studies import write_dicom_series  # noqa: E402
 from monai_medcam.io import SOURCE_FILES, InputError, find_inputs, load_image  # noqa: E402
 from monai_medcam.pipeline import explain_inputs  # noqa: E402
-from monai_medcam.writers import SEGMENT_LABEL, dicom_frames, write_dicom_seg, write_nifti  # noqa: E402
+from monai_medcam.writers import SEGMENT_LABEL, _display_slices, dicom_frames, write_dicom_seg, write_nifti  # noqa: E402
 from tests.toys import RegionClassifier  # noqa: E402
 
 MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
@@ -216,3 +216,18 @@ def test_input_datalist_leaves_out_inputs_that_cannot_be_loaded(tmp_path, caplog
     assert "truncated.dcm: cannot read the image" in caplog.text and "notes.txt: not an image file" in caplog.text
     unchecked = input_datalist(tmp_path, key="img", check=False)  # listing only: the truncated file passes
     assert sorted(Path(d["img"]).name for d in unchecked) == ["good.dcm", "truncated.dcm"]
+
+
+def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
+    # slices 1..5 of a volume hold 1, 30, 4, 0, 2 evidence pixels; the panels show the first
+    # candidates (most wanted first) that hold any, in slice order, whatever their area: a stalled
+    # mask of most of a slice (slice 2) does not push out the slices the pipeline wants shown
+    mask = torch.zeros(1, 8, 8, 6)
+    for k, n in enumerate([0, 1, 30, 4, 0, 2]):
+        mask[0].view(-1, 6)[:n, k] = 1
+    image = torch.rand(1, 8, 8, 6)
+    assert _display_slices(image, mask, 3, [3, 4, 1, 5, 2]) == [1, 3, 5]  # 4 holds none: skipped; 2 not wanted enough
+    assert _display_slices(image, mask, 2, [2, 3]) == [2, 3]
+    assert _display_slices(image, mask, 3, None) == [2, 3, 5]  # no preference: the most evidence
+    assert _display_slices(image, torch.zeros_like(mask), 3, [4, 0, 5]) == [0]  # none: the middle candidate
+    assert _display_slices(image, torch.zeros_like(mask), 3, None)[0] in range(6)
