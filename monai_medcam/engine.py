@@ -46,7 +46,7 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
-SHRINK_RADII = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4)  # the balls shrinking offers, as fractions of the smallest side
+SHRINK_RADII = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4)  # the balls shrinking offers, as fractions of each side
 RESTART_SEED_STEP = 104729  # restart k uses seed + k * this, far from the seeds a user would compare
 
 
@@ -407,19 +407,20 @@ class MedCAM:
         return attempt
 
     # -- verification ---------------------------------------------------------------------------
+    @staticmethod
+    def _outsides(x: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0) -> list[torch.Tensor]:
+        """What fills the outside of the mask in the checks, each shaped like ``x``: the baseline, then
+        the K :func:`~monai_medcam.backgrounds.verification_backgrounds` (``draw`` 0 those of the
+        verification, another ``draw`` K fresh ones)."""
+        seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
+        return [base, *verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)]
+
     def _check_logits(
         self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
     ) -> torch.Tensor:
-        """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K backgrounds.
-
-        One classifier pass for all of them; the backgrounds are
-        :func:`~monai_medcam.backgrounds.verification_backgrounds`, ``draw`` 0 those of the
-        verification, another ``draw`` K fresh ones.
-        """
-        seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
-        variants = [hard * x + (1 - hard) * base] + [
-            hard * x + (1 - hard) * r for r in verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)
-        ]
+        """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K
+        backgrounds (:meth:`_outsides`), in one classifier pass."""
+        variants = [hard * x + (1 - hard) * r for r in self._outsides(x, base, x_blurred, s, draw)]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
     # -- one optimisation attempt ---------------------------------------------------------------
@@ -594,40 +595,45 @@ class MedCAM:
 
         The point is the peak, inside the mask, of the gradient of the label's logit margin with
         respect to the mask (over the evidence and the K verification backgrounds), averaged over
-        a window of about a tenth of the image's side. The balls' radii are :data:`SHRINK_RADII`
-        of the smallest side. A candidate is taken when it is verified, keeps the label under K
-        fresh backgrounds too, and scores lowest on :meth:`_hard_objective`, below the mask; an
-        image stops once no ball beats its mask. The soft mask is zeroed outside the ball.
+        a window of about a tenth of each side. The balls' radii are :data:`SHRINK_RADII` of each
+        side (ellipsoids where the sides differ). A candidate is taken when it is verified, keeps
+        the label under K fresh backgrounds too, and scores lowest on :meth:`_hard_objective`,
+        below the mask; a cut mask is offered smaller balls around its own peak in the next round,
+        whatever its size, and an image stops once no ball beats its mask. The soft mask is zeroed
+        outside the ball.
         """
         if s.shrink_rounds == 0:
             return
         spatial = x.shape[2:]
         pool = torch.nn.functional.avg_pool2d if len(spatial) == 2 else torch.nn.functional.avg_pool3d
-        window = max(1, round(min(spatial) / 20))
-        grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=x.device, dtype=torch.float32) for n in spatial], indexing="ij"))
+        window = [max(1, round(n / 20)) for n in spatial]
+        # coordinates as fractions of each side, so a ball is an ellipsoid on a non-cubic grid
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=x.device, dtype=torch.float32) / n for n in spatial], indexing="ij"))
         active = attempt.verified & (attempt.hard.flatten(1).mean(1) > s.restart_above)
-        for _ in range(s.shrink_rounds):
+        for _ in range(s.shrink_rounds):  # a mask cut in one round is offered smaller balls in the next
             todo = active.nonzero().flatten()
             if len(todo) == 0:
                 break
             inputs = (*_rows(todo, x, label, ref_logits, ref_acts, base, x_blurred), s)
             xs, labels, bases, blurs = inputs[0], inputs[1], inputs[4], inputs[5]
             hard = attempt.hard[todo]
-            with torch.enable_grad():
-                mask = hard.clone().requires_grad_(True)
-                checks = self._check_logits(xs, mask, bases, blurs, s)  # (1 + K, B, classes)
-                at_label = labels[None, :, None].expand(len(checks), -1, 1)
-                margin = checks.gather(2, at_label)[..., 0] - checks.scatter(2, at_label, float("-inf")).amax(2)
-                (support,) = torch.autograd.grad(margin.sum(), mask)
+            mask = hard.clone().requires_grad_(True)
+            support = torch.zeros_like(hard)
+            for outside in self._outsides(xs, bases, blurs, s):  # one pass each: the memory of B images, not (1 + K) B
+                with torch.enable_grad():
+                    logits = self.classifier.logits(mask * xs + (1 - mask) * outside).float()
+                    own = logits.gather(1, labels[:, None])[:, 0]
+                    margin = own - logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+                    support += torch.autograd.grad(margin.sum(), mask)[0]
             with torch.no_grad():
-                support = pool(support, 2 * window + 1, stride=1, padding=window, count_include_pad=False)
+                support = pool(support, [2 * w + 1 for w in window], stride=1, padding=window, count_include_pad=False)
                 peak = torch.where(hard > 0.5, support, torch.full_like(support, float("-inf"))).flatten(1).argmax(1)
                 centre = grid.flatten(1)[:, peak].T.reshape(len(todo), len(spatial), *[1] * len(spatial))  # (B, dims, 1, ...)
-                distance = (grid[None] - centre).square().sum(1, keepdim=True).sqrt()  # (B, 1, *spatial)
+                distance = (grid[None] - centre).square().sum(1, keepdim=True).sqrt()  # (B, 1, *spatial), in sides
                 score = self._hard_objective(hard, *inputs)[0]
                 best, chosen = score.clone(), hard.clone()
                 for radius in SHRINK_RADII:
-                    candidate = hard * (distance <= radius * min(spatial)).float()
+                    candidate = hard * (distance <= radius).float()
                     loss, verified = self._judge(candidate, inputs)
                     better = verified & (loss < best)
                     best[better], chosen[better] = loss[better], candidate[better]

@@ -166,13 +166,15 @@ def write_dicom_seg(
 def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
     """``count`` slices (last axis) that hold evidence, in slice order: the first of ``candidates``
     (most wanted first) that do, or without ``candidates`` those with the most evidence. With no
-    evidence anywhere, the middle candidate (or the middle slice)."""
+    evidence anywhere, the first candidate (without candidates, the middle slice)."""
     area = mask[0].flatten(0, -2).float().sum(0)
     if candidates is None:
+        if float(area.max()) <= 0:
+            return [image.shape[-1] // 2]
         candidates = torch.argsort(area, descending=True, stable=True).tolist()
     shown = [int(k) for k in candidates if area[k] > 0][:count]
     if not shown:
-        return [int(candidates[len(candidates) // 2]) if len(candidates) else image.shape[-1] // 2]
+        return [int(candidates[0]) if len(candidates) else image.shape[-1] // 2]
     return sorted(shown)
 
 
