@@ -540,10 +540,9 @@ class MedCAM:
     ) -> None:
         """Drop connected components of the verified binary masks, in place, one at a time and
         largest first (at most ``s.prune_components`` per mask), wherever the mask without it is
-        still verified, keeps the label under K fresh backgrounds too (choosing among masks by the
-        verification backgrounds alone would pick those that just pass them; the blurred copy is
-        in both sets), and scores lower on the objective (:meth:`_hard_objective`). A mask is
-        never emptied. The soft mask is zeroed where a component was dropped."""
+        still verified, keeps the label under K fresh backgrounds too (:meth:`_judge`), and scores
+        lower on the objective (:meth:`_hard_objective`). A mask is never emptied. The soft mask
+        is zeroed where a component was dropped."""
         if s.prune_components == 0 or not attempt.verified.any():
             return
 

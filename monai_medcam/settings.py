@@ -94,8 +94,9 @@ class MedCAMSettings:
             peak of the gradient of the label's logit margin with respect to the mask), trying
             radii of 1/16 to 1/4 of the image's side, wherever that is still verified, keeps the
             label under K fresh backgrounds too and scores lower on the objective; a cut mask is
-            offered smaller balls again, up to this many rounds in all. A stalled optimisation often keeps a large region around the
-            evidence in one component, which pruning cannot split. 0 turns shrinking off.
+            offered smaller balls again, up to this many rounds in all. A stalled optimisation
+            often keeps a large region around the evidence in one component, which pruning cannot
+            split. 0 turns shrinking off.
         skip_vacuous: give images whose label holds with no evidence at all (vacuous) an empty mask
             without optimising (verified when the label also holds over the K backgrounds); pays where
             most images are negative, e.g. the tiles of a whole slide.
