@@ -223,6 +223,8 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"restarts": -1}, "restarts must be an integer >= 0"),
         ({"restart_above": 1.5}, "restart_above must lie in"),
         ({"prune_components": -1}, "prune_components must be an integer >= 0"),
+        ({"shrink_rounds": -1}, "shrink_rounds must be an integer >= 0"),
+        ({"shrink_rounds": 1.5}, "shrink_rounds must be an integer >= 0"),
         ({"verify_seed": 1.5}, "verify_seed must be an integer or None"),
         ({"skip_vacuous": "maybe"}, "skip_vacuous must be true or false, got 'maybe'"),
         ({"hard_mask": None}, "hard_mask must be true or false"),
