@@ -1,6 +1,7 @@
 """Tune Med-CAM's settings on the known-evidence benchmark, away from the images it reports.
 
     python benchmarks/sweep.py --archs resnet18 mobilenet_v2 --setting "" --setting "area_weight=40"
+    python benchmarks/sweep.py --setting "" --setting "restarts=0" --seeds 0 1 2
 
 Each ``--setting`` is one row: comma-separated ``name=value`` pairs of :class:`MedCAMSettings`
 (``""``: the defaults). The classifiers are those of ``benchmarks/quality.py`` (its cache; trained
@@ -12,6 +13,13 @@ there if missing). The lesion images come from their own seed (``TUNE_SEED``), n
 Prints a markdown table, one row per (architecture, setting): Med-CAM's mean lesion IoU, energy in
 the lesion (soft mask), non-binary share, area, decision kept, kept under 8 random backgrounds,
 median steps and seconds per image; and the rows of every architecture averaged per setting.
+
+Med-CAM's optimisation is chaotic: another ``seed`` (or batch size, or a rounding) moves one
+image's mask a lot, and 12 images' mean IoU per architecture by up to 0.13 (docs/settings.md). A
+difference between two settings means something only where it is larger than the spread over
+seeds: ``--seeds`` runs every setting with each seed and ends with a table of the means over the
+seeds and their range. ``--reported`` runs on the images ``quality.py`` reports instead of the
+tuning images, to see how far its figures move with the seed; never choose settings there.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import ARCHS, COMBOS, PRESETS, dataset, lesion_images, mask_metrics, predict, trained  # noqa: E402
+from benchmarks.quality import ARCHS, COMBOS, EXPLAINED_SEED, PRESETS, dataset, lesion_images, mask_metrics, predict, trained  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 
 TUNE_SEED = 400  # quality.py's datasets use 100 (train), 200 (test), 300 (reported images)
@@ -55,10 +63,12 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def tuning_images(arch: str, p: dict, net: torch.nn.Module, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` lesion images, round-robin over the (background, lesion) kinds, and their lesion masks:
-    those the classifier gets right first (for a weak classifier, then the others)."""
-    pool, labels, truth, names = dataset(arch, 8 * count, p, seed=TUNE_SEED)
+def tuning_images(
+    arch: str, p: dict, net: torch.nn.Module, count: int, device: torch.device, seed: int = TUNE_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` lesion images of the dataset ``seed``, round-robin over the (background, lesion) kinds,
+    and their lesion masks: those the classifier gets right first (for a weak classifier, then the others)."""
+    pool, labels, truth, names = dataset(arch, 8 * count, p, seed=seed)
     chosen = lesion_images(labels, predict(net, pool, device), names, count)  # as quality.py chooses its images
     return pool[chosen].to(device), truth[chosen].to(device)
 
@@ -81,26 +91,51 @@ def _row(name: str, setting: str, r: dict) -> str:
             f"| {r['kept']:.2f} | {r['kept_backgrounds']:.2f} | {r['median_steps']:.0f} | {r['s_per_image']:.1f} |")
 
 
+def _with_seed(text: str, seed: int) -> str:
+    """The setting ``text`` with ``seed=seed`` in place of any seed it gives."""
+    rest = {k: v for k, v in parse_setting(text).items() if k != "seed"}
+    return ", ".join([*(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rest.items()), f"seed={seed}"])
+
+
+def _spread_row(name: str, setting: str, per_seed: list[dict]) -> str:
+    def cell(column: str, percent: bool = False) -> str:
+        values = [r[column] for r in per_seed]
+        fmt = "{:.1%}" if percent else "{:.2f}"
+        return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    return (f"| {name} | `{setting or 'defaults'}` | {cell('iou')} | {cell('energy')} | {cell('non_binary', True)} | {cell('area', True)} "
+            f"| {cell('kept_backgrounds')} | {np.mean([r['s_per_image'] for r in per_seed]):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=[a for a in ARCHS if not a.endswith("_3d")])
     parser.add_argument("--setting", action="append", default=None, help='one row, e.g. "area_weight=40,lr_decay=0.98"; repeat')
     parser.add_argument("--images", type=int, default=2 * len(COMBOS), help="lesion images per architecture")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every setting with each of these Med-CAM seeds (overriding a seed= in the setting)")
+    parser.add_argument("--reported", action="store_true", help="the images quality.py reports, not the tuning images")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="classifier cache of quality.py")
     args = parser.parse_args()
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}.")
     p = dict(PRESETS[args.preset])
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible.")
-    texts = args.setting if args.setting is not None else [""]
+    bases = args.setting if args.setting is not None else [""]
+    seeded = {base: [_with_seed(base, k) for k in args.seeds] if args.seeds else [base] for base in bases}
+    texts = [text for group in seeded.values() for text in group]
+    if len(set(texts)) != len(texts):
+        parser.error(f"two settings are the same row once the seeds are set: {texts}.")
     settings = {text: parse_setting(text) for text in texts}
     print("| architecture | setting | IoU | energy | non-binary | area | kept | kept under bg | median steps | s/image |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     totals: dict[str, list[dict]] = {text: [] for text in texts}
     for arch in args.archs:
         net, *_ = trained(arch, p, args.preset, device, args.results / "models", retrain=False)
-        x, truth = tuning_images(arch, p, net, args.images, device)
+        x, truth = tuning_images(arch, p, net, args.images, device, EXPLAINED_SEED if args.reported else TUNE_SEED)
         for text, setting in settings.items():
             r = run(net, x, truth, setting, p["steps"])
             totals[text].append(r)
@@ -108,6 +143,16 @@ def main() -> None:
     if len(args.archs) > 1:
         for text, rows in totals.items():
             print(_row("mean", text, {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS}), flush=True)
+    if args.seeds and len(args.seeds) > 1:
+        print(f"\nOver seeds {', '.join(map(str, args.seeds))}: the mean, and the range of the per-seed values\n")
+        print("| architecture | setting | IoU | energy | non-binary | area | kept under bg | s/image |")
+        print("|---|---|---|---|---|---|---|---|")
+        names = [*args.archs, "mean"] if len(args.archs) > 1 else list(args.archs)
+        for base, group in seeded.items():
+            for a, name in enumerate(names):
+                per_seed = [totals[text][a] if name != "mean" else {c: float(np.mean([r[c] for r in totals[text]])) for c in COLUMNS}
+                            for text in group]
+                print(_spread_row(name, base, per_seed), flush=True)
 
 
 if __name__ == "__main__":

@@ -74,12 +74,20 @@ def test_quality_benchmark_smoke(tmp_path):
     # the settings sweep on the classifier just cached: one row per setting, values in their ranges
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "2",
-         "--results", str(tmp_path), "--setting", "", "--setting", "restarts=0, area_weight=40"],
+         "--results", str(tmp_path), "--setting", "", "--setting", "restarts=0, area_weight=40, seed=5", "--seeds", "0", "1"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| mobilenet_v2")]
-    assert [r[1].strip() for r in rows] == ["`defaults`", "`restarts=0, area_weight=40`"]
+    table, _, spread = run.stdout.partition("Over seeds 0, 1")
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| mobilenet_v2")]
+    # each setting once per seed, the seed in the setting replaced
+    assert [r[1].strip() for r in rows] == ["`seed=0`", "`seed=1`", "`restarts=0, area_weight=40, seed=0`", "`restarts=0, area_weight=40, seed=1`"]
+    summary = [line.split("|")[1:-1] for line in spread.splitlines() if line.startswith("| mobilenet_v2")]
+    assert [r[1].strip() for r in summary] == ["`defaults`", "`restarts=0, area_weight=40, seed=5`"]
+    for per_seed, r in zip((rows[:2], rows[2:]), summary):  # "mean (lowest-highest)" of the per-seed IoUs
+        ious = [float(row[2]) for row in per_seed]
+        mean, low, high = (float(v) for v in r[2].replace("(", " ").replace(")", " ").replace("-", " ").split())
+        assert (low, high) == (min(ious), max(ious)) and abs(mean - sum(ious) / 2) <= 0.006
     for r in rows:
         iou, energy, kept, background = (float(r[i]) for i in (2, 3, 6, 7))
         assert all(0 <= v <= 1 for v in (iou, energy, kept, background)), r
