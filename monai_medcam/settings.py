@@ -34,7 +34,11 @@ def as_bool(name: str, value: object) -> bool:
 
 # defaults that differ between 2D images and 3D volumes (a setting left at None takes these);
 # tuned on the known-evidence benchmark (docs/settings.md)
-BY_SPATIAL_DIMS: dict[str, dict[int, float]] = {"area_weight": {2: 20.0, 3: 120.0}, "lr_decay": {2: 0.97, 3: 0.99}}
+BY_SPATIAL_DIMS: dict[str, dict[int, float]] = {
+    "area_weight": {2: 20.0, 3: 120.0},
+    "lr_decay": {2: 0.97, 3: 0.99},
+    "restart_above": {2: 0.03, 3: 0.01},
+}
 
 
 @dataclass
@@ -81,8 +85,9 @@ class MedCAMSettings:
             one pruning uses) is kept.
             Vacuous images are not restarted, nor any image when ``steps < min_steps`` (no mask
             can settle then). 0 turns restarts off...
-        restart_above: ...this fraction of the image (chosen on lesions of 1-3% of the image; where the
-            evidence is known to be larger, raise it, or each such image costs up to three attempts).
+        restart_above: ...this fraction of the image (``None``: 3% in 2D, 1% in 3D; chosen on lesions
+            of 1-3% of an image and about 0.9% of a volume; where the evidence is known to be
+            larger, raise it, or each such image costs up to three attempts).
         prune_components: after each attempt, the connected components of a verified binary mask
             (its this many largest) are dropped one at a time, largest first, wherever the mask
             without it is still verified, keeps the label under K fresh backgrounds too, and scores
@@ -139,7 +144,7 @@ class MedCAMSettings:
     verify_backgrounds: int = 8
     max_retries: int = 1
     restarts: int = 2
-    restart_above: float = 0.03
+    restart_above: float | None = None
     prune_components: int = 16
     shrink_rounds: int = 2
     skip_vacuous: bool = False
@@ -167,7 +172,7 @@ class MedCAMSettings:
         for name in ("max_retries", "restarts", "prune_components", "shrink_rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}.")
-        if not 0 <= self.restart_above <= 1:
+        if self.restart_above is not None and not (isinstance(self.restart_above, (int, float)) and 0 <= self.restart_above <= 1):
             raise ValueError(f"restart_above must lie in [0, 1], got {self.restart_above!r}.")
         if not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")

@@ -300,6 +300,8 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
     s = MedCAMSettings()
     assert (s.for_spatial_dims(2).area_weight, s.for_spatial_dims(2).lr_decay) == (20.0, 0.97)
     assert (s.for_spatial_dims(3).area_weight, s.for_spatial_dims(3).lr_decay) == (120.0, 0.99)
+    assert (s.for_spatial_dims(2).restart_above, s.for_spatial_dims(3).restart_above) == (0.03, 0.01)
+    assert MedCAMSettings(restart_above=0.2).for_spatial_dims(3).restart_above == 0.2
     assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
     optimise, seen = MedCAM._optimise, []
 
