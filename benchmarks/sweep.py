@@ -17,9 +17,10 @@ median steps and seconds per image; and the rows of every architecture averaged 
 Med-CAM's optimisation is chaotic: another ``seed`` (or batch size, or a rounding) moves one
 image's mask a lot, and 12 images' mean IoU per architecture by up to 0.13 (docs/settings.md). A
 difference between two settings means something only where it is larger than the spread over
-seeds: ``--seeds`` runs every setting with each seed and ends with a table of the means over the
-seeds and their range. ``--reported`` runs on the images ``quality.py`` reports instead of the
-tuning images, to see how far its figures move with the seed; never choose settings there.
+seeds: ``--seeds`` runs every setting with each seed and, given two or more, ends with a table
+of the means over the seeds and their range. ``--reported`` runs on the images ``quality.py``
+reports (the preset's count) instead of the tuning images, to see how far its figures move with
+the seed; never choose settings there.
 """
 
 from __future__ import annotations
@@ -43,16 +44,21 @@ TUNE_SEED = 400  # quality.py's datasets use 100 (train), 200 (test), 300 (repor
 COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "s_per_image")
 
 
-def parse_setting(text: str) -> dict:
-    """``"area_weight=40,baseline=blur"`` -> ``{"area_weight": 40, "baseline": "blur"}``: Python literals, else strings."""
+def _pairs(text: str) -> list[str]:
+    """``"a=1, b=(2, 3)"`` -> ``["a=1", "b=(2, 3)"]``: split at the commas outside brackets."""
     pairs, depth, start = [], 0, 0
-    for i, char in enumerate(text + ","):  # split at the commas outside brackets
+    for i, char in enumerate(text + ","):
         depth += (char in "([{") - (char in ")]}")
         if char == "," and depth == 0:
             pairs.append(text[start:i].strip())
             start = i + 1
+    return [pair for pair in pairs if pair]
+
+
+def parse_setting(text: str) -> dict:
+    """``"area_weight=40,baseline=blur"`` -> ``{"area_weight": 40, "baseline": "blur"}``: Python literals, else strings."""
     out = {}
-    for pair in filter(None, pairs):
+    for pair in _pairs(text):
         name, sep, value = pair.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"setting {pair!r} is not name=value.")
@@ -92,16 +98,15 @@ def _row(name: str, setting: str, r: dict) -> str:
 
 
 def _with_seed(text: str, seed: int) -> str:
-    """The setting ``text`` with ``seed=seed`` in place of any seed it gives."""
-    rest = {k: v for k, v in parse_setting(text).items() if k != "seed"}
-    return ", ".join([*(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rest.items()), f"seed={seed}"])
+    """The setting ``text``, as written, with ``seed=seed`` in place of any seed it gives."""
+    return ", ".join([*(pair for pair in _pairs(text) if pair.partition("=")[0].strip() != "seed"), f"seed={seed}"])
 
 
 def _spread_row(name: str, setting: str, per_seed: list[dict]) -> str:
     def cell(column: str, percent: bool = False) -> str:
         values = [r[column] for r in per_seed]
         fmt = "{:.1%}" if percent else "{:.2f}"
-        return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+        return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))} to {fmt.format(max(values))})"
 
     return (f"| {name} | `{setting or 'defaults'}` | {cell('iou')} | {cell('energy')} | {cell('non_binary', True)} | {cell('area', True)} "
             f"| {cell('kept_backgrounds')} | {np.mean([r['s_per_image'] for r in per_seed]):.1f} |")
@@ -112,15 +117,19 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=[a for a in ARCHS if not a.endswith("_3d")])
     parser.add_argument("--setting", action="append", default=None, help='one row, e.g. "area_weight=40,lr_decay=0.98"; repeat')
-    parser.add_argument("--images", type=int, default=2 * len(COMBOS), help="lesion images per architecture")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"lesion images per architecture (default {2 * len(COMBOS)}; with --reported the preset's, as quality.py draws them)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run every setting with each of these Med-CAM seeds (overriding a seed= in the setting)")
     parser.add_argument("--reported", action="store_true", help="the images quality.py reports, not the tuning images")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="classifier cache of quality.py")
     args = parser.parse_args()
+    p = dict(PRESETS[args.preset])
+    if args.reported and args.images not in (None, p["images"]):
+        parser.error(f"--reported explains quality.py's {p['images']} images per architecture (preset {args.preset}); drop --images.")
+    count = args.images or (p["images"] if args.reported else 2 * len(COMBOS))
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}.")
-    p = dict(PRESETS[args.preset])
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible.")
@@ -135,7 +144,7 @@ def main() -> None:
     totals: dict[str, list[dict]] = {text: [] for text in texts}
     for arch in args.archs:
         net, *_ = trained(arch, p, args.preset, device, args.results / "models", retrain=False)
-        x, truth = tuning_images(arch, p, net, args.images, device, EXPLAINED_SEED if args.reported else TUNE_SEED)
+        x, truth = tuning_images(arch, p, net, count, device, EXPLAINED_SEED if args.reported else TUNE_SEED)
         for text, setting in settings.items():
             r = run(net, x, truth, setting, p["steps"])
             totals[text].append(r)

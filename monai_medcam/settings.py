@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -172,8 +173,9 @@ class MedCAMSettings:
         for name in ("max_retries", "restarts", "prune_components", "shrink_rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}.")
-        if self.restart_above is not None and not (isinstance(self.restart_above, (int, float)) and 0 <= self.restart_above <= 1):
-            raise ValueError(f"restart_above must lie in [0, 1], got {self.restart_above!r}.")
+        above = self.restart_above
+        if above is not None and (isinstance(above, bool) or not isinstance(above, numbers.Real) or not 0 <= above <= 1):
+            raise ValueError(f"restart_above must be a number in [0, 1] or None, got {self.restart_above!r}.")
         if not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}.")
         if not self.lr > 0 or not self.kl_temperature > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,10 +85,12 @@ def test_quality_benchmark_smoke(tmp_path):
     assert [r[1].strip() for r in rows] == ["`seed=0`", "`seed=1`", "`restarts=0, area_weight=40, seed=0`", "`restarts=0, area_weight=40, seed=1`"]
     summary = [line.split("|")[1:-1] for line in spread.splitlines() if line.startswith("| mobilenet_v2")]
     assert [r[1].strip() for r in summary] == ["`defaults`", "`restarts=0, area_weight=40, seed=5`"]
-    for per_seed, r in zip((rows[:2], rows[2:]), summary):  # "mean (lowest-highest)" of the per-seed IoUs
-        ious = [float(row[2]) for row in per_seed]
-        mean, low, high = (float(v) for v in r[2].replace("(", " ").replace(")", " ").replace("-", " ").split())
-        assert (low, high) == (min(ious), max(ious)) and abs(mean - sum(ious) / 2) <= 0.006
+    for per_seed, r in zip((rows[:2], rows[2:]), summary):  # "mean (lowest to highest)" of the per-seed values
+        for column in (2, 3, 4, 5, 7):  # IoU, energy, non-binary, area, kept under backgrounds
+            values = [float(row[column].strip(" %")) for row in per_seed]
+            summary_column = {2: 2, 3: 3, 4: 4, 5: 5, 7: 6}[column]
+            mean, low, high = (float(v.strip("%")) for v in re.fullmatch(r" (\S+) \((\S+) to (\S+)\) ", r[summary_column]).groups())
+            assert (low, high) == (min(values), max(values)) and abs(mean - sum(values) / 2) <= 0.06, (column, r)
     for r in rows:
         iou, energy, kept, background = (float(r[i]) for i in (2, 3, 6, 7))
         assert all(0 <= v <= 1 for v in (iou, energy, kept, background)), r
@@ -97,13 +100,20 @@ def test_quality_benchmark_smoke(tmp_path):
 
 def test_sweep_setting_parsing():
     sys.path.insert(0, str(ROOT))
-    from benchmarks.sweep import parse_setting
+    from benchmarks.sweep import _spread_row, _with_seed, parse_setting
 
     assert parse_setting("") == {}
     assert parse_setting("area_weight=40, lr_decay=0.98,hard_mask=False") == {"area_weight": 40, "lr_decay": 0.98, "hard_mask": False}
     with pytest.raises(argparse.ArgumentTypeError, match="not name=value"):
         parse_setting("area_weight")
     assert parse_setting("baseline=blur,backgrounds=('zeros',)") == {"baseline": "blur", "backgrounds": ("zeros",)}
+    # --seeds: the setting as written, its own seed replaced
+    assert _with_seed("baseline=blur, seed=4, backgrounds=('zeros', 'blur')", 1) == "baseline=blur, backgrounds=('zeros', 'blur'), seed=1"
+    assert _with_seed("", 0) == "seed=0"
+    row = _spread_row("vit", "", [dict(iou=0.4, energy=0.5, non_binary=0.01, area=0.02, kept_backgrounds=1.0, s_per_image=2.0),
+                                  dict(iou=0.6, energy=0.7, non_binary=0.03, area=0.04, kept_backgrounds=0.5, s_per_image=4.0)])
+    assert row == ("| vit | `defaults` | 0.50 (0.40 to 0.60) | 0.60 (0.50 to 0.70) | 2.0% (1.0% to 3.0%) | 3.0% (2.0% to 4.0%) "
+                   "| 0.75 (0.50 to 1.00) | 3.0 |")
 
 
 def test_with_removals_relabels_by_the_lesion_kept():
