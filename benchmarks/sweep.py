@@ -149,19 +149,20 @@ def main() -> None:
             r = run(net, x, truth, setting, p["steps"])
             totals[text].append(r)
             print(_row(arch, text, r), flush=True)
-    if len(args.archs) > 1:
+    if len(args.archs) > 1:  # each setting's rows averaged over the architectures, a last "architecture"
+        names = [*args.archs, "mean"]
         for text, rows in totals.items():
-            print(_row("mean", text, {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS}), flush=True)
+            rows.append({c: float(np.mean([r[c] for r in rows])) for c in COLUMNS})
+            print(_row("mean", text, rows[-1]), flush=True)
+    else:
+        names = list(args.archs)
     if args.seeds and len(args.seeds) > 1:
         print(f"\nOver seeds {', '.join(map(str, args.seeds))}: the mean, and the range of the per-seed values\n")
         print("| architecture | setting | IoU | energy | non-binary | area | kept under bg | s/image |")
         print("|---|---|---|---|---|---|---|---|")
-        names = [*args.archs, "mean"] if len(args.archs) > 1 else list(args.archs)
         for base, group in seeded.items():
             for a, name in enumerate(names):
-                per_seed = [totals[text][a] if name != "mean" else {c: float(np.mean([r[c] for r in totals[text]])) for c in COLUMNS}
-                            for text in group]
-                print(_spread_row(name, base, per_seed), flush=True)
+                print(_spread_row(name, base, [totals[text][a] for text in group]), flush=True)
 
 
 if __name__ == "__main__":
