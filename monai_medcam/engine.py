@@ -467,7 +467,8 @@ class MedCAM:
                 mask_logits = net(x_padded[active])[crop].float()
                 plain = torch.sigmoid(mask_logits)  # what the area, binarisation and TV terms act on
                 # the mask read out through a steepening sigmoid (gradient: the plain one's); same binary mask
-                soft = plain + (torch.sigmoid(sharpness(step) * mask_logits) - plain).detach()
+                steep = torch.sigmoid(sharpness(step) * mask_logits)  # with its own gradient: late_bin_weight's term
+                soft = plain + (steep - plain).detach()
                 used = straight_through_binary(soft) if s.hard_mask else soft
                 kind = kinds.choice(s.backgrounds)
                 r = random_background(xa, kind, generator, x_blurred[active])
@@ -484,6 +485,8 @@ class MedCAM:
                 + s.bin_weight * crisp(plain)
                 + s.tv_weight * tv(plain)
             )
+            if s.late_bin_weight and step >= s.late_bin_start:  # late: push hovering pixels to their side
+                loss = loss + s.late_bin_weight * crisp(steep)
             if act_loss is not None:
                 loss = loss + s.act_weight * act_loss([a[active] for a in ref_acts], [a[:n] for a in acts])
             optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ BY_SPATIAL_DIMS: dict[str, dict[int, float]] = {
     "area_weight": {2: 20.0, 3: 120.0},
     "lr_decay": {2: 0.97, 3: 0.99},
     "restart_above": {2: 0.03, 3: 0.01},
+    "late_bin_weight": {2: 100.0, 3: 0.0},
 }
 
 
@@ -108,10 +109,18 @@ class MedCAMSettings:
             most images are negative, e.g. the tiles of a whole slide.
         sharpen_rate: the returned soft mask is ``sigmoid(beta * logits)`` with ``beta = 1 +
             sharpen_rate * step``: a steeper read-out of the same logits (the binary mask, the
-            area, binarisation and TV terms and all gradients are those of the plain sigmoid).
+            area, binarisation and TV terms and the fidelity terms' gradients are those of the
+            plain sigmoid; only ``late_bin_weight``'s term sees the read-out).
             With ``binary_tol`` it makes the early stop wait until the logits are decisive, so the
             soft mask ends near-binary. 0 reads out the paper's plain sigmoid...
         sharpen_max: ...up to this ``beta``.
+        late_bin_weight: binarisation of that read-out, the mean of ``s (1 - s)`` with ``s =
+            sigmoid(beta * logits)`` and its own gradient, from step ``late_bin_start`` on. Late in
+            a run, pixels whose logits hover just around the threshold (where the straight-through
+            fidelity gradient and the area term balance, and the paper's ``m (1 - m)`` has no slope)
+            are pushed to the side they are on, so the soft mask ends near-binary (``None``: 100 for
+            2D images, 0 (off) for volumes, whose masks end near-binary without it). 0 turns it off...
+        late_bin_start: ...from this step (before it the mask takes its shape freely).
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
         seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
@@ -151,6 +160,8 @@ class MedCAMSettings:
     skip_vacuous: bool = False
     sharpen_rate: float = 0.07
     sharpen_max: float = 8.0
+    late_bin_weight: float | None = None
+    late_bin_start: int = 50
     mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
     init_keep: float = 0.9
     seed: int = 0
@@ -161,7 +172,7 @@ class MedCAMSettings:
     def __post_init__(self) -> None:
         for name in BOOL_FIELDS:
             setattr(self, name, as_bool(name, getattr(self, name)))
-        for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight"):
+        for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight", "late_bin_weight"):
             value = getattr(self, name)
             if value is None and name in BY_SPATIAL_DIMS:
                 continue
@@ -170,7 +181,7 @@ class MedCAMSettings:
         for name in ("steps", "check_every", "patience", "verify_backgrounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
-        for name in ("max_retries", "restarts", "prune_components", "shrink_rounds"):
+        for name in ("max_retries", "restarts", "prune_components", "shrink_rounds", "late_bin_start"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}.")
         above = self.restart_above

@@ -70,6 +70,22 @@ def test_result_fields_are_consistent(toy_result):
     assert len(r.summary()) == 3 and r.summary()[0]["verified"] is True
 
 
+def test_late_binarisation_settles_hovering_pixels():
+    # a run held to all 300 steps (min_steps) leaves, without the late term, background pixels whose
+    # logits hover around the threshold: 6% of the toy's soft mask between 0.01 and 0.99; with it
+    # (the default, from step 50) under 1%, and the evidence still finds the region
+    x = region_images(1)
+    long_run = dict(min_steps=300, restarts=0, max_retries=0)
+    without = MedCAM(RegionClassifier(), late_bin_weight=0.0, **long_run).explain(x)
+    late = MedCAM(RegionClassifier(), **long_run).explain(x)
+    share = [((r.soft_mask > 0.01) & (r.soft_mask < 0.99)).float().mean().item() for r in (without, late)]
+    assert share[1] <= 0.01 and share[0] > 3 * share[1], share
+    assert late.verified.all() and late.steps.tolist() == [300]
+    region = _region_mask()
+    iou = (late.mask[0, 0] * region).sum() / ((late.mask[0, 0] + region) > 0).sum()
+    assert iou > 0.5, f"IoU {iou:.2f}"
+
+
 def test_settled_says_whether_the_mask_stopped_before_its_step_budget(caplog):
     x = region_images(2)
     with caplog.at_level(logging.INFO, logger="monai_medcam.engine"):
@@ -220,6 +236,8 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"sharpen_max": 0.5}, "sharpen_max >= 1"),
         ({"sharpen_rate": -0.1}, "sharpen_rate must be >= 0"),
         ({"binary_tol": 2}, "binary_tol must lie in"),
+        ({"late_bin_weight": -1.0}, "late_bin_weight must be a finite number >= 0"),
+        ({"late_bin_start": -1}, "late_bin_start must be an integer >= 0"),
         ({"restarts": -1}, "restarts must be an integer >= 0"),
         ({"restart_above": 1.5}, "restart_above must be a number in"),
         ({"restart_above": True}, "restart_above must be a number in"),
@@ -303,6 +321,8 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
     assert (s.for_spatial_dims(3).area_weight, s.for_spatial_dims(3).lr_decay) == (120.0, 0.99)
     assert (s.for_spatial_dims(2).restart_above, s.for_spatial_dims(3).restart_above) == (0.03, 0.01)
     assert MedCAMSettings(restart_above=0.2).for_spatial_dims(3).restart_above == 0.2
+    assert (s.for_spatial_dims(2).late_bin_weight, s.for_spatial_dims(3).late_bin_weight) == (100.0, 0.0)
+    assert MedCAMSettings(late_bin_weight=5.0).for_spatial_dims(3).late_bin_weight == 5.0
     assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
     optimise, seen = MedCAM._optimise, []
 
@@ -343,10 +363,11 @@ def test_large_verified_masks_are_restarted_and_the_best_kept():
     # the objective, not the area, decides: on this toy a smaller mask of another seed scores worse
     smallest = torch.stack([r.area for r in runs]).argmin(0)
     assert any(scores[k, i] > scores[:, i].min() for i, k in enumerate(smallest.tolist())), "no image where the two rules differ"
-    # masks under the threshold are not restarted, and with fewer steps than min_steps (no mask
-    # can settle) none is, whatever its size
-    assert runs[0].area.max() < 0.1
-    assert MedCAM(RegionClassifier(), steps=100, max_retries=0, restart_above=0.1).explain(x).retries.tolist() == [0, 0]
+    # masks under the threshold (after pruning, before shrinking) are not restarted, and with fewer
+    # steps than min_steps (no mask can settle) none is, whatever its size
+    unshrunk = MedCAM(RegionClassifier(), steps=100, max_retries=0, restarts=0, shrink_rounds=0).explain(x)
+    assert unshrunk.area.max() < 0.2
+    assert MedCAM(RegionClassifier(), steps=100, max_retries=0, restart_above=0.2).explain(x).retries.tolist() == [0, 0]
     short = MedCAM(RegionClassifier(), steps=20, max_retries=0, restart_above=0.0).explain(x)
     assert short.retries.tolist() == [0, 0] and short.steps.tolist() == [20, 20]
 
