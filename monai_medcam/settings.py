@@ -120,7 +120,9 @@ class MedCAMSettings:
             fidelity gradient and the area term balance, and the paper's ``m (1 - m)`` has no slope)
             are pushed to the side they are on, so the soft mask ends near-binary (``None``: 100 for
             2D images, 0 (off) for volumes, whose masks end near-binary without it). 0 turns it off...
-        late_bin_start: ...from this step (before it the mask takes its shape freely).
+        late_bin_start: ...from this step (by default where the learning rate reaches its floor and
+            the read-out ``sharpen_max``; before it the mask takes its shape freely, and an earlier
+            start can hold a mask that is still shrinking).
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
         seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
@@ -161,7 +163,7 @@ class MedCAMSettings:
     sharpen_rate: float = 0.07
     sharpen_max: float = 8.0
     late_bin_weight: float | None = None
-    late_bin_start: int = 50
+    late_bin_start: int = 100
     mask_features: Sequence[int] = (16, 16, 32, 64, 128, 16)
     init_keep: float = 0.9
     seed: int = 0

@@ -73,13 +73,13 @@ def test_result_fields_are_consistent(toy_result):
 def test_late_binarisation_settles_hovering_pixels():
     # a run held to all 300 steps (min_steps) leaves, without the late term, background pixels whose
     # logits hover around the threshold: 6% of the toy's soft mask between 0.01 and 0.99; with it
-    # (the default, from step 50) under 1%, and the evidence still finds the region
+    # (the default, from step 100) less than half of that, and the evidence still finds the region
     x = region_images(1)
     long_run = dict(min_steps=300, restarts=0, max_retries=0)
     without = MedCAM(RegionClassifier(), late_bin_weight=0.0, **long_run).explain(x)
     late = MedCAM(RegionClassifier(), **long_run).explain(x)
     share = [((r.soft_mask > 0.01) & (r.soft_mask < 0.99)).float().mean().item() for r in (without, late)]
-    assert share[1] <= 0.01 and share[0] > 3 * share[1], share
+    assert share[1] <= 0.03 and share[0] > 2 * share[1], share
     assert late.verified.all() and late.steps.tolist() == [300]
     region = _region_mask()
     iou = (late.mask[0, 0] * region).sum() / ((late.mask[0, 0] + region) > 0).sum()
