@@ -76,9 +76,11 @@ class MedCAMResult:
         soft_mask: the mask network's output through the steepened sigmoid (``sharpen_rate``) ``(B, 1, *spatial)``.
         label: explained class ``(B,)``.
         prob_input: probability of the label on the image ``(B,)``.
-        prob_evidence: probability of the label on the binary evidence ``(B,)``.
-        prob_background: lowest probability of the label over the K random backgrounds ``(B,)``.
-        verified: the binary evidence gives the label alone and under all K random backgrounds ``(B,)``.
+        prob_evidence: probability of the label on the binary evidence over the baseline ``(B,)``.
+        prob_background: lowest probability of the label over the K random backgrounds (and zeros,
+            where the baseline is not zeros) ``(B,)``.
+        verified: the binary evidence gives the label over the baseline, alone (``m x``, on zeros)
+            and under all K random backgrounds ``(B,)``.
         settled: the kept attempt ended at a check where its mask was verified, near-binary and
             stable (possibly the last check), not because its steps ran out ``(B,)``. An unsettled
             mask comes from an optimisation that was still moving: its soft mask can be far from
@@ -411,15 +413,20 @@ class MedCAM:
     def _outsides(x: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0) -> list[torch.Tensor]:
         """What fills the outside of the mask in the checks, each shaped like ``x``: the baseline, then
         the K :func:`~monai_medcam.backgrounds.verification_backgrounds` (``draw`` 0 those of the
-        verification, another ``draw`` K fresh ones)."""
+        verification, another ``draw`` K fresh ones), then zeros where the baseline is not zeros,
+        so that the paper's evidence ``m x`` alone keeps the label too."""
         seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
-        return [base, *verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)]
+        outsides = [base, *verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)]
+        if s.baseline != "zeros":
+            outsides.append(torch.zeros_like(x))
+        return outsides
 
     def _check_logits(
         self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
     ) -> torch.Tensor:
         """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K
-        backgrounds (:meth:`_outsides`), in one classifier pass."""
+        backgrounds and on zeros unless the baseline is zeros (:meth:`_outsides`; ``K + 2`` rows
+        then), in one classifier pass."""
         variants = [hard * x + (1 - hard) * r for r in self._outsides(x, base, x_blurred, s, draw)]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
@@ -669,15 +676,16 @@ class MedCAM:
         """The objective of binary masks ``hard`` ``(B, 1, *spatial)`` and whether they are verified, both ``(B,)``.
 
         The terms and weights of the optimisation (binarisation is 0 on a binary mask), with the
-        robustness term averaged over the K verification backgrounds instead of one random draw.
+        robustness term averaged over the K verification backgrounds instead of one random draw
+        (verified also counts the zeros check of :meth:`_outsides`; the objective does not).
         """
-        checks = self._check_logits(x, hard, base, x_blurred, s)  # (1 + K, B, classes)
+        checks = self._check_logits(x, hard, base, x_blurred, s)  # (1 + K [+ 1: zeros], B, classes)
         verified = (checks.argmax(2) == label).all(0)
         decision = DecisionLoss(reduction="none")
         loss = (
             s.kl_weight * OutputKLLoss(s.kl_temperature, reduction="none")(ref_logits, checks[0])
             + s.ce_weight * decision(checks[0], label)
-            + s.rob_weight * torch.stack([decision(c, label) for c in checks[1:]]).mean(0)
+            + s.rob_weight * torch.stack([decision(c, label) for c in checks[1 : 1 + s.verify_backgrounds]]).mean(0)
             + s.area_weight * AreaLoss(reduction="none")(hard)
             + s.tv_weight * TotalVariationLoss(reduction="none")(hard)
         )

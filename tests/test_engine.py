@@ -323,6 +323,8 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
     assert MedCAMSettings(restart_above=0.2).for_spatial_dims(3).restart_above == 0.2
     assert (s.for_spatial_dims(2).late_bin_weight, s.for_spatial_dims(3).late_bin_weight) == (100.0, 0.0)
     assert MedCAMSettings(late_bin_weight=5.0).for_spatial_dims(3).late_bin_weight == 5.0
+    assert (s.for_spatial_dims(2).baseline, s.for_spatial_dims(3).baseline) == ("mean", "zeros")
+    assert MedCAMSettings(baseline="blur").for_spatial_dims(2).baseline == "blur"
     assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
     optimise, seen = MedCAM._optimise, []
 
@@ -401,6 +403,42 @@ def test_restarts_keep_the_lowest_objective_among_verified_masks(monkeypatch):
     assert result.mask.flatten(1).sum(1).tolist() == [40, 31]
     assert result.retries.tolist() == [2, 2] and result.steps.tolist() == [150, 150]
     assert seen == [(0, 0), (RESTART_SEED_STEP, 0), (2 * RESTART_SEED_STEP, 0)]
+
+
+class BrightnessClassifier(nn.Module):
+    """Class 1 when the image's mean intensity exceeds 0.3: any evidence over the image's mean
+    keeps it, while the paper's ``m x`` on zeros keeps it only when the mask covers most of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)  # the identity: a layer for activation matching
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = self.conv(x).flatten(1).mean(1)
+        return torch.stack([0.3 - score, score - 0.3], dim=1) * 20
+
+
+def test_verification_checks_the_papers_evidence_on_zeros_too():
+    x = torch.full((1, 1, 32, 32), 0.6)
+    x[..., 8:16, 8:16] = 0.9
+    small = torch.zeros(1, 1, 32, 32)
+    small[..., 8:16, 8:16] = 1
+    label = torch.ones(1, dtype=torch.long)
+    for baseline, rows, verified in (("mean", 1 + 8 + 1, False), ("zeros", 1 + 8, False)):
+        explainer = MedCAM(BrightnessClassifier(), baseline=baseline)
+        s = explainer.settings.for_spatial_dims(2)
+        base = baseline_image(x, s.baseline)
+        with explainer.classifier.frozen(), torch.no_grad():
+            checks = explainer._check_logits(x, small, base, blurred(x), s)
+            _, ok = explainer._hard_objective(small, x, label, *explainer._reference(x), base, blurred(x), s)
+        assert checks.shape == (rows, 1, 2)
+        assert checks[0].argmax(1).item() == (1 if baseline == "mean" else 0)  # over the mean: kept
+        if baseline == "mean":
+            assert torch.allclose(checks[-1], explainer.classifier.logits(small * x))  # the last row: m x on zeros
+        assert ok.item() is verified  # kept over the mean, lost on zeros: not verified
 
 
 def test_verification_backgrounds_follow_verify_seed_not_seed():
@@ -540,10 +578,12 @@ def test_shrinking_cuts_a_stalled_mask_down_to_the_region():
 def test_shrinking_leaves_small_masks_and_can_be_turned_off():
     # a mask at or below restart_above is not shrunk; shrink_rounds=0 turns shrinking off; a mask
     # that is exactly the region (6% of the image, above restart_above) is left whole: no ball beats it
+    # (on zeros; over the mean baseline the mean fills part of the region's score, and a ball of
+    # 4.6% inside it is verified and scores lower: a smaller evidence, rightly taken)
     x = region_images(1, seed=3)
     for explainer, keep in ((MedCAM(RegionClassifier(), restart_above=0.8), slice(2, 30)),
                             (MedCAM(RegionClassifier(), shrink_rounds=0), slice(2, 30)),
-                            (MedCAM(RegionClassifier()), slice(8, 16))):
+                            (MedCAM(RegionClassifier(), baseline="zeros"), slice(8, 16))):
         with explainer.classifier.frozen():
             attempt, args = _stalled_attempt(explainer, x, keep)
             before = attempt.hard.clone()
