@@ -79,8 +79,9 @@ class MedCAMResult:
         prob_evidence: probability of the label on the binary evidence over the baseline ``(B,)``.
         prob_background: lowest probability of the label over the K random backgrounds (and zeros,
             where the baseline is not zeros) ``(B,)``.
-        verified: the binary evidence gives the label over the baseline, alone (``m x``, on zeros)
-            and under all K random backgrounds ``(B,)``.
+        verified: the binary evidence gives the label over the baseline, on zeros (``m x`` alone;
+            a separate check only where the baseline is not zeros) and under all K random
+            backgrounds ``(B,)``.
         settled: the kept attempt ended at a check where its mask was verified, near-binary and
             stable (possibly the last check), not because its steps ran out ``(B,)``. An unsettled
             mask comes from an optimisation that was still moving: its soft mask can be far from
@@ -413,11 +414,12 @@ class MedCAM:
     def _outsides(x: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0) -> list[torch.Tensor]:
         """What fills the outside of the mask in the checks, each shaped like ``x``: the baseline, then
         the K :func:`~monai_medcam.backgrounds.verification_backgrounds` (``draw`` 0 those of the
-        verification, another ``draw`` K fresh ones), then zeros where the baseline is not zeros,
-        so that the paper's evidence ``m x`` alone keeps the label too."""
+        verification, another ``draw`` K fresh ones), then, in the verification (``draw`` 0) where
+        the baseline is not zeros, zeros: the paper's evidence ``m x`` alone must keep the label too
+        (fresh draws leave it out: it is the same every draw)."""
         seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
         outsides = [base, *verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)]
-        if s.baseline != "zeros":
+        if draw == 0 and s.baseline != "zeros":
             outsides.append(torch.zeros_like(x))
         return outsides
 
@@ -425,8 +427,8 @@ class MedCAM:
         self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
     ) -> torch.Tensor:
         """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K
-        backgrounds and on zeros unless the baseline is zeros (:meth:`_outsides`; ``K + 2`` rows
-        then), in one classifier pass."""
+        backgrounds, and for ``draw`` 0 on zeros unless the baseline is zeros (:meth:`_outsides`;
+        ``K + 2`` rows then), in one classifier pass."""
         variants = [hard * x + (1 - hard) * r for r in self._outsides(x, base, x_blurred, s, draw)]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
@@ -654,7 +656,7 @@ class MedCAM:
 
     def _judge(self, candidate: torch.Tensor, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_hard_objective` of candidate masks ``(B, 1, *spatial)``, and whether each keeps the
-        label on the K verification backgrounds and on K fresh ones, both ``(B,)``. Choosing among
+        label on the K verification backgrounds (and zeros, as verified says) and on K fresh ones, both ``(B,)``. Choosing among
         masks by the verification's own backgrounds would pick those that just pass them (the
         blurred copy is in both sets). ``inputs``: what ``_hard_objective`` takes after the mask."""
         loss, verified = self._hard_objective(candidate, *inputs)

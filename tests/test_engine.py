@@ -427,18 +427,20 @@ def test_verification_checks_the_papers_evidence_on_zeros_too():
     small = torch.zeros(1, 1, 32, 32)
     small[..., 8:16, 8:16] = 1
     label = torch.ones(1, dtype=torch.long)
-    for baseline, rows, verified in (("mean", 1 + 8 + 1, False), ("zeros", 1 + 8, False)):
+    for baseline, rows in (("mean", 1 + 8 + 1), ("zeros", 1 + 8)):
         explainer = MedCAM(BrightnessClassifier(), baseline=baseline)
         s = explainer.settings.for_spatial_dims(2)
-        base = baseline_image(x, s.baseline)
+        base, x_blurred = baseline_image(x, s.baseline), blurred(x)
         with explainer.classifier.frozen(), torch.no_grad():
-            checks = explainer._check_logits(x, small, base, blurred(x), s)
-            _, ok = explainer._hard_objective(small, x, label, *explainer._reference(x), base, blurred(x), s)
+            checks = explainer._check_logits(x, small, base, x_blurred, s)
+            _, ok = explainer._hard_objective(small, x, label, *explainer._reference(x), base, x_blurred, s)
+            _, whole_ok = explainer._hard_objective(torch.ones_like(small), x, label, *explainer._reference(x), base, x_blurred, s)
         assert checks.shape == (rows, 1, 2)
         assert checks[0].argmax(1).item() == (1 if baseline == "mean" else 0)  # over the mean: kept
         if baseline == "mean":
             assert torch.allclose(checks[-1], explainer.classifier.logits(small * x))  # the last row: m x on zeros
-        assert ok.item() is verified  # kept over the mean, lost on zeros: not verified
+        assert not ok.item()  # kept over the mean, lost on zeros: not verified
+        assert whole_ok.item()  # the whole image keeps the label on every row: verified
 
 
 def test_verification_backgrounds_follow_verify_seed_not_seed():
@@ -485,7 +487,9 @@ def test_pruning_drops_a_component_the_objective_does_not_need():
     assert torch.equal(attempt.hard[1], before[1])  # unverified: untouched
     with explainer.classifier.frozen():  # a candidate must also pass K fresh backgrounds, not only the verification's
         first, fresh = (explainer._check_logits(x, before, *args[4:], draw=d) for d in (0, 1))
-    assert torch.equal(first[0], fresh[0]) and not torch.equal(first[1:], fresh[1:])
+    k = explainer.settings.verify_backgrounds
+    assert torch.equal(first[0], fresh[0]) and not torch.equal(first[1 : 1 + k], fresh[1 : 1 + k])
+    assert len(first) == k + 2 and len(fresh) == k + 1  # m x on zeros (the mean baseline) only in the verification
     # a mask of one component is never emptied, and prune_components=0 turns pruning off
     one = _Attempt(soft=region.expand(2, 1, 32, 32).clone(), hard=region.expand(2, 1, 32, 32).clone(),
                    verified=torch.ones(2, dtype=torch.bool), settled=torch.ones(2, dtype=torch.bool), steps=attempt.steps,
