@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ML_VENV ?= .venv-monailabel
 ML_STAMP := $(ML_VENV)/.installed
 
-.PHONY: venv venv-monailabel tools demo test
+.PHONY: venv venv-monailabel tools demo test device-wheels
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,3 +37,7 @@ tools:
 
 test: $(STAMP) $(ML_STAMP) tools
 	$(PY) -m pytest -q
+
+# what a lent GPU machine lacks to run the benchmarks, into .whl/ (docs/benchmark.md, "On a lent GPU")
+device-wheels: $(STAMP)
+	$(PY) benchmarks/device_wheels.py

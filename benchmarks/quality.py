@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --preset cpu-small    # 64 px, 32^3 volumes, reduced-width models, 2 CPU cores
     python benchmarks/quality.py --preset cuda-224     # 224 px, 96^3 volumes, full-size models, one GPU
+    python benchmarks/quality.py --preset cuda-224 --dry-run   # the same models and sizes, a few images and steps, CPU
 
 For each architecture (torchvision ResNet-18, MobileNet-V2, ConvNeXt, ViT; MONAI DenseNet121 on
 3D volumes) the benchmark trains a classifier from scratch on known-evidence images (real
@@ -16,6 +17,10 @@ Writes ``quality_<preset>.md`` (a table per architecture, device and date) and
 ``--output`` (default ``docs/``), and the numbers as JSON to ``--results`` (default
 ``benchmarks/results/``). Trained classifiers are cached in its ``models/`` folder (state dicts,
 loaded with ``weights_only=True``; ``--retrain`` trains again).
+
+``--dry-run`` runs a preset's image sizes and models on the CPU with a few images, one epoch and
+three Med-CAM steps (``DRY_RUN``), reported as ``quality_<preset>-dry``: every code path of a GPU
+run, checked before device time is spent on it; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -48,13 +53,16 @@ from monai_medcam.writers import atomic_path  # noqa: E402
 ARCHS = ("resnet18", "mobilenet_v2", "convnext", "vit", "densenet121_3d")
 PRESETS = {
     # CI: every code path, tiny training, ranges only
-    "smoke": dict(size=32, volume=32, archs=("mobilenet_v2", "vit", "densenet121_3d"), train=96, train_3d=24, test=24, epoch_scale=0,
+    "smoke": dict(size=32, volume=32, archs=("mobilenet_v2", "vit", "densenet121_3d"), train=96, train_3d=32, test=24, epoch_scale=0,
                   images=2, steps=10, extremal_steps=5, auc_steps=4, small=True, device="cpu"),
     "cpu-small": dict(size=64, volume=32, archs=ARCHS, train=1800, train_3d=1200, test=300, epoch_scale=1, images=6, steps=300,
                       extremal_steps=100, auc_steps=16, small=True, device="cpu"),
     "cuda-224": dict(size=224, volume=96, archs=ARCHS, train=3600, train_3d=800, test=300, epoch_scale=1, images=32, steps=300,
                      extremal_steps=150, auc_steps=32, small=False, device="cuda"),
 }
+# --dry-run: a preset's image sizes and models with this little work, on the CPU, before a GPU run
+# (training batches of 4: 32 volumes of 96^3 at once would not fit a CPU machine's memory)
+DRY_RUN = dict(train=48, train_3d=8, batch=4, test=16, epoch_scale=0, images=2, steps=3, extremal_steps=3, auc_steps=4, device="cpu")
 # per architecture: AdamW's peak learning rate (one-cycle schedule) and epochs, found on cpu-small;
 # the layer-normalised models (ConvNeXt, ViT) stay at chance with 1e-3 and need standardised inputs.
 # ResNet-18 6 -> 4 and MobileNet-V2 12 -> 8 epochs in session 10, for time: same test accuracy
@@ -187,6 +195,9 @@ def trained(
         config["removals"] = removals
     if channels_last:
         config["channels_last"] = True
+    batch = p.get("batch", 32)
+    if batch != 32:
+        config["batch"] = batch
     meta = json.loads(info.read_text()) if info.is_file() else {}
     if not retrain and cache.is_file() and meta.get("config") == config:
         net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
@@ -195,7 +206,7 @@ def trained(
     if removals:
         x, y = with_removals(x, y, lesions, removals, seed=101)
     t0 = time.perf_counter()
-    net = fit(net, x, y, epochs, max_lr=lr, weight_decay=0.05, device=device, channels_last=channels_last)
+    net = fit(net, x, y, epochs, max_lr=lr, weight_decay=0.05, device=device, channels_last=channels_last, batch_size=batch)
     seconds = time.perf_counter() - t0
     xt, yt, _, _ = dataset(arch, p["test"], p, seed=TEST_SEED)
     accuracy = float((predict(net, xt, device) == yt).float().mean())
@@ -377,13 +388,13 @@ def markdown(report: dict) -> str:
 def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """Train (or load) one architecture's classifier, explain with every method, save its figure; its report section."""
     started = time.perf_counter()
-    net, layer, about, accuracy, train_seconds = trained(arch, p, args.preset, device, args.results / "models", args.retrain)
+    net, layer, about, accuracy, train_seconds = trained(arch, p, args.name, device, args.results / "models", args.retrain)
     print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
     a = evaluate(arch, net, layer, p, device)
     print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, settled {a['settled']:.2f}, non-binary {a['non_binary']:.2%} "
           f"(median {a['non_binary_median']:.2%}, largest {a['non_binary_max']:.2%}); "
           f"{time.perf_counter() - started:.0f} s for this architecture", flush=True)
-    figure(args.output / "images" / f"quality_{args.preset}_{arch}.png", a.pop("figure"))
+    figure(args.output / "images" / f"quality_{args.name}_{arch}.png", a.pop("figure"))
     for r in a["rows"]:
         print(f"  {r['method']:<28} IoU {r['iou']:.2f} kept {r['kept']:.2f} bg {r['kept_backgrounds']:.2f} area {r['area']:.2%} "
               f"energy {r['energy']:.2f} ins {r['insertion']:.2f} del {r['deletion']:.2f} {r['s_per_image']:.3f} s", flush=True)
@@ -399,8 +410,11 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", choices=ARCHS, help="run only these; the report keeps the others' earlier results")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON report and classifier cache")
     parser.add_argument("--retrain", action="store_true", help="train the classifiers again instead of using the cache")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the preset's sizes and models on the CPU, a few images and steps (quality_<preset>-dry): checks a GPU run's code paths")
     args = parser.parse_args()
-    p = dict(PRESETS[args.preset])
+    p = {**PRESETS[args.preset], **(DRY_RUN if args.dry_run else {})}
+    args.name = f"{args.preset}-dry" if args.dry_run else args.preset  # names the report, figures and cached classifiers
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible (use --preset cpu-small).")
@@ -411,8 +425,8 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matrix products (the ConvNeXt and ViT MLPs)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {"preset": args.preset, "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
-    json_path = args.results / f"quality_{args.preset}.json"
+    report = {"preset": args.name, "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
+    json_path = args.results / f"quality_{args.name}.json"
     if args.archs and json_path.is_file():  # a subset run updates the earlier report's other architectures' sections
         report["architectures"] = json.loads(json_path.read_text())["architectures"]
     failed = []
@@ -426,11 +440,11 @@ def main() -> None:
         # after each architecture, so a cut-off run keeps what it measured
         with atomic_path(json_path) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))
-        with atomic_path(args.output / f"quality_{args.preset}.md") as tmp:
+        with atomic_path(args.output / f"quality_{args.name}.md") as tmp:
             Path(tmp).write_text(markdown(report))
     if failed:
         sys.exit(f"quality benchmark: {', '.join(failed)} failed (traceback above); the report holds the others.")
-    print(f"wrote {args.output}/quality_{args.preset}.md, {args.output}/images/quality_{args.preset}_*.png and {json_path}")
+    print(f"wrote {args.output}/quality_{args.name}.md, {args.output}/images/quality_{args.name}_*.png and {json_path}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,27 @@ def test_quality_benchmark_smoke(tmp_path):
         assert 1 <= float(r[8]) <= 30  # smoke: 10 steps, a retry of 20 if unverified; no restarts below min_steps
 
 
+@pytest.mark.timeout(300)
+def test_quality_dry_run_runs_a_gpu_presets_models_and_sizes_on_cpu(tmp_path):
+    """--dry-run: cuda-224's 224 px images and full-size models (small False), on the CPU, a few images, reported as cuda-224-dry."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("torchvision")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "cuda-224", "--dry-run", "--archs", "mobilenet_v2",
+         "--output", str(tmp_path), "--results", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "quality_cuda-224-dry.json").read_text())
+    assert report["preset"] == "cuda-224-dry" and report["device"].startswith("CPU")
+    a = report["architectures"]["mobilenet_v2"]
+    assert a["input"].startswith("224 px") and a["images"] == 2 and 1 <= a["median_steps"] <= 3
+    config = json.loads((tmp_path / "models" / "cuda-224-dry-mobilenet_v2.json").read_text())["config"]
+    assert (config["size"], config["train"], config["batch"], config["epochs"], config["small"]) == (224, 48, 4, 1, False)
+    assert (tmp_path / "images" / "quality_cuda-224-dry_mobilenet_v2.png").stat().st_size > 10_000
+    assert "Preset `cuda-224-dry`" in (tmp_path / "quality_cuda-224-dry.md").read_text()
+
+
 def test_sweep_setting_parsing():
     sys.path.insert(0, str(ROOT))
     from benchmarks.sweep import _spread_row, _with_seed, parse_setting

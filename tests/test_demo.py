@@ -116,6 +116,19 @@ def test_fit_channels_last_refuses_volumes():
         fit(torch.nn.Conv3d(1, 2, 1), torch.rand(4, 1, 8, 8, 8), torch.zeros(4, dtype=torch.long), 1, 1e-3, 0.0, channels_last=True)
 
 
+def test_fit_refuses_fewer_images_than_a_batch_and_trains_smaller_batches():
+    from monai_medcam.demo.train import fit
+
+    x, y = torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one batch of 32 images; got 8"):
+        fit(torch.nn.Conv2d(1, 2, 4), x, y, 1, 1e-2, 0.0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 4), torch.nn.Flatten())
+    before = [p.detach().clone() for p in net.parameters()]
+    fit(net, x, y, 1, 1e-2, 0.0, batch_size=4)  # two batches of 4
+    assert all((p - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+
+
 def test_lesion_overlap_counts_evidence_per_slice(tmp_path):
     import nibabel
 

@@ -24,6 +24,7 @@ __all__ = [
     "LESION_COLOUR",
     "paint_lesion",
     "BACKGROUNDS",
+    "DATA_STORE_FILES",
 ]
 
 BACKGROUNDS = ("retina", "ihc", "radiology")
@@ -71,6 +72,10 @@ def _stretch(image: np.ndarray) -> np.ndarray:
     return np.clip((image.astype(np.float32) - low) / max(high - low, 1e-6), 0, 1)
 
 
+# the radiology backgrounds from pydicom-data (MR_small and CT_small come with pydicom itself)
+DATA_STORE_FILES = ("MR2_UNCR.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm", "US1_UNCR.dcm")
+
+
 def radiology_images() -> list[np.ndarray]:
     """Real grayscale radiology images ``(H, W, 3)`` in [0, 1] (gray repeated): pydicom-data's MR, CT,
     CR (MONOCHROME1 inverted) and ultrasound, axial slices of nibabel's example MRI volume, and
@@ -80,7 +85,7 @@ def radiology_images() -> list[np.ndarray]:
     from pydicom.data import get_testdata_file
 
     images = []
-    for name in ("MR_small.dcm", "CT_small.dcm", "MR2_UNCR.dcm", "RG1_UNCR.dcm", "RG3_UNCR.dcm", "US1_UNCR.dcm"):
+    for name in ("MR_small.dcm", "CT_small.dcm", *DATA_STORE_FILES):
         ds = pydicom.dcmread(get_testdata_file(name, download=False) or _data_store(name))
         pixels = ds.pixel_array.astype(np.float32)
         if pixels.ndim == 3:

@@ -141,24 +141,27 @@ def fit(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
     channels_last: bool = False,
+    batch_size: int = 32,
 ) -> torch.nn.Module:
     """Train ``network`` on ``images`` ``(N, C, *spatial)`` and ``labels`` ``(N,)``: AdamW with a
-    one-cycle schedule peaking at ``max_lr``, batches of 32, each batch mirrored with probability
-    1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. ``channels_last``: train a 2D
+    one-cycle schedule peaking at ``max_lr``, full batches of ``batch_size`` (a last partial one is
+    left out), each batch mirrored with probability 1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. ``channels_last``: train a 2D
     network in channels-last memory format (faster for some networks on CPU; the benchmark's
     ``CHANNELS_LAST`` says which). Returns the network, in train mode and the default memory format."""
     if channels_last and images.ndim != 4:
         raise ValueError(f"channels_last needs 2D images (N, C, H, W); got images of shape {tuple(images.shape)}.")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(device, memory_format=layout)
-    batches = len(images) // 32
+    batches = len(images) // batch_size
+    if batches == 0:
+        raise ValueError(f"fit needs at least one batch of {batch_size} images; got {len(images)}.")
     optimizer = torch.optim.AdamW(network.parameters(), lr=max_lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, epochs * batches))
     for epoch in range(epochs):
         network.train()
         order = torch.randperm(len(images))
         for b in range(batches):
-            idx = order[b * 32 : (b + 1) * 32]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             batch = images[idx].to(device).contiguous(memory_format=layout)
             if torch.rand(1).item() < 0.5:
                 batch = batch.flip(-1)
