@@ -12,6 +12,7 @@ set -uo pipefail
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 PRESET=${PRESET:-cuda-224}
+compgen -G ".whl/*.whl" >/dev/null && [ -d .whl/data_store ] || { echo "on_device.sh: no packages in .whl/: run 'make device-wheels' here and carry .whl" >&2; exit 2; }
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
 cp -r .whl/data_store "$SITE"/ || exit 1
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1

@@ -145,9 +145,10 @@ def fit(
 ) -> torch.nn.Module:
     """Train ``network`` on ``images`` ``(N, C, *spatial)`` and ``labels`` ``(N,)``: AdamW with a
     one-cycle schedule peaking at ``max_lr``, full batches of ``batch_size`` (a last partial one is
-    left out), each batch mirrored with probability 1/2. ``on_epoch(epoch, last_loss)`` is called after each epoch. ``channels_last``: train a 2D
-    network in channels-last memory format (faster for some networks on CPU; the benchmark's
-    ``CHANNELS_LAST`` says which). Returns the network, in train mode and the default memory format."""
+    left out), each batch mirrored with probability 1/2. ``on_epoch(epoch, last_loss)`` is called
+    after each epoch. ``channels_last``: train a 2D network in channels-last memory format (faster
+    for some networks on CPU; the benchmark's ``CHANNELS_LAST`` says which). Returns the network,
+    in train mode and the default memory format."""
     if channels_last and images.ndim != 4:
         raise ValueError(f"channels_last needs 2D images (N, C, H, W); got images of shape {tuple(images.shape)}.")
     layout = torch.channels_last if channels_last else torch.contiguous_format
