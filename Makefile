@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 ML_VENV ?= .venv-monailabel
 ML_STAMP := $(ML_VENV)/.installed
 
+# no wheel cache: on a fresh machine it would only hold a second copy of every download
+export PIP_NO_CACHE_DIR := 1
+
 .PHONY: venv venv-monailabel tools demo test device-wheels
 
 $(STAMP): pyproject.toml
@@ -17,10 +20,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# MONAI Label 0.8.5 needs pydicom<3, which highdicom (main environment) cannot share: its own environment
-$(ML_STAMP): pyproject.toml apps/medcam/constraints.txt
+# MONAI Label 0.8.5 needs pydicom<3, which highdicom (main environment) cannot share: its own environment.
+# It hard-links the main environment's torch (5.3 GB, the same release) instead of a second copy.
+$(ML_STAMP): $(STAMP) pyproject.toml apps/medcam/constraints.txt apps/medcam/share_torch.py
 	python3 -m venv $(ML_VENV)
 	$(ML_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PY) apps/medcam/share_torch.py $$($(ML_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 	$(ML_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(ML_VENV)/bin/python -m pip install -q -c apps/medcam/constraints.txt -e '.[nifti,monailabel]'
 	touch $(ML_STAMP)

@@ -153,3 +153,22 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
     assert status == 422 and b"broken.nii.gz" in body
     status, _ = _request(f"{base}/info/")
     assert status == 200
+
+
+def test_share_torch_hard_links_torch_and_its_cuda_packages(tmp_path):
+    """``make venv-monailabel`` links the main environment's torch: same files, no second copy."""
+    import sys
+
+    import torch
+
+    script = ROOT / "apps" / "medcam" / "share_torch.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
+    assert f"torch {torch.__version__.split('+')[0]}" in out.stdout
+    linked = tmp_path / "torch" / "__init__.py"
+    assert linked.stat().st_ino == Path(torch.__file__).stat().st_ino  # a hard link, not a copy
+    assert (tmp_path / f"torch-{torch.__version__.split('+')[0]}.dist-info" / "RECORD").is_file()
+    assert (tmp_path / "torchvision").is_dir() and not (tmp_path / "numpy").exists()  # light deps: pip's job
+    again = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "linked 0 entries" in again.stdout  # what is there already is left alone
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "SITE_PACKAGES" in bad.stderr
