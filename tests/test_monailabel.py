@@ -172,3 +172,18 @@ def test_share_torch_hard_links_torch_and_its_cuda_packages(tmp_path):
     assert "linked 0 entries" in again.stdout  # what is there already is left alone
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 2 and "SITE_PACKAGES" in bad.stderr
+
+
+def test_share_torch_on_another_file_system_leaves_nothing_behind(tmp_path):
+    """Hard links cannot cross file systems: share_torch says so, undoes what it made, and pip installs a copy."""
+    import sys
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == ROOT.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) to link across")
+    script = ROOT / "apps" / "medcam" / "share_torch.py"
+    with tempfile.TemporaryDirectory(dir=shm) as site:
+        out = subprocess.run([sys.executable, str(script), site], capture_output=True, text=True, check=True)
+        assert "could not hard-link" in out.stdout and "pip installs its own copy" in out.stdout
+        assert list(Path(site).iterdir()) == []

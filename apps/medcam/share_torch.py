@@ -63,15 +63,17 @@ def link_into(entries: dict[str, Path], site: Path) -> list[Path]:
             dst = site / name
             if dst.exists():
                 continue
+            made.append(dst)
             if src.is_dir():
-                made.append(dst)
                 shutil.copytree(src, dst, copy_function=os.link, symlinks=True)
             else:
-                made.append(dst)
                 os.link(src, dst)
     except OSError:
         for path in made:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         raise
     return made
 
