@@ -155,35 +155,49 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
     assert status == 200
 
 
-def test_share_torch_hard_links_torch_and_its_cuda_packages(tmp_path):
-    """``make venv-monailabel`` links the main environment's torch: same files, no second copy."""
+SHARE_TORCH = ROOT / "apps" / "medcam" / "share_torch.py"
+
+
+def _share_torch(site: Path | str) -> subprocess.CompletedProcess:
     import sys
+
+    return subprocess.run([sys.executable, str(SHARE_TORCH), str(site)], capture_output=True, text=True)
+
+
+def test_share_torch_hard_links_torch_and_its_cuda_packages():
+    """``make venv-monailabel`` links the main environment's torch: same files, no second copy."""
+    import tempfile
 
     import torch
 
-    script = ROOT / "apps" / "medcam" / "share_torch.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
-    assert f"torch {torch.__version__.split('+')[0]}" in out.stdout
-    linked = tmp_path / "torch" / "__init__.py"
-    assert linked.stat().st_ino == Path(torch.__file__).stat().st_ino  # a hard link, not a copy
-    assert (tmp_path / f"torch-{torch.__version__.split('+')[0]}.dist-info" / "RECORD").is_file()
-    assert (tmp_path / "torchvision").is_dir() and not (tmp_path / "numpy").exists()  # light deps: pip's job
-    again = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
-    assert "linked 0 entries" in again.stdout  # what is there already is left alone
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "SITE_PACKAGES" in bad.stderr
+    torch_file = Path(torch.__file__)
+    version = torch.__version__.split("+")[0]
+    # beside the repository, where make puts both environments (pytest's tmp_path may be another file system)
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".share-torch-test-") as folder:
+        site = Path(folder)
+        if site.stat().st_dev != torch_file.stat().st_dev:
+            pytest.skip("torch is installed on another file system than the repository")
+        out = _share_torch(site)
+        assert out.returncode == 0 and f"torch {version}" in out.stdout, out.stdout + out.stderr
+        assert (site / "torch" / "__init__.py").stat().st_ino == torch_file.stat().st_ino  # a hard link, not a copy
+        assert (site / f"torch-{version}.dist-info" / "RECORD").is_file()
+        assert (site / "torchvision").is_dir() and not (site / "numpy").exists()  # light deps: pip's job
+        assert "linked 0 entries" in _share_torch(site).stdout  # what is there already is left alone
+        bad = _share_torch(site / "missing")
+        assert bad.returncode == 2 and "SITE_PACKAGES" in bad.stderr
 
 
-def test_share_torch_on_another_file_system_leaves_nothing_behind(tmp_path):
+def test_share_torch_on_another_file_system_leaves_nothing_behind():
     """Hard links cannot cross file systems: share_torch says so, undoes what it made, and pip installs a copy."""
-    import sys
     import tempfile
 
+    import torch
+
     shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == ROOT.stat().st_dev:
+    if not shm.is_dir() or shm.stat().st_dev == Path(torch.__file__).stat().st_dev:
         pytest.skip("no second file system (/dev/shm) to link across")
-    script = ROOT / "apps" / "medcam" / "share_torch.py"
     with tempfile.TemporaryDirectory(dir=shm) as site:
-        out = subprocess.run([sys.executable, str(script), site], capture_output=True, text=True, check=True)
+        out = _share_torch(site)
+        assert out.returncode == 0, out.stderr
         assert "could not hard-link" in out.stdout and "pip installs its own copy" in out.stdout
         assert list(Path(site).iterdir()) == []
