@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -159,15 +161,11 @@ SHARE_TORCH = ROOT / "apps" / "medcam" / "share_torch.py"
 
 
 def _share_torch(site: Path | str) -> subprocess.CompletedProcess:
-    import sys
-
     return subprocess.run([sys.executable, str(SHARE_TORCH), str(site)], capture_output=True, text=True)
 
 
 def test_share_torch_hard_links_torch_and_its_cuda_packages():
     """``make venv-monailabel`` links the main environment's torch: same files, no second copy."""
-    import tempfile
-
     import torch
 
     torch_file = Path(torch.__file__)
@@ -189,8 +187,6 @@ def test_share_torch_hard_links_torch_and_its_cuda_packages():
 
 def test_share_torch_on_another_file_system_leaves_nothing_behind():
     """Hard links cannot cross file systems: share_torch says so, undoes what it made, and pip installs a copy."""
-    import tempfile
-
     import torch
 
     shm = Path("/dev/shm")

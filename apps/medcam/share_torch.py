@@ -27,15 +27,14 @@ def heavy_distributions() -> list[md.Distribution]:
     seen: dict[str, md.Distribution] = {}
     todo = list(ROOTS)
     while todo:
-        name = todo.pop()
-        key = name.lower().replace("_", "-")
-        if key in seen:
+        name = todo.pop()  # a normalised name: lower case, "-" for "_"
+        if name in seen:
             continue
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
             continue  # a requirement whose marker or extra does not apply here
-        seen[key] = dist
+        seen[name] = dist
         for req in dist.requires or []:
             dep = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower().replace("_", "-")
             if HEAVY.match(dep):
