@@ -283,6 +283,35 @@ class MedCAM:
             result.mask.copy_meta_from(x, copy_attr=False)
         return result
 
+    def verify(
+        self, x: torch.Tensor, mask: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Whether binary masks pass the check Med-CAM's own evidence must pass, ``(B,)`` bool.
+
+        The evidence ``mask x`` keeps the label over the baseline, under the K verification
+        backgrounds and, where the baseline is not zeros, on zeros (``verified`` of
+        :class:`MedCAMResult`). Use it on a region drawn by hand or a known lesion: where it is
+        False, no verified Med-CAM mask can be exactly that region.
+
+        Args:
+            x: images ``(B, C, *spatial)``.
+            mask: binary masks ``(B, 1, *spatial)`` (values 0 and 1).
+            class_idx: the label to keep (one for all or one per image); defaults to the prediction.
+        """
+        data = self._check_input(x)
+        m = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (data.shape[0], 1, *data.shape[2:]):
+            raise ValueError(f"mask must have shape {(data.shape[0], 1, *data.shape[2:])} for input {tuple(data.shape)}, "
+                             f"got {tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}.")
+        m = m.detach().to(data.device, data.dtype)
+        if not ((m == 0) | (m == 1)).all():
+            raise ValueError("mask must be binary (values 0 and 1); threshold a soft mask or saliency map first.")
+        s = self.settings.for_spatial_dims(data.ndim - 2)
+        with self.classifier.frozen(), torch.no_grad():
+            label = self._labels(class_idx, self._reference(data)[0])
+            checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
+        return (checks.argmax(2) == label).all(0)
+
     def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
         """Parts of at most ``self._fits`` images, one after the other; once a part runs out of GPU
         memory, it and the images after it are explained in parts of half its size."""

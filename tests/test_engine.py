@@ -623,3 +623,22 @@ def test_pruning_a_volume():
         explainer._prune(attempt, x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
     assert ref_logits.argmax(1).item() == 1
     assert attempt.hard.sum() == 64 and attempt.hard[0, 0, 4:8, 4:8, 4:8].eq(1).all()
+
+
+def test_verify_checks_a_given_region_as_med_cam_checks_its_own_evidence(toy_result):
+    """``verify``: the known region keeps the label over every check; nothing, or everything but the
+    region, does not; Med-CAM's own masks get the verdict the explanation gave them."""
+    x = region_images(3)
+    explainer = MedCAM(RegionClassifier(), **FAST)
+    region = _region_mask().expand(3, 1, 32, 32)
+    assert explainer.verify(x, region).tolist() == [True, True, True]
+    assert explainer.verify(x, torch.zeros(3, 1, 32, 32)).tolist() == [False, False, False]
+    assert explainer.verify(x, 1 - region).tolist() == [False, False, False]
+    assert torch.equal(explainer.verify(x, toy_result.mask), toy_result.verified)
+    # the label asked for, not the prediction: the region is evidence for class 1, not for class 0
+    assert explainer.verify(x, region, class_idx=0).tolist() == [False, False, False]
+    assert explainer.verify(x, region, class_idx=[1, 0, 1]).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match=r"mask must have shape \(3, 1, 32, 32\)"):
+        explainer.verify(x, region[:2])
+    with pytest.raises(ValueError, match="mask must be binary"):
+        explainer.verify(x, region * 0.7)
