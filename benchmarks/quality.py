@@ -18,6 +18,10 @@ Writes ``quality_<preset>.md`` (a table per architecture, device and date) and
 ``benchmarks/results/``). Trained classifiers are cached in its ``models/`` folder (state dicts,
 loaded with ``weights_only=True``; ``--retrain`` trains again).
 
+``--images N`` explains N lesion images per architecture instead of the preset's, with its cached
+classifiers, reported as ``quality_<preset>-<N>images``: a larger sample for the verdict against
+the targets. Each section gives Med-CAM's means with their 95% bootstrap intervals over the images.
+
 ``--dry-run`` runs a preset's image sizes and models on the CPU with a few images, one epoch and
 three Med-CAM steps (``DRY_RUN``), reported as ``quality_<preset>-dry``: every code path of a GPU
 run, checked before device time is spent on it; its numbers mean nothing.
@@ -249,6 +253,14 @@ def lesion_images(labels: torch.Tensor, predicted: torch.Tensor, names: list[str
     return order[:count]
 
 
+def interval(values: list[float], seed: int = 0, draws: int = 2000) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean of per-image ``values`` (resampled with replacement):
+    how far the reported mean could move with another sample of the same number of images."""
+    v = np.asarray(values, dtype=float)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (draws, len(v)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, truth: torch.Tensor,
                  label: torch.Tensor) -> dict:
     """Means over the images: a binary ``mask``'s lesion IoU, decision kept (alone, under 8 random
@@ -276,7 +288,8 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
     names = [names[i] for i in chosen]
     n = len(x)
 
-    result, t_medcam = timed(lambda: MedCAM(net, steps=p["steps"]).explain(x))
+    explainer = MedCAM(net, steps=p["steps"])
+    result, t_medcam = timed(lambda: explainer.explain(x))
     label, evidence = result.label, result.mask.as_tensor()
     maps: dict[str, torch.Tensor] = {}
     seconds = {"Med-CAM": t_medcam / n}
@@ -306,6 +319,14 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         rows.append(row(f"{name} @ lesion area", metrics.binarize_top(sal, metrics.area_fraction(truth)), sal))
     lesion_iou = metrics.iou(evidence, truth)
     non_binary = metrics.non_binary_fraction(result.soft_mask)
+    per_image = {  # Med-CAM's per-image values of the targets' metrics, for their spread over the images
+        "iou": lesion_iou,
+        "energy": metrics.energy_in_truth(result.soft_mask, truth),
+        "non_binary": non_binary,
+        "kept_backgrounds": metrics.decision_kept_under_backgrounds(net, x, evidence, label),
+        # the lesion itself passes Med-CAM's verification: where it does not, no verified mask can be the lesion
+        "lesion_verified": explainer.verify(x, truth, label).float(),
+    }
     per_background = {b: float(lesion_iou[[i for i, nm in enumerate(names) if nm == b]].mean()) for b in dict.fromkeys(names)}
     return dict(
         rows=rows,
@@ -323,6 +344,7 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         lesion_area=float(metrics.area_fraction(truth).mean()),
         **checks,
         medcam_iou_by_background=per_background,
+        medcam_per_image={k: [round(float(v), 6) for v in values.cpu()] for k, values in per_image.items()},
         figure=(x, truth, evidence, maps, names),
     )
 
@@ -351,6 +373,26 @@ def _checks_sentence(a: dict) -> str:
             f"it removes the label on {a['lesion_removed_flips']:.0%}.")
 
 
+def _spread_sentence(a: dict) -> str:
+    """Med-CAM's means over the images with their 95% bootstrap intervals (reports from before they were kept: nothing)."""
+    per = a.get("medcam_per_image")
+    if not per or len(per["iou"]) < 2:
+        return ""
+
+    def cell(key: str, fmt: str) -> str:
+        low, high = interval(per[key])
+        return f"{fmt.format(np.mean(per[key]))} ({fmt.format(low)}-{fmt.format(high)})"
+
+    text = (f" Med-CAM over the {len(per['iou'])} images, mean (95% bootstrap interval of the mean): lesion IoU {cell('iou', '{:.2f}')}, "
+            f"energy {cell('energy', '{:.2f}')}, non-binary share {cell('non_binary', '{:.2%}')}, kept under backgrounds "
+            f"{cell('kept_backgrounds', '{:.3f}')}.")
+    if "lesion_verified" in per:
+        ok = [i for i, v in enumerate(per["lesion_verified"]) if v]
+        text += f" The lesion itself passes Med-CAM's verification on {len(ok)} of {len(per['iou'])} images"
+        text += f" (Med-CAM's IoU on those: {np.mean([per['iou'][i] for i in ok]):.2f})." if ok else "."
+    return text
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Preset `{report['preset']}`, {report['device']}, {report['date']}, torch {report['torch']}. "
@@ -370,7 +412,7 @@ def markdown(report: dict) -> str:
             f"largest {a.get('non_binary_max', float('nan')):.4f}), median steps {a['median_steps']:.0f}, "
             f"label probability {a['p_input']:.3f} on the input and {a['p_evidence']:.3f} on the evidence; "
             f"lesion area {a['lesion_area']:.2%}. {_checks_sentence(a)} Med-CAM IoU by background: "
-            + ", ".join(f"{b} {v:.2f}" for b, v in a["medcam_iou_by_background"].items()) + ".",
+            + ", ".join(f"{b} {v:.2f}" for b, v in a["medcam_iou_by_background"].items()) + "." + _spread_sentence(a),
             "",
             f"![{arch}](images/quality_{report['preset']}_{arch}.png)",
             "",
@@ -385,16 +427,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    """Train (or load) one architecture's classifier, explain with every method, save its figure; its report section."""
+def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch.device, name: str, cache_name: str) -> dict:
+    """Train (or load) one architecture's classifier, explain with every method, save its figure; its report section.
+    ``name`` names the figure, ``cache_name`` the cached classifier."""
     started = time.perf_counter()
-    net, layer, about, accuracy, train_seconds = trained(arch, p, args.name, device, args.results / "models", args.retrain)
+    net, layer, about, accuracy, train_seconds = trained(arch, p, cache_name, device, args.results / "models", args.retrain)
     print(f"{arch}: {about}, test accuracy {accuracy:.3f} (trained in {train_seconds:.0f} s)", flush=True)
     a = evaluate(arch, net, layer, p, device)
     print(f"  {_checks_sentence(a)} Med-CAM: median steps {a['median_steps']:.0f}, settled {a['settled']:.2f}, non-binary {a['non_binary']:.2%} "
           f"(median {a['non_binary_median']:.2%}, largest {a['non_binary_max']:.2%}); "
           f"{time.perf_counter() - started:.0f} s for this architecture", flush=True)
-    figure(args.output / "images" / f"quality_{args.name}_{arch}.png", a.pop("figure"))
+    figure(args.output / "images" / f"quality_{name}_{arch}.png", a.pop("figure"))
     for r in a["rows"]:
         print(f"  {r['method']:<28} IoU {r['iou']:.2f} kept {r['kept']:.2f} bg {r['kept_backgrounds']:.2f} area {r['area']:.2%} "
               f"energy {r['energy']:.2f} ins {r['insertion']:.2f} del {r['deletion']:.2f} {r['s_per_image']:.3f} s", flush=True)
@@ -412,9 +455,17 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train the classifiers again instead of using the cache")
     parser.add_argument("--dry-run", action="store_true",
                         help="the preset's sizes and models on the CPU, a few images and steps (quality_<preset>-dry): checks a GPU run's code paths")
+    parser.add_argument("--images", type=int, default=None,
+                        help="lesion images explained per architecture instead of the preset's (a larger sample for the verdict "
+                             "against the targets), reported as quality_<preset>-<N>images; the preset's classifiers")
     args = parser.parse_args()
+    if args.images is not None and (args.images < 2 or args.dry_run):
+        parser.error(f"--images must be 2 or more and cannot go with --dry-run (got {args.images}).")
     p = {**PRESETS[args.preset], **(DRY_RUN if args.dry_run else {})}
-    args.name = f"{args.preset}-dry" if args.dry_run else args.preset  # names the report, figures and cached classifiers
+    cache_name = f"{args.preset}-dry" if args.dry_run else args.preset  # names the cached classifiers
+    name = f"{args.preset}-{args.images}images" if args.images else cache_name  # names the report and figures
+    if args.images:
+        p["images"] = args.images
     device = torch.device(p["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs a CUDA GPU; none is visible (use --preset cpu-small).")
@@ -424,15 +475,15 @@ def main() -> None:
         prefetch([key for arch in archs for key in dataset_keys(arch, p)], workers=max(1, (os.cpu_count() or 2) // 2))
         torch.set_float32_matmul_precision("high")  # TF32 matrix products (the ConvNeXt and ViT MLPs)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {"preset": args.name, "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
-    json_path = args.results / f"quality_{args.name}.json"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {"preset": name, "device": where, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
+    json_path = args.results / f"quality_{name}.json"
     if args.archs and json_path.is_file():  # a subset run updates the earlier report's other architectures' sections
         report["architectures"] = json.loads(json_path.read_text())["architectures"]
     failed = []
     for arch in archs:
         try:
-            report["architectures"][arch] = run_architecture(arch, p, args, device)
+            report["architectures"][arch] = run_architecture(arch, p, args, device, name, cache_name)
         except Exception:  # one architecture's failure is reported; the others still run
             traceback.print_exc()
             failed.append(arch)
@@ -440,11 +491,11 @@ def main() -> None:
         # after each architecture, so a cut-off run keeps what it measured
         with atomic_path(json_path) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))
-        with atomic_path(args.output / f"quality_{args.name}.md") as tmp:
+        with atomic_path(args.output / f"quality_{name}.md") as tmp:
             Path(tmp).write_text(markdown(report))
     if failed:
         sys.exit(f"quality benchmark: {', '.join(failed)} failed (traceback above); the report holds the others.")
-    print(f"wrote {args.output}/quality_{args.name}.md, {args.output}/images/quality_{args.name}_*.png and {json_path}")
+    print(f"wrote {args.output}/quality_{name}.md, {args.output}/images/quality_{name}_*.png and {json_path}")
 
 
 if __name__ == "__main__":

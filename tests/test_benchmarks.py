@@ -70,8 +70,33 @@ def test_quality_benchmark_smoke(tmp_path):
         assert all(abs(r["area"] - a["lesion_area"]) < 0.01 for r in at_lesion)
         assert (tmp_path / "images" / f"quality_smoke_{arch}.png").stat().st_size > 10_000
         assert (tmp_path / "models" / f"smoke-{arch}.pt").is_file()
+        # Med-CAM's per-image values: their means are the Med-CAM row's
+        per, medcam = a["medcam_per_image"], a["rows"][0]
+        assert all(len(v) == a["images"] for v in per.values()) and set(per["lesion_verified"]) <= {0.0, 1.0}
+        for key, value in (("iou", medcam["iou"]), ("energy", medcam["energy"]), ("kept_backgrounds", medcam["kept_backgrounds"]),
+                           ("non_binary", a["non_binary"])):
+            assert abs(sum(per[key]) / len(per[key]) - value) < 1e-4, (arch, key)
     table = (tmp_path / "quality_smoke.md").read_text()
     assert table.count("| Med-CAM |") == 3 and "MONAI DenseNet121 (3D)" in table
+    assert table.count("Med-CAM over the 2 images, mean (95% bootstrap interval of the mean)") == 3
+    for a in report["architectures"].values():
+        verified = int(sum(a["medcam_per_image"]["lesion_verified"]))
+        assert f"The lesion itself passes Med-CAM's verification on {verified} of 2 images" in table
+    # --images: more lesion images with the preset's cached classifier (not trained again), reported under another name
+    trained_in = report["architectures"]["mobilenet_v2"]["train_seconds"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "3",
+         "--output", str(tmp_path), "--results", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    more = json.loads((tmp_path / "quality_smoke-3images.json").read_text())
+    assert more["preset"] == "smoke-3images" and list(more["architectures"]) == ["mobilenet_v2"]
+    a = more["architectures"]["mobilenet_v2"]
+    assert a["images"] == 3 and len(a["medcam_per_image"]["iou"]) == 3 and a["train_seconds"] == trained_in
+    assert (tmp_path / "images" / "quality_smoke-3images_mobilenet_v2.png").is_file()
+    assert "Preset `smoke-3images`" in (tmp_path / "quality_smoke-3images.md").read_text()
+    assert json.loads((tmp_path / "quality_smoke.json").read_text()) == report  # the preset's own report untouched
     # the settings sweep on the classifier just cached: one row per setting, values in their ranges
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "2",
@@ -117,6 +142,18 @@ def test_quality_dry_run_runs_a_gpu_presets_models_and_sizes_on_cpu(tmp_path):
     assert (config["size"], config["train"], config["batch"], config["epochs"], config["small"]) == (224, 48, 4, 1, False)
     assert (tmp_path / "images" / "quality_cuda-224-dry_mobilenet_v2.png").stat().st_size > 10_000
     assert "Preset `cuda-224-dry`" in (tmp_path / "quality_cuda-224-dry.md").read_text()
+
+
+def test_bootstrap_interval_of_the_mean():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.quality import interval
+
+    assert interval([0.4] * 6) == pytest.approx((0.4, 0.4))  # no spread, no interval
+    low, high = interval([0.0, 1.0] * 12)  # 24 coin flips: the mean's standard error is 0.1
+    assert 0.27 <= low <= 0.33 and 0.67 <= high <= 0.73
+    assert interval([0.0, 1.0] * 12) == (low, high)  # seeded
+    wide = interval([0.0, 1.0] * 3)  # 6 images: wider
+    assert wide[0] < low and wide[1] > high
 
 
 def test_sweep_setting_parsing():
