@@ -20,7 +20,8 @@ difference between two settings means something only where it is larger than the
 seeds: ``--seeds`` runs every setting with each seed and, given two or more, ends with a table
 of the means over the seeds and their range. ``--reported`` runs on the images ``quality.py``
 reports (the preset's count) instead of the tuning images, to see how far its figures move with
-the seed; never choose settings there.
+the seed; never choose settings there. ``--reported --images N`` runs on the images of
+``quality.py --images N``.
 """
 
 from __future__ import annotations
@@ -118,15 +119,14 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=[a for a in ARCHS if not a.endswith("_3d")])
     parser.add_argument("--setting", action="append", default=None, help='one row, e.g. "area_weight=40,lr_decay=0.98"; repeat')
     parser.add_argument("--images", type=int, default=None,
-                        help=f"lesion images per architecture (default {2 * len(COMBOS)}; with --reported the preset's, as quality.py draws them)")
+                        help=f"lesion images per architecture (default {2 * len(COMBOS)}; with --reported the preset's, "
+                             "or those of quality.py --images N)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run every setting with each of these Med-CAM seeds (overriding a seed= in the setting)")
     parser.add_argument("--reported", action="store_true", help="the images quality.py reports, not the tuning images")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="classifier cache of quality.py")
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
-    if args.reported and args.images not in (None, p["images"]):
-        parser.error(f"--reported explains quality.py's {p['images']} images per architecture (preset {args.preset}); drop --images.")
     count = args.images or (p["images"] if args.reported else 2 * len(COMBOS))
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}.")

@@ -97,6 +97,16 @@ def test_quality_benchmark_smoke(tmp_path):
     assert (tmp_path / "images" / "quality_smoke-3images_mobilenet_v2.png").is_file()
     assert "Preset `smoke-3images`" in (tmp_path / "quality_smoke-3images.md").read_text()
     assert json.loads((tmp_path / "quality_smoke.json").read_text()) == report  # the preset's own report untouched
+    # sweep.py --reported --images 3: the same images as quality.py --images 3, so the same default Med-CAM figures
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--reported",
+         "--images", "3", "--results", str(tmp_path), "--setting", ""],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| mobilenet_v2"))
+    medcam = a["rows"][0]
+    assert (row[2].strip(), row[3].strip()) == (f"{medcam['iou']:.2f}", f"{medcam['energy']:.2f}")
     # the settings sweep on the classifier just cached: one row per setting, values in their ranges
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "2",
