@@ -386,11 +386,9 @@ def _spread_sentence(a: dict) -> str:
     text = (f" Med-CAM over the {len(per['iou'])} images, mean (95% bootstrap interval of the mean): lesion IoU {cell('iou', '{:.2f}')}, "
             f"energy {cell('energy', '{:.2f}')}, non-binary share {cell('non_binary', '{:.2%}')}, kept under backgrounds "
             f"{cell('kept_backgrounds', '{:.3f}')}.")
-    if "lesion_verified" in per:
-        ok = [i for i, v in enumerate(per["lesion_verified"]) if v]
-        text += f" The lesion itself passes Med-CAM's verification on {len(ok)} of {len(per['iou'])} images"
-        text += f" (Med-CAM's IoU on those: {np.mean([per['iou'][i] for i in ok]):.2f})." if ok else "."
-    return text
+    ok = [i for i, v in enumerate(per["lesion_verified"]) if v]
+    text += f" The lesion itself passes Med-CAM's verification on {len(ok)} of {len(per['iou'])} images"
+    return text + (f" (Med-CAM's IoU on those: {np.mean([per['iou'][i] for i in ok]):.2f})." if ok else ".")
 
 
 def markdown(report: dict) -> str:
