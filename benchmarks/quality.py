@@ -111,7 +111,9 @@ def _build(arch: str, size: int, small: bool) -> tuple[torch.nn.Module, str, str
         net = tv.ConvNeXt([CNBlockConfig(*d) for d in dims], layer_scale=1.0, num_classes=2)
         return net, "features.7", "ConvNeXt, depths 2-2-4-2, widths 32-256, layer scale 1 (a reduced ConvNeXt-T)"
     if arch == "vit":
-        layers, heads, dim, patch = (4, 4, 128, 8) if small else (6, 6, 384, 16)
+        # patch 4 at 64 px: 16x16 tokens, as ViT-B/16 has 14x14 at 224 px. With patch 8 (8x8 tokens, until
+        # session 20) it reached test accuracy 0.920 and the lesion alone kept its label on 79% of lesion images
+        layers, heads, dim, patch = (4, 4, 128, 4) if small else (6, 6, 384, 16)
         net = tv.VisionTransformer(image_size=size, patch_size=patch, num_layers=layers, num_heads=heads,
                                    hidden_dim=dim, mlp_dim=2 * dim if small else 4 * dim, num_classes=2)
         return net, f"encoder.layers.encoder_layer_{layers - 2}", f"ViT, {layers} layers, width {dim}, patch {patch}"
@@ -194,7 +196,8 @@ def trained(
     epochs = max(1, epochs * p["epoch_scale"])
     removals = REMOVALS.get(arch, 0.0)
     channels_last = device.type == "cpu" and arch in CHANNELS_LAST
-    config = {"size": p["size"], "volume": p["volume"], "train": count, "epochs": epochs, "lr": lr, "small": p["small"], "input": [MEAN, STD]}
+    config = {"about": about, "size": p["size"], "volume": p["volume"], "train": count, "epochs": epochs, "lr": lr, "small": p["small"],
+              "input": [MEAN, STD]}  # "about": a changed network is trained again, not loaded
     if removals:
         config["removals"] = removals
     if channels_last:

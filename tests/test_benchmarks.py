@@ -150,8 +150,28 @@ def test_quality_dry_run_runs_a_gpu_presets_models_and_sizes_on_cpu(tmp_path):
     assert a["input"].startswith("224 px") and a["images"] == 2 and 1 <= a["median_steps"] <= 3
     config = json.loads((tmp_path / "models" / "cuda-224-dry-mobilenet_v2.json").read_text())["config"]
     assert (config["size"], config["train"], config["batch"], config["epochs"], config["small"]) == (224, 48, 4, 1, False)
+    assert config["about"] == a["about"] == "mobilenet_v2"
     assert (tmp_path / "images" / "quality_cuda-224-dry_mobilenet_v2.png").stat().st_size > 10_000
     assert "Preset `cuda-224-dry`" in (tmp_path / "quality_cuda-224-dry.md").read_text()
+
+
+def test_cached_classifier_is_trained_again_when_its_network_changes(tmp_path, monkeypatch):
+    """The classifier cache is keyed on the network's description too: a changed network (the ViT's
+    patch size in session 20) is trained again, not loaded into (or failing to load into) the new shape."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import quality as q
+
+    fits = []
+    real_fit, real_build = q.fit, q._build
+    monkeypatch.setattr(q, "fit", lambda *a, **k: (fits.append(1), real_fit(*a, **k))[1])
+    p = dict(q.PRESETS["smoke"], train=64, test=8)
+    args = ("mobilenet_v2", p, "t", torch.device("cpu"), tmp_path, False)
+    first = q.trained(*args)
+    assert len(fits) == 1 and first[2] == "mobilenet_v2"
+    assert q.trained(*args)[3] == first[3] and len(fits) == 1  # the same network: loaded from the cache
+    monkeypatch.setattr(q, "_build", lambda arch, size, small: (*real_build(arch, size, small)[:2], "mobilenet_v2, changed"))
+    assert q.trained(*args)[2] == "mobilenet_v2, changed" and len(fits) == 2
+    assert json.loads((tmp_path / "t-mobilenet_v2.json").read_text())["config"]["about"] == "mobilenet_v2, changed"
 
 
 def test_bootstrap_interval_of_the_mean():
