@@ -130,7 +130,10 @@ class MedCAMSettings:
             start can hold a mask that is still shrinking).
         mask_features: BasicUNet's six feature sizes.
         init_keep: initial mask value (start from "keep nearly everything", then prune).
-        seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask.
+        seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask
+            on the same machine, batch and thread set-up (the optimisation amplifies rounding: a call
+            of ``torch.set_num_threads(2)`` where 2 threads were already the default changed masks;
+            docs/settings.md).
         verify_seed: seeds the K verification backgrounds (``None``: ``seed``). Restarts change
             ``seed`` but keep this, so every attempt is verified on the same backgrounds, those the
             result's probabilities are reported on.
