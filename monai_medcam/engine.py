@@ -310,7 +310,7 @@ class MedCAM:
         with self.classifier.frozen(), torch.no_grad():
             label = self._labels(class_idx, self._reference(data)[0])
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
-        return (checks.argmax(2) == label).all(0)
+        return self._keeps_label(checks, label)
 
     def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
         """Parts of at most ``self._fits`` images, one after the other; once a part runs out of GPU
@@ -430,7 +430,7 @@ class MedCAM:
         idx = skipped.nonzero().flatten()
         with torch.no_grad():
             checks = self._check_logits(data[idx], empty[idx], base[idx], x_blurred[idx], s)
-        attempt.verified[idx] = (checks.argmax(2) == label[idx]).all(0)
+        attempt.verified[idx] = self._keeps_label(checks, label[idx])
         todo = (~skipped).nonzero().flatten()
         if len(todo):
             done = self._optimise(*_rows(todo, data, label, ref_logits, ref_acts, base, x_blurred), s)
@@ -451,6 +451,12 @@ class MedCAM:
         if draw == 0 and s.baseline != "zeros":
             outsides.append(torch.zeros_like(x))
         return outsides
+
+    @staticmethod
+    def _keeps_label(checks: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: ``label`` is the prediction in every check of ``checks`` ``(checks, B, classes)``
+        (:meth:`_check_logits`): the verdict of the verification, wherever it is made."""
+        return (checks.argmax(2) == label).all(0)
 
     def _check_logits(
         self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
@@ -537,7 +543,7 @@ class MedCAM:
                 continue
             with torch.no_grad():
                 hard = (soft.detach() > 0.5).float()
-                ok = (self._check_logits(xa, hard, ba, x_blurred[active], s).argmax(2) == ya).all(0)
+                ok = self._keeps_label(self._check_logits(xa, hard, ba, x_blurred[active], s), ya)
                 soft_out[active[ok]] = soft.detach()[ok]
                 hard_out[active[ok]] = hard[ok]
                 verified_out[active[ok]] = True
@@ -691,7 +697,7 @@ class MedCAM:
         loss, verified = self._hard_objective(candidate, *inputs)
         x, label, _, _, base, x_blurred, s = inputs
         fresh = self._check_logits(x, candidate, base, x_blurred, s, draw=1)[1:]
-        return loss, verified & (fresh.argmax(2) == label).all(0)
+        return loss, verified & self._keeps_label(fresh, label)
 
     def _hard_objective(
         self,
@@ -711,7 +717,7 @@ class MedCAM:
         (verified also counts the zeros check of :meth:`_outsides`; the objective does not).
         """
         checks = self._check_logits(x, hard, base, x_blurred, s)  # (1 + K [+ 1: zeros], B, classes)
-        verified = (checks.argmax(2) == label).all(0)
+        verified = self._keeps_label(checks, label)
         decision = DecisionLoss(reduction="none")
         loss = (
             s.kl_weight * OutputKLLoss(s.kl_temperature, reduction="none")(ref_logits, checks[0])
