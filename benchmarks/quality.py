@@ -264,18 +264,24 @@ def interval(values: list[float], seed: int = 0, draws: int = 2000) -> tuple[flo
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, truth: torch.Tensor,
-                 label: torch.Tensor) -> dict:
-    """Means over the images: a binary ``mask``'s lesion IoU, decision kept (alone, under 8 random
+def per_image_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, truth: torch.Tensor,
+                      label: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image, each ``(B,)``: a binary ``mask``'s lesion IoU, decision kept (alone, under 8 random
     backgrounds) and area; the continuous map ``raw``'s energy in the lesion and pointing game."""
     return dict(
-        iou=float(metrics.iou(mask, truth).mean()),
-        kept=float(metrics.decision_kept(net, x, mask, label).float().mean()),
-        kept_backgrounds=float(metrics.decision_kept_under_backgrounds(net, x, mask, label).mean()),
-        area=float(metrics.area_fraction(mask).mean()),
-        energy=float(metrics.energy_in_truth(raw, truth).mean()),
-        pointing=float(metrics.pointing_game(raw, truth).float().mean()),
+        iou=metrics.iou(mask, truth),
+        kept=metrics.decision_kept(net, x, mask, label).float(),
+        kept_backgrounds=metrics.decision_kept_under_backgrounds(net, x, mask, label),
+        area=metrics.area_fraction(mask),
+        energy=metrics.energy_in_truth(raw, truth),
+        pointing=metrics.pointing_game(raw, truth).float(),
     )
+
+
+def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor, truth: torch.Tensor,
+                 label: torch.Tensor) -> dict:
+    """The means over the images of :func:`per_image_metrics`."""
+    return {k: float(v.mean()) for k, v in per_image_metrics(net, x, mask, raw, truth, label).items()}
 
 
 def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch.device) -> dict:
@@ -306,27 +312,31 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
     maps["Extremal"], t = timed(lambda: extremal_perturbation(net, x, label, metrics.area_fraction(evidence), steps=p["extremal_steps"]))
     seconds["Extremal"] = t / n
 
-    def row(method: str, mask: torch.Tensor, raw: torch.Tensor) -> dict:
+    def row(method: str, mask: torch.Tensor, raw: torch.Tensor, values: dict[str, torch.Tensor] | None = None) -> dict:
+        """A table row; ``values``: the maps' :func:`per_image_metrics`, where already computed."""
+        if values is None:
+            values = per_image_metrics(net, x, mask, raw, truth, label)
         ins, dele = metrics.insertion_deletion_auc(net, x, raw, label, steps=p["auc_steps"])
         return dict(
             method=method,
-            **mask_metrics(net, x, mask, raw, truth, label),
+            **{k: float(v.mean()) for k, v in values.items()},
             insertion=float(ins.mean()),
             deletion=float(dele.mean()),
             s_per_image=seconds[method.split(" @")[0]],
         )
 
-    rows = [row("Med-CAM", evidence, result.soft_mask)]
+    medcam = per_image_metrics(net, x, evidence, result.soft_mask, truth, label)
+    rows = [row("Med-CAM", evidence, result.soft_mask, medcam)]
     for name, sal in maps.items():
         rows.append(row(f"{name} @ Med-CAM area", metrics.binarize_top(sal, metrics.area_fraction(evidence)), sal))
         rows.append(row(f"{name} @ lesion area", metrics.binarize_top(sal, metrics.area_fraction(truth)), sal))
-    lesion_iou = metrics.iou(evidence, truth)
+    lesion_iou = medcam["iou"]
     non_binary = metrics.non_binary_fraction(result.soft_mask)
     per_image = {  # Med-CAM's per-image values of the targets' metrics, for their spread over the images
         "iou": lesion_iou,
-        "energy": metrics.energy_in_truth(result.soft_mask, truth),
+        "energy": medcam["energy"],
         "non_binary": non_binary,
-        "kept_backgrounds": metrics.decision_kept_under_backgrounds(net, x, evidence, label),
+        "kept_backgrounds": medcam["kept_backgrounds"],
         # the lesion itself passes Med-CAM's verification: where it does not, no verified mask can be the lesion
         "lesion_verified": explainer.verify(x, truth, label).float(),
     }
