@@ -153,6 +153,10 @@ class FrozenClassifier:
         layer_weights: optional per-layer weights, overriding the defaults.
         layer_distances: optional per-layer distances (``"mse"`` or ``"cosine"``).
 
+    ``is_transformer`` says whether the classifier is a vision transformer (torchvision's
+    ``VisionTransformer``, MONAI's ``ViT``, or a model with a patch embedding); some defaults
+    differ for them (:data:`~monai_medcam.settings.BY_CLASSIFIER`).
+
     Use ``with classifier.frozen():`` around all calls; inside it the classifier is in eval mode
     with no parameter gradients and hooks are in place; on exit everything is restored.
     """
@@ -170,6 +174,8 @@ class FrozenClassifier:
         self.layers = self._resolve(target_layers, layer_weights, layer_distances)
         self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
         self._patch = _patch_size(nn_module)
+        # torchvision's VisionTransformer, MONAI's ViT, or any model with a patch embedding
+        self.is_transformer = type(nn_module).__name__ in ("VisionTransformer", "ViT") or self._patch is not None
         self._captured: dict[int, torch.Tensor] | None = None
         self._spatial: tuple[int, ...] = ()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
 
-__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "as_bool"]
+__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "BY_CLASSIFIER", "as_bool"]
 
 BOOL_FIELDS = ("hard_mask", "skip_vacuous", "amp", "progress")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -43,13 +43,21 @@ BY_SPATIAL_DIMS: dict[str, dict[int, float | str]] = {
     "baseline": {2: "mean", 3: "zeros"},
 }
 
+# defaults that differ between convolutional networks and vision transformers (a setting left at
+# None takes these): a part of a lesion moves a ViT's token maps about as far as all of it does,
+# so its activation term must pull harder for the evidence to cover the lesion (docs/settings.md)
+BY_CLASSIFIER: dict[str, dict[bool, float]] = {
+    "act_weight": {False: 10.0, True: 40.0},  # keyed by: is the classifier a vision transformer?
+}
+
 
 @dataclass
 class MedCAMSettings:
     """Settings of :class:`monai_medcam.MedCAM` (pass any of them as keyword arguments).
 
     Args:
-        act_weight: activation matching over the target layers (paper: lambda_act).
+        act_weight: activation matching over the target layers (paper: lambda_act); ``None``: 10 for
+            convolutional networks, 40 for vision transformers (:data:`BY_CLASSIFIER`).
         kl_weight: KL between the output distributions on image and evidence (lambda_KL).
         kl_temperature: temperature of that KL.
         ce_weight: cross-entropy of the explained label on the evidence (lambda_CE).
@@ -141,7 +149,7 @@ class MedCAMSettings:
         progress: show a progress bar over optimisation steps.
     """
 
-    act_weight: float = 10.0
+    act_weight: float | None = None
     kl_weight: float = 5.0
     kl_temperature: float = 2.0
     ce_weight: float = 15.0
@@ -184,7 +192,7 @@ class MedCAMSettings:
             setattr(self, name, as_bool(name, getattr(self, name)))
         for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight", "late_bin_weight"):
             value = getattr(self, name)
-            if value is None and name in BY_SPATIAL_DIMS:
+            if value is None and (name in BY_SPATIAL_DIMS or name in BY_CLASSIFIER):
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -221,10 +229,12 @@ class MedCAMSettings:
         if len(self.mask_features) != 6 or min(self.mask_features) < 1:
             raise ValueError(f"mask_features must be six positive integers, got {self.mask_features!r}.")
 
-    def for_spatial_dims(self, spatial_dims: int) -> MedCAMSettings:
-        """These settings with the 2D or 3D defaults (:data:`BY_SPATIAL_DIMS`), and ``seed`` for
+    def for_spatial_dims(self, spatial_dims: int, transformer: bool = False) -> MedCAMSettings:
+        """These settings with the 2D or 3D defaults (:data:`BY_SPATIAL_DIMS`), those of a vision
+        ``transformer`` or a convolutional network (:data:`BY_CLASSIFIER`), and ``seed`` for
         ``verify_seed``, in place of ``None``."""
         fill = {name: by[spatial_dims] for name, by in BY_SPATIAL_DIMS.items() if getattr(self, name) is None}
+        fill.update({name: by[bool(transformer)] for name, by in BY_CLASSIFIER.items() if getattr(self, name) is None})
         if self.verify_seed is None:
             fill["verify_seed"] = self.seed
         return dataclasses.replace(self, **fill) if fill else self

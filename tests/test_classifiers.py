@@ -81,6 +81,7 @@ def test_auto_layers_capture_activations(family):
     clf = FrozenClassifier(model, "auto")
     assert [layer.name for layer in clf.layers] == expected
     assert all(layer.weight > 0 for layer in clf.layers)
+    assert clf.is_transformer == ("vit" in family)  # the transformers' own defaults (BY_CLASSIFIER)
     x = torch.randn(shape)
     with clf.frozen(), torch.no_grad():
         logits, acts = clf.logits_and_activations(x)

@@ -326,6 +326,8 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
     assert (s.for_spatial_dims(2).baseline, s.for_spatial_dims(3).baseline) == ("mean", "zeros")
     assert MedCAMSettings(baseline="blur").for_spatial_dims(2).baseline == "blur"
     assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
+    assert (s.for_spatial_dims(2).act_weight, s.for_spatial_dims(3, transformer=True).act_weight) == (10.0, 40.0)
+    assert MedCAMSettings(act_weight=3.0).for_spatial_dims(2, transformer=True).act_weight == 3.0
     optimise, seen = MedCAM._optimise, []
 
     def spy(self, x, *args):
@@ -338,6 +340,27 @@ def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
     explainer3d = MedCAM(RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3), steps=2, max_retries=0, restarts=0)
     explainer3d.explain(torch.rand(1, 1, 16, 16, 16))
     assert seen == [(4, 20.0, 0.97), (5, 120.0, 0.99)]
+
+
+def test_vision_transformers_default_to_a_stronger_activation_term(monkeypatch):
+    # a part of a lesion moves a ViT's token maps about as far as all of it (docs/settings.md):
+    # act_weight left at None is 40 for a vision transformer, 10 otherwise; an explicit value wins
+    from torchvision.models import VisionTransformer
+
+    optimise, seen = MedCAM._optimise, []
+
+    def spy(self, x, *args):
+        seen.append(args[-1].act_weight)
+        return optimise(self, x, *args)
+
+    monkeypatch.setattr(MedCAM, "_optimise", spy)
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=2)
+    quick = dict(steps=2, max_retries=0, restarts=0, verify_backgrounds=1)
+    MedCAM(vit, **quick).explain(torch.rand(1, 3, 32, 32))
+    MedCAM(vit, act_weight=5.0, **quick).explain(torch.rand(1, 3, 32, 32))
+    MedCAM(RegionClassifier(), **quick).explain(region_images(1))
+    assert seen == [40.0, 5.0, 10.0]
 
 
 def test_large_verified_masks_are_restarted_and_the_best_kept():
