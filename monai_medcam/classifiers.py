@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "LayerSpec"]
+__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "is_vision_transformer", "LayerSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ def _quartiles(count: int) -> list[int]:
     """Indices of about four evenly spaced blocks out of ``count``, always ending at the last."""
     picks = sorted({max(0, round(count * q) - 1) for q in (0.25, 0.5, 0.75, 1.0)})
     return picks
+
+
+def is_vision_transformer(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision transformer that :func:`default_target_layers` recognises:
+    torchvision's ``VisionTransformer`` or MONAI's ``ViT``. Other transformers (timm's, Swin, one
+    wrapped in ``nn.Sequential``) count as other networks: pass ``act_weight`` for them."""
+    cls = type(model).__name__
+    return (cls == "VisionTransformer" and hasattr(model, "encoder")) or (cls == "ViT" and hasattr(model, "blocks"))
 
 
 def default_target_layers(model: nn.Module) -> list[TargetLayer]:
@@ -153,9 +161,8 @@ class FrozenClassifier:
         layer_weights: optional per-layer weights, overriding the defaults.
         layer_distances: optional per-layer distances (``"mse"`` or ``"cosine"``).
 
-    ``is_transformer`` says whether the classifier is a vision transformer (torchvision's
-    ``VisionTransformer``, MONAI's ``ViT``, or a model with a patch embedding); some defaults
-    differ for them (:data:`~monai_medcam.settings.BY_CLASSIFIER`).
+    ``is_transformer`` (:func:`is_vision_transformer`) chooses the defaults of
+    :data:`~monai_medcam.settings.BY_CLASSIFIER`.
 
     Use ``with classifier.frozen():`` around all calls; inside it the classifier is in eval mode
     with no parameter gradients and hooks are in place; on exit everything is restored.
@@ -174,8 +181,7 @@ class FrozenClassifier:
         self.layers = self._resolve(target_layers, layer_weights, layer_distances)
         self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
         self._patch = _patch_size(nn_module)
-        # torchvision's VisionTransformer, MONAI's ViT, or any model with a patch embedding
-        self.is_transformer = type(nn_module).__name__ in ("VisionTransformer", "ViT") or self._patch is not None
+        self.is_transformer = is_vision_transformer(nn_module)
         self._captured: dict[int, torch.Tensor] | None = None
         self._spatial: tuple[int, ...] = ()
 

@@ -306,7 +306,7 @@ class MedCAM:
         m = m.detach().to(data.device, data.dtype)
         if not ((m == 0) | (m == 1)).all():
             raise ValueError("mask must be binary (values 0 and 1); threshold a soft mask or saliency map first.")
-        s = self.settings.for_spatial_dims(data.ndim - 2, self.classifier.is_transformer)
+        s = self.settings.resolved(data.ndim - 2, transformer=self.classifier.is_transformer)
         with self.classifier.frozen(), torch.no_grad():
             label = self._labels(class_idx, self._reference(data)[0])
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
@@ -337,7 +337,7 @@ class MedCAM:
 
     def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
         """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds`` unset)."""
-        s = self.settings.for_spatial_dims(data.ndim - 2, self.classifier.is_transformer)
+        s = self.settings.resolved(data.ndim - 2, transformer=self.classifier.is_transformer)
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
             label = self._labels(class_idx, ref_logits)
@@ -446,7 +446,7 @@ class MedCAM:
         verification, another ``draw`` K fresh ones), then, in the verification (``draw`` 0) where
         the baseline is not zeros, zeros: the paper's evidence ``m x`` alone must keep the label too
         (fresh draws leave it out: it is the same every draw)."""
-        seed = s.verify_seed + 7919 * (1 + draw)  # s from for_spatial_dims: verify_seed resolved there, once
+        seed = s.verify_seed + 7919 * (1 + draw)  # s from resolved(): verify_seed resolved there, once
         outsides = [base, *verification_backgrounds(x, s.verify_backgrounds, seed, x_blurred)]
         if draw == 0 and s.baseline != "zeros":
             outsides.append(torch.zeros_like(x))

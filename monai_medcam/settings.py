@@ -43,9 +43,9 @@ BY_SPATIAL_DIMS: dict[str, dict[int, float | str]] = {
     "baseline": {2: "mean", 3: "zeros"},
 }
 
-# defaults that differ between convolutional networks and vision transformers (a setting left at
-# None takes these): a part of a lesion moves a ViT's token maps about as far as all of it does,
-# so its activation term must pull harder for the evidence to cover the lesion (docs/settings.md)
+# defaults that differ between vision transformers and other networks (a setting left at None
+# takes these): part of a lesion can keep a ViT's token maps nearly where all of it does, so its
+# activation term must pull harder for the evidence to cover the lesion (docs/settings.md)
 BY_CLASSIFIER: dict[str, dict[bool, float]] = {
     "act_weight": {False: 10.0, True: 40.0},  # keyed by: is the classifier a vision transformer?
 }
@@ -56,8 +56,8 @@ class MedCAMSettings:
     """Settings of :class:`monai_medcam.MedCAM` (pass any of them as keyword arguments).
 
     Args:
-        act_weight: activation matching over the target layers (paper: lambda_act); ``None``: 10 for
-            convolutional networks, 40 for vision transformers (:data:`BY_CLASSIFIER`).
+        act_weight: activation matching over the target layers (paper: lambda_act); ``None``: 40 for
+            torchvision's and MONAI's vision transformers, 10 for other networks (:data:`BY_CLASSIFIER`).
         kl_weight: KL between the output distributions on image and evidence (lambda_KL).
         kl_temperature: temperature of that KL.
         ce_weight: cross-entropy of the explained label on the evidence (lambda_CE).
@@ -229,10 +229,10 @@ class MedCAMSettings:
         if len(self.mask_features) != 6 or min(self.mask_features) < 1:
             raise ValueError(f"mask_features must be six positive integers, got {self.mask_features!r}.")
 
-    def for_spatial_dims(self, spatial_dims: int, transformer: bool = False) -> MedCAMSettings:
-        """These settings with the 2D or 3D defaults (:data:`BY_SPATIAL_DIMS`), those of a vision
-        ``transformer`` or a convolutional network (:data:`BY_CLASSIFIER`), and ``seed`` for
-        ``verify_seed``, in place of ``None``."""
+    def resolved(self, spatial_dims: int, *, transformer: bool) -> MedCAMSettings:
+        """These settings with the defaults of 2D or 3D inputs (:data:`BY_SPATIAL_DIMS`), of a vision
+        ``transformer`` or another network (:data:`BY_CLASSIFIER`), and ``seed`` for ``verify_seed``,
+        in place of ``None``."""
         fill = {name: by[spatial_dims] for name, by in BY_SPATIAL_DIMS.items() if getattr(self, name) is None}
         fill.update({name: by[bool(transformer)] for name, by in BY_CLASSIFIER.items() if getattr(self, name) is None})
         if self.verify_seed is None:

@@ -314,53 +314,38 @@ def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeyp
     assert torch.backends.cudnn.benchmark is True
 
 
-def test_area_weight_and_lr_decay_default_by_spatial_dims(monkeypatch):
-    # volumes need a stronger area term and a slower decay (docs/settings.md); explicit values win
-    s = MedCAMSettings()
-    assert (s.for_spatial_dims(2).area_weight, s.for_spatial_dims(2).lr_decay) == (20.0, 0.97)
-    assert (s.for_spatial_dims(3).area_weight, s.for_spatial_dims(3).lr_decay) == (120.0, 0.99)
-    assert (s.for_spatial_dims(2).restart_above, s.for_spatial_dims(3).restart_above) == (0.03, 0.01)
-    assert MedCAMSettings(restart_above=0.2).for_spatial_dims(3).restart_above == 0.2
-    assert (s.for_spatial_dims(2).late_bin_weight, s.for_spatial_dims(3).late_bin_weight) == (100.0, 0.0)
-    assert MedCAMSettings(late_bin_weight=5.0).for_spatial_dims(3).late_bin_weight == 5.0
-    assert (s.for_spatial_dims(2).baseline, s.for_spatial_dims(3).baseline) == ("mean", "zeros")
-    assert MedCAMSettings(baseline="blur").for_spatial_dims(2).baseline == "blur"
-    assert MedCAMSettings(area_weight=7.0).for_spatial_dims(3).area_weight == 7.0
-    assert (s.for_spatial_dims(2).act_weight, s.for_spatial_dims(3, transformer=True).act_weight) == (10.0, 40.0)
-    assert MedCAMSettings(act_weight=3.0).for_spatial_dims(2, transformer=True).act_weight == 3.0
-    optimise, seen = MedCAM._optimise, []
-
-    def spy(self, x, *args):
-        seen.append((x.ndim, args[-1].area_weight, args[-1].lr_decay))
-        return optimise(self, x, *args)
-
-    monkeypatch.setattr(MedCAM, "_optimise", spy)
-    explainer = MedCAM(RegionClassifier(), steps=2, max_retries=0, restarts=0)
-    explainer.explain(region_images(1))
-    explainer3d = MedCAM(RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3), steps=2, max_retries=0, restarts=0)
-    explainer3d.explain(torch.rand(1, 1, 16, 16, 16))
-    assert seen == [(4, 20.0, 0.97), (5, 120.0, 0.99)]
-
-
-def test_vision_transformers_default_to_a_stronger_activation_term(monkeypatch):
-    # a part of a lesion moves a ViT's token maps about as far as all of it (docs/settings.md):
-    # act_weight left at None is 40 for a vision transformer, 10 otherwise; an explicit value wins
+def test_defaults_by_spatial_dims_and_classifier(monkeypatch):
+    # volumes need a stronger area term and a slower decay, vision transformers a stronger
+    # activation term (part of a lesion can keep a ViT's token maps nearly where all of it does);
+    # docs/settings.md. Explicit values win.
     from torchvision.models import VisionTransformer
 
+    s = MedCAMSettings()
+    d2, d3 = s.resolved(2, transformer=False), s.resolved(3, transformer=False)
+    assert (d2.area_weight, d2.lr_decay, d3.area_weight, d3.lr_decay) == (20.0, 0.97, 120.0, 0.99)
+    assert (d2.restart_above, d3.restart_above) == (0.03, 0.01)
+    assert (d2.late_bin_weight, d3.late_bin_weight) == (100.0, 0.0)
+    assert (d2.baseline, d3.baseline) == ("mean", "zeros")
+    assert (d2.act_weight, d3.act_weight, s.resolved(2, transformer=True).act_weight) == (10.0, 10.0, 40.0)
+    explicit = MedCAMSettings(restart_above=0.2, late_bin_weight=5.0, baseline="blur", area_weight=7.0, act_weight=3.0)
+    for resolved in (explicit.resolved(2, transformer=True), explicit.resolved(3, transformer=False)):
+        assert (resolved.restart_above, resolved.late_bin_weight, resolved.baseline, resolved.area_weight, resolved.act_weight) == (0.2, 5.0, "blur", 7.0, 3.0)
     optimise, seen = MedCAM._optimise, []
 
-    def spy(self, x, *args):
-        seen.append(args[-1].act_weight)
+    def spy(self, x, *args):  # the settings the optimisation is given
+        seen.append((x.ndim, args[-1].area_weight, args[-1].lr_decay, args[-1].act_weight))
         return optimise(self, x, *args)
 
     monkeypatch.setattr(MedCAM, "_optimise", spy)
+    quick = dict(steps=2, max_retries=0, restarts=0, verify_backgrounds=1)
+    MedCAM(RegionClassifier(), **quick).explain(region_images(1))
+    volumes = RegionClassifier(size=16, region=(slice(4, 12), slice(4, 12)), spatial_dims=3)
+    MedCAM(volumes, **quick).explain(torch.rand(1, 1, 16, 16, 16))
     torch.manual_seed(0)
     vit = VisionTransformer(32, 8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=2)
-    quick = dict(steps=2, max_retries=0, restarts=0, verify_backgrounds=1)
     MedCAM(vit, **quick).explain(torch.rand(1, 3, 32, 32))
     MedCAM(vit, act_weight=5.0, **quick).explain(torch.rand(1, 3, 32, 32))
-    MedCAM(RegionClassifier(), **quick).explain(region_images(1))
-    assert seen == [40.0, 5.0, 10.0]
+    assert seen == [(4, 20.0, 0.97, 10.0), (5, 120.0, 0.99, 10.0), (4, 20.0, 0.97, 40.0), (4, 20.0, 0.97, 5.0)]
 
 
 def test_large_verified_masks_are_restarted_and_the_best_kept():
@@ -377,7 +362,7 @@ def test_large_verified_masks_are_restarted_and_the_best_kept():
     assert best.retries.tolist() == [2, 2]
     assert best.steps.tolist() == sum(r.steps for r in runs).tolist()
     scorer = MedCAM(RegionClassifier())
-    s = scorer.settings.for_spatial_dims(2)
+    s = scorer.settings.resolved(2, transformer=False)
     with scorer.classifier.frozen():
         ref_logits, ref_acts = scorer._reference(x)
         args = (x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
@@ -452,7 +437,7 @@ def test_verification_checks_the_papers_evidence_on_zeros_too():
     label = torch.ones(1, dtype=torch.long)
     for baseline, rows in (("mean", 1 + 8 + 1), ("zeros", 1 + 8)):
         explainer = MedCAM(BrightnessClassifier(), baseline=baseline)
-        s = explainer.settings.for_spatial_dims(2)
+        s = explainer.settings.resolved(2, transformer=False)
         base, x_blurred = baseline_image(x, s.baseline), blurred(x)
         with explainer.classifier.frozen(), torch.no_grad():
             checks = explainer._check_logits(x, small, base, x_blurred, s)
@@ -469,8 +454,8 @@ def test_verification_checks_the_papers_evidence_on_zeros_too():
 def test_verification_backgrounds_follow_verify_seed_not_seed():
     x = region_images(1)
     explainer = MedCAM(RegionClassifier(), seed=3)
-    s = explainer.settings.for_spatial_dims(2)
-    assert s.verify_seed == 3 and MedCAM(RegionClassifier(), seed=3, verify_seed=8).settings.for_spatial_dims(2).verify_seed == 8
+    s = explainer.settings.resolved(2, transformer=False)
+    assert s.verify_seed == 3 and MedCAM(RegionClassifier(), seed=3, verify_seed=8).settings.resolved(2, transformer=False).verify_seed == 8
     hard = _region_mask()[None, None]
     with explainer.classifier.frozen(), torch.no_grad():
         checks = [explainer._check_logits(x, hard, baseline_image(x, s.baseline), blurred(x), c)
@@ -486,7 +471,7 @@ def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
     ones = torch.ones(len(x), dtype=torch.bool)
     attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50),
                        stalled=ones.clone())
-    s = explainer.settings.for_spatial_dims(2)
+    s = explainer.settings.resolved(2, transformer=False)
     ref_logits, ref_acts = explainer._reference(x)
     label = ref_logits.argmax(1)
     return attempt, (x, label, ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
@@ -574,7 +559,7 @@ def _stalled_attempt(explainer: MedCAM, x: torch.Tensor, keep: slice = slice(2, 
     ones = torch.ones(len(x), dtype=torch.bool)
     attempt = _Attempt(soft=hard * 0.97, hard=hard, verified=ones, settled=ones.clone(), steps=torch.full((len(x),), 50),
                        stalled=ones.clone())
-    s = explainer.settings.for_spatial_dims(x.ndim - 2)
+    s = explainer.settings.resolved(x.ndim - 2, transformer=False)
     ref_logits, ref_acts = explainer._reference(x)
     return attempt, (x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
 
@@ -640,7 +625,7 @@ def test_pruning_a_volume():
     one = torch.ones(1, dtype=torch.bool)
     attempt = _Attempt(soft=hard.clone(), hard=hard.clone(), verified=one, settled=one.clone(), steps=torch.full((1,), 50),
                        stalled=one.clone())
-    s = explainer.settings.for_spatial_dims(3)
+    s = explainer.settings.resolved(3, transformer=False)
     with explainer.classifier.frozen():
         ref_logits, ref_acts = explainer._reference(x)
         explainer._prune(attempt, x, ref_logits.argmax(1), ref_logits, ref_acts, baseline_image(x, s.baseline), blurred(x), s)
