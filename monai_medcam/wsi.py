@@ -376,6 +376,9 @@ def explain_slide(
     if not tiles:
         raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
     read = _LevelReader(reader, wsi, level, slide)
+    explainer = MedCAM(classifier, target_layers, **settings)  # bad settings or layers fail before anything is written
+    # the settings as resolved (defaults included), so a run resumed after a default changed is a different run
+    resolved = asdict(explainer.settings.resolved(2, transformer=explainer.classifier.is_transformer))
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -387,7 +390,7 @@ def explain_slide(
         "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
         "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
         "tiles": len(tiles), "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
-        "settings": {k: settings[k] for k in sorted(settings)}, "classifier": _fingerprint(classifier),
+        "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
     }
     run = json.loads(json.dumps(run, default=str))
     if state.exists():
@@ -415,8 +418,7 @@ def explain_slide(
         logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
 
     device = torch.device(device)
-    classifier = classifier.to(device).eval()
-    explainer = MedCAM(classifier, target_layers, **settings)
+    classifier.to(device).eval()  # in place: the explainer's classifier
     skip = explainer.settings.skip_vacuous
     bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
     with journal_path.open("a") as journal:

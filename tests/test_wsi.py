@@ -7,6 +7,7 @@ levels) with lesions at known places; ``LesionColourClassifier`` decides from le
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("openslide")
 
 from monai_medcam.demo.slides import LESION_CENTRES, write_demo_slide, write_pyramidal_tiff  # noqa: E402
+from monai_medcam import MedCAM  # noqa: E402
 from monai_medcam.io import InputError  # noqa: E402
+from monai_medcam.settings import BY_CLASSIFIER  # noqa: E402
 from monai_medcam.wsi import explain_slide, open_slide, tile_grid, tissue_mask  # noqa: E402
 from tests.toys import LesionColourClassifier  # noqa: E402
 
@@ -194,6 +197,33 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
         explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart="false", **FAST)
     report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
     assert report.outputs["evidence"].is_file() and not state.exists()
+
+
+def test_a_run_resumed_after_a_default_changed_is_a_different_run(slide, tmp_path, monkeypatch):
+    # the state records the settings as resolved, defaults included (not only those passed), so
+    # tiles explained under one default are never stitched with tiles explained under another
+    path, _ = slide
+    explain, calls = MedCAM.explain, []
+
+    def stops_at_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return explain(self, *args, **kwargs)
+
+    monkeypatch.setattr(MedCAM, "explain", stops_at_the_second_batch)
+    run = dict(level=3, tile=64, batch_size=1, **FAST)
+    with pytest.raises(RuntimeError, match="stopped"):
+        explain_slide(LesionColourClassifier(), path, tmp_path, **run)
+    recorded = json.loads((tmp_path / ".ihc.medcam" / "run.json").read_text())["settings"]
+    assert (recorded["act_weight"], recorded["area_weight"], recorded["steps"], recorded["skip_vacuous"]) == (10.0, 20.0, 40, True)
+    assert "progress" not in recorded  # a progress bar changes no mask
+    monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 11.0, True: 40.0})
+    with pytest.raises(InputError, match="different run"):
+        explain_slide(LesionColourClassifier(), path, tmp_path, **run)
+    monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 10.0, True: 40.0})
+    report = explain_slide(LesionColourClassifier(), path, tmp_path, **run)
+    assert report.resumed == 1 and report.explained == report.tiles - 1
 
 
 def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
