@@ -184,6 +184,10 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
             explain_slide(net, source, out, **arguments, **FAST)
         assert caught.value.path == source
         assert _no_files(out), source
+    out = tmp_path / "bad_setting"  # a misspelt setting fails before the working state is made
+    with pytest.raises(TypeError, match=r"unknown MedCAM setting\(s\) \['stepz'\]"):
+        explain_slide(net, path, out, level=LEVEL, tile=TILE, stepz=40)
+    assert _no_files(out)
 
 
 def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
