@@ -93,11 +93,11 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
     if cls == "ConvNeXt":
         count = len(model.features)
         return _spread([f"features.{i}" for i in range(1, count, 2)])
-    if cls == "VisionTransformer" and hasattr(model, "encoder"):
-        blocks = [n for n, _ in model.encoder.layers.named_children()]
-        return _spread([f"encoder.layers.{blocks[i]}" for i in _quartiles(len(blocks))])
-    if cls == "ViT" and hasattr(model, "blocks"):
-        return _spread([f"blocks.{i}" for i in _quartiles(len(model.blocks))])
+    if is_vision_transformer(model):
+        if cls == "VisionTransformer":  # torchvision
+            blocks = [n for n, _ in model.encoder.layers.named_children()]
+            return _spread([f"encoder.layers.{blocks[i]}" for i in _quartiles(len(blocks))])
+        return _spread([f"blocks.{i}" for i in _quartiles(len(model.blocks))])  # MONAI's ViT
     if cls.startswith("DenseNet") and hasattr(model, "features"):
         feats = dict(model.features.named_children())
         names = [f"features.{n}" for n in ("transition1", "transition2", "transition3", "norm5") if n in feats]

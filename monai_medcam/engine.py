@@ -207,6 +207,11 @@ class MedCAM:
         """Binary evidence masks ``(B, 1, *spatial)`` for ``x`` ``(B, C, *spatial)``, as a MetaTensor."""
         return self.explain(x, class_idx).mask
 
+    def resolved_settings(self, spatial_dims: int) -> MedCAMSettings:
+        """The settings used on inputs with ``spatial_dims`` (2 or 3): ``None`` fields take the
+        defaults of that dimensionality and of this explainer's classifier (:meth:`MedCAMSettings.resolved`)."""
+        return self.settings.resolved(spatial_dims, transformer=self.classifier.is_transformer)
+
     # -- input checks ---------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
@@ -306,7 +311,7 @@ class MedCAM:
         m = m.detach().to(data.device, data.dtype)
         if not ((m == 0) | (m == 1)).all():
             raise ValueError("mask must be binary (values 0 and 1); threshold a soft mask or saliency map first.")
-        s = self.settings.resolved(data.ndim - 2, transformer=self.classifier.is_transformer)
+        s = self.resolved_settings(data.ndim - 2)
         with self.classifier.frozen(), torch.no_grad():
             label = self._labels(class_idx, self._reference(data)[0])
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
@@ -337,7 +342,7 @@ class MedCAM:
 
     def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
         """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds`` unset)."""
-        s = self.settings.resolved(data.ndim - 2, transformer=self.classifier.is_transformer)
+        s = self.resolved_settings(data.ndim - 2)
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
             label = self._labels(class_idx, ref_logits)

@@ -378,7 +378,7 @@ def explain_slide(
     read = _LevelReader(reader, wsi, level, slide)
     explainer = MedCAM(classifier, target_layers, **settings)  # bad settings or layers fail before anything is written
     # the settings as resolved (defaults included), so a run resumed after a default changed is a different run
-    resolved = asdict(explainer.settings.resolved(2, transformer=explainer.classifier.is_transformer))
+    resolved = asdict(explainer.resolved_settings(2))
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
