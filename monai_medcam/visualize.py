@@ -1,12 +1,13 @@
 """Pictures for people who would rather look than read: evidence contours and side-by-side panels.
 
 Also a correctly oriented MONAI Grad-CAM (MONAI's default normaliser maps the map's maximum to 0,
-which inverts it), used for comparison panels.
+which inverts it), used for comparison panels, that leaves no hooks on the classifier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,32 @@ def grad_cam(
     training = nn_module.training
     nn_module.eval()
     try:
-        cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=lambda cam: minmax_per_image(torch.as_tensor(cam)))
-        maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
+        with _hooks_removed_after(nn_module):
+            cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=lambda cam: minmax_per_image(torch.as_tensor(cam)))
+            maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
     finally:
         nn_module.train(training)
     return torch.cat(maps).detach()
+
+
+@contextmanager
+def _hooks_removed_after(nn_module: torch.nn.Module) -> Iterator[None]:
+    """Remove the hooks added to ``nn_module``'s modules inside the block. MONAI's CAMs register a
+    forward and a full backward hook on the target layer and keep no handle to remove them: left
+    there, every later pass of the classifier (Med-CAM's optimisation among them) would run them, and
+    every call would add two more."""
+    before = {m: (set(m._forward_hooks), set(m._backward_hooks), m._is_full_backward_hook) for m in nn_module.modules()}
+    try:
+        yield
+    finally:
+        for m, (forward, backward, full) in before.items():
+            for key in set(m._forward_hooks) - forward:
+                del m._forward_hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+            for key in set(m._backward_hooks) - backward:
+                del m._backward_hooks[key]
+            m._is_full_backward_hook = full
 
 
 def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -167,3 +167,30 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
     assert len(rows) == 4 and rows[2].split(",")[1:3] == ["1", "1"]  # slice 1, label 1
     with pytest.raises(ValueError, match="unknown output format"):
         SaveEvidenced(formats=["jpeg"])
+
+
+def test_grad_cam_is_upright_and_leaves_no_hooks():
+    """MONAI's Grad-CAM, as the comparison panels use it: high on the evidence (MONAI's default
+    normaliser would invert it), and the classifier's hooks as they were (MONAI registers two per
+    call and never removes them; Med-CAM's later passes would run them all)."""
+    from monai_medcam.visualize import grad_cam
+
+    net = RegionClassifier()
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 8:16, 8:16] = 1.0  # bright only where the classifier looks
+    x[1, :, 8:12, 8:16] = 0.5
+    own = net.conv.register_forward_hook(lambda *_: None)  # the user's own hook stays
+
+    def hooks() -> list[tuple[str, int, int]]:
+        return [(name, len(m._forward_hooks), len(m._backward_hooks)) for name, m in net.named_modules() if m._forward_hooks or m._backward_hooks]
+
+    first = grad_cam(net, x, "relu2", torch.tensor([1, 1]))
+    second = grad_cam(net, x, "relu2", torch.tensor([1, 1]))
+    assert hooks() == [("conv", 1, 0)] and net.relu2._is_full_backward_hook is None
+    assert torch.equal(first, second) and first.shape == (2, 1, 32, 32)
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:16, 8:16] = True
+    for m in first[:, 0]:
+        assert float(m.amax()) == pytest.approx(1.0) and float(m.amin()) == pytest.approx(0.0)
+        assert float(m[inside].mean()) > 0.5 > float(m[~inside].mean()), "Grad-CAM inverted"
+    own.remove()
