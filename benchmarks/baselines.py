@@ -2,7 +2,8 @@
 
 - :func:`grad_cams`: MONAI ``GradCAM`` / ``GradCAMpp`` on a CNN layer (min-max normalised per
   image, not inverted); for a vision transformer, Grad-CAM on the tokens of a block laid back on
-  the patch grid (MONAI's CAMs expect a convolutional feature map).
+  the patch grid (MONAI's CAMs expect a convolutional feature map). :func:`grad_cam_layers` lists
+  the layers Grad-CAM may be given (the benchmark picks the best on its tuning images).
 - :func:`occlusion`: MONAI ``OcclusionSensitivity``, the drop of the label's probability.
 - :func:`extremal_perturbation`: a smooth mask of a fixed area that best preserves the label when
   the rest of the image is blurred (Fong, Patrick and Vedaldi, ICCV 2019, simplified).
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from monai_medcam.backgrounds import baseline_image
-from monai_medcam.classifiers import FrozenClassifier, _patch_size, tokens_to_grid
+from monai_medcam.classifiers import FrozenClassifier, _patch_size, is_vision_transformer, tokens_to_grid
 from monai_medcam.visualize import grad_cam, minmax_per_image
 
-__all__ = ["grad_cams", "occlusion", "extremal_perturbation"]
+__all__ = ["grad_cam_layers", "grad_cam_map", "grad_cams", "occlusion", "extremal_perturbation"]
 
 
 def _token_grad_cam(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> torch.Tensor:
@@ -49,14 +50,56 @@ def _token_grad_cam(net: torch.nn.Module, x: torch.Tensor, layer: str, label: to
     return minmax_per_image(cam)
 
 
+def grad_cam_map(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM maps ``(B, 1, *spatial)`` at ``layer``: MONAI's on a CNN, on the patch grid for a vision transformer."""
+    if is_vision_transformer(net):
+        return _token_grad_cam(net, x, layer, label)
+    return grad_cam(net, x, layer, label)
+
+
 def grad_cams(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"Grad-CAM": maps, "Grad-CAM++": maps}`` (only Grad-CAM for a vision transformer)."""
-    if type(net).__name__ in ("VisionTransformer", "ViT"):
+    if is_vision_transformer(net):
         return {"Grad-CAM": _token_grad_cam(net, x, layer, label)}
     return {
         "Grad-CAM": grad_cam(net, x, layer, label),
         "Grad-CAM++": grad_cam(net, x, layer, label, plus_plus=True),
     }
+
+
+def grad_cam_layers(net: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The layers Grad-CAM may be given, shallow to deep.
+
+    A vision transformer: every encoder block's output and its first LayerNorm (where Grad-CAM
+    for ViTs is usually taken). A CNN: the last module at each resolution of stride 4 or more
+    among the children of its ``features`` (MobileNet, ConvNeXt, DenseNet) or of the network
+    itself (ResNet), found by one forward pass of ``x`` ``(B, C, *spatial)``: the end of each
+    stage. At 64 px a CNN's last stage is 2 x 2 (1 voxel for the 3D DenseNet at 32^3), too
+    coarse for a lesion of 2% of the image; an earlier stage may localise it."""
+    if is_vision_transformer(net):
+        blocks = [name for name, _ in net.encoder.layers.named_children()] if hasattr(net, "encoder") else [
+            str(i) for i in range(len(net.blocks))]
+        prefix = "encoder.layers." if hasattr(net, "encoder") else "blocks."
+        norm = "ln_1" if hasattr(net, "encoder") else "norm1"
+        return [f"{prefix}{b}{suffix}" for b in blocks for suffix in (f".{norm}", "")]
+    parent, prefix = (net.features, "features.") if isinstance(getattr(net, "features", None), torch.nn.Sequential) else (net, "")
+    sizes: dict[str, tuple[int, ...]] = {}
+    pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)
+    handles = [child.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[2:])))
+               for name, child in parent.named_children() if not isinstance(child, pools)]  # not the head's global pool
+    try:
+        with torch.no_grad(), FrozenClassifier(net, []).frozen():
+            net(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    spatial = tuple(x.shape[2:])
+    stage_ends = {}  # resolution -> the last child at it (insertion order: shallow to deep)
+    for name, size in sizes.items():
+        if len(size) == len(spatial) and all(4 * s <= full for s, full in zip(size, spatial)):
+            stage_ends.pop(size, None)
+            stage_ends[size] = name
+    return [prefix + name for name in stage_ends.values()]
 
 
 def occlusion(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor, mask_size: int, overlap: float = 0.25) -> torch.Tensor:

@@ -8,7 +8,8 @@ For each architecture (torchvision ResNet-18, MobileNet-V2, ConvNeXt, ViT; MONAI
 3D volumes) the benchmark trains a classifier from scratch on known-evidence images (real
 backgrounds: scikit-image's fundus and IHC, pydicom-data's MR, CT, CR and ultrasound, nibabel's
 MRI; synthetic lesions whose exact masks are known; distractor rings in both classes), reports
-its test accuracy, then explains lesion images it classifies correctly with every method. Saliency
+its test accuracy, then explains lesion images it classifies correctly with every method. Grad-CAM
+runs at its usual layer and at its best layer on the tuning images (``best_grad_cam_layer``). Saliency
 maps become binary masks holding the same fraction of pixels as Med-CAM's evidence, and as the
 lesion; all metrics come from ``monai_medcam.metrics``.
 
@@ -47,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import extremal_perturbation, grad_cams, occlusion  # noqa: E402
+from benchmarks.baselines import extremal_perturbation, grad_cam_layers, grad_cam_map, grad_cams, occlusion  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 from monai_medcam.demo.known_evidence import make_known_evidence, make_known_evidence_3d  # noqa: E402
 from monai_medcam.demo.train import fit, with_removals  # noqa: E402
@@ -58,7 +59,7 @@ ARCHS = ("resnet18", "mobilenet_v2", "convnext", "vit", "densenet121_3d")
 PRESETS = {
     # CI: every code path, tiny training, ranges only
     "smoke": dict(size=32, volume=32, archs=("mobilenet_v2", "vit", "densenet121_3d"), train=96, train_3d=32, test=24, epoch_scale=0,
-                  images=2, steps=10, extremal_steps=5, auc_steps=4, small=True, device="cpu"),
+                  images=2, tune_images=2, steps=10, extremal_steps=5, auc_steps=4, small=True, device="cpu"),
     "cpu-small": dict(size=64, volume=32, archs=ARCHS, train=1800, train_3d=1200, test=300, epoch_scale=1, images=6, steps=300,
                       extremal_steps=100, auc_steps=16, small=True, device="cpu"),
     "cuda-224": dict(size=224, volume=96, archs=ARCHS, train=3600, train_3d=800, test=300, epoch_scale=1, images=32, steps=300,
@@ -66,7 +67,7 @@ PRESETS = {
 }
 # --dry-run: a preset's image sizes and models with this little work, on the CPU, before a GPU run
 # (training batches of 4: 32 volumes of 96^3 at once would not fit a CPU machine's memory)
-DRY_RUN = dict(train=48, train_3d=8, batch=4, test=16, epoch_scale=0, images=2, steps=3, extremal_steps=3, auc_steps=4, device="cpu")
+DRY_RUN = dict(train=48, train_3d=8, batch=4, test=16, epoch_scale=0, images=2, tune_images=2, steps=3, extremal_steps=3, auc_steps=4, device="cpu")
 # per architecture: AdamW's peak learning rate (one-cycle schedule) and epochs, found on cpu-small;
 # the layer-normalised models (ConvNeXt, ViT) stay at chance with 1e-3 and need standardised inputs.
 # ResNet-18 6 -> 4 and MobileNet-V2 12 -> 8 epochs in session 10, for time: same test accuracy
@@ -78,8 +79,10 @@ REMOVALS = {"densenet121_3d": 0.5}
 # convolutions), slower for ResNet-18, 9% faster for the 3D DenseNet (not worth a different classifier)
 CHANNELS_LAST = {"mobilenet_v2", "convnext"}
 TRAIN_SEED, TEST_SEED, EXPLAINED_SEED = 100, 200, 300  # the datasets (dataset_keys lists them)
+TUNE_SEED = 400  # the tuning images: Med-CAM's settings (sweep.py) and Grad-CAM's layer are chosen on these, not on the reported ones
 MEAN, STD = 0.45, 0.25  # every classifier standardises its input (a forward pre-hook), as torchvision's transforms would
 COMBOS = [(b, lesion) for b in ("retina", "ihc", "radiology") for lesion in ("disc", "spots")]
+BEST = "Grad-CAM, best layer"  # the method name of Grad-CAM at best_grad_cam_layer's choice
 NAMES = {"resnet18": "torchvision ResNet-18", "mobilenet_v2": "torchvision MobileNet-V2", "convnext": "torchvision ConvNeXt",
          "vit": "torchvision ViT", "densenet121_3d": "MONAI DenseNet121 (3D)"}
 
@@ -171,10 +174,40 @@ def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Ten
 
 
 def dataset_keys(arch: str, p: dict) -> list[tuple[bool, int, int, int]]:
-    """The :func:`_dataset` keys an architecture's run uses: training, test and explained sets."""
+    """The :func:`_dataset` keys an architecture's run uses: training, test, explained and tuning sets."""
     volumes = arch.endswith("_3d")
-    sets = ((p["train_3d" if volumes else "train"], TRAIN_SEED), (p["test"], TEST_SEED), (8 * p["images"], EXPLAINED_SEED))
+    sets = ((p["train_3d" if volumes else "train"], TRAIN_SEED), (p["test"], TEST_SEED), (8 * p["images"], EXPLAINED_SEED),
+            (8 * _tune_count(p), TUNE_SEED))
     return [(volumes, count, _side(arch, p), seed) for count, seed in sets]
+
+
+def _tune_count(p: dict) -> int:
+    """How many tuning images Grad-CAM's layer is chosen on: the preset's, else 2 per (background, lesion) kind."""
+    return p.get("tune_images", 2 * len(COMBOS))
+
+
+def tuning_images(
+    arch: str, p: dict, net: torch.nn.Module, count: int, device: torch.device, seed: int = TUNE_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` lesion images of the dataset ``seed``, round-robin over the (background, lesion) kinds,
+    and their lesion masks: those the classifier gets right first (for a weak classifier, then the others)."""
+    pool, labels, truth, names = dataset(arch, 8 * count, p, seed=seed)
+    chosen = lesion_images(labels, predict(net, pool, device), names, count)  # as the reported images are chosen
+    return pool[chosen].to(device), truth[chosen].to(device)
+
+
+def best_grad_cam_layer(arch: str, net: torch.nn.Module, p: dict, device: torch.device) -> tuple[str, dict[str, float]]:
+    """The layer where Grad-CAM localises the lesion best on the tuning images, and each candidate's
+    mean lesion IoU there (the map binarised at the lesion's area; :func:`grad_cam_layers`). Grad-CAM
+    at the conventional last layer is a weak baseline at 64 px (2 x 2 maps); given its best layer,
+    chosen away from the reported images as Med-CAM's settings are, it is the strongest Grad-CAM."""
+    x, truth = tuning_images(arch, p, net, _tune_count(p), device)
+    label = predict(net, x, device).to(device)
+    scores = {}
+    for layer in grad_cam_layers(net, x):
+        cam = grad_cam_map(net, x, layer, label)
+        scores[layer] = float(metrics.iou(metrics.binarize_top(cam, metrics.area_fraction(truth)), truth).mean())
+    return max(scores, key=scores.get), scores
 
 
 @torch.no_grad()
@@ -285,7 +318,9 @@ def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw:
 
 
 def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch.device) -> dict:
-    """Every method on lesion images the classifier gets right; returns the rows and the figure's maps."""
+    """Every method on lesion images the classifier gets right; returns the rows and the figure's maps.
+    ``layer``: Grad-CAM's conventional layer (the last stage); Grad-CAM runs at its best layer too."""
+    best_layer, layer_scores = best_grad_cam_layer(arch, net, p, device)
     pool, labels, truth, names = dataset(arch, 8 * p["images"], p, seed=EXPLAINED_SEED)
     predicted = predict(net, pool, device)
     lesion = np.flatnonzero(labels.numpy() == 1)
@@ -305,6 +340,8 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
     cams, t = timed(lambda: grad_cams(net, x, layer, label))
     for k, v in cams.items():
         maps[k], seconds[k] = v, t / n / len(cams)
+    maps[BEST], t = timed(lambda: grad_cam_map(net, x, best_layer, label))
+    seconds[BEST] = t / n
     # 2D: patches of 1/8 of the side, overlapping by a quarter; 3D: 1/4 of the side, side by side (64 per volume)
     patch, overlap = (max(4, x.shape[-1] // 8), 0.25) if x.ndim == 4 else (max(4, x.shape[-1] // 4), 0.0)
     maps["Occlusion"], t = timed(lambda: occlusion(net, x, label, mask_size=patch, overlap=overlap))
@@ -355,6 +392,9 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
         p_input=float(result.prob_input.mean()),
         p_evidence=float(result.prob_evidence.mean()),
         lesion_area=float(metrics.area_fraction(truth).mean()),
+        grad_cam_layer=layer,
+        grad_cam_best_layer=best_layer,
+        grad_cam_layer_iou=layer_scores,  # on the tuning images, at the lesion's area
         **checks,
         medcam_iou_by_background=per_background,
         medcam_per_image={k: [round(float(v), 6) for v in values.cpu()] for k, values in per_image.items()},
@@ -384,6 +424,17 @@ def _checks_sentence(a: dict) -> str:
     return (f"Is the lesion the evidence? On {a['validity_images']} lesion images it gets right, the lesion alone keeps the label "
             f"on {a['lesion_alone_keeps']:.0%} (under the 8 random backgrounds: {a['lesion_alone_backgrounds']:.0%}) and zeroing "
             f"it removes the label on {a['lesion_removed_flips']:.0%}.")
+
+
+def _layer_sentence(a: dict) -> str:
+    """Grad-CAM's two layers (reports from before the best layer was kept: nothing)."""
+    scores = a.get("grad_cam_layer_iou")
+    if not scores:
+        return ""
+    listed = ", ".join(f"`{layer}` {iou:.2f}" for layer, iou in scores.items())
+    return (f" Grad-CAM runs at `{a['grad_cam_layer']}` (its usual layer) and, as \"{BEST}\", at "
+            f"`{a['grad_cam_best_layer']}`: the best of {len(scores)} layers on the tuning images (its mean lesion IoU "
+            f"at the lesion's area there: {listed}).")
 
 
 def _spread_sentence(a: dict) -> str:
@@ -423,7 +474,7 @@ def markdown(report: dict) -> str:
             f"largest {a.get('non_binary_max', float('nan')):.4f}), median steps {a['median_steps']:.0f}, "
             f"label probability {a['p_input']:.3f} on the input and {a['p_evidence']:.3f} on the evidence; "
             f"lesion area {a['lesion_area']:.2%}. {_checks_sentence(a)} Med-CAM IoU by background: "
-            + ", ".join(f"{b} {v:.2f}" for b, v in a["medcam_iou_by_background"].items()) + "." + _spread_sentence(a),
+            + ", ".join(f"{b} {v:.2f}" for b, v in a["medcam_iou_by_background"].items()) + "." + _layer_sentence(a) + _spread_sentence(a),
             "",
             f"![{arch}](images/quality_{report['preset']}_{arch}.png)",
             "",

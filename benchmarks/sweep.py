@@ -38,10 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import ARCHS, COMBOS, EXPLAINED_SEED, PRESETS, dataset, lesion_images, mask_metrics, predict, trained  # noqa: E402
+from benchmarks.quality import ARCHS, COMBOS, EXPLAINED_SEED, PRESETS, TUNE_SEED, mask_metrics, trained, tuning_images  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 
-TUNE_SEED = 400  # quality.py's datasets use 100 (train), 200 (test), 300 (reported images)
 COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "s_per_image")
 
 
@@ -68,16 +67,6 @@ def parse_setting(text: str) -> dict:
         except (ValueError, SyntaxError):  # a bare word: a string setting such as baseline=blur
             out[name.strip()] = value.strip()
     return out
-
-
-def tuning_images(
-    arch: str, p: dict, net: torch.nn.Module, count: int, device: torch.device, seed: int = TUNE_SEED
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` lesion images of the dataset ``seed``, round-robin over the (background, lesion) kinds,
-    and their lesion masks: those the classifier gets right first (for a weak classifier, then the others)."""
-    pool, labels, truth, names = dataset(arch, 8 * count, p, seed=seed)
-    chosen = lesion_images(labels, predict(net, pool, device), names, count)  # as quality.py chooses its images
-    return pool[chosen].to(device), truth[chosen].to(device)
 
 
 def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dict, steps: int) -> dict:

@@ -52,7 +52,12 @@ def test_quality_benchmark_smoke(tmp_path):
     for arch, a in report["architectures"].items():
         methods = [r["method"] for r in a["rows"]]
         cams = ["Grad-CAM"] if arch == "vit" else ["Grad-CAM", "Grad-CAM++"]  # MONAI's Grad-CAM++ needs a conv map
-        assert methods == ["Med-CAM"] + [f"{m} @ {at} area" for m in cams + ["Occlusion", "Extremal"] for at in ("Med-CAM", "lesion")]
+        others = [*cams, "Grad-CAM, best layer", "Occlusion", "Extremal"]
+        assert methods == ["Med-CAM"] + [f"{m} @ {at} area" for m in others for at in ("Med-CAM", "lesion")]
+        # Grad-CAM's best layer: the candidate with the highest IoU on the tuning images, one of several stages
+        scores = a["grad_cam_layer_iou"]
+        assert len(scores) >= 4 and a["grad_cam_layer"] in scores and all(0 <= v <= 1 for v in scores.values()), scores
+        assert scores[a["grad_cam_best_layer"]] == max(scores.values())
         assert 0 <= a["accuracy"] <= 1 and a["images"] == 2 and 0 <= a["correct"] <= 2
         assert 0 <= a["verified"] <= 1 and 0 <= a["non_binary"] <= 1 and 1 <= a["median_steps"] <= 10
         assert 0 <= a["non_binary_median"] <= a["non_binary_max"] <= 1 and a["non_binary"] <= a["non_binary_max"]
@@ -79,6 +84,7 @@ def test_quality_benchmark_smoke(tmp_path):
     table = (tmp_path / "quality_smoke.md").read_text()
     assert table.count("| Med-CAM |") == 3 and "MONAI DenseNet121 (3D)" in table
     assert table.count("Med-CAM over the 2 images, mean (95% bootstrap interval of the mean)") == 3
+    assert table.count("(its usual layer) and, as \"Grad-CAM, best layer\", at `") == 3
     for a in report["architectures"].values():
         verified = int(sum(a["medcam_per_image"]["lesion_verified"]))
         assert f"The lesion itself passes Med-CAM's verification on {verified} of 2 images" in table
@@ -254,3 +260,23 @@ def test_prefetched_datasets_equal_those_made_in_process():
         for a, b in zip((images, labels, lesions), serial[:3]):
             assert torch.equal(a, b)
         assert names == serial[3]
+
+
+def test_grad_cam_layers_are_the_stage_ends():
+    """The layers Grad-CAM's best layer is chosen from: each stage's last module (not the head's pool), every ViT block and its LayerNorm."""
+    pytest.importorskip("torchvision")
+    from benchmarks import quality
+    from benchmarks.baselines import grad_cam_layers
+
+    expected = {
+        "resnet18": ["layer1", "layer2", "layer3", "layer4"],
+        "mobilenet_v2": ["features.3", "features.6", "features.13", "features.18"],
+        "convnext": ["features.1", "features.3", "features.5", "features.7"],
+        "densenet121_3d": ["features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"],
+        "vit": [f"encoder.layers.encoder_layer_{i}{part}" for i in range(4) for part in (".ln_1", "")],
+    }
+    for arch, layers in expected.items():
+        net, conventional, _ = quality.build(arch, 64, small=True)
+        x = torch.rand(1, 1, 32, 32, 32) if arch.endswith("_3d") else torch.rand(1, 3, 64, 64)
+        assert grad_cam_layers(net, x) == layers, arch
+        assert conventional in layers, arch  # the conventional layer is among the candidates
