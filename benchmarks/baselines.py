@@ -59,12 +59,10 @@ def grad_cam_map(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch
 
 def grad_cams(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"Grad-CAM": maps, "Grad-CAM++": maps}`` (only Grad-CAM for a vision transformer)."""
-    if is_vision_transformer(net):
-        return {"Grad-CAM": _token_grad_cam(net, x, layer, label)}
-    return {
-        "Grad-CAM": grad_cam(net, x, layer, label),
-        "Grad-CAM++": grad_cam(net, x, layer, label, plus_plus=True),
-    }
+    maps = {"Grad-CAM": grad_cam_map(net, x, layer, label)}
+    if not is_vision_transformer(net):  # MONAI's Grad-CAM++ needs a convolutional map
+        maps["Grad-CAM++"] = grad_cam(net, x, layer, label, plus_plus=True)
+    return maps
 
 
 def grad_cam_layers(net: torch.nn.Module, x: torch.Tensor) -> list[str]:
@@ -77,11 +75,11 @@ def grad_cam_layers(net: torch.nn.Module, x: torch.Tensor) -> list[str]:
     stage. At 64 px a CNN's last stage is 2 x 2 (1 voxel for the 3D DenseNet at 32^3), too
     coarse for a lesion of 2% of the image; an earlier stage may localise it."""
     if is_vision_transformer(net):
-        blocks = [name for name, _ in net.encoder.layers.named_children()] if hasattr(net, "encoder") else [
-            str(i) for i in range(len(net.blocks))]
-        prefix = "encoder.layers." if hasattr(net, "encoder") else "blocks."
-        norm = "ln_1" if hasattr(net, "encoder") else "norm1"
-        return [f"{prefix}{b}{suffix}" for b in blocks for suffix in (f".{norm}", "")]
+        if hasattr(net, "encoder"):  # torchvision's
+            blocks, norm = [f"encoder.layers.{name}" for name, _ in net.encoder.layers.named_children()], "ln_1"
+        else:  # MONAI's
+            blocks, norm = [f"blocks.{i}" for i in range(len(net.blocks))], "norm1"
+        return [name for block in blocks for name in (f"{block}.{norm}", block)]
     parent, prefix = (net.features, "features.") if isinstance(getattr(net, "features", None), torch.nn.Sequential) else (net, "")
     sizes: dict[str, tuple[int, ...]] = {}
     pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d)

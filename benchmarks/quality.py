@@ -82,7 +82,8 @@ TRAIN_SEED, TEST_SEED, EXPLAINED_SEED = 100, 200, 300  # the datasets (dataset_k
 TUNE_SEED = 400  # the tuning images: Med-CAM's settings (sweep.py) and Grad-CAM's layer are chosen on these, not on the reported ones
 MEAN, STD = 0.45, 0.25  # every classifier standardises its input (a forward pre-hook), as torchvision's transforms would
 COMBOS = [(b, lesion) for b in ("retina", "ihc", "radiology") for lesion in ("disc", "spots")]
-BEST = "Grad-CAM, best layer"  # the method name of Grad-CAM at best_grad_cam_layer's choice
+TUNE_IMAGES = 2 * len(COMBOS)  # tuning images per architecture, 2 per (background, lesion) kind (a preset may set tune_images)
+BEST_LAYER_METHOD = "Grad-CAM, best layer"  # the method name of Grad-CAM at best_grad_cam_layer's choice
 NAMES = {"resnet18": "torchvision ResNet-18", "mobilenet_v2": "torchvision MobileNet-V2", "convnext": "torchvision ConvNeXt",
          "vit": "torchvision ViT", "densenet121_3d": "MONAI DenseNet121 (3D)"}
 
@@ -164,7 +165,7 @@ def prefetch(keys: list[tuple[bool, int, int, int]], workers: int) -> None:
     executor.shutdown(wait=False)
 
 
-@functools.lru_cache(maxsize=8)  # made once per run, not once per architecture (half a minute each at cpu-small)
+@functools.lru_cache(maxsize=12)  # made once per run, not once per architecture (half a minute each at cpu-small)
 def _dataset(volumes: bool, count: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     pending = _PENDING.pop((volumes, count, side, seed), None)
     parts = [f.result() for f in pending] if pending else [_part(volumes, count, side, seed, k) for k in range(_part_count(volumes))]
@@ -182,8 +183,8 @@ def dataset_keys(arch: str, p: dict) -> list[tuple[bool, int, int, int]]:
 
 
 def _tune_count(p: dict) -> int:
-    """How many tuning images Grad-CAM's layer is chosen on: the preset's, else 2 per (background, lesion) kind."""
-    return p.get("tune_images", 2 * len(COMBOS))
+    """How many tuning images Grad-CAM's layer is chosen on: the preset's (smoke, dry run), else ``TUNE_IMAGES``."""
+    return p.get("tune_images", TUNE_IMAGES)
 
 
 def tuning_images(
@@ -340,8 +341,8 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
     cams, t = timed(lambda: grad_cams(net, x, layer, label))
     for k, v in cams.items():
         maps[k], seconds[k] = v, t / n / len(cams)
-    maps[BEST], t = timed(lambda: grad_cam_map(net, x, best_layer, label))
-    seconds[BEST] = t / n
+    maps[BEST_LAYER_METHOD], t = timed(lambda: grad_cam_map(net, x, best_layer, label))
+    seconds[BEST_LAYER_METHOD] = t / n
     # 2D: patches of 1/8 of the side, overlapping by a quarter; 3D: 1/4 of the side, side by side (64 per volume)
     patch, overlap = (max(4, x.shape[-1] // 8), 0.25) if x.ndim == 4 else (max(4, x.shape[-1] // 4), 0.0)
     maps["Occlusion"], t = timed(lambda: occlusion(net, x, label, mask_size=patch, overlap=overlap))
@@ -432,7 +433,7 @@ def _layer_sentence(a: dict) -> str:
     if not scores:
         return ""
     listed = ", ".join(f"`{layer}` {iou:.2f}" for layer, iou in scores.items())
-    return (f" Grad-CAM runs at `{a['grad_cam_layer']}` (its usual layer) and, as \"{BEST}\", at "
+    return (f" Grad-CAM runs at `{a['grad_cam_layer']}` (its usual layer) and, as \"{BEST_LAYER_METHOD}\", at "
             f"`{a['grad_cam_best_layer']}`: the best of {len(scores)} layers on the tuning images (its mean lesion IoU "
             f"at the lesion's area there: {listed}).")
 

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import ARCHS, COMBOS, EXPLAINED_SEED, PRESETS, TUNE_SEED, mask_metrics, trained, tuning_images  # noqa: E402
+from benchmarks.quality import ARCHS, EXPLAINED_SEED, PRESETS, TUNE_IMAGES, TUNE_SEED, mask_metrics, trained, tuning_images  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 
 COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "s_per_image")
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=[a for a in ARCHS if not a.endswith("_3d")])
     parser.add_argument("--setting", action="append", default=None, help='one row, e.g. "area_weight=40,lr_decay=0.98"; repeat')
     parser.add_argument("--images", type=int, default=None,
-                        help=f"lesion images per architecture (default {2 * len(COMBOS)}; with --reported the preset's, "
+                        help=f"lesion images per architecture (default {TUNE_IMAGES}; with --reported the preset's, "
                              "or those of quality.py --images N)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run every setting with each of these Med-CAM seeds (overriding a seed= in the setting)")
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="classifier cache of quality.py")
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
-    count = args.images or (p["images"] if args.reported else 2 * len(COMBOS))
+    count = args.images or (p["images"] if args.reported else TUNE_IMAGES)
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}.")
     device = torch.device(p["device"])

@@ -1,7 +1,7 @@
 """Pictures for people who would rather look than read: evidence contours and side-by-side panels.
 
 Also a correctly oriented MONAI Grad-CAM (MONAI's default normaliser maps the map's maximum to 0,
-which inverts it), used for comparison panels, that leaves no hooks on the classifier.
+which inverts it), used for comparison panels, that leaves the classifier as it found it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def grad_cam(
     training = nn_module.training
     nn_module.eval()
     try:
-        with _hooks_removed_after(nn_module):
+        with _left_as_found(nn_module):
             cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=lambda cam: minmax_per_image(torch.as_tensor(cam)))
             maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
     finally:
@@ -57,23 +57,32 @@ def grad_cam(
 
 
 @contextmanager
-def _hooks_removed_after(nn_module: torch.nn.Module) -> Iterator[None]:
-    """Remove the hooks added to ``nn_module``'s modules inside the block. MONAI's CAMs register a
-    forward and a full backward hook on the target layer and keep no handle to remove them: left
-    there, every later pass of the classifier (Med-CAM's optimisation among them) would run them, and
-    every call would add two more."""
-    before = {m: (set(m._forward_hooks), set(m._backward_hooks), m._is_full_backward_hook) for m in nn_module.modules()}
+def _left_as_found(nn_module: torch.nn.Module) -> Iterator[None]:
+    """Undo what MONAI's CAMs do to ``nn_module`` inside the block: they register a forward and a
+    full backward hook on the target layer and keep no handle to remove them (left there, every
+    later pass of the classifier, Med-CAM's optimisation among them, would run them, and every call
+    would add two more), set the layer's ``inplace`` to False, and zero and refill every
+    parameter's ``.grad``. On exit, also after an error, every hook (forward, backward and their
+    pre-hooks) added inside the block is removed and the ``inplace`` flags and gradients are as before."""
+    modules = list(nn_module.modules())
+    hooks = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    before = [({name: set(getattr(m, name)) for name in hooks}, m._is_full_backward_hook) for m in modules]
+    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
+    grads = [(p, p.grad) for p in nn_module.parameters()]
     try:
         yield
     finally:
-        for m, (forward, backward, full) in before.items():
-            for key in set(m._forward_hooks) - forward:
-                del m._forward_hooks[key]
-                m._forward_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_always_called.pop(key, None)
-            for key in set(m._backward_hooks) - backward:
-                del m._backward_hooks[key]
+        for m, (keys, full) in zip(modules, before):
+            for name, kept in keys.items():
+                for key in set(getattr(m, name)) - kept:
+                    del getattr(m, name)[key]
+                    for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                        getattr(m, extra).pop(key, None)
             m._is_full_backward_hook = full
+        for m, flag in inplace:
+            m.inplace = flag
+        for p, grad in grads:
+            p.grad = grad
 
 
 def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:

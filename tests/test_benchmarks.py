@@ -280,3 +280,26 @@ def test_grad_cam_layers_are_the_stage_ends():
         x = torch.rand(1, 1, 32, 32, 32) if arch.endswith("_3d") else torch.rand(1, 3, 64, 64)
         assert grad_cam_layers(net, x) == layers, arch
         assert conventional in layers, arch  # the conventional layer is among the candidates
+
+
+def test_grad_cams_best_layer_is_chosen_on_the_tuning_images_only(monkeypatch):
+    """The best layer is chosen on the tuning images (TUNE_SEED), never on the reported ones, and is the candidate with the highest IoU there."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("torchvision")
+    from benchmarks import quality
+
+    asked = []
+    made = quality.dataset
+
+    def recording(arch, count, p, seed):
+        asked.append(seed)
+        return made(arch, count, p, seed)
+
+    monkeypatch.setattr(quality, "dataset", recording)
+    p = quality.PRESETS["smoke"]
+    torch.manual_seed(0)
+    net, _, _ = quality.build("mobilenet_v2", p["size"], p["small"])
+    best, scores = quality.best_grad_cam_layer("mobilenet_v2", net.eval(), p, torch.device("cpu"))
+    assert asked == [quality.TUNE_SEED]
+    assert list(scores) == ["features.3", "features.6", "features.13", "features.18"]
+    assert best == max(scores, key=scores.get) and all(0 <= v <= 1 for v in scores.values())

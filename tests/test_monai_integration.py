@@ -169,28 +169,45 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
         SaveEvidenced(formats=["jpeg"])
 
 
-def test_grad_cam_is_upright_and_leaves_no_hooks():
+def test_grad_cam_is_upright_and_leaves_the_classifier_as_found():
     """MONAI's Grad-CAM, as the comparison panels use it: high on the evidence (MONAI's default
-    normaliser would invert it), and the classifier's hooks as they were (MONAI registers two per
-    call and never removes them; Med-CAM's later passes would run them all)."""
+    normaliser would invert it), and the classifier as it was, also after an error. MONAI registers
+    two hooks per call and never removes them (Med-CAM's later passes would run them all), turns
+    the layer's ``inplace`` off and refills every parameter's gradient."""
     from monai_medcam.visualize import grad_cam
 
     net = RegionClassifier()
     x = torch.zeros(2, 1, 32, 32)
     x[:, :, 8:16, 8:16] = 1.0  # bright only where the classifier looks
     x[1, :, 8:12, 8:16] = 0.5
-    own = net.conv.register_forward_hook(lambda *_: None)  # the user's own hook stays
+    seen = []
+    own = [net.conv.register_forward_hook(lambda *_: None),  # the user's own hooks stay, one on the target layer
+           net.relu2.register_full_backward_hook(lambda *_: seen.append(1))]
+    net(x).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
 
     def hooks() -> list[tuple[str, int, int]]:
         return [(name, len(m._forward_hooks), len(m._backward_hooks)) for name, m in net.named_modules() if m._forward_hooks or m._backward_hooks]
 
     first = grad_cam(net, x, "relu2", torch.tensor([1, 1]))
     second = grad_cam(net, x, "relu2", torch.tensor([1, 1]))
-    assert hooks() == [("conv", 1, 0)] and net.relu2._is_full_backward_hook is None
+    with pytest.raises(IndexError):
+        grad_cam(net, x, "relu2", torch.tensor([5, 5]))  # no class 5: fails inside MONAI's pass
+    assert hooks() == [("conv", 1, 0), ("relu2", 0, 1)] and net.relu2._is_full_backward_hook is True
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+    count = len(seen)
+    net.zero_grad()
+    net(x).sum().backward()
+    assert len(seen) == count + 1  # the user's backward hook still runs, once per pass
     assert torch.equal(first, second) and first.shape == (2, 1, 32, 32)
     inside = torch.zeros(32, 32, dtype=torch.bool)
     inside[8:16, 8:16] = True
     for m in first[:, 0]:
         assert float(m.amax()) == pytest.approx(1.0) and float(m.amin()) == pytest.approx(0.0)
         assert float(m[inside].mean()) > 0.5 > float(m[~inside].mean()), "Grad-CAM inverted"
-    own.remove()
+    for handle in own:
+        handle.remove()
+    plain = RegionClassifier()  # a user's in-place ReLU (it cannot carry a full backward hook) stays in place
+    plain.relu2.inplace = True
+    grad_cam(plain, x, "relu2")
+    assert plain.relu2.inplace is True and all(p.grad is None for p in plain.parameters())
