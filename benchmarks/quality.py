@@ -200,8 +200,8 @@ def tuning_images(
 def best_grad_cam_layer(arch: str, net: torch.nn.Module, p: dict, device: torch.device) -> tuple[str, dict[str, float]]:
     """The layer where Grad-CAM localises the lesion best on the tuning images, and each candidate's
     mean lesion IoU there (the map binarised at the lesion's area; :func:`grad_cam_layers`). Grad-CAM
-    at the conventional last layer is a weak baseline at 64 px (2 x 2 maps); given its best layer,
-    chosen away from the reported images as Med-CAM's settings are, it is the strongest Grad-CAM."""
+    at its usual layer is a weak baseline at 64 px (2 x 2 maps); this is Grad-CAM at the best of its
+    candidate layers, chosen away from the reported images as Med-CAM's settings are."""
     x, truth = tuning_images(arch, p, net, _tune_count(p), device)
     label = predict(net, x, device).to(device)
     scores = {}
@@ -320,7 +320,8 @@ def mask_metrics(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, raw:
 
 def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch.device) -> dict:
     """Every method on lesion images the classifier gets right; returns the rows and the figure's maps.
-    ``layer``: Grad-CAM's conventional layer (the last stage); Grad-CAM runs at its best layer too."""
+    ``layer``: Grad-CAM's usual layer (a CNN's last stage, the ViT's second-to-last block); Grad-CAM
+    runs at its best layer too."""
     best_layer, layer_scores = best_grad_cam_layer(arch, net, p, device)
     pool, labels, truth, names = dataset(arch, 8 * p["images"], p, seed=EXPLAINED_SEED)
     predicted = predict(net, pool, device)
