@@ -1,9 +1,10 @@
 """Saliency baselines the quality benchmark compares Med-CAM with (2D and 3D).
 
-- :func:`grad_cams`: MONAI ``GradCAM`` / ``GradCAMpp`` on a CNN layer (min-max normalised per
-  image, not inverted); for a vision transformer, Grad-CAM on the tokens of a block laid back on
-  the patch grid (MONAI's CAMs expect a convolutional feature map). :func:`grad_cam_layers` lists
-  the layers Grad-CAM may be given (the benchmark picks the best on its tuning images).
+- :func:`grad_cams`: the package's :func:`~monai_medcam.visualize.grad_cam`: MONAI ``GradCAM`` /
+  ``GradCAMpp`` on a CNN layer (min-max normalised per image, not inverted); for a vision
+  transformer, Grad-CAM on a block's tokens laid back on the patch grid (MONAI's CAMs expect a
+  convolutional feature map). :func:`grad_cam_layers` lists the layers Grad-CAM may be given (the
+  benchmark picks the best on its tuning images).
 - :func:`occlusion`: MONAI ``OcclusionSensitivity``, the drop of the label's probability.
 - :func:`extremal_perturbation`: a smooth mask of a fixed area that best preserves the label when
   the rest of the image is blurred (Fong, Patrick and Vedaldi, ICCV 2019, simplified).
@@ -17,49 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from monai_medcam.backgrounds import baseline_image
-from monai_medcam.classifiers import FrozenClassifier, _patch_size, is_vision_transformer, tokens_to_grid
+from monai_medcam.classifiers import FrozenClassifier, is_vision_transformer
 from monai_medcam.visualize import grad_cam, minmax_per_image
 
-__all__ = ["grad_cam_layers", "grad_cam_map", "grad_cams", "occlusion", "extremal_perturbation"]
-
-
-def _token_grad_cam(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM on a transformer block's tokens ``(B, N, D)``, on the patch grid, upsampled to ``x``."""
-    module = dict(net.named_modules())[layer]
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_m, _i, out):
-        out.retain_grad()
-        store["tokens"] = out
-
-    handle = module.register_forward_hook(hook)
-    try:
-        net.eval()
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            score = net(x).gather(1, label[:, None]).sum()
-            score.backward()
-    finally:
-        handle.remove()
-    patch = _patch_size(net)
-    acts = tokens_to_grid(store["tokens"].detach(), x.shape[2:], patch)
-    grads = tokens_to_grid(store["tokens"].grad, x.shape[2:], patch)
-    weights = grads.flatten(2).mean(2)[:, :, None, None]
-    cam = F.relu((weights * acts).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)
-    return minmax_per_image(cam)
-
-
-def grad_cam_map(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM maps ``(B, 1, *spatial)`` at ``layer``: MONAI's on a CNN, on the patch grid for a vision transformer."""
-    if is_vision_transformer(net):
-        return _token_grad_cam(net, x, layer, label)
-    return grad_cam(net, x, layer, label)
+__all__ = ["grad_cam_layers", "grad_cams", "occlusion", "extremal_perturbation"]
 
 
 def grad_cams(net: torch.nn.Module, x: torch.Tensor, layer: str, label: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"Grad-CAM": maps, "Grad-CAM++": maps}`` (only Grad-CAM for a vision transformer)."""
-    maps = {"Grad-CAM": grad_cam_map(net, x, layer, label)}
+    maps = {"Grad-CAM": grad_cam(net, x, layer, label)}
     if not is_vision_transformer(net):  # MONAI's Grad-CAM++ needs a convolutional map
         maps["Grad-CAM++"] = grad_cam(net, x, layer, label, plus_plus=True)
     return maps

@@ -48,11 +48,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import extremal_perturbation, grad_cam_layers, grad_cam_map, grad_cams, occlusion  # noqa: E402
+from benchmarks.baselines import extremal_perturbation, grad_cam_layers, grad_cams, occlusion  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 from monai_medcam.demo.known_evidence import make_known_evidence, make_known_evidence_3d  # noqa: E402
 from monai_medcam.demo.train import fit, with_removals  # noqa: E402
-from monai_medcam.visualize import save_panels  # noqa: E402
+from monai_medcam.visualize import grad_cam, save_panels  # noqa: E402
 from monai_medcam.writers import atomic_path  # noqa: E402
 
 ARCHS = ("resnet18", "mobilenet_v2", "convnext", "vit", "densenet121_3d")
@@ -206,7 +206,7 @@ def best_grad_cam_layer(arch: str, net: torch.nn.Module, p: dict, device: torch.
     label = predict(net, x, device).to(device)
     scores = {}
     for layer in grad_cam_layers(net, x):
-        cam = grad_cam_map(net, x, layer, label)
+        cam = grad_cam(net, x, layer, label)
         scores[layer] = float(metrics.iou(metrics.binarize_top(cam, metrics.area_fraction(truth)), truth).mean())
     return max(scores, key=scores.get), scores
 
@@ -342,7 +342,7 @@ def evaluate(arch: str, net: torch.nn.Module, layer: str, p: dict, device: torch
     cams, t = timed(lambda: grad_cams(net, x, layer, label))
     for k, v in cams.items():
         maps[k], seconds[k] = v, t / n / len(cams)
-    maps[BEST_LAYER_METHOD], t = timed(lambda: grad_cam_map(net, x, best_layer, label))
+    maps[BEST_LAYER_METHOD], t = timed(lambda: grad_cam(net, x, best_layer, label))
     seconds[BEST_LAYER_METHOD] = t / n
     # 2D: patches of 1/8 of the side, overlapping by a quarter; 3D: 1/4 of the side, side by side (64 per volume)
     patch, overlap = (max(4, x.shape[-1] // 8), 0.25) if x.ndim == 4 else (max(4, x.shape[-1] // 4), 0.0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "is_vision_transformer", "LayerSpec"]
+__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "is_vision_transformer", "layer_name", "LayerSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,25 @@ def tokens_to_grid(tokens: torch.Tensor, spatial: Sequence[int], patch: Sequence
     return tokens[:, n_prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
+def layer_name(model: nn.Module, spec: LayerSpec, what: str = "target layer") -> str:
+    """Dotted name of a layer of ``model`` given by name, module or callable ``model -> module``;
+    an unknown name raises a ``ValueError`` that lists the nearest valid ones."""
+    if callable(spec) and not isinstance(spec, (str, nn.Module)):
+        spec = spec(model)
+    if isinstance(spec, nn.Module):
+        for name, module in model.named_modules():
+            if module is spec:
+                return name
+        raise ValueError(f"{what} {type(spec).__name__} is not a submodule of {type(model).__name__}.")
+    if isinstance(spec, str):
+        names = [n for n, _ in model.named_modules() if n]
+        if spec in names:
+            return spec
+        near = difflib.get_close_matches(spec, names, n=5, cutoff=0.5) or names[:5]
+        raise ValueError(f"{what} {spec!r} not found in {type(model).__name__}; nearest valid names: {near}.")
+    raise TypeError(f"{what} must be a name, a module or a callable, got {type(spec).__name__}.")
+
+
 class FrozenClassifier:
     """A frozen view of a classifier with activation capture on its target layers.
 
@@ -218,21 +237,7 @@ class FrozenClassifier:
         return layers
 
     def _name_of(self, spec: LayerSpec) -> str:
-        """Dotted name of a layer given by name, module or callable; unknown names list the nearest."""
-        if callable(spec) and not isinstance(spec, (str, nn.Module)):
-            spec = spec(self.model)
-        if isinstance(spec, nn.Module):
-            for name, module in self.model.named_modules():
-                if module is spec:
-                    return name
-            raise ValueError(f"target layer {type(spec).__name__} is not a submodule of {type(self.model).__name__}.")
-        if isinstance(spec, str):
-            names = [n for n, _ in self.model.named_modules() if n]
-            if spec in names:
-                return spec
-            near = difflib.get_close_matches(spec, names, n=5, cutoff=0.5) or names[:5]
-            raise ValueError(f"target layer {spec!r} not found in {type(self.model).__name__}; nearest valid names: {near}.")
-        raise TypeError(f"target layer must be a name, a module or a callable, got {type(spec).__name__}.")
+        return layer_name(self.model, spec)
 
     # -- freezing and hooks -------------------------------------------------------------------
     @contextmanager

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import PHOTOMETRIC, ImageInput, InputError, load_image
+from monai_medcam.visualize import grad_cam, grad_cam_layer
 from monai_medcam.writers import atomic_path, write_outputs
 
 __all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS", "ROW_FIELDS"]
@@ -179,11 +180,13 @@ def explain_inputs(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     explainer = MedCAM(classifier, target_layers, **settings)
+    if gradcam_layer is not None and "png" in formats:
+        grad_cam_layer(classifier, gradcam_layer)  # a bad layer stops here, before any work
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
     report = ExplainReport()
     names: set[str] = set()
     bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
@@ -223,17 +226,19 @@ def explain_inputs(
         owners = {id(p): p for p, _, _ in queue}
         try:
             result = explainer.explain(batch, class_idx)
-            heat = None
-            if gradcam_layer is not None and "png" in formats:
-                from monai_medcam.visualize import grad_cam
-
-                heat = grad_cam(classifier, batch, gradcam_layer, result.label)
         except Exception as err:
             for pending in owners.values():
                 fail(pending, err)
                 bar.update(1)
             queue.clear()
             return
+        heat = None
+        if gradcam_layer is not None and "png" in formats:
+            try:
+                heat = grad_cam(classifier, batch, gradcam_layer, result.label)
+            except Exception as err:  # the evidence is written all the same, its panel without Grad-CAM
+                names = ", ".join(sorted({Path(p.item.path).name for p in owners.values()}))
+                logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, names)
         summary = result.summary()
         for j, (pending, k, _) in enumerate(queue):
             if str(pending.item.path) in report.failures:

@@ -1,7 +1,8 @@
 """Pictures for people who would rather look than read: evidence contours and side-by-side panels.
 
 Also a correctly oriented MONAI Grad-CAM (MONAI's default normaliser maps the map's maximum to 0,
-which inverts it), used for comparison panels, that leaves the classifier as it found it.
+which inverts it), used for comparison panels, that leaves the classifier as it found it, and
+Grad-CAM on a vision transformer's tokens (which MONAI's CAMs do not take).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.utils import optional_import
 
-__all__ = ["minmax_per_image", "grad_cam", "to_display", "save_panels"]
+from monai_medcam.classifiers import _patch_size, is_vision_transformer, layer_name, tokens_to_grid
+
+__all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels"]
 
 plt, _HAS_MPL = optional_import("matplotlib.pyplot")
 
@@ -27,6 +31,17 @@ def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
     return (maps - low) / (high - low).clamp_min(1e-8)
 
 
+def grad_cam_layer(nn_module: torch.nn.Module, target_layer: str) -> str:
+    """Check that :func:`grad_cam` can run on ``target_layer`` of ``nn_module`` (before any work is
+    done); a ``ValueError`` names the layer (with the nearest valid names) or the classifier."""
+    if isinstance(nn_module, torch.jit.ScriptModule):
+        raise ValueError(
+            f"Grad-CAM layer {target_layer!r}: Grad-CAM needs hooks on the layer, and hooks do not run in a "
+            "TorchScript classifier; load it as a MONAI bundle or python:module:factory (with its weights) instead."
+        )
+    return layer_name(nn_module, target_layer, what="Grad-CAM layer")
+
+
 def grad_cam(
     nn_module: torch.nn.Module,
     x: torch.Tensor,
@@ -36,8 +51,15 @@ def grad_cam(
 ) -> torch.Tensor:
     """Grad-CAM (or Grad-CAM++) heatmaps ``(B, 1, *spatial)`` in [0, 1], high where the class evidence is.
 
+    A CNN's layer goes to MONAI's ``GradCAM`` / ``GradCAMpp``. In a vision transformer
+    (torchvision's ``VisionTransformer``, MONAI's ``ViT``; 2D or 3D), a layer that outputs tokens
+    ``(B, N, D)`` is laid on the patch grid first (the class token dropped), which MONAI's CAMs
+    cannot do; Grad-CAM++ is not offered there. For a ViT, a block's first LayerNorm (``ln_1``,
+    ``norm1``) of the middle blocks usually localises best; the last block's tokens other than
+    the class token get no gradient, so their map is flat (all 0).
+
     Args:
-        nn_module: the classifier.
+        nn_module: the classifier (not TorchScript: Grad-CAM needs hooks).
         x: images ``(B, C, *spatial)``.
         target_layer: the layer name (``"layer4"`` for ResNets).
         class_idx: the class per image ``(B,)``; the prediction when ``None``.
@@ -45,15 +67,57 @@ def grad_cam(
     """
     from monai.visualize import GradCAM, GradCAMpp
 
+    grad_cam_layer(nn_module, target_layer)
     training = nn_module.training
     nn_module.eval()
     try:
         with _left_as_found(nn_module):
+            if is_vision_transformer(nn_module):
+                if plus_plus:
+                    raise ValueError(f"Grad-CAM++ on {type(nn_module).__name__}: only Grad-CAM is offered for vision transformers.")
+                return _token_grad_cam(nn_module, x, target_layer, class_idx)
             cam = (GradCAMpp if plus_plus else GradCAM)(nn_module, target_layers=target_layer, postprocessing=lambda cam: minmax_per_image(torch.as_tensor(cam)))
             maps = [cam(x[i : i + 1], class_idx=None if class_idx is None else int(class_idx[i])) for i in range(len(x))]
     finally:
         nn_module.train(training)
     return torch.cat(maps).detach()
+
+
+def _token_grad_cam(nn_module: torch.nn.Module, x: torch.Tensor, target_layer: str, class_idx: torch.Tensor | None) -> torch.Tensor:
+    """Grad-CAM of a vision transformer's layer, ``(B, 1, *spatial)``: tokens ``(B, N, D)`` on the
+    patch grid ``(B, D, *grid)``, the gradient's mean per channel as the channel weights."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _args, output):
+        store["out"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handle = dict(nn_module.named_modules())[target_layer].register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # a graph even when every parameter is frozen
+            logits = nn_module(x)
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            logits = logits.reshape(len(x), -1)
+            if logits.shape[1] == 1:  # one logit z: the classes' logits are (0, z), as Med-CAM reads them
+                logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+            label = logits.argmax(1) if class_idx is None else torch.as_tensor(class_idx, device=logits.device).long().view(-1)
+            if "out" not in store:
+                raise ValueError(f"Grad-CAM layer {target_layer!r} did not run in {type(nn_module).__name__}'s forward pass.")
+            out = store["out"]
+            (grads,) = torch.autograd.grad(logits.gather(1, label[:, None]).sum(), out)
+    finally:
+        handle.remove()
+    if out.ndim == 3:  # tokens
+        patch = _patch_size(nn_module)
+        acts, grads = (tokens_to_grid(t.detach(), x.shape[2:], patch) for t in (out, grads))
+        if acts.ndim != x.ndim:
+            raise ValueError(f"Grad-CAM layer {target_layer!r}: its tokens {tuple(out.shape)} do not fit a patch grid of the input {tuple(x.shape)}.")
+    else:
+        acts = out.detach()
+    weights = grads.flatten(2).mean(2).view(*grads.shape[:2], *([1] * (grads.ndim - 2)))
+    cam = torch.relu((weights * acts).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+    return minmax_per_image(cam).detach()
 
 
 @contextmanager

@@ -125,3 +125,38 @@ def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys):
             assert int(row["steps"]) > 0 and float(row["area"]) > 0
     lesion_slices = {k for k in range(12) if lesions[..., k].any()}
     assert lesion_slices <= {int(r["slice"]) for r in rows if r["vacuous"] == "False"}
+
+
+def test_bad_gradcam_layer_stops_before_any_work(tmp_path, capsys):
+    """A misspelt Grad-CAM layer, or one asked of a TorchScript classifier (hooks do not run there),
+    is refused before anything is optimised or written: exit status 2 and a message naming it."""
+    args = ["--input", str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), "--format", "png", *FAST]
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--gradcam-layer", "layr4", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Grad-CAM layer 'layr4' not found" in err and "'layer4'" in err
+    network = build_radiology_network()
+    network.load_state_dict(torch.load(RADIOLOGY_CHECKPOINT, weights_only=True))
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(network.eval()).save(str(scripted))
+    code = main(["explain", "--classifier", str(scripted), "--gradcam-layer", "layer4", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Grad-CAM layer 'layer4'" in err and "TorchScript" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
+    """Grad-CAM only adds a column to the pictures: if it fails on a batch, the evidence of that batch
+    is written all the same (its panel without Grad-CAM) and the failure is logged, naming the inputs."""
+    import monai_medcam.pipeline as pipeline
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no gradient")
+
+    monkeypatch.setattr(pipeline, "grad_cam", broken)
+    out = tmp_path / "o"
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
+                 str(TEST_FILES / "MR_small.dcm"), "--output", str(out), "--format", "png,nifti",
+                 "--gradcam-layer", "layer4", *FAST])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["MR_small_evidence.nii.gz", "MR_small_evidence.png", "summary.csv"]
+    assert "Grad-CAM at 'layer4' failed (RuntimeError: no gradient); panels of MR_small.dcm without it" in caplog.text

@@ -211,3 +211,63 @@ def test_grad_cam_is_upright_and_leaves_the_classifier_as_found():
     plain.relu2.inplace = True
     grad_cam(plain, x, "relu2")
     assert plain.relu2.inplace is True and all(p.grad is None for p in plain.parameters())
+
+
+class _TokensOnGrid(torch.nn.Module):
+    """A vision transformer whose ``layer`` output passes, laid on the patch grid ``(B, D, h, w)``,
+    through an identity module ``grid``: MONAI's own Grad-CAM on ``grid`` is the reference for Grad-CAM on
+    the transformer's tokens (which MONAI's CAMs cannot take)."""
+
+    def __init__(self, vit: torch.nn.Module, layer: str, side: int):
+        super().__init__()
+        self.vit, self.grid, self.side = vit, torch.nn.Identity(), side
+        dict(vit.named_modules())[layer].register_forward_hook(self._through_grid)
+
+    def _through_grid(self, _module, _args, out):
+        prefix, patches = out[:, :1], out[:, 1:]
+        grid = self.grid(patches.transpose(1, 2).reshape(len(out), out.shape[2], self.side, self.side))
+        return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        out = self.vit(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "monai"])
+def test_grad_cam_on_a_vision_transformers_tokens(kind):
+    """Grad-CAM of a ViT block (tokens ``(B, N, D)``, class token first) equals MONAI's Grad-CAM of the same
+    tokens laid on the patch grid; the classifier is left as found; the last block's map is flat (only the
+    class token reaches the head); Grad-CAM++ is refused. MONAI's ViT returns a tuple and also runs in 3D."""
+    import torchvision
+    from monai.networks.nets import ViT
+
+    from benchmarks.baselines import grad_cam_layers
+    from monai_medcam.visualize import grad_cam
+
+    torch.manual_seed(0)
+    if kind == "torchvision":
+        net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
+        torch.nn.init.normal_(net.heads.head.weight)  # torchvision starts it at zero: no gradient at all
+        layer, last = "encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1"
+    else:
+        net = ViT(in_channels=3, img_size=32, patch_size=8, hidden_size=16, mlp_dim=32, num_layers=2, num_heads=2,
+                  classification=True, num_classes=3, spatial_dims=2)
+        layer, last = "blocks.0.norm1", "blocks.1"
+    assert grad_cam_layers(net, torch.zeros(1, 3, 32, 32))[:2] == [layer, layer.rsplit(".", 1)[0]]
+    x = torch.randn(3, 3, 32, 32)
+    label = torch.tensor([0, 2, 1])
+    maps = grad_cam(net, x, layer, label)
+    assert maps.shape == (3, 1, 32, 32) and net.training  # its mode restored (built in training mode)
+    assert all(not m._forward_hooks for m in net.modules()) and all(p.grad is None for p in net.parameters())
+    reference = grad_cam(_TokensOnGrid(net, layer, side=4), x, "grid", label)
+    assert torch.allclose(maps, reference, atol=1e-5)
+    assert all(float(m.amax()) == pytest.approx(1.0) for m in maps)
+    assert float((maps[0] - maps[1]).abs().amax()) > 0.1  # another class, another map
+    assert float(grad_cam(net, x, last).abs().amax()) == 0.0
+    with pytest.raises(ValueError, match="only Grad-CAM is offered for vision transformers"):
+        grad_cam(net, x, layer, plus_plus=True)
+    if kind == "monai":
+        volume = ViT(in_channels=1, img_size=16, patch_size=8, hidden_size=16, mlp_dim=32, num_layers=2, num_heads=2,
+                     classification=True, num_classes=2, spatial_dims=3)
+        maps = grad_cam(volume, torch.randn(2, 1, 16, 16, 16), "blocks.0")
+        assert maps.shape == (2, 1, 16, 16, 16) and float(maps.amax()) == pytest.approx(1.0)
