@@ -98,7 +98,7 @@ def _explain(args: argparse.Namespace) -> int:
     inputs, failures = [], []
     for path in args.input:
         try:
-            found, bad = find_inputs(path)
+            found, bad = find_inputs(path, exclude=args.output)
         except InputError as err:
             found, bad = [], [err]
         inputs += found

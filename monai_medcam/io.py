@@ -28,6 +28,7 @@ __all__ = [
     "INPUT_KIND",
     "PHOTOMETRIC",
     "INPUT_NAME",
+    "UNEVEN_SLICES",
     "find_input",
     "find_inputs",
     "input_datalist",
@@ -43,6 +44,7 @@ SOURCE_FILES = "medcam_source_files"
 INPUT_KIND = "medcam_input_kind"
 PHOTOMETRIC = "medcam_photometric"
 INPUT_NAME = "medcam_input_name"
+UNEVEN_SLICES = "medcam_uneven_slice_gaps"  # a DICOM series' range of slice gaps, when they differ
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -74,7 +76,7 @@ class ImageInput:
     @property
     def name(self) -> str:
         """A file-system-safe stem for the outputs: ``series_folder``, ``image`` for ``image.png``."""
-        name = self.path.name
+        name = self.path.name or self.path.resolve().name  # "." is its folder's name
         for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm", ".dicom"):
             if name.lower().endswith(suffix):
                 return name[: -len(suffix)] or name
@@ -110,9 +112,18 @@ def _check_dicom_image(path: Path, ds) -> None:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
         raise InputError(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _number(path, ds, "NumberOfFrames", 1)
     if frames > 1:
         raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported; give single-frame images.")
+
+
+def _number(path: Path, ds, keyword: str, default: int | None = None) -> int | None:
+    """An integer attribute of a DICOM header; a damaged value is an :class:`InputError` naming the file."""
+    value = ds.get(keyword, default)
+    try:
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"damaged DICOM header: {keyword} is {str(value)!r}, not a number.") from err
 
 
 def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], list[InputError]]:
@@ -144,30 +155,58 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
                 inputs.append(_dicom_series(folder, headers))
             except InputError as err:
                 errors.append(err)
+            except (TypeError, ValueError, AttributeError) as err:  # a damaged value pydicom parses only now
+                errors.append(InputError(folder, f"damaged DICOM header in the series ({type(err).__name__}: {err})."))
     return inputs, errors
 
 
 def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInput:
     """One multi-slice series, checked and sorted by Instance Number."""
-    numbers = [ds.get("InstanceNumber") for _, ds in headers]
-    if any(n is None for n in numbers):
-        missing = next(f for f, ds in headers if ds.get("InstanceNumber") is None)
-        raise InputError(missing, "DICOM slice has no Instance Number, so the slice order is unknown.")
-    if len(set(map(int, numbers))) != len(numbers):
-        raise InputError(folder, "two slices of the series share an Instance Number, so the slice order is unknown.")
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+    numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
+    missing = [f for f, n in numbers.items() if n is None]
+    if missing:
+        raise InputError(missing[0], "DICOM slice has no Instance Number, so the slice order is unknown.")
+    if len(set(numbers.values())) != len(numbers):
+        shared = sorted(str(f.name) for f in numbers if list(numbers.values()).count(numbers[f]) > 1)
+        raise InputError(folder, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
+    shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
     if len(shapes) > 1:
         raise InputError(folder, f"the series' slices differ in size {sorted(shapes)}.")
-    ordered = tuple(f for f, _ in sorted(headers, key=lambda item: int(item[1].InstanceNumber)))
+    orientations = {tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", ())) for _, ds in headers}
+    if len(orientations) > 1:
+        raise InputError(folder, f"the series' slices differ in orientation ({len(orientations)} orientations: a localizer "
+                                 "or a radial acquisition), so they are not one volume; give the slices one at a time.")
+    ordered = tuple(sorted(numbers, key=numbers.get))
     return ImageInput(folder, "dicom_series", ordered)
 
 
-def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
+def _uneven_slice_gaps(files: tuple[Path, ...]) -> str | None:
+    """The range of gaps between a series' neighbouring slices along their normal, ``"1.25-203.5 mm"``,
+    when they differ by more than 1% (a NIfTI's regular grid cannot hold them), else ``None`` (also
+    when a slice has no position)."""
+    import numpy as np
+
+    positions = []
+    for f in files:
+        ds = _dicom_header(f)
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return None
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
+    gaps = np.diff(np.sort(positions))
+    if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01 * float(np.median(gaps)), 1e-3):
+        return None
+    return f"{gaps.min():.4g}-{gaps.max():.4g} mm"
+
+
+def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[list[ImageInput], list[InputError]]:
     """The images under ``path`` (a file or a folder, searched recursively) and the files that are not.
 
     A folder's multi-slice DICOM series is one input and each single-instance DICOM file another
     (two multi-slice series in one folder are an error); NIfTI and PNG/JPEG/TIFF files are one
-    image each. Hidden files and ``DICOMDIR`` are skipped.
+    image each. Hidden files and ``DICOMDIR`` are skipped, and so is the folder ``exclude`` (the
+    output folder, when it lies inside ``path``: a second run would explain its own outputs).
 
     Raises:
         InputError: ``path`` does not exist or cannot be read.
@@ -184,10 +223,13 @@ def find_inputs(path: str | Path) -> tuple[list[ImageInput], list[InputError]]:
         folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
     except OSError as err:
         raise InputError(root, f"cannot list the folder ({err}).") from err
+    skip = Path(exclude).resolve() if exclude is not None else None
     inputs: list[ImageInput] = []
     errors: list[InputError] = []
     for folder in folders:
         if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue
+        if skip is not None and folder.resolve().is_relative_to(skip):
             continue
         dicoms: list[Path] = []
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -296,6 +338,10 @@ def load_image(item: ImageInput) -> MetaTensor:
             # PydicomReader leaves colour samples last, as if they were a spatial axis
             image = MetaTensor(image[0].as_tensor().movedim(-1, 0), meta=image.meta)
         image.meta[SOURCE_FILES] = [str(f) for f in item.files]
+        if item.kind == "dicom_series":
+            gaps = _uneven_slice_gaps(item.files)
+            if gaps:
+                image.meta[UNEVEN_SLICES] = gaps
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
     image.meta[INPUT_KIND] = item.kind
     image.meta[INPUT_NAME] = item.name

@@ -25,9 +25,9 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from monai_medcam.engine import MedCAM
-from monai_medcam.io import PHOTOMETRIC, ImageInput, InputError, load_image
+from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image
 from monai_medcam.visualize import grad_cam, grad_cam_layer
-from monai_medcam.writers import atomic_path, write_outputs
+from monai_medcam.writers import OutputError, atomic_path, write_outputs
 
 __all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS", "ROW_FIELDS"]
 
@@ -56,10 +56,18 @@ class ExplainReport:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _fit_channels(image: torch.Tensor, channels: int | None, path: Path) -> torch.Tensor:
+def _fit_channels(image: torch.Tensor, channels: int | None, path: Path, kind: str | None = None) -> torch.Tensor:
+    """``image`` ``(C, *S)`` with the classifier's ``channels``: grey repeated, colour averaged, alpha
+    dropped. The channels of a NIfTI (a 4D file's volumes: time points, echoes, modalities) are
+    never mixed: they must match the classifier's."""
     have = image.shape[0]
     if channels is None or have == channels:
         return image
+    if kind == "nifti" and have > 1:
+        raise InputError(path, f"a 4D NIfTI with {have} volumes (time points or components) for a classifier that takes "
+                               f"{channels} channel(s); give one 3D volume (e.g. split it with nibabel) or matching channels.")
+    if have == 2 and channels in (1, 3):  # grey + alpha
+        return image[:1].expand(channels, *image.shape[1:])
     if have == 4 and channels == 3:
         return image[:3]  # RGBA -> RGB
     if have == 1:
@@ -82,7 +90,7 @@ def to_classifier_space(
         data = data.max() - data
     low, high = data.min(), data.max()
     data = (data - low) / (high - low).clamp_min(1e-8)
-    data = _fit_channels(data, channels, path)
+    data = _fit_channels(data, channels, path, image.meta.get(INPUT_KIND) if isinstance(image, MetaTensor) else None)
     dims = data.ndim - 1
     if spatial_dims == 2 and dims == 3:
         pieces = [data[..., k] for k in range(data.shape[-1])]
@@ -97,6 +105,18 @@ def to_classifier_space(
         mode, antialias = ("bilinear", True) if spatial_dims == 2 else ("trilinear", False)
         pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0] for p in pieces]
     return pieces
+
+
+def _writable_folder(folder: Path) -> Path:
+    """``folder``, created if need be, after checking that files can be written in it (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".medcam-write-check") as probe:
+            probe.write_bytes(b"")
+        (folder / ".medcam-write-check").unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {folder}: cannot write there ({type(err).__name__}: {err.strerror or err}).") from err
+    return folder
 
 
 def back_to_source(masks: torch.Tensor, shape: Sequence[int], soft: bool) -> torch.Tensor:
@@ -117,6 +137,7 @@ class _Pending:
     name: str
     image: MetaTensor
     pieces: int
+    sliced: bool  # a volume explained slice by slice by a 2D classifier (one piece per slice, even if just one)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     softs: dict[int, torch.Tensor] = field(default_factory=dict)
     heat: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -126,7 +147,7 @@ class _Pending:
 def _assemble(parts: dict[int, torch.Tensor], pending: _Pending) -> torch.Tensor:
     """Per-piece maps ``(1, *s)`` in source geometry -> ``(1, *S)`` for the whole input."""
     ordered = [parts[k] for k in range(pending.pieces)]
-    if pending.pieces == 1:
+    if not pending.sliced:
         return ordered[0]
     return torch.stack(ordered, dim=-1)
 
@@ -185,8 +206,7 @@ def explain_inputs(
     explainer = MedCAM(classifier, target_layers, **settings)
     if gradcam_layer is not None and "png" in formats:
         grad_cam_layer(classifier, gradcam_layer)  # a bad layer stops here, before any work
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = _writable_folder(Path(output))
     report = ExplainReport()
     names: set[str] = set()
     bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
@@ -195,7 +215,7 @@ def explain_inputs(
 
     def fail(pending_or_item, err: Exception) -> None:
         item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
-        message = err.problem if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+        message = err.problem if isinstance(err, InputError) else str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
         report.failures[str(item.path)] = message
         logger.error("%s: %s", item.path, message)
 
@@ -208,16 +228,21 @@ def explain_inputs(
         title = f"{pending.name}: class {','.join(map(str, labels))}"
         # pictures show the slices whose decision needed evidence (not vacuous) where there are any
         needed = [k for k in range(pending.pieces) if not pending.rows[k]["vacuous"]]
+        bar.update(1)
         try:
             label = labels[0] if len(labels) == 1 else None
             report.written[str(pending.item.path)] = write_outputs(
                 image, mask, output, pending.name, formats, soft, label, heat, title, fractional, needed or None
             )
+        except OutputError as err:  # some formats written: their rows stay in the summary
+            fail(pending, err)
+            if err.written:
+                report.rows.extend(pending.rows[k] for k in range(pending.pieces))
+            return
         except Exception as err:  # a writer refusing one input must not stop the others
             fail(pending, err)
             return
         report.rows.extend(pending.rows[k] for k in range(pending.pieces))
-        bar.update(1)
 
     def run_batch() -> None:
         if not queue:
@@ -243,16 +268,20 @@ def explain_inputs(
         for j, (pending, k, _) in enumerate(queue):
             if str(pending.item.path) in report.failures:
                 continue
-            shape = pending.image.shape[1:] if pending.pieces == 1 else pending.image.shape[1:-1]
-            pending.masks[k] = back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
-            pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
-            if heat is not None:
-                pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
-            row = {"input": str(pending.item.path), "slice": k if pending.pieces > 1 else ""}
-            row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
-            pending.rows[k] = row
-            if len(pending.masks) == pending.pieces:
-                finish(pending)
+            try:  # one input's problem here must not stop the others
+                shape = pending.image.shape[1:-1] if pending.sliced else pending.image.shape[1:]
+                pending.masks[k] = back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
+                pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
+                if heat is not None:
+                    pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
+                row = {"input": str(pending.item.path), "slice": k if pending.sliced else ""}
+                row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
+                pending.rows[k] = row
+                if len(pending.masks) == pending.pieces:
+                    finish(pending)
+            except Exception as err:
+                fail(pending, err)
+                bar.update(1)
         queue.clear()
 
     for item in inputs:
@@ -260,6 +289,11 @@ def explain_inputs(
         while name in names:
             name = f"{name}_{len(names)}"
         names.add(name)
+        if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
+            fail(item, InputError(item.path, "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written "
+                                             "(add --format nifti or png)."))
+            bar.update(1)
+            continue
         try:
             image = load_image(item)
             pieces = to_classifier_space(image, spatial_dims, channels, size, item.path)
@@ -267,7 +301,7 @@ def explain_inputs(
             fail(item, err)
             bar.update(1)
             continue
-        pending = _Pending(item, name, image, len(pieces))
+        pending = _Pending(item, name, image, len(pieces), sliced=spatial_dims == 2 and image.ndim == 4)
         for k, piece in enumerate(pieces):
             if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
                 run_batch()

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from monai_medcam.io import PHOTOMETRIC, SOURCE_FILES
+from monai_medcam.io import PHOTOMETRIC, SOURCE_FILES, UNEVEN_SLICES
 
-__all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
+__all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "OutputError", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
 SEGMENT_LABEL = "Med-CAM evidence"
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
@@ -54,6 +54,10 @@ def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> P
     path = Path(path)
     if not isinstance(mask, MetaTensor) or "affine" not in mask.meta:
         raise ValueError(f"{path}: the mask needs the source image's affine (a MetaTensor from monai_medcam.io).")
+    gaps = mask.meta.get(UNEVEN_SLICES)
+    if gaps:
+        raise ValueError(f"the source's slices are unevenly spaced (gaps {gaps}), which a NIfTI's "
+                         "regular grid cannot hold; the DICOM SEG keeps each slice's own position.")
     data = mask[0].detach().cpu().numpy().astype(dtype)
     image = nibabel.Nifti1Image(data, np.asarray(mask.affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
@@ -114,6 +118,10 @@ def write_dicom_seg(
     if frames.shape[0] != len(files):
         raise ValueError(f"{path}: the mask has {frames.shape[0]} slices but the source has {len(files)} instances.")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for source, f in zip(sources, files):  # what a SEG must reference (highdicom would fail on them obscurely)
+        missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.get(k)]
+        if missing:
+            raise ValueError(f"the source {Path(f).name} has no {', '.join(missing)}, which a DICOM SEG must reference.")
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if frames.shape[1:] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")
@@ -137,7 +145,26 @@ def write_dicom_seg(
         pixels = (frames > 0.5).astype(np.uint8)
         kind = hd.seg.SegmentationTypeValues.BINARY
     what = "evidence" if label is None else f"evidence for class {label}"
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(sources, pixels, kind, segment, series_number, what)
+    except Exception as err:  # highdicom's errors say what it missed, not for which source
+        sop = getattr(sources[0].get("SOPClassUID"), "name", "unknown SOP class")
+        raise ValueError(f"highdicom cannot build a SEG on this source ({sop}): {type(err).__name__}: {err}") from err
+    if "ImageOrientationPatient" not in sources[0]:
+        # projection images (CR, DX, US): the General Image module then needs Patient Orientation (type 2C)
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_number: int, what: str):
+    """highdicom's Segmentation of ``pixels`` ``(frames, rows, columns)`` on ``sources``, one segment."""
+    import highdicom as hd
+
+    from monai_medcam import __version__
+
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=kind,
@@ -155,12 +182,6 @@ def write_dicom_seg(
         series_description=f"Med-CAM {what}"[:64],
         omit_empty_frames=False,
     )
-    if "ImageOrientationPatient" not in sources[0]:
-        # projection images (CR, DX, US): the General Image module then needs Patient Orientation (type 2C)
-        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp)
-    return path
 
 
 def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
@@ -230,20 +251,47 @@ def write_outputs(
     fractional: bool = False,
     display_slices: Sequence[int] | None = None,
 ) -> list[Path]:
-    """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``."""
+    """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``.
+
+    Each format is written on its own: one that fails does not keep the others from being written.
+
+    Raises:
+        OutputError: a format could not be written (its files, if any, are not left behind), or
+            only ``seg`` was asked for a source that is not DICOM; ``written`` lists what was.
+    """
     folder = Path(folder)
-    written = []
+    unknown = sorted(set(formats) - {"seg", "nifti", "png"})
+    if unknown:
+        raise ValueError(f"unknown output format(s) {unknown}; choose from seg, nifti, png.")
+    written: list[Path] = []
+    problems: list[str] = []
+    if "seg" in formats and not mask.meta.get(SOURCE_FILES) and set(formats) == {"seg"}:
+        raise OutputError([], "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png).")
     for fmt in formats:
-        if fmt == "nifti":
-            written.append(write_nifti(mask, folder / f"{name}_evidence.nii.gz"))
-        elif fmt == "seg":
-            if not mask.meta.get(SOURCE_FILES):
-                continue  # a SEG needs DICOM sources; other inputs get the other formats
-            written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
-        elif fmt == "png":
-            if image.meta.get(PHOTOMETRIC) == "MONOCHROME1":  # shown as a reader sees it: low values bright
-                image = image.max() - image
-            written.append(write_png(image, mask, folder / f"{name}_evidence.png", heatmaps, title, candidates=display_slices))
-        else:
-            raise ValueError(f"unknown output format {fmt!r}; choose from seg, nifti, png.")
+        try:
+            if fmt == "nifti":
+                written.append(write_nifti(mask, folder / f"{name}_evidence.nii.gz"))
+            elif fmt == "seg":
+                if not mask.meta.get(SOURCE_FILES):
+                    continue  # a SEG needs DICOM sources; other inputs get the other formats
+                written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
+            elif fmt == "png":
+                shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
+                written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title, candidates=display_slices))
+        except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
+            problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
+    if problems:
+        also = f"; written: {', '.join(p.name for p in written)}" if written else "; nothing written"
+        raise OutputError(written, "; ".join(problems) + also)
     return written
+
+
+FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
+
+
+class OutputError(ValueError):
+    """Some of an input's outputs could not be written; ``written`` holds the files that were."""
+
+    def __init__(self, written: list[Path], problem: str) -> None:
+        self.written = written
+        super().__init__(problem)

@@ -160,3 +160,23 @@ def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["MR_small_evidence.nii.gz", "MR_small_evidence.png", "summary.csv"]
     assert "Grad-CAM at 'layer4' failed (RuntimeError: no gradient); panels of MR_small.dcm without it" in caplog.text
+
+
+def test_output_inside_the_input_folder_and_an_unusable_output(tmp_path, capsys):
+    """A second run into an output folder inside the input folder explains the same inputs (not its own
+    outputs); an output path under a file stops the run before any work, with exit status 2."""
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(TEST_FILES / "MR_small.dcm", study / "mr.dcm")
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(study),
+            "--output", str(study / "evidence"), "--format", "nifti,png", *FAST]
+    assert main(args) == 0 and main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("1 input(s) explained, 0 failed") == 2
+    rows = list(csv.DictReader((study / "evidence" / "summary.csv").open()))
+    assert [Path(r["input"]).name for r in rows] == ["mr.dcm"]
+    (tmp_path / "a_file").write_text("")
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(study),
+                 "--output", str(tmp_path / "a_file" / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and f"output folder {tmp_path / 'a_file' / 'out'}: cannot write there (NotADirectoryError" in err

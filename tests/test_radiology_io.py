@@ -231,3 +231,76 @@ def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
     assert _display_slices(image, mask, 3, None) == [2, 3, 5]  # no preference: the most evidence
     assert _display_slices(image, torch.zeros_like(mask), 3, [4, 0, 5]) == [4]  # none holds any: the most wanted
     assert _display_slices(image, torch.zeros_like(mask), 3, None) == [3]  # no evidence, no preference: the middle
+
+
+TEST_FILES = MR_SMALL.parent
+QUICK = dict(steps=10, max_retries=0, seed=0, target_layers=[], progress=False)
+
+
+def test_damaged_headers_and_non_volume_series_are_reported_by_name(tmp_path):
+    """A damaged number in one header is that file's problem, not the folder's crash; slices in two
+    orientations (localizers) are not one volume; slices sharing an Instance Number are named; the
+    output folder inside the input folder is not searched (a second run would explain its outputs)."""
+    shutil.copy(TEST_FILES / "badVR.dcm", tmp_path / "bad.dcm")  # NumberOfFrames '1A'
+    shutil.copy(MR_SMALL, tmp_path / "good.dcm")
+    shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT2N", tmp_path / "localizers")
+    write_dicom_series(tmp_path / "twins", np.zeros((3, 8, 8), np.uint16), "twins")
+    twin = pydicom.dcmread(tmp_path / "twins" / "slice_002.dcm")
+    twin.InstanceNumber = 1
+    twin.save_as(tmp_path / "twins" / "slice_002.dcm")
+    (tmp_path / "out").mkdir()
+    shutil.copy(NIFTI, tmp_path / "out" / "brain_evidence.nii")
+    items, errors = find_inputs(tmp_path, exclude=tmp_path / "out")
+    problems = {e.path.name: e.problem for e in errors}
+    assert problems["bad.dcm"] == "damaged DICOM header: NumberOfFrames is '1A', not a number."
+    assert "differ in orientation (2 orientations" in problems["localizers"]
+    assert "slices slice_001.dcm, slice_002.dcm share an Instance Number" in problems["twins"]
+    assert [i.path.name for i in items] == ["good.dcm"]
+    assert "brain_evidence.nii" in [i.path.name for i in find_inputs(tmp_path)[0]]  # without exclude it is an input
+
+
+def test_odd_volumes_each_get_their_own_answer(tmp_path):
+    """In one run: a volume of one slice (2D classifier) is explained and written in its own geometry;
+    a 4D NIfTI is refused instead of having its volumes averaged as if they were colours; a grey +
+    alpha PNG is explained; a series with uneven slice gaps gets its SEG and PNG but no NIfTI (whose
+    grid would misplace slices); a source without a Study Instance UID gets its NIfTI and PNG and a
+    failure naming what the SEG misses. Nothing stops the other inputs."""
+    from PIL import Image
+
+    brain = nibabel.load(NIFTI)
+    nibabel.save(nibabel.Nifti1Image(np.asarray(brain.dataobj)[:, :, 12:13], brain.affine), tmp_path / "one_slice.nii.gz")
+    shutil.copy(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz", tmp_path / "four_d.nii.gz")
+    grey = np.zeros((40, 40, 2), np.uint8)
+    grey[..., 0], grey[..., 1] = np.arange(40, dtype=np.uint8)[:, None] * 6, 255
+    Image.fromarray(grey, "LA").save(tmp_path / "grey_alpha.png")
+    shutil.copytree(TEST_FILES / "dicomdirtests" / "77654033" / "CT2", tmp_path / "uneven")  # z -99.5, 103, 104.3, 105.5
+    shutil.copy(TEST_FILES / "JPEGLSNearLossless_16.dcm", tmp_path / "no_study.dcm")
+    items, errors = find_inputs(tmp_path)
+    assert errors == []
+    report = explain_inputs(RegionClassifier(), items, tmp_path / "out", ("seg", "nifti", "png"), channels=1, size=(32, 32), **QUICK)
+    out = tmp_path / "out"
+    assert sorted(Path(k).name for k in report.failures) == ["four_d.nii.gz", "no_study.dcm", "uneven"]
+    problems = {Path(k).name: v for k, v in report.failures.items()}
+    assert "a 4D NIfTI with 2 volumes" in problems["four_d.nii.gz"]
+    assert problems["uneven"].startswith("NIfTI not written (ValueError: the source's slices are unevenly spaced (gaps 1.2")
+    assert problems["uneven"].endswith("written: uneven_evidence_seg.dcm, uneven_evidence.png")
+    assert "DICOM SEG not written" in problems["no_study.dcm"] and "has no StudyInstanceUID" in problems["no_study.dcm"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([
+        "grey_alpha_evidence.nii.gz", "grey_alpha_evidence.png", "no_study_evidence.nii.gz", "no_study_evidence.png",
+        "one_slice_evidence.nii.gz", "one_slice_evidence.png", "summary.csv", "uneven_evidence.png", "uneven_evidence_seg.dcm",
+    ])
+    one = nibabel.load(out / "one_slice_evidence.nii.gz")
+    assert one.shape == (brain.shape[0], brain.shape[1], 1) and np.allclose(one.affine, brain.affine)
+    assert pydicom.dcmread(out / "uneven_evidence_seg.dcm").NumberOfFrames == 4
+    inputs = sorted({Path(r["input"]).name for r in report.rows})  # rows of what was written, failures included
+    assert inputs == ["grey_alpha.png", "no_study.dcm", "one_slice.nii.gz", "uneven"]
+    assert len(report.rows) == 1 + 1 + 1 + 4
+
+
+def test_seg_only_for_a_non_dicom_input_is_a_failure_before_any_work(tmp_path):
+    items, _ = find_inputs(NIFTI)
+    report = explain_inputs(RegionClassifier(), items, tmp_path / "out", ("seg",), channels=1, size=(32, 32), **QUICK)
+    assert report.failures == {str(NIFTI): "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written "
+                                           "(add --format nifti or png)."}
+    assert report.rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == []
