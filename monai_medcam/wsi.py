@@ -107,13 +107,16 @@ def open_slide(path: str | Path, backend: str = "auto"):
             reader = WSIReader(backend=name)
             wsi = reader.read(str(path))
             count = reader.get_level_count(wsi)
+            if name == "tifffile":  # MONAI counts pages; only the first series' levels can be read as levels
+                count = min(count, len(wsi.series[0].levels))
         except Exception as err:  # each backend raises its own kinds for files it cannot open
             problems.append(f"{name}: {type(err).__name__}: {err}".strip())
             continue
         if count < 2:
             raise InputError(
                 path, f"not a pyramidal slide: {name} finds {count} level. Write the levels as consecutive tiled "
-                "TIFF pages (full resolution first), or use a format openslide reads."
+                "TIFF pages, full resolution first, each lower level marked as reduced resolution (NewSubfileType 1; "
+                "tifffile: subfiletype=1), or use a format openslide reads."
             )
         return reader, wsi
     raise InputError(path, "cannot read the slide (" + "; ".join(problems) + ").")

@@ -184,6 +184,13 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
             explain_slide(net, source, out, **arguments, **FAST)
         assert caught.value.path == source
         assert _no_files(out), source
+    unflagged = tmp_path / "unflagged.tif"  # levels as tiled pages, but not marked reduced-resolution
+    with tifffile.TiffWriter(unflagged) as tif:
+        for side in (512, 256, 128):
+            tif.write(np.full((side, side, 3), 180, np.uint8), tile=(64, 64), photometric="rgb")
+    for backend in ("openslide", "tifffile"):  # tifffile used to count the pages, then fail reading level 1
+        with pytest.raises(InputError, match=f"not a pyramidal slide: {backend} finds 1 level.*subfiletype=1"):
+            open_slide(unflagged, backend)
     out = tmp_path / "bad_setting"  # a misspelt setting fails before the working state is made
     with pytest.raises(TypeError, match=r"unknown MedCAM setting\(s\) \['stepz'\]"):
         explain_slide(net, path, out, level=LEVEL, tile=TILE, stepz=40)
