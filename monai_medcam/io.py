@@ -13,13 +13,12 @@ columns of the DICOM image, axis 1 along the rows, axis 2 through the slices.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, PydicomReader
 
 __all__ = [
     "ImageInput",
@@ -299,17 +298,38 @@ def _single_file(path: Path) -> ImageInput:
 
 
 def _reader(item: ImageInput):
-    from monai.data import NibabelReader, PILReader, PydicomReader
+    from monai.data import NibabelReader, PILReader
 
     if item.kind == "dicom_series":
-        # exactly the series' files: PydicomReader otherwise tries every entry of the folder
-        pattern = "^(" + "|".join(re.escape(str(f)) for f in item.files) + ")$"
-        return PydicomReader(fname_regex=pattern)
+        return _SeriesReader(item.files)
     if item.kind == "dicom":
         return PydicomReader()
     if item.kind == "nifti":
         return NibabelReader()
     return PILReader()
+
+
+class _SeriesReader(PydicomReader):
+    """MONAI's ``PydicomReader`` on exactly the series' ``files`` (``(path, ...)``). Given the folder,
+    it would try every file in it and list them with ``glob``, which takes a folder name holding
+    ``[``, ``]``, ``*`` or ``?`` for a pattern and then finds nothing."""
+
+    def __init__(self, files: tuple[Path, ...]) -> None:
+        super().__init__()
+        self.series_files = [str(f) for f in files]
+
+    def read(self, data, **kwargs):
+        import pydicom
+
+        options = {**self.kwargs, **kwargs}
+        slices = []
+        for f in self.series_files:
+            try:
+                slices.append(pydicom.dcmread(f, **options))
+            except Exception as err:  # name the slice, not only the folder
+                raise InputError(f, f"cannot read this slice of the series ({type(err).__name__}: {err}).") from err
+        self.filenames, self.has_series = [self.series_files], True
+        return slices
 
 
 def load_image(item: ImageInput) -> MetaTensor:

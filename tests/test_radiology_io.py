@@ -68,8 +68,11 @@ def test_single_dicom_reads_as_monai_orders_it():
     assert image.meta[SOURCE_FILES] == [str(MR_SMALL)]
 
 
-def test_series_slices_follow_instance_numbers(shuffled_series):
+@pytest.mark.parametrize("name", ["series", "patient [1] *T1?"])
+def test_series_slices_follow_instance_numbers(shuffled_series, name):
+    """Also in a folder whose name glob would take for a pattern (MONAI's reader globs the folder)."""
     folder, volume = shuffled_series
+    folder = folder.rename(folder.with_name(name))
     items, errors = find_inputs(folder)
     assert errors == [] and len(items) == 1 and items[0].kind == "dicom_series"
     image = load_image(items[0])
