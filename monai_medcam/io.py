@@ -13,6 +13,7 @@ columns of the DICOM image, axis 1 along the rows, axis 2 through the slices.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +310,19 @@ def _reader(item: ImageInput):
     return PILReader()
 
 
+def _reason(err: BaseException) -> str:
+    """``"Kind: message"`` on one line. When the chosen reader fails, MONAI's ``LoadImage`` tries every
+    registered reader and reports all their tracebacks in one message: the first error line in it
+    is the chosen reader's."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return f"{type(err).__name__}: {text}"
+    for line in text.splitlines():
+        if re.match(r"^[\w.]+(Error|Exception|error): ", line):
+            return line.strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}"
+
+
 class _SeriesReader(PydicomReader):
     """MONAI's ``PydicomReader`` on exactly the series' ``files`` (``(path, ...)``). Given the folder,
     it would try every file in it and list them with ``glob``, which takes a folder name holding
@@ -348,8 +362,7 @@ def load_image(item: ImageInput) -> MetaTensor:
             loader = LoadImage(reader=_reader(item), image_only=True, ensure_channel_first=True, dtype=torch.float32)
             image = loader(str(item.path))
     except Exception as err:  # readers raise many kinds for damaged files
-        cause = err.__cause__ or err
-        raise InputError(item.path, f"cannot read the image ({type(cause).__name__}: {cause}).") from err
+        raise InputError(item.path, f"cannot read the image ({_reason(err.__cause__ or err)}).") from err
     if not isinstance(image, MetaTensor):
         image = MetaTensor(image)
     if item.kind.startswith("dicom"):

@@ -307,3 +307,16 @@ def test_seg_only_for_a_non_dicom_input_is_a_failure_before_any_work(tmp_path):
     assert report.failures == {str(NIFTI): "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written "
                                            "(add --format nifti or png)."}
     assert report.rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_an_unreadable_image_gets_one_line_from_its_own_reader(tmp_path):
+    """MONAI's LoadImage reports every registered reader's traceback when the chosen one fails: the
+    message keeps the chosen reader's error, on one line."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "fake.nii.gz").write_text("not gzip")
+    for name, reason in (("empty.png", "PIL.UnidentifiedImageError: cannot identify image file"),
+                         ("fake.nii.gz", "ImageFileError: File ")):
+        with pytest.raises(InputError) as caught:
+            load_image(find_inputs(tmp_path / name)[0][0])
+        assert caught.value.problem.startswith("cannot read the image (") and reason in caught.value.problem
+        assert "\n" not in caught.value.problem and "Traceback" not in caught.value.problem
