@@ -120,13 +120,22 @@ def _writable_folder(folder: Path) -> Path:
 
 
 def back_to_source(masks: torch.Tensor, shape: Sequence[int], soft: bool) -> torch.Tensor:
-    """``(N, 1, *s)`` -> ``(N, 1, *shape)``: nearest for binary masks, (bi/tri)linear for soft ones."""
-    if tuple(masks.shape[2:]) == tuple(shape):
+    """``(N, 1, *s)`` -> ``(N, 1, *shape)``: (bi/tri)linear for soft masks; for binary ones nearest
+    along axes that grow and, along axes that shrink (a source smaller than the classifier's input),
+    a source pixel is evidence where any classifier pixel it covers is: nearest sampling would
+    drop evidence thinner than the ratio (on a tiny image, all of it)."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(masks.shape[2:]) == shape:
         return masks
     if soft:
         mode = "bilinear" if masks.ndim == 4 else "trilinear"
-        return F.interpolate(masks.float(), size=tuple(shape), mode=mode, align_corners=False)
-    return F.interpolate(masks.float(), size=tuple(shape), mode="nearest-exact")
+        return F.interpolate(masks.float(), size=shape, mode=mode, align_corners=False)
+    grown = tuple(max(t, n) for t, n in zip(shape, masks.shape[2:]))
+    masks = masks.float() if grown == tuple(masks.shape[2:]) else F.interpolate(masks.float(), size=grown, mode="nearest-exact")
+    if grown == shape:
+        return masks
+    pool = F.adaptive_max_pool2d if masks.ndim == 4 else F.adaptive_max_pool3d
+    return pool(masks, shape)
 
 
 @dataclass

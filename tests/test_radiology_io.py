@@ -320,3 +320,22 @@ def test_an_unreadable_image_gets_one_line_from_its_own_reader(tmp_path):
             load_image(find_inputs(tmp_path / name)[0][0])
         assert caught.value.problem.startswith("cannot read the image (") and reason in caught.value.problem
         assert "\n" not in caught.value.problem and "Traceback" not in caught.value.problem
+
+
+def test_binary_masks_shrunk_back_keep_their_evidence():
+    """A source smaller than the classifier's input: each source pixel is evidence where any classifier
+    pixel it covers is (nearest sampling dropped a one-pixel line at 64 -> 20, and all of a tiny image's
+    evidence); growing axes stay nearest, exactly as before."""
+    from monai_medcam.pipeline import back_to_source
+
+    line = torch.zeros(1, 1, 64, 64)
+    line[0, 0, 10, 5:40] = 1  # rows 9.4-12.5 of the source's 20 cover classifier row 10: source row 3
+    assert torch.nn.functional.interpolate(line, size=(20, 20), mode="nearest-exact").sum() == 0
+    shrunk = back_to_source(line, (20, 20), soft=False)
+    assert shrunk[0, 0].nonzero()[:, 0].unique().tolist() == [3] and shrunk[0, 0, 3].nonzero().flatten().tolist() == list(range(1, 13))
+    box = torch.zeros(1, 1, 32, 32)
+    box[0, 0, 8:16, 12:20] = 1
+    assert torch.equal(back_to_source(box, (40, 48), soft=False), torch.nn.functional.interpolate(box, size=(40, 48), mode="nearest-exact"))
+    assert back_to_source(box, (1, 1), soft=False).item() == 1.0
+    mixed = back_to_source(box, (16, 64), soft=False)[0, 0]  # rows halve, columns double
+    assert mixed.nonzero()[:, 0].unique().tolist() == list(range(4, 8)) and mixed[4].nonzero().flatten().tolist() == list(range(24, 40))
