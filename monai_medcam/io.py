@@ -310,6 +310,19 @@ def _reader(item: ImageInput):
     return PILReader()
 
 
+def _check_single_page(path: Path) -> None:
+    """PIL reads a multi-page TIFF (or an animated PNG) as its first page: refuse it instead."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            pages = int(getattr(image, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - unreadable: the reader says why, below
+        return
+    if pages > 1:
+        raise InputError(path, f"{pages} pages or frames; only single images are read (save a stack as NIfTI, or each page on its own).")
+
+
 def _reason(err: BaseException) -> str:
     """``"Kind: message"`` on one line. When the chosen reader fails, MONAI's ``LoadImage`` tries every
     registered reader and reports all their tracebacks in one message: the first error line in it
@@ -356,6 +369,8 @@ def load_image(item: ImageInput) -> MetaTensor:
 
     if not item.path.exists():
         raise InputError(item.path, "no such file or folder.")
+    if item.kind == "image":
+        _check_single_page(item.path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

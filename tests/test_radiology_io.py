@@ -339,3 +339,15 @@ def test_binary_masks_shrunk_back_keep_their_evidence():
     assert back_to_source(box, (1, 1), soft=False).item() == 1.0
     mixed = back_to_source(box, (16, 64), soft=False)[0, 0]  # rows halve, columns double
     assert mixed.nonzero()[:, 0].unique().tolist() == list(range(4, 8)) and mixed[4].nonzero().flatten().tolist() == list(range(24, 40))
+
+
+def test_a_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path):
+    import tifffile
+
+    with tifffile.TiffWriter(tmp_path / "stack.tif") as tif:
+        for k in range(3):
+            tif.write(np.full((16, 16), 40 * k, np.uint8))
+    tifffile.imwrite(tmp_path / "single.tif", np.zeros((16, 16), np.uint8))
+    with pytest.raises(InputError, match="stack.tif: 3 pages or frames; only single images are read"):
+        load_image(find_inputs(tmp_path / "stack.tif")[0][0])
+    assert load_image(find_inputs(tmp_path / "single.tif")[0][0]).shape == (1, 16, 16)
