@@ -105,7 +105,9 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
     if cls.startswith("EfficientNet") and hasattr(model, "_blocks"):
         names = [f"_blocks.{i}" for i in _quartiles(len(model._blocks))][:-1] + ["_bn1"]
         return _spread(names)
-    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    # auxiliary heads (GoogLeNet's aux1/aux2, Inception v3's AuxLogits) do not run in eval mode
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                  and not any(part.lower().startswith("aux") for part in n.split("."))]
     if not candidates:
         raise ValueError(
             f"target_layers='auto': no convolution or linear layer found in {cls}; pass target_layers explicitly."
@@ -203,6 +205,7 @@ class FrozenClassifier:
         self.is_transformer = is_vision_transformer(nn_module)
         self._captured: dict[int, torch.Tensor] | None = None
         self._spatial: tuple[int, ...] = ()
+        self._cast = False  # the classifier is not float32: its activations and logits come back as float32
 
     # -- layer lookup -------------------------------------------------------------------------
     def _resolve(
@@ -272,16 +275,29 @@ class FrozenClassifier:
             raise TypeError(f"target layer {type(module).__name__} returned {type(output).__name__}, not a tensor.")
         if output.ndim == 3 and self._patch is not None:
             output = tokens_to_grid(output, self._spatial, self._patch)
+        if self._cast and output.is_floating_point():
+            output = output.float()
         self._captured[index] = output
 
     # -- forward ------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        """The classifier's floating dtype (its first floating parameter's); float32 when it has none."""
+        return next((t.dtype for t in self.model.parameters() if t.is_floating_point()), torch.float32)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` with ``K >= 2``: a single logit ``z`` becomes ``(0, z)`` so softmax is sigmoid."""
-        out = self.model(x)
+        """Logits ``(B, K)`` with ``K >= 2``: a single logit ``z`` becomes ``(0, z)`` so softmax is sigmoid.
+
+        ``x`` is cast to the classifier's dtype (a float64 or float16 classifier takes the float32
+        evidence) and its logits come back as float32."""
+        dtype = self._dtype()
+        self._cast = dtype != torch.float32
+        out = self.model(x.to(dtype) if self._cast and x.dtype != dtype else x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the classifier returned {type(out).__name__}; expected a logits tensor (B, K).")
+        if self._cast and out.is_floating_point():
+            out = out.float()
         if out.ndim == 1:
             out = out[:, None]
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
@@ -298,7 +314,8 @@ class FrozenClassifier:
             logits = self.logits(x)
             missing = [layer.name for i, layer in enumerate(self.layers) if i not in self._captured]
             if missing:
-                raise ValueError(f"target layers {missing} did not run in the classifier's forward pass.")
+                raise ValueError(f"target layers {missing} did not run in the classifier's forward pass; pass target_layers "
+                                 "naming layers that do (or target_layers=[] to match the output only).")
             return logits, [self._captured[i] for i in range(len(self.layers))]
         finally:
             self._captured = None

@@ -238,7 +238,7 @@ class MedCAM:
         if data.is_inference():
             data = data.clone()
         data = data.detach()
-        if not data.is_floating_point():
+        if data.dtype != torch.float32:  # integers, float64 (numpy's default), float16: the mask network is float32
             data = data.float()
         if not torch.isfinite(data).all():
             bad = (~torch.isfinite(data)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -252,7 +252,10 @@ class MedCAM:
         count, classes = logits.shape
         if class_idx is None:
             return logits.argmax(1)
-        label = torch.as_tensor(class_idx, device=logits.device).long().flatten()
+        given = torch.as_tensor(class_idx, device=logits.device).flatten()
+        if given.is_floating_point() and not torch.equal(given, given.round()):
+            raise ValueError(f"class_idx {given.tolist()} must be whole class indices (0..{classes - 1}).")
+        label = given.long()
         if label.numel() == 1:
             label = label.expand(count).clone()
         if label.numel() != count:
@@ -265,8 +268,12 @@ class MedCAM:
         try:
             with torch.no_grad():
                 logits, acts = self.classifier.logits_and_activations(x)
+        except torch.OutOfMemoryError:
+            raise  # explain() halves the batch
         except RuntimeError as err:
-            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}: {err}") from err
+            hint = (" (a volume: for a 2D classifier explain its slices, e.g. MedCAMInferer(spatial_dims=2) after "
+                    "ToClassifierSpace(2, ...))") if x.ndim == 5 else ""
+            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {err}") from err
         return logits.float(), [a.detach() for a in acts]
 
     # -- the public entry point -----------------------------------------------------------------

@@ -256,7 +256,11 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
     is every input that cannot be loaded (a truncated DICOM, undecodable pixel data, ...), each
     logged with its path and the problem: one bad file would otherwise stop a whole evaluator run
     when the ``Dataset`` reaches it. Checking loads every input once more (milliseconds to
-    seconds each, against seconds per image for Med-CAM)."""
+    seconds each, against seconds per image for Med-CAM).
+
+    Raises:
+        InputError: ``path`` holds no input that can be explained (a run would otherwise do nothing, silently).
+    """
     inputs, errors = find_inputs(path)
     if check:
         readable = []
@@ -270,6 +274,8 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
         inputs = readable
     for err in errors:
         logger.warning("%s (left out)", err)
+    if not inputs:
+        raise InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
     return [{key: str(item.path)} for item in inputs]
 
 

@@ -13,6 +13,8 @@ Faithfulness needs no ground truth: :func:`decision_kept`, :func:`decision_kept_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from monai_medcam.backgrounds import baseline_image, verification_backgrounds
@@ -38,6 +40,27 @@ def _check_maps(*maps: torch.Tensor) -> None:
             raise ValueError(f"masks and saliency maps must be (B, 1, H, W[, D]), got {tuple(m.shape)}.")
     if len({tuple(m.shape) for m in maps}) > 1:
         raise ValueError(f"shapes differ: {[tuple(m.shape) for m in maps]}.")
+
+
+def _check_evidence(x: torch.Tensor, mask: torch.Tensor) -> None:
+    """``mask`` ``(B, 1, *spatial)`` must belong to images ``x`` ``(B, C, *spatial)`` (no broadcasting)."""
+    _check_maps(mask)
+    if x.shape[0] != mask.shape[0] or x.shape[2:] != mask.shape[2:]:
+        raise ValueError(f"the masks {tuple(mask.shape)} do not match the images {tuple(x.shape)}: expected "
+                         f"({x.shape[0]}, 1, {', '.join(map(str, x.shape[2:]))}).")
+
+
+def _labels(label: torch.Tensor | int | Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """``label`` as ``(B,)`` class indices on ``x``'s device: one int for all images, or one per image."""
+    label = torch.as_tensor(label, device=x.device).flatten()
+    if label.is_floating_point() and not torch.equal(label, label.round()):
+        raise ValueError(f"label {label.tolist()} must be whole class indices.")
+    label = label.long()
+    if label.numel() == 1:
+        return label.expand(x.shape[0])
+    if label.numel() != x.shape[0]:
+        raise ValueError(f"{label.numel()} labels for a batch of {x.shape[0]} images.")
+    return label
 
 
 @torch.no_grad()
@@ -76,23 +99,27 @@ def binarize_top(saliency: torch.Tensor, area: torch.Tensor | float) -> torch.Te
     return (rank < keep[:, None]).float().view_as(saliency)
 
 
-def label_probability(classifier: torch.nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of ``label`` ``(B,)`` on images ``x``: the confidence on the input or on evidence."""
-    return torch.softmax(_logits(classifier, x), 1).gather(1, label.long()[:, None])[:, 0]
+def label_probability(classifier: torch.nn.Module, x: torch.Tensor, label: torch.Tensor | int | Sequence[int]) -> torch.Tensor:
+    """Softmax probability of ``label`` (one class, or one per image) on images ``x`` ``(B,)``: the
+    confidence on the input or on evidence."""
+    label = _labels(label, x)
+    return torch.softmax(_logits(classifier, x), 1).gather(1, label[:, None])[:, 0]
 
 
 def decision_kept(
-    classifier: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, baseline: str = "zeros"
+    classifier: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | int | Sequence[int], baseline: str = "zeros"
 ) -> torch.Tensor:
     """``(B,)`` bool: the classifier gives ``label`` on the binary evidence ``m x + (1 - m) baseline``."""
-    _check_maps(mask)
+    _check_evidence(x, mask)
+    label = _labels(label, x)
     hard = (mask > 0.5).to(x.dtype)
     evidence = hard * x + (1 - hard) * baseline_image(x, baseline)
     return _logits(classifier, evidence).argmax(1) == label
 
 
 def decision_kept_under_backgrounds(
-    classifier: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, k: int = 8, seed: int = 0
+    classifier: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | int | Sequence[int], k: int = 8,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Fraction of K random backgrounds ``r`` for which ``m x + (1 - m) r`` keeps ``label`` ``(B,)``.
 
@@ -100,7 +127,8 @@ def decision_kept_under_backgrounds(
     (:func:`~monai_medcam.backgrounds.verification_backgrounds`): a blurred copy of the image,
     then Gaussian and uniform noise in turn.
     """
-    _check_maps(mask)
+    _check_evidence(x, mask)
+    label = _labels(label, x)
     if k < 1:
         raise ValueError(f"k must be at least 1 background, got {k}.")
     hard = (mask > 0.5).to(x.dtype)
@@ -122,7 +150,7 @@ def insertion_deletion_auc(
     replaces them by the baseline in the image (lower is better); insertion puts them into the
     baseline (higher is better). The AUC is the mean probability over the ``steps + 1`` points.
     """
-    _check_maps(saliency)
+    _check_evidence(x, saliency)
     base = baseline_image(x, baseline)
     insertion, deletion = [], []
     for j in range(steps + 1):

@@ -23,6 +23,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.inferer import MedCAMInferer
+from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
 
 try:
@@ -63,10 +64,10 @@ class ToSourceGeometryd:
         return d
 
 
-def _parameters(data: Mapping[Hashable, Any]) -> dict[str, Any]:
-    """The Med-CAM parameters of a request, checked."""
+def _parameters(data: Mapping[Hashable, Any], defaults: Mapping[str, Any] = PARAMETERS) -> dict[str, Any]:
+    """The Med-CAM parameters of a request, checked (``defaults`` for those it does not give)."""
     out = {}
-    for name, default in PARAMETERS.items():
+    for name, default in defaults.items():
         value = data.get(name, default)
         if name == "class_idx" and value in (None, "", -1):
             out[name] = None
@@ -94,7 +95,9 @@ class MedCAMInferTask(BasicInferTask):
         dimension: what MONAI Label clients are told (3 for volumes).
         batch_size: slices optimised together.
         description: shown by ``GET /info/``.
-        settings: any :class:`~monai_medcam.MedCAMSettings` field, fixed for every request.
+        settings: any :class:`~monai_medcam.MedCAMSettings` field, fixed for every request, checked
+            here; ``steps`` and ``seed`` (and ``class_idx``) set this task's defaults, which a
+            request's parameters override.
     """
 
     def __init__(
@@ -115,25 +118,34 @@ class MedCAMInferTask(BasicInferTask):
             labels={"evidence": 1},
             dimension=dimension,
             description=description,
-            config=dict(PARAMETERS),
+            config=self._defaults(settings),
         )
         self.classifier = network.eval()
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.size = size
         self.batch_size = batch_size
-        self.settings = settings
+        self.settings = {k: v for k, v in settings.items() if k not in PARAMETERS}
+        self.defaults = self._defaults(settings)
+
+    @staticmethod
+    def _defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The request parameters' defaults, after checking ``settings`` (a misspelt one fails here,
+        not at the first request)."""
+        MedCAMSettings.from_kwargs(**{k: v for k, v in settings.items() if k != "class_idx"})
+        defaults = {name: settings.get(name, default) for name, default in PARAMETERS.items()}
+        return _parameters(defaults, PARAMETERS)
 
     def is_valid(self) -> bool:
         return True
 
     def pre_transforms(self, data: Mapping[Hashable, Any] | None = None) -> Sequence[Callable]:
         if data is not None:
-            _parameters(data)  # bad parameters fail before the image is read
+            _parameters(data, self.defaults)  # bad parameters fail before the image is read
         return [LoadInputd(keys="image"), ToClassifierSpaced(keys="image", spatial_dims=self.spatial_dims, channels=self.channels, size=self.size)]
 
     def inferer(self, data: Mapping[Hashable, Any] | None = None) -> MedCAMInferer:
-        params = _parameters(data or {})
+        params = _parameters(data or {}, self.defaults)
         return MedCAMInferer(
             class_idx=params["class_idx"], spatial_dims=self.spatial_dims, batch_size=self.batch_size,
             steps=params["steps"], seed=params["seed"], **self.settings,

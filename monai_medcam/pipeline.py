@@ -29,7 +29,10 @@ from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, loa
 from monai_medcam.visualize import grad_cam, grad_cam_layer
 from monai_medcam.writers import OutputError, atomic_path, write_outputs
 
-__all__ = ["ExplainReport", "explain_inputs", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS", "ROW_FIELDS"]
+__all__ = [
+    "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
+    "ROW_FIELDS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,15 @@ class ExplainReport:
     rows: list[dict[str, object]] = field(default_factory=list)
     written: dict[str, list[Path]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+
+def output_formats(formats: str | Sequence[str]) -> list[str]:
+    """``formats`` as a list of known formats: ``"seg,nifti"`` or ``"png"`` (one string) or a sequence."""
+    names = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or not names:
+        raise ValueError(f"unknown output format(s) {unknown or formats!r}; choose from {', '.join(FORMATS)}.")
+    return names
 
 
 def _fit_channels(image: torch.Tensor, channels: int | None, path: Path, kind: str | None = None) -> torch.Tensor:
@@ -174,7 +186,7 @@ def explain_inputs(
     classifier: torch.nn.Module,
     inputs: Sequence[ImageInput],
     output: str | Path,
-    formats: Sequence[str] = FORMATS,
+    formats: str | Sequence[str] = FORMATS,
     spatial_dims: int = 2,
     channels: int | None = None,
     size: Sequence[int] | None = None,
@@ -207,9 +219,7 @@ def explain_inputs(
         progress: show a progress bar (inputs done, rate, ETA).
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ValueError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    formats = output_formats(formats)
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     explainer = MedCAM(classifier, target_layers, **settings)
@@ -232,7 +242,8 @@ def explain_inputs(
         image = pending.image
         mask = MetaTensor(_assemble(pending.masks, pending), meta=dict(image.meta))
         soft = _assemble(pending.softs, pending)
-        heat = {"Grad-CAM": _assemble(pending.heat, pending)} if pending.heat else None
+        # Grad-CAM only when every piece has it (it may have failed on one of the batches)
+        heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
         labels = sorted({int(r["label"]) for r in pending.rows.values()})
         title = f"{pending.name}: class {','.join(map(str, labels))}"
         # pictures show the slices whose decision needed evidence (not vacuous) where there are any

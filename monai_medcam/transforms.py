@@ -23,7 +23,7 @@ from monai.transforms import MapTransform, Transform
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_NAME, find_input, load_image
-from monai_medcam.pipeline import FORMATS, ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.pipeline import ROW_FIELDS, back_to_source, output_formats, to_classifier_space, write_rows_csv
 from monai_medcam.writers import write_outputs
 
 __all__ = [
@@ -149,7 +149,11 @@ class MedCAMExplaind(MapTransform):
         if self.class_idx_key is not None:
             if self.class_idx_key not in d:
                 raise KeyError(f"class_idx_key {self.class_idx_key!r} is not in the data (keys: {list(d)}).")
-            class_idx = int(torch.as_tensor(d[self.class_idx_key]).flatten()[0])
+            label = torch.as_tensor(d[self.class_idx_key]).flatten()
+            if label.numel() != 1:
+                raise ValueError(f"{self.class_idx_key!r} holds {label.numel()} values {label.tolist()[:8]}; give the class "
+                                 "index (one-hot or probabilities: apply AsDiscrete(argmax=True) first).")
+            class_idx = label.item()  # a float label that is not whole is refused by MedCAM
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.explain(d[key], class_idx)
         return d
@@ -213,6 +217,10 @@ class ToClassifierSpace(Transform):
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.size = None if size is None else ([size] * spatial_dims if isinstance(size, int) else list(size))
+        if self.size is not None and (len(self.size) != spatial_dims or any(int(n) < 1 for n in self.size)):
+            raise ValueError(f"size {size!r} must be {spatial_dims} positive side length(s) (or one int for all).")
+        if channels is not None and channels < 1:
+            raise ValueError(f"channels must be positive, got {channels!r}.")
 
     def __call__(self, img: torch.Tensor) -> MetaTensor:
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
@@ -265,7 +273,7 @@ class SaveEvidenced(MapTransform):
         keys: the evidence keys (``"pred"`` in an evaluator's postprocessing).
         source_keys: the source image for each key.
         output_dir: where the files go (created).
-        formats: any of ``seg``, ``nifti``, ``png``.
+        formats: any of ``seg``, ``nifti``, ``png``: a sequence, or one string (``"png"``, ``"seg,nifti"``).
         allow_missing_keys: skip absent keys instead of raising.
     """
 
@@ -274,18 +282,15 @@ class SaveEvidenced(MapTransform):
         keys: KeysCollection = "pred",
         source_keys: KeysCollection = "image_source",
         output_dir: str | Path = "medcam_output",
-        formats: Sequence[str] = ("seg", "nifti", "png"),
+        formats: str | Sequence[str] = ("seg", "nifti", "png"),
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source_keys = [source_keys] if isinstance(source_keys, str) else list(source_keys)
         if len(self.source_keys) != len(self.keys):
             raise ValueError(f"source_keys has {len(self.source_keys)} names for {len(self.keys)} keys.")
-        unknown = sorted(set(formats) - set(FORMATS))
-        if unknown:
-            raise ValueError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}.")
         self.output_dir = Path(output_dir)
-        self.formats = list(formats)
+        self.formats = output_formats(formats)
         self.rows: list[dict[str, object]] = []
         self.names: set[str] = set()
 

@@ -51,6 +51,11 @@ def test_class_index_out_of_range(explainer, class_idx):
         explainer(region_images(2), class_idx=class_idx)
 
 
+def test_class_index_that_is_not_whole_is_refused(explainer):
+    with pytest.raises(ValueError, match=r"class_idx \[1.7.*\] must be whole class indices \(0..1\)"):
+        explainer(region_images(2), class_idx=1.7)  # it used to explain class 1
+
+
 def test_class_index_count_mismatch(explainer):
     with pytest.raises(ValueError, match="3 labels for a batch of 2"):
         explainer(region_images(2), class_idx=[0, 1, 1])
@@ -96,6 +101,19 @@ def test_integer_images_are_accepted(explainer):
     x = (region_images(1) * 100).to(torch.uint8)
     assert explainer(x / 100.0).shape == (1, 1, 32, 32)
     assert explainer(x).shape == (1, 1, 32, 32)
+
+
+def test_float64_and_float16_inputs_and_classifiers_are_taken():
+    """numpy's float64 (and float16) images, and a classifier in float64: the mask network works in
+    float32 and the classifier gets its own dtype. The same image gives the same mask in any input dtype."""
+    x = region_images(2, seed=1)
+    explainer = MedCAM(RegionClassifier(), steps=20, max_retries=0)
+    plain = explainer.explain(x)
+    assert torch.equal(explainer.explain(x.double()).mask, plain.mask)
+    assert explainer.explain(x.half()).mask.shape == (2, 1, 32, 32)
+    double = MedCAM(RegionClassifier().double(), steps=20, max_retries=0).explain(x.double())
+    assert double.mask.dtype == plain.mask.dtype and double.label.tolist() == plain.label.tolist() == [1, 1]
+    assert double.verified.all() and (double.mask != plain.mask).float().mean() < 0.05  # rounding apart, the same masks
 
 
 def test_classifier_not_a_module():

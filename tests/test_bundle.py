@@ -123,6 +123,7 @@ def test_torchrun_two_processes_split_inputs_exactly_once(tmp_path):
         str(torchrun), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run",
         "--config_file", f"['{INFERENCE}','{MULTI_GPU}']", "--meta_file", METADATA, "--bundle_root", str(BUNDLE),
         "--dataset_dir", str(tmp_path / "data"), "--output_dir", str(output), "--steps", "3",
+        "--formats", "png",  # one format as a plain string (it used to be split into letters)
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=540)
@@ -135,6 +136,7 @@ def test_torchrun_two_processes_split_inputs_exactly_once(tmp_path):
     assert per_rank == [2, 3]
     for name in names:
         assert (output / name.replace(".png", "_evidence.png")).is_file()
+    assert not list(output.glob("*.nii.gz"))  # png only
 
 
 def test_classifier_loads_from_the_bundle_folder():

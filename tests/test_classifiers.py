@@ -12,7 +12,7 @@ from monai_medcam.classifiers import FrozenClassifier, TargetLayer, tokens_to_gr
 from tests.toys import RegionClassifier, region_images
 
 tv = pytest.importorskip("torchvision")
-from torchvision.models import ConvNeXt, MobileNetV2, VisionTransformer, resnet18  # noqa: E402
+from torchvision.models import ConvNeXt, GoogLeNet, MobileNetV2, VisionTransformer, resnet18  # noqa: E402
 from torchvision.models.convnext import CNBlockConfig  # noqa: E402
 
 
@@ -71,6 +71,11 @@ FAMILIES = {
         (2, 3, 32, 32),
         ["_blocks.1", "_blocks.3", "_blocks.4", "_bn1"],
     ),
+    "tv_googlenet_fallback": (  # not recognised: evenly spaced convolutions, never its auxiliary heads (idle in eval)
+        lambda: GoogLeNet(num_classes=3, aux_logits=True, init_weights=False),
+        (2, 3, 64, 64),
+        ["inception3b.branch3.1.conv", "inception4c.branch1.conv", "inception4e.branch3.0.conv", "inception5b.branch4.1.conv"],
+    ),
 }
 
 
@@ -85,7 +90,7 @@ def test_auto_layers_capture_activations(family):
     x = torch.randn(shape)
     with clf.frozen(), torch.no_grad():
         logits, acts = clf.logits_and_activations(x)
-    assert logits.shape == (shape[0], 3 if family.startswith(("tv_resnet", "tv_mob", "tv_conv", "tv_vit")) else 2)
+    assert logits.shape == (shape[0], 3 if family.startswith(("tv_resnet", "tv_mob", "tv_conv", "tv_vit", "tv_goog")) else 2)
     assert len(acts) == len(expected)
     spatial_dims = len(shape) - 2
     for act in acts:

@@ -161,6 +161,28 @@ def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
     assert sorted(p.name for p in out.iterdir()) == ["MR_small_evidence.nii.gz", "MR_small_evidence.png", "summary.csv"]
     assert "Grad-CAM at 'layer4' failed (RuntimeError: no gradient); panels of MR_small.dcm without it" in caplog.text
 
+    # a volume over two batches, Grad-CAM failing on the second only: its panel has no Grad-CAM at all
+    import numpy as np
+
+    from monai_medcam.demo.studies import write_dicom_series
+    from monai_medcam.visualize import grad_cam as real
+
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("no gradient")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "grad_cam", second_fails)
+    write_dicom_series(tmp_path / "series", np.random.default_rng(0).integers(0, 900, (3, 32, 32)).astype(np.uint16), "three")
+    out = tmp_path / "o2"
+    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(tmp_path / "series"),
+                 "--output", str(out), "--format", "png,nifti", "--batch-size", "2", "--gradcam-layer", "layer4", *FAST])
+    assert code == 0 and len(calls) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["series_evidence.nii.gz", "series_evidence.png", "summary.csv"]
+
 
 def test_output_inside_the_input_folder_and_an_unusable_output(tmp_path, capsys):
     """A second run into an output folder inside the input folder explains the same inputs (not its own

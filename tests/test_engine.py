@@ -299,6 +299,22 @@ def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplo
     assert torch.equal(again.soft_mask, reference.soft_mask)
 
 
+def test_out_of_memory_in_the_reference_pass_also_halves_the_batch(caplog):
+    """The first pass of the classifier over the batch can run out of GPU memory too: it must reach the
+    halving, not become the "classifier refused the input" error."""
+
+    class SmallGpu(RegionClassifier):
+        def forward(self, x):
+            if x.shape[0] == 3 and not torch.is_grad_enabled():  # the reference pass over the three images
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+            return super().forward(x)
+
+    with caplog.at_level("WARNING", logger="monai_medcam.engine"):
+        result = MedCAM(SmallGpu(), steps=5, max_retries=0, restarts=0).explain(region_images(3, seed=5))
+    assert "out of GPU memory with 3 images at once; explaining them 1 at a time" in caplog.text
+    assert result.mask.shape == (3, 1, 32, 32)
+
+
 def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeypatch):
     # benchmark mode would re-tune cuDNN's kernels each time the batch shrinks (finished images leave)
     optimise, seen = MedCAM._optimise, []

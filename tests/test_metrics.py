@@ -56,6 +56,20 @@ def test_shape_errors_name_the_shapes():
         metrics.iou(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
 
 
+def test_labels_as_ints_or_lists_and_masks_that_do_not_fit():
+    x = torch.full((2, 1, 4, 4), 0.8)
+    full = torch.ones(2, 1, 4, 4)
+    p = metrics.label_probability(MeanLogit(), x, 1)  # one class for every image
+    assert torch.allclose(p, torch.sigmoid(torch.tensor(30.0)).expand(2))
+    assert torch.allclose(metrics.label_probability(MeanLogit(), x, [0, 1]), torch.stack([1 - p[0], p[1]]))
+    assert metrics.decision_kept(MeanLogit(), x, full, [0, 1]).tolist() == [False, True]  # a (B,) tensor, not one bool
+    assert metrics.decision_kept_under_backgrounds(MeanLogit(), x, full, 1, k=2).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"the masks \(1, 1, 4, 4\) do not match the images \(2, 1, 4, 4\)"):
+        metrics.decision_kept(MeanLogit(), x, full[:1], 1)  # it used to broadcast
+    with pytest.raises(ValueError, match="3 labels for a batch of 2 images"):
+        metrics.label_probability(MeanLogit(), x, [0, 1, 1])
+
+
 def test_decision_kept_and_probability_single_logit():
     x = torch.full((2, 1, 4, 4), 0.8)  # mean 0.8 -> class 1
     full, half = torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)

@@ -67,6 +67,8 @@ def test_dictionary_transform_options():
     assert out["ev"].meta["medcam"]["label"] == 0  # explained the class asked for, not the prediction
     soft = out["ev"]
     assert soft.dtype.is_floating_point and 0 <= float(soft.min()) and float(soft.max()) <= 1
+    with pytest.raises(ValueError, match=r"'label' holds 2 values \[0.0, 1.0\]; give the class index"):
+        explain({"image": _image(), "label": torch.tensor([0.0, 1.0])})  # one-hot: it used to explain class 0
     with pytest.raises(KeyError, match="image"):
         MedCAMExplaind(keys="image", nn_module=RegionClassifier())({"label": 1})
     with pytest.raises(ValueError, match="output_keys"):
@@ -133,7 +135,7 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from monai_medcam.transforms import LoadInputd, SaveEvidenced, ToClassifierSpaced
+    from monai_medcam.transforms import LoadInputd, SaveEvidenced, ToClassifierSpace, ToClassifierSpaced
 
     affine = np.diag([0.8, 1.2, 3.0, 1.0])
     affine[:3, 3] = [-20, 5, 7]
@@ -167,6 +169,10 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
     assert len(rows) == 4 and rows[2].split(",")[1:3] == ["1", "1"]  # slice 1, label 1
     with pytest.raises(ValueError, match="unknown output format"):
         SaveEvidenced(formats=["jpeg"])
+    for bad in (0, (32, -1), (32, 32, 32)):
+        with pytest.raises(ValueError, match="must be 2 positive side length"):
+            ToClassifierSpace(2, 1, size=bad)
+    assert SaveEvidenced(formats="png").formats == ["png"] and SaveEvidenced(formats="seg, nifti").formats == ["seg", "nifti"]
 
 
 def test_grad_cam_is_upright_and_leaves_the_classifier_as_found():

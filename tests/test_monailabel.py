@@ -67,7 +67,7 @@ def server(tmp_path_factory):
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
         [str(MONAILABEL), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
-         "--port", str(port), "--conf", "classifier", str(ROOT / "bundles" / "medcam_explain")],
+         "--port", str(port), "--conf", "classifier", str(ROOT / "bundles" / "medcam_explain"), "--conf", "steps", "40"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -111,6 +111,8 @@ def test_info_lists_the_task(server):
     assert "medcam" in info["models"]
     model = info["models"]["medcam"]
     assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1} and model["dimension"] == 3
+    config = {name: model["config"].get(name, "absent") for name in ("steps", "class_idx", "seed")}
+    assert config == {"steps": 40, "class_idx": None, "seed": 0}  # the server's default steps (--conf steps 40)
     assert info["datastore"]["total"] == 3  # two NIfTI files and the DICOM series folder
 
 

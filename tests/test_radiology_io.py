@@ -219,6 +219,9 @@ def test_input_datalist_leaves_out_inputs_that_cannot_be_loaded(tmp_path, caplog
     assert "truncated.dcm: cannot read the image" in caplog.text and "notes.txt: not an image file" in caplog.text
     unchecked = input_datalist(tmp_path, key="img", check=False)  # listing only: the truncated file passes
     assert sorted(Path(d["img"]).name for d in unchecked) == ["good.dcm", "truncated.dcm"]
+    (tmp_path / "good.dcm").unlink()  # nothing left to explain: an error, not a run that does nothing
+    with pytest.raises(InputError, match=r"no image to explain here \(2 file\(s\) or folder\(s\) left out"):
+        input_datalist(tmp_path)
 
 
 def test_volume_panels_show_the_wanted_slices_that_hold_evidence():

@@ -57,6 +57,7 @@ class MedCAMApp(MONAILabelApp):
         self.size = int(conf["size"]) if conf.get("size") else self.loaded.size
         self.spatial_dims = int(conf.get("spatial_dims") or self.loaded.spatial_dims or 2)
         self.channels = int(conf["channels"]) if conf.get("channels") else self.loaded.channels
+        self.steps = int(conf.get("steps") or 300)  # a request's "steps" overrides it
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
         super().__init__(
             app_dir=app_dir,
@@ -84,6 +85,7 @@ class MedCAMApp(MONAILabelApp):
                 channels=self.channels,
                 size=self.size,
                 target_layers=self.loaded.target_layers,
+                steps=self.steps,
             )
         }
 
