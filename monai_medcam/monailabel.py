@@ -95,9 +95,9 @@ class MedCAMInferTask(BasicInferTask):
         dimension: what MONAI Label clients are told (3 for volumes).
         batch_size: slices optimised together.
         description: shown by ``GET /info/``.
-        settings: any :class:`~monai_medcam.MedCAMSettings` field, fixed for every request, checked
-            here; ``steps`` and ``seed`` (and ``class_idx``) set this task's defaults, which a
-            request's parameters override.
+        settings: ``target_layers``, ``output`` and any :class:`~monai_medcam.MedCAMSettings` field,
+            fixed for every request, checked here; ``steps`` and ``seed`` (and ``class_idx``) set
+            this task's defaults, which a request's parameters override.
     """
 
     def __init__(
@@ -132,7 +132,8 @@ class MedCAMInferTask(BasicInferTask):
     def _defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
         """The request parameters' defaults, after checking ``settings`` (a misspelt one fails here,
         not at the first request)."""
-        MedCAMSettings.from_kwargs(**{k: v for k, v in settings.items() if k != "class_idx"})
+        inferer_own = ("target_layers", "output", "class_idx")  # MedCAMInferer's arguments that are not settings
+        MedCAMSettings.from_kwargs(**{k: v for k, v in settings.items() if k not in inferer_own})
         defaults = {name: settings.get(name, default) for name, default in PARAMETERS.items()}
         return _parameters(defaults, PARAMETERS)
 
