@@ -268,7 +268,7 @@ class MedCAM:
         try:
             with torch.no_grad():
                 logits, acts = self.classifier.logits_and_activations(x)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise  # explain() halves the batch
         except RuntimeError as err:
             hint = (" (a volume: for a 2D classifier explain its slices, e.g. MedCAMInferer(spatial_dims=2) after "

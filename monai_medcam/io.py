@@ -47,6 +47,7 @@ INPUT_NAME = "medcam_input_name"
 UNEVEN_SLICES = "medcam_uneven_slice_gaps"  # a DICOM series' range of slice gaps, when they differ
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+OUTPUT_SUFFIXES = ("_evidence.nii.gz", "_evidence.png", "_evidence_seg.dcm")  # what monai_medcam.writers writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -119,8 +120,9 @@ def _check_dicom_image(path: Path, ds) -> None:
 
 def _number(path: Path, ds, keyword: str, default: int | None = None) -> int | None:
     """An integer attribute of a DICOM header; a damaged value is an :class:`InputError` naming the file."""
-    value = ds.get(keyword, default)
+    value = "?"
     try:
+        value = ds.get(keyword, default)
         return default if value in (None, "") else int(value)
     except (TypeError, ValueError) as err:
         raise InputError(path, f"damaged DICOM header: {keyword} is {str(value)!r}, not a number.") from err
@@ -172,16 +174,20 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInpu
     shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
     if len(shapes) > 1:
         raise InputError(folder, f"the series' slices differ in size {sorted(shapes)}.")
-    orientations = {tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", ())) for _, ds in headers}
-    if len(orientations) > 1:
-        raise InputError(folder, f"the series' slices differ in orientation ({len(orientations)} orientations: a localizer "
-                                 "or a radial acquisition), so they are not one volume; give the slices one at a time.")
+    try:
+        orientations = [[float(v) for v in ds.get("ImageOrientationPatient", ())] for _, ds in headers]
+    except (TypeError, ValueError) as err:
+        raise InputError(folder, f"damaged Image Orientation (Patient) in the series ({err}).") from err
+    if any(len(o) != len(orientations[0]) or max((abs(a - b) for a, b in zip(o, orientations[0])), default=0) > 1e-3
+           for o in orientations):
+        raise InputError(folder, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
+                                 "are not one volume; give the slices one at a time.")
     ordered = tuple(sorted(numbers, key=numbers.get))
     return ImageInput(folder, "dicom_series", ordered)
 
 
 def _uneven_slice_gaps(files: tuple[Path, ...]) -> str | None:
-    """The range of gaps between a series' neighbouring slices along their normal, ``"1.25-203.5 mm"``,
+    """The range of gaps between a series' neighbouring slices along their normal, ``"1.25-202.5 mm"``,
     when they differ by more than 1% (a NIfTI's regular grid cannot hold them), else ``None`` (also
     when a slice has no position)."""
     import numpy as np
@@ -191,9 +197,12 @@ def _uneven_slice_gaps(files: tuple[Path, ...]) -> str | None:
         ds = _dicom_header(f)
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             return None
-        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        normal = np.cross(orientation[:3], orientation[3:])
-        positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
+        try:
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            normal = np.cross(orientation[:3], orientation[3:])
+            positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
+        except (TypeError, ValueError):  # damaged geometry: no claim about the gaps
+            return None
     gaps = np.diff(np.sort(positions))
     if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01 * float(np.median(gaps)), 1e-3):
         return None
@@ -206,7 +215,8 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
     A folder's multi-slice DICOM series is one input and each single-instance DICOM file another
     (two multi-slice series in one folder are an error); NIfTI and PNG/JPEG/TIFF files are one
     image each. Hidden files and ``DICOMDIR`` are skipped, and so is the folder ``exclude`` (the
-    output folder, when it lies inside ``path``: a second run would explain its own outputs).
+    output folder) when it lies inside ``path``, or, when it is one of the folders searched, the
+    evidence files and ``summary.csv`` in it: a second run would explain its own outputs.
 
     Raises:
         InputError: ``path`` does not exist or cannot be read.
@@ -224,16 +234,21 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
     except OSError as err:
         raise InputError(root, f"cannot list the folder ({err}).") from err
     skip = Path(exclude).resolve() if exclude is not None else None
+    inside = skip is not None and skip != root.resolve() and skip.is_relative_to(root.resolve())
     inputs: list[ImageInput] = []
     errors: list[InputError] = []
     for folder in folders:
         if any(part.startswith(".") for part in folder.relative_to(root).parts):
             continue
-        if skip is not None and folder.resolve().is_relative_to(skip):
-            continue
+        here = folder.resolve()
+        if inside and here.is_relative_to(skip):
+            continue  # the output folder inside the input folder
+        outputs_here = here == skip  # the output folder is the input folder: skip only the outputs in it
         dicoms: list[Path] = []
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             if f.name.startswith(".") or f.name == "DICOMDIR":
+                continue
+            if outputs_here and (f.name == "summary.csv" or _has_suffix(f, OUTPUT_SUFFIXES)):
                 continue
             if _has_suffix(f, NIFTI_SUFFIXES):
                 inputs.append(ImageInput(f, "nifti"))
@@ -380,8 +395,10 @@ def load_image(item: ImageInput) -> MetaTensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loader = LoadImage(reader=_reader(item), image_only=True, ensure_channel_first=True, dtype=torch.float32)
-            image = loader(str(item.path))
+            loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=torch.float32)
+            image = loader(str(item.path), reader=_reader(item))  # this reader only: no fallback to MONAI's others
+    except InputError:
+        raise  # a slice of a series, named
     except Exception as err:  # readers raise many kinds for damaged files
         raise InputError(item.path, f"cannot read the image ({_reason(err.__cause__ or err)}).") from err
     if not isinstance(image, MetaTensor):

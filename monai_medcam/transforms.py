@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_NAME, find_input, load_image
 from monai_medcam.pipeline import ROW_FIELDS, back_to_source, output_formats, to_classifier_space, write_rows_csv
-from monai_medcam.writers import write_outputs
+from monai_medcam.writers import OutputError, write_outputs
 
 __all__ = [
     "LoadInput",
@@ -38,6 +39,8 @@ __all__ = [
     "evidence_from_result",
     "evidence_in_source",
 ]
+
+logger = logging.getLogger(__name__)
 
 DIAGNOSTICS_KEY = "medcam"
 OUTPUTS = ("mask", "soft_mask")
@@ -54,7 +57,7 @@ def evidence_from_result(result: MedCAMResult, index: int, like: torch.Tensor, o
 
 def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, dict[str, list]]:
     """Evidence ``(1, *s)`` in classifier space (as an inferer gives it) -> ``(1, *S)`` float on the
-    source's voxels (nearest, on CPU), and its diagnostics as one list per name (one value per
+    source's voxels (:func:`~monai_medcam.pipeline.back_to_source`, on CPU), and its diagnostics as one list per name (one value per
     image, or per slice for a 2D classifier over a volume)."""
     values = evidence.as_tensor() if isinstance(evidence, MetaTensor) else torch.as_tensor(evidence)
     mask = back_to_source(values.detach().float().cpu()[None], source.shape[1:], soft=False)[0]
@@ -267,7 +270,10 @@ class SaveEvidenced(MapTransform):
     :func:`monai_medcam.writers.write_outputs` as ``<name>_evidence_seg.dcm`` (DICOM sources),
     ``<name>_evidence.nii.gz`` and ``<name>_evidence.png``. The summary (one row per image, or per
     slice for a 2D classifier over a volume) is rewritten atomically after each image as
-    ``summary.csv``, or ``summary_rank<r>.csv`` per process under ``torch.distributed``.
+    ``summary.csv``, or ``summary_rank<r>.csv`` per process under ``torch.distributed``. A format
+    that cannot be written for an image (a NIfTI for a series with uneven slice gaps, a SEG on a
+    source without Study Instance UID) is logged as an error and the run goes on; ``*_files``
+    lists what was written.
 
     Args:
         keys: the evidence keys (``"pred"`` in an evaluator's postprocessing).
@@ -327,16 +333,20 @@ class SaveEvidenced(MapTransform):
             # come with an unsure call, and keeps much of its slice)
             needed = [k for k, r in enumerate(rows) if not r.get("vacuous", False)]
             needed.sort(key=lambda k: -float(rows[k].get("prob_input", 0.0)))
-            written = write_outputs(
-                source.cpu(),
-                MetaTensor(mask, meta=dict(source.meta)),
-                self.output_dir,
-                name,
-                self.formats,
-                label=labels[0] if len(labels) == 1 else None,
-                title=f"{name}: class {','.join(map(str, labels))}",
-                display_slices=(needed or None) if count > 1 else None,
-            )
+            try:
+                written = write_outputs(
+                    source.cpu(),
+                    MetaTensor(mask, meta=dict(source.meta)),
+                    self.output_dir,
+                    name,
+                    self.formats,
+                    label=labels[0] if len(labels) == 1 else None,
+                    title=f"{name}: class {','.join(map(str, labels))}",
+                    display_slices=(needed or None) if count > 1 else None,
+                )
+            except OutputError as err:  # the formats that could be written were: keep them, and the run going
+                logger.error("%s: %s", source.meta.get("filename_or_obj", name), err)
+                written = err.written
             self.rows.extend(rows)
             write_rows_csv(self.summary_path, self.rows)
             d[f"{key}_files"] = [str(p) for p in written]

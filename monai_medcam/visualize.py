@@ -68,6 +68,8 @@ def grad_cam(
     from monai.visualize import GradCAM, GradCAMpp
 
     grad_cam_layer(nn_module, target_layer)
+    dtype = next((p.dtype for p in nn_module.parameters() if p.is_floating_point()), x.dtype)
+    x = x.to(dtype)  # a float64 or float16 classifier (Med-CAM takes those too)
     training = nn_module.training
     nn_module.eval()
     try:

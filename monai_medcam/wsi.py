@@ -107,11 +107,17 @@ def open_slide(path: str | Path, backend: str = "auto"):
             reader = WSIReader(backend=name)
             wsi = reader.read(str(path))
             count = reader.get_level_count(wsi)
-            if name == "tifffile":  # MONAI counts pages; only the first series' levels can be read as levels
+            pages = count
+            if name == "tifffile":  # MONAI counts pages, but reads the first series' levels
                 count = min(count, len(wsi.series[0].levels))
         except Exception as err:  # each backend raises its own kinds for files it cannot open
             problems.append(f"{name}: {type(err).__name__}: {err}".strip())
             continue
+        if count >= 2 and pages != count:
+            raise InputError(
+                path, f"the tifffile reader cannot read this layout: {pages} pages but a pyramid of {count} levels "
+                "(label, macro or thumbnail pages); use openslide (--backend openslide) or write the levels alone."
+            )
         if count < 2:
             raise InputError(
                 path, f"not a pyramidal slide: {name} finds {count} level. Write the levels as consecutive tiled "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -277,3 +279,22 @@ def test_grad_cam_on_a_vision_transformers_tokens(kind):
                      classification=True, num_classes=2, spatial_dims=3)
         maps = grad_cam(volume, torch.randn(2, 1, 16, 16, 16), "blocks.0")
         assert maps.shape == (2, 1, 16, 16, 16) and float(maps.amax()) == pytest.approx(1.0)
+
+
+def test_save_evidenced_keeps_going_when_one_format_cannot_be_written(tmp_path, caplog):
+    """A NIfTI refused for a series with uneven slice gaps (or a SEG refused) must not stop a bundle's
+    whole run: the error is logged, the other formats are written and the image's rows kept."""
+    from monai_medcam.io import UNEVEN_SLICES
+    from monai_medcam.transforms import SaveEvidenced
+
+    source = MetaTensor(torch.rand(1, 32, 32, 3), affine=torch.eye(4, dtype=torch.float64),
+                        meta={"filename_or_obj": "uneven_series", UNEVEN_SLICES: "1.25-202.5 mm"})
+    evidence = MetaTensor(torch.zeros(1, 32, 32, 3), meta={"medcam": {"label": torch.tensor([[1, 1, 1]])}})
+    evidence[0, 8:16, 8:16, 1] = 1
+    save = SaveEvidenced(keys="pred", output_dir=tmp_path / "out", formats="nifti,png")
+    with caplog.at_level("ERROR", logger="monai_medcam.transforms"):
+        out = save({"pred": evidence, "image_source": source})
+    assert "NIfTI not written (ValueError: the source's slices are unevenly spaced (gaps 1.25-202.5 mm)" in caplog.text
+    assert [Path(p).name for p in out["pred_files"]] == ["uneven_series_evidence.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv", "uneven_series_evidence.png"]
+    assert len(save.rows) == 3

@@ -259,10 +259,15 @@ def test_damaged_headers_and_non_volume_series_are_reported_by_name(tmp_path):
     items, errors = find_inputs(tmp_path, exclude=tmp_path / "out")
     problems = {e.path.name: e.problem for e in errors}
     assert problems["bad.dcm"] == "damaged DICOM header: NumberOfFrames is '1A', not a number."
-    assert "differ in orientation (2 orientations" in problems["localizers"]
+    assert "differ in orientation (a localizer or a radial acquisition)" in problems["localizers"]
     assert "slices slice_001.dcm, slice_002.dcm share an Instance Number" in problems["twins"]
     assert [i.path.name for i in items] == ["good.dcm"]
     assert "brain_evidence.nii" in [i.path.name for i in find_inputs(tmp_path)[0]]  # without exclude it is an input
+    shutil.copy(NIFTI, tmp_path / "good_evidence.nii.gz")  # an output beside its input (--output = --input)
+    (tmp_path / "summary.csv").write_text("input\n")
+    beside = [i.path.name for i in find_inputs(tmp_path, exclude=tmp_path)[0]]
+    assert "good_evidence.nii.gz" not in beside and "good.dcm" in beside and "brain_evidence.nii" in beside
+    assert [i.path.name for i in find_inputs(tmp_path / "out", exclude=tmp_path)[0]] == ["brain_evidence.nii"]  # output above
 
 
 def test_odd_volumes_each_get_their_own_answer(tmp_path):
@@ -317,7 +322,7 @@ def test_an_unreadable_image_gets_one_line_from_its_own_reader(tmp_path):
     message keeps the chosen reader's error, on one line."""
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "fake.nii.gz").write_text("not gzip")
-    for name, reason in (("empty.png", "PIL.UnidentifiedImageError: cannot identify image file"),
+    for name, reason in (("empty.png", "UnidentifiedImageError: cannot identify image file"),
                          ("fake.nii.gz", "ImageFileError: File ")):
         with pytest.raises(InputError) as caught:
             load_image(find_inputs(tmp_path / name)[0][0])
@@ -354,3 +359,22 @@ def test_a_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path):
     with pytest.raises(InputError, match="stack.tif: 3 pages or frames; only single images are read"):
         load_image(find_inputs(tmp_path / "stack.tif")[0][0])
     assert load_image(find_inputs(tmp_path / "single.tif")[0][0]).shape == (1, 16, 16)
+
+
+def test_a_slice_that_cannot_be_read_is_named_and_no_other_reader_steps_in(shuffled_series, monkeypatch):
+    """Given a reader, MONAI's LoadImage falls back to its other readers when it fails; its default
+    PydicomReader would then read the folder without the bad slice: a shorter volume whose slices no
+    longer match the source files the SEG references."""
+    folder, _ = shuffled_series
+    item = find_inputs(folder)[0][0]
+    bad = item.files[2]
+    read = pydicom.dcmread
+
+    def rejecting(fp, *args, **kwargs):
+        if str(fp) == str(bad):
+            raise pydicom.errors.InvalidDicomError("damaged (test)")
+        return read(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", rejecting)
+    with pytest.raises(InputError, match=f"{bad.name}: cannot read this slice of the series \\(InvalidDicomError: damaged"):
+        load_image(item)

@@ -191,6 +191,15 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
     for backend in ("openslide", "tifffile"):  # tifffile used to count the pages, then fail reading level 1
         with pytest.raises(InputError, match=f"not a pyramidal slide: {backend} finds 1 level.*subfiletype=1"):
             open_slide(unflagged, backend)
+    extra = tmp_path / "extra.tif"  # a two-level pyramid and a label page: MONAI's tifffile reader counts 3 levels
+    with tifffile.TiffWriter(extra) as tif:
+        tif.write(np.full((512, 512, 3), 180, np.uint8), tile=(64, 64), photometric="rgb", subfiletype=0)
+        tif.write(np.full((256, 256, 3), 180, np.uint8), tile=(64, 64), photometric="rgb", subfiletype=1)
+        tif.write(np.full((64, 64, 3), 10, np.uint8), photometric="rgb")
+    with pytest.raises(InputError, match="tifffile reader cannot read this layout: 3 pages but a pyramid of 2 levels"):
+        open_slide(extra, "tifffile")
+    reader, wsi = open_slide(extra, "openslide")
+    assert reader.get_level_count(wsi) == 2
     out = tmp_path / "bad_setting"  # a misspelt setting fails before the working state is made
     with pytest.raises(TypeError, match=r"unknown MedCAM setting\(s\) \['stepz'\]"):
         explain_slide(net, path, out, level=LEVEL, tile=TILE, stepz=40)
