@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "is_vision_transformer", "layer_name", "LayerSpec"]
+__all__ = ["TargetLayer", "FrozenClassifier", "default_target_layers", "is_vision_transformer", "layer_name", "class_indices",
+           "LayerSpec"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,26 @@ def tokens_to_grid(tokens: torch.Tensor, spatial: Sequence[int], patch: Sequence
     return tokens[:, n_prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
+def class_indices(
+    class_idx: int | Sequence[int] | torch.Tensor, count: int, device: torch.device | str, what: str = "class_idx",
+    classes: int | None = None,
+) -> torch.Tensor:
+    """``class_idx`` (one class for all, or one per image) as ``(count,)`` long indices on ``device``;
+    a value that is not whole, a wrong count, or (given ``classes``) one out of range is a ``ValueError``."""
+    given = torch.as_tensor(class_idx, device=device).flatten()
+    if given.is_floating_point() and not torch.equal(given, given.round()):
+        known = f" (0..{classes - 1})" if classes is not None else ""
+        raise ValueError(f"{what} {given.tolist()} must be whole class indices{known}.")
+    label = given.long()
+    if label.numel() == 1:
+        label = label.expand(count).clone()
+    if label.numel() != count:
+        raise ValueError(f"{what} gives {label.numel()} labels for a batch of {count} images.")
+    if classes is not None and ((label < 0) | (label >= classes)).any():
+        raise ValueError(f"{what} {label.tolist()} out of range: the classifier has {classes} classes (0..{classes - 1}).")
+    return label
+
+
 def layer_name(model: nn.Module, spec: LayerSpec, what: str = "target layer") -> str:
     """Dotted name of a layer of ``model`` given by name, module or callable ``model -> module``;
     an unknown name raises a ``ValueError`` that lists the nearest valid ones."""
@@ -280,7 +301,8 @@ class FrozenClassifier:
         self._captured[index] = output
 
     # -- forward ------------------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
+    @property
+    def dtype(self) -> torch.dtype:
         """The classifier's floating dtype (its first floating parameter's); float32 when it has none."""
         return next((t.dtype for t in self.model.parameters() if t.is_floating_point()), torch.float32)
 
@@ -289,7 +311,7 @@ class FrozenClassifier:
 
         ``x`` is cast to the classifier's dtype (a float64 or float16 classifier takes the float32
         evidence) and its logits come back as float32."""
-        dtype = self._dtype()
+        dtype = self.dtype
         self._cast = dtype != torch.float32
         out = self.model(x.to(dtype) if self._cast and x.dtype != dtype else x)
         if isinstance(out, (tuple, list)):

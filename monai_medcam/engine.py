@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from monai_medcam.backgrounds import baseline_image, blurred, random_background, verification_backgrounds
-from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer
+from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer, class_indices
 from monai_medcam.components import connected_components, largest_components
 from monai_medcam.losses import (
     ActivationMatchingLoss,
@@ -252,17 +252,7 @@ class MedCAM:
         count, classes = logits.shape
         if class_idx is None:
             return logits.argmax(1)
-        given = torch.as_tensor(class_idx, device=logits.device).flatten()
-        if given.is_floating_point() and not torch.equal(given, given.round()):
-            raise ValueError(f"class_idx {given.tolist()} must be whole class indices (0..{classes - 1}).")
-        label = given.long()
-        if label.numel() == 1:
-            label = label.expand(count).clone()
-        if label.numel() != count:
-            raise ValueError(f"class_idx gives {label.numel()} labels for a batch of {count} images.")
-        if ((label < 0) | (label >= classes)).any():
-            raise ValueError(f"class_idx {label.tolist()} out of range: the classifier has {classes} classes (0..{classes - 1}).")
-        return label
+        return class_indices(class_idx, count, logits.device, "class_idx", classes)
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +69,13 @@ class ImageInput:
         path: the file, or for a DICOM series its folder.
         kind: ``"dicom_series"``, ``"dicom"``, ``"nifti"`` or ``"image"``.
         files: for a DICOM series, its files sorted by Instance Number (the slice order).
+        uneven_gaps: for a DICOM series whose slice gaps differ, their range (``"1.25-202.5 mm"``).
     """
 
     path: Path
     kind: str
     files: tuple[Path, ...] = ()
+    uneven_gaps: str | None = None
 
     @property
     def name(self) -> str:
@@ -168,8 +171,9 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInpu
     missing = [f for f, n in numbers.items() if n is None]
     if missing:
         raise InputError(missing[0], "DICOM slice has no Instance Number, so the slice order is unknown.")
-    if len(set(numbers.values())) != len(numbers):
-        shared = sorted(str(f.name) for f in numbers if list(numbers.values()).count(numbers[f]) > 1)
+    count = Counter(numbers.values())
+    if len(count) != len(numbers):
+        shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
         raise InputError(folder, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
     shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
     if len(shapes) > 1:
@@ -183,18 +187,17 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInpu
         raise InputError(folder, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
                                  "are not one volume; give the slices one at a time.")
     ordered = tuple(sorted(numbers, key=numbers.get))
-    return ImageInput(folder, "dicom_series", ordered)
+    return ImageInput(folder, "dicom_series", ordered, _uneven_slice_gaps([ds for _, ds in headers]))
 
 
-def _uneven_slice_gaps(files: tuple[Path, ...]) -> str | None:
-    """The range of gaps between a series' neighbouring slices along their normal, ``"1.25-202.5 mm"``,
-    when they differ by more than 1% (a NIfTI's regular grid cannot hold them), else ``None`` (also
-    when a slice has no position)."""
+def _uneven_slice_gaps(headers: list) -> str | None:
+    """The range of gaps between a series' neighbouring slices (their headers) along their normal,
+    ``"1.25-202.5 mm"``, when they differ by more than 1% (a NIfTI's regular grid cannot hold
+    them), else ``None`` (also when a slice has no position)."""
     import numpy as np
 
     positions = []
-    for f in files:
-        ds = _dicom_header(f)
+    for ds in headers:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             return None
         try:
@@ -409,10 +412,8 @@ def load_image(item: ImageInput) -> MetaTensor:
             # PydicomReader leaves colour samples last, as if they were a spatial axis
             image = MetaTensor(image[0].as_tensor().movedim(-1, 0), meta=image.meta)
         image.meta[SOURCE_FILES] = [str(f) for f in item.files]
-        if item.kind == "dicom_series":
-            gaps = _uneven_slice_gaps(item.files)
-            if gaps:
-                image.meta[UNEVEN_SLICES] = gaps
+        if item.uneven_gaps:
+            image.meta[UNEVEN_SLICES] = item.uneven_gaps
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
     image.meta[INPUT_KIND] = item.kind
     image.meta[INPUT_NAME] = item.name

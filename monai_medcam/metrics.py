@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from monai_medcam.backgrounds import baseline_image, verification_backgrounds
-from monai_medcam.classifiers import FrozenClassifier
+from monai_medcam.classifiers import FrozenClassifier, class_indices
 
 __all__ = [
     "area_fraction",
@@ -52,15 +52,7 @@ def _check_evidence(x: torch.Tensor, mask: torch.Tensor) -> None:
 
 def _labels(label: torch.Tensor | int | Sequence[int], x: torch.Tensor) -> torch.Tensor:
     """``label`` as ``(B,)`` class indices on ``x``'s device: one int for all images, or one per image."""
-    label = torch.as_tensor(label, device=x.device).flatten()
-    if label.is_floating_point() and not torch.equal(label, label.round()):
-        raise ValueError(f"label {label.tolist()} must be whole class indices.")
-    label = label.long()
-    if label.numel() == 1:
-        return label.expand(x.shape[0])
-    if label.numel() != x.shape[0]:
-        raise ValueError(f"{label.numel()} labels for a batch of {x.shape[0]} images.")
-    return label
+    return class_indices(label, x.shape[0], x.device, "label")
 
 
 @torch.no_grad()

@@ -111,6 +111,7 @@ class MedCAMInferTask(BasicInferTask):
         description: str = "Med-CAM: the minimal evidence behind the classifier's decision, as a label",
         **settings: object,
     ) -> None:
+        defaults = self._defaults(settings)
         super().__init__(
             path=None,
             network=network,
@@ -118,7 +119,7 @@ class MedCAMInferTask(BasicInferTask):
             labels={"evidence": 1},
             dimension=dimension,
             description=description,
-            config=self._defaults(settings),
+            config=dict(defaults),
         )
         self.classifier = network.eval()
         self.spatial_dims = spatial_dims
@@ -126,7 +127,7 @@ class MedCAMInferTask(BasicInferTask):
         self.size = size
         self.batch_size = batch_size
         self.settings = {k: v for k, v in settings.items() if k not in PARAMETERS}
-        self.defaults = self._defaults(settings)
+        self.defaults = defaults
 
     @staticmethod
     def _defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,7 +136,7 @@ class MedCAMInferTask(BasicInferTask):
         inferer_own = ("target_layers", "output", "class_idx")  # MedCAMInferer's arguments that are not settings
         MedCAMSettings.from_kwargs(**{k: v for k, v in settings.items() if k not in inferer_own})
         defaults = {name: settings.get(name, default) for name, default in PARAMETERS.items()}
-        return _parameters(defaults, PARAMETERS)
+        return _parameters(defaults)
 
     def is_valid(self) -> bool:
         return True

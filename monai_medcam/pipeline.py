@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image
 from monai_medcam.visualize import grad_cam, grad_cam_layer
-from monai_medcam.writers import OutputError, atomic_path, write_outputs
+from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, write_outputs
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
@@ -36,7 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("seg", "nifti", "png")
 ROW_FIELDS = (
     "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
     "seconds",
@@ -57,15 +56,6 @@ class ExplainReport:
     rows: list[dict[str, object]] = field(default_factory=list)
     written: dict[str, list[Path]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
-
-
-def output_formats(formats: str | Sequence[str]) -> list[str]:
-    """``formats`` as a list of known formats: ``"seg,nifti"`` or ``"png"`` (one string) or a sequence."""
-    names = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
-    unknown = sorted(set(names) - set(FORMATS))
-    if unknown or not names:
-        raise ValueError(f"unknown output format(s) {unknown or formats!r}; choose from {', '.join(FORMATS)}.")
-    return names
 
 
 def _fit_channels(image: torch.Tensor, channels: int | None, path: Path, kind: str | None = None) -> torch.Tensor:
@@ -310,8 +300,7 @@ def explain_inputs(
             name = f"{name}_{len(names)}"
         names.add(name)
         if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
-            fail(item, InputError(item.path, "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written "
-                                             "(add --format nifti or png)."))
+            fail(item, InputError(item.path, SEG_NEEDS_DICOM))
             bar.update(1)
             continue
         try:

@@ -24,8 +24,8 @@ from monai.transforms import MapTransform, Transform
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_NAME, find_input, load_image
-from monai_medcam.pipeline import ROW_FIELDS, back_to_source, output_formats, to_classifier_space, write_rows_csv
-from monai_medcam.writers import OutputError, write_outputs
+from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.writers import OutputError, output_formats, write_outputs
 
 __all__ = [
     "LoadInput",

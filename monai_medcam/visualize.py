@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import optional_import
 
-from monai_medcam.classifiers import _patch_size, is_vision_transformer, layer_name, tokens_to_grid
+from monai_medcam.classifiers import FrozenClassifier, _patch_size, class_indices, is_vision_transformer, layer_name, tokens_to_grid
 
 __all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels"]
 
@@ -68,8 +68,7 @@ def grad_cam(
     from monai.visualize import GradCAM, GradCAMpp
 
     grad_cam_layer(nn_module, target_layer)
-    dtype = next((p.dtype for p in nn_module.parameters() if p.is_floating_point()), x.dtype)
-    x = x.to(dtype)  # a float64 or float16 classifier (Med-CAM takes those too)
+    x = x.to(FrozenClassifier(nn_module, []).dtype)  # a float64 or float16 classifier (Med-CAM takes those too)
     training = nn_module.training
     nn_module.eval()
     try:
@@ -97,12 +96,8 @@ def _token_grad_cam(nn_module: torch.nn.Module, x: torch.Tensor, target_layer: s
     try:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)  # a graph even when every parameter is frozen
-            logits = nn_module(x)
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            logits = logits.reshape(len(x), -1)
-            if logits.shape[1] == 1:  # one logit z: the classes' logits are (0, z), as Med-CAM reads them
-                logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-            label = logits.argmax(1) if class_idx is None else torch.as_tensor(class_idx, device=logits.device).long().view(-1)
+            logits = FrozenClassifier(nn_module, []).logits(x)  # tuple outputs, one logit z as (0, z): as Med-CAM reads them
+            label = logits.argmax(1) if class_idx is None else class_indices(class_idx, len(x), logits.device, "class_idx", logits.shape[1])
             if "out" not in store:
                 raise ValueError(f"Grad-CAM layer {target_layer!r} did not run in {type(nn_module).__name__}'s forward pass.")
             out = store["out"]

@@ -18,10 +18,30 @@ from monai.data import MetaTensor
 
 from monai_medcam.io import PHOTOMETRIC, SOURCE_FILES, UNEVEN_SLICES
 
-__all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "OutputError", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
+__all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
 SEGMENT_LABEL = "Med-CAM evidence"
+FORMATS = ("seg", "nifti", "png")
+FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
+SEG_NEEDS_DICOM = "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png)."
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
+
+
+def output_formats(formats: str | Sequence[str]) -> list[str]:
+    """``formats`` as a list of known formats: ``"seg,nifti"`` or ``"png"`` (one string) or a sequence."""
+    names = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or not names:
+        raise ValueError(f"unknown output format(s) {unknown or formats!r}; choose from {', '.join(FORMATS)}.")
+    return names
+
+
+class OutputError(ValueError):
+    """Some of an input's outputs could not be written; ``written`` holds the files that were."""
+
+    def __init__(self, written: list[Path], problem: str) -> None:
+        self.written = written
+        super().__init__(problem)
 
 
 class atomic_path:
@@ -260,13 +280,11 @@ def write_outputs(
             only ``seg`` was asked for a source that is not DICOM; ``written`` lists what was.
     """
     folder = Path(folder)
-    unknown = sorted(set(formats) - {"seg", "nifti", "png"})
-    if unknown:
-        raise ValueError(f"unknown output format(s) {unknown}; choose from seg, nifti, png.")
+    formats = output_formats(formats)
+    if set(formats) == {"seg"} and not mask.meta.get(SOURCE_FILES):
+        raise OutputError([], SEG_NEEDS_DICOM)
     written: list[Path] = []
     problems: list[str] = []
-    if "seg" in formats and not mask.meta.get(SOURCE_FILES) and set(formats) == {"seg"}:
-        raise OutputError([], "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png).")
     for fmt in formats:
         try:
             if fmt == "nifti":
@@ -284,14 +302,3 @@ def write_outputs(
         also = f"; written: {', '.join(p.name for p in written)}" if written else "; nothing written"
         raise OutputError(written, "; ".join(problems) + also)
     return written
-
-
-FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
-
-
-class OutputError(ValueError):
-    """Some of an input's outputs could not be written; ``written`` holds the files that were."""
-
-    def __init__(self, written: list[Path], problem: str) -> None:
-        self.written = written
-        super().__init__(problem)
