@@ -46,6 +46,8 @@ __all__ = ["MedCAM", "MedCAMResult"]
 logger = logging.getLogger(__name__)
 
 MIN_SPATIAL_SIZE = 8
+# said where a volume (B, C, H, W, D) is refused: the classifier may be a 2D one
+VOLUME_HINT = " (a volume: for a 2D classifier explain its slices, e.g. MedCAMInferer(spatial_dims=2) after ToClassifierSpace(2, ...))"
 SHRINK_RADII = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4)  # the balls shrinking offers, as fractions of each side
 RESTART_SEED_STEP = 104729  # restart k uses seed + k * this, far from the seeds a user would compare
 
@@ -180,6 +182,7 @@ class MedCAM:
 
     Examples::
 
+        import torch
         from monai.networks.nets import DenseNet121
         from monai_medcam import MedCAM
 
@@ -231,9 +234,8 @@ class MedCAM:
         if x.shape[0] == 0:
             raise ValueError(f"input is an empty batch: shape {tuple(x.shape)}.")
         if min(x.shape[2:]) < MIN_SPATIAL_SIZE:
-            raise ValueError(
-                f"input spatial size {tuple(x.shape[2:])} is too small: each side must be >= {MIN_SPATIAL_SIZE}."
-            )
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small: each side must be >= {MIN_SPATIAL_SIZE}"
+                             f"{VOLUME_HINT if x.ndim == 5 else ''}.")
         data = x.as_tensor() if isinstance(x, MetaTensor) else x
         if data.is_inference():
             data = data.clone()
@@ -261,8 +263,7 @@ class MedCAM:
         except torch.cuda.OutOfMemoryError:
             raise  # explain() halves the batch
         except RuntimeError as err:
-            hint = (" (a volume: for a 2D classifier explain its slices, e.g. MedCAMInferer(spatial_dims=2) after "
-                    "ToClassifierSpace(2, ...))") if x.ndim == 5 else ""
+            hint = VOLUME_HINT if x.ndim == 5 else ""
             raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {err}") from err
         return logits.float(), [a.detach() for a in acts]
 

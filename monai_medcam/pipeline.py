@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image
 from monai_medcam.visualize import grad_cam, grad_cam_layer
@@ -31,14 +32,14 @@ from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_p
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
-    "ROW_FIELDS",
+    "ROW_FIELDS", "check_classifier",
 ]
 
 logger = logging.getLogger(__name__)
 
 ROW_FIELDS = (
     "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
-    "seconds",
+    "retries", "seconds",
 )
 
 
@@ -107,6 +108,26 @@ def to_classifier_space(
         mode, antialias = ("bilinear", True) if spatial_dims == 2 else ("trilinear", False)
         pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0] for p in pieces]
     return pieces
+
+
+def check_classifier(
+    explainer: MedCAM, spatial_dims: int, channels: int | None, size: Sequence[int] | None, class_idx: int | None, device: torch.device
+) -> None:
+    """One forward pass of zeros ``(1, channels, *size)`` before any input is read: a classifier that
+    does not take ``spatial_dims``-D inputs of that shape, or a ``class_idx`` beyond its classes, is a
+    ``ValueError`` here rather than a failure of every batch. Skipped where the size or the channels
+    are unknown (``size=None`` keeps each input's own size)."""
+    if size is None or channels is None:
+        return
+    shape = (1, channels, *(tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims))
+    try:
+        with explainer.classifier.frozen(), torch.no_grad():
+            logits = explainer.classifier.logits(torch.zeros(shape, device=device))
+    except Exception as err:
+        raise ValueError(f"the classifier does not take {spatial_dims}D inputs of shape {shape} ({type(err).__name__}: {err}); "
+                         "check --spatial-dims, --size and --channels.") from err
+    if class_idx is not None:
+        class_indices(class_idx, 1, device, "--class-idx", classes=logits.shape[1])
 
 
 def _writable_folder(folder: Path) -> Path:
@@ -215,6 +236,7 @@ def explain_inputs(
     explainer = MedCAM(classifier, target_layers, **settings)
     if gradcam_layer is not None and "png" in formats:
         grad_cam_layer(classifier, gradcam_layer)  # a bad layer stops here, before any work
+    check_classifier(explainer, spatial_dims, channels, size, class_idx, device)
     output = _writable_folder(Path(output))
     report = ExplainReport()
     names: set[str] = set()

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 TILE_FIELDS = (
     "tile", "row", "col", "x", "y", "width", "height", "x0", "y0", "tissue",
-    "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
+    "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps", "retries",
 )
 EVIDENCE_VALUE = 255  # evidence pixels in the slide map (0 elsewhere), visible in slide viewers
 

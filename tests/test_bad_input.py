@@ -64,6 +64,8 @@ def test_class_index_count_mismatch(explainer):
 def test_spatial_size_too_small(explainer):
     with pytest.raises(ValueError, match=r"spatial size \(4, 32\) is too small"):
         explainer(torch.rand(1, 1, 4, 32))
+    with pytest.raises(ValueError, match=r"spatial size \(32, 32, 5\) is too small: .* >= 8 \(a volume: for a 2D classifier explain its slices"):
+        explainer(torch.rand(1, 1, 32, 32, 5))  # a thin volume given to a 2D classifier: the slice hint, too
 
 
 def test_inference_mode_is_refused(explainer):

@@ -52,6 +52,7 @@ def test_explain_writes_outputs_and_reports_failures(inputs, tmp_path, capsys):
     for row in rows:
         assert row["label"] in ("0", "1") and 0 < float(row["area"]) <= 1 and 0 <= float(row["prob_input"]) <= 1
         assert row["settled"] in ("True", "False") and (row["settled"] == "False" or row["verified"] == "True")
+        assert int(row["retries"]) >= 0 and int(row["steps"]) > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -142,6 +143,23 @@ def test_bad_gradcam_layer_stops_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Grad-CAM layer 'layer4'" in err and "TorchScript" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):
+    """A class index beyond the classifier's classes, or a 2D classifier run as 3D, is found by one
+    forward pass before any input is read (exit status 2, no output folder), not by every batch."""
+    args = ["--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(TEST_FILES / "MR_small.dcm"),
+            "--output", str(tmp_path / "o"), *FAST]
+    code = main(["explain", *args, "--class-idx", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--class-idx [2] out of range: the classifier has 2 classes (0..1)" in err
+    code = main(["explain", *args, "--spatial-dims", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not take 3D inputs of shape (1, 1, 64, 64, 64)" in err and "--spatial-dims" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["explain", *args, "--class-idx", "1", "--format", "png"]) == 0  # a class in range is explained
+    rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
+    assert [row["label"] for row in rows] == ["1"]
 
 
 def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
