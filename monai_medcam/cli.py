@@ -158,6 +158,9 @@ def _wsi(args: argparse.Namespace) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # the classifier or the settings, found before any tile is explained
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     height, width = report.level_size
     print(f"{report.slide}: level {report.level} ({width} x {height}), {report.tiles} tissue tiles "
           f"({report.explained} explained now, {report.resumed} resumed) in {report.seconds:.1f} s")

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
+from monai_medcam.pipeline import check_classifier
 from monai_medcam.settings import as_bool
 from monai_medcam.writers import atomic_path
 
@@ -364,6 +365,8 @@ def explain_slide(
     Raises:
         InputError: unreadable or non-pyramidal slide, level out of range, tile larger than the
             level, no tissue, or working state from a different run. Nothing is written then.
+        ValueError: bad settings, or a classifier that does not take RGB tiles ``(1, 3, size, size)``
+            or has no class ``class_idx`` (one forward pass of zeros). Nothing is written then.
     """
     start = time.perf_counter()
     settings.setdefault("skip_vacuous", True)
@@ -386,6 +389,10 @@ def explain_slide(
         raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
     read = _LevelReader(reader, wsi, level, slide)
     explainer = MedCAM(classifier, target_layers, **settings)  # bad settings or layers fail before anything is written
+    device = torch.device(device)
+    classifier.to(device).eval()  # in place: the explainer's classifier
+    # a classifier that does not take RGB tiles of this size, or a class it does not have, fails here too
+    check_classifier(explainer, 2, 3, (size or tile,), class_idx, device, options="--tile, --size and --class-idx")
     # the settings as resolved (defaults included), so a run resumed after a default changed is a different run
     resolved = asdict(explainer.resolved_settings(2))
 
@@ -426,8 +433,6 @@ def explain_slide(
     if done:
         logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
 
-    device = torch.device(device)
-    classifier.to(device).eval()  # in place: the explainer's classifier
     skip = explainer.settings.skip_vacuous
     bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
     with journal_path.open("a") as journal:

@@ -122,6 +122,21 @@ def _cli(slide: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def test_classifier_mismatch_stops_before_any_tile(slide, tmp_path, capsys):
+    """A class the tile classifier does not have, or tiles it cannot take, is found by one forward
+    pass before the working state or any output is made (exit status 2)."""
+    from monai_medcam.cli import main
+
+    path, _ = slide
+    args = _cli(path, tmp_path / "out")[3:]  # without "python -m monai_medcam.cli"
+    assert main([*args, "--class-idx", "3"]) == 2
+    assert "--class-idx [3] out of range: the classifier has 2 classes (0..1)" in capsys.readouterr().err
+    assert main([*args, "--classifier", "python:tests.toys:fixed_size_tile_classifier"]) == 2  # 64-pixel tiles only
+    err = capsys.readouterr().err
+    assert "does not take 2D inputs of shape (1, 3, 32, 32)" in err and "--tile, --size" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(600)
 def test_killed_run_resumes_to_the_same_outputs(slide, tmp_path):
     path, _ = slide

@@ -68,3 +68,8 @@ class LesionColourClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = self.relu(self.colour(x)).flatten(1).sum(1)
         return torch.stack([torch.full_like(score, self.threshold), score], dim=1) * 4
+
+
+def fixed_size_tile_classifier() -> nn.Module:
+    """A tile classifier that takes 64-pixel RGB tiles only (a Linear over the flattened tile)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 2))
