@@ -114,18 +114,19 @@ def check_classifier(
     explainer: MedCAM, spatial_dims: int, channels: int | None, size: Sequence[int] | None, class_idx: int | None,
     device: torch.device, options: str = "--spatial-dims, --size and --channels",
 ) -> None:
-    """One forward pass of zeros ``(1, channels, *size)`` before any input is read: a classifier that
+    """One forward pass of zeros ``(2, channels, *size)`` before any input is read: a classifier that
     does not take ``spatial_dims``-D inputs of that shape, or a ``class_idx`` beyond its classes, is a
     ``ValueError`` here (naming ``options`` to check) rather than a failure of every batch. Skipped
     where the size or the channels are unknown (``size=None`` keeps each input's own size)."""
     if size is None or channels is None:
         return
-    shape = (1, channels, *(tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims))
-    try:
+    size = (size,) if isinstance(size, int) else tuple(size)
+    shape = (1, channels, *(size if len(size) == spatial_dims else size * spatial_dims))
+    try:  # a batch of two: a classifier may squeeze a batch of one away
         with explainer.classifier.frozen(), torch.no_grad():
-            logits = explainer.classifier.logits(torch.zeros(shape, device=device))
+            logits = explainer.classifier.logits(torch.zeros((2, *shape[1:]), device=device))
     except Exception as err:
-        raise ValueError(f"the classifier does not take {spatial_dims}D inputs of shape {shape} ({type(err).__name__}: {err}); "
+        raise ValueError(f"the classifier failed on {spatial_dims}D inputs of shape {shape} ({type(err).__name__}: {err}); "
                          f"check {options}.") from err
     if class_idx is not None:
         class_indices(class_idx, 1, device, "--class-idx", classes=logits.shape[1])

@@ -392,7 +392,7 @@ def explain_slide(
     device = torch.device(device)
     classifier.to(device).eval()  # in place: the explainer's classifier
     # a classifier that does not take RGB tiles of this size, or a class it does not have, fails here too
-    check_classifier(explainer, 2, 3, (size or tile,), class_idx, device, options="--tile, --size and --class-idx")
+    check_classifier(explainer, 2, 3, (size or tile,), class_idx, device, options="--tile and --size")
     # the settings as resolved (defaults included), so a run resumed after a default changed is a different run
     resolved = asdict(explainer.resolved_settings(2))
 

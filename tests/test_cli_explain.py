@@ -155,7 +155,7 @@ def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):
     assert code == 2 and "--class-idx [2] out of range: the classifier has 2 classes (0..1)" in err
     code = main(["explain", *args, "--spatial-dims", "3"])
     err = capsys.readouterr().err
-    assert code == 2 and "does not take 3D inputs of shape (1, 1, 64, 64, 64)" in err and "--spatial-dims" in err
+    assert code == 2 and "failed on 3D inputs of shape (1, 1, 64, 64, 64)" in err and "--spatial-dims" in err
     assert not (tmp_path / "o").exists()
     assert main(["explain", *args, "--class-idx", "1", "--format", "png"]) == 0  # a class in range is explained
     rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))

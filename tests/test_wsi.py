@@ -86,6 +86,7 @@ def test_slide_map_puts_each_tile_mask_at_its_place(explained):
     truth = truth[::4, ::4]  # level 2
     rows = list(csv.DictReader(report.outputs["tiles"].open()))
     assert len(rows) == report.tiles
+    assert all(int(r["retries"]) >= 0 and int(r["steps"]) >= 0 for r in rows)
     positive = {(int(r["row"]), int(r["col"])) for r in rows if r["label"] == "1"}
     assert positive == {(cy // 4 // TILE, cx // 4 // TILE) for cy, cx in LESION_CENTRES}
     for cy, cx in LESION_CENTRES:
@@ -133,7 +134,7 @@ def test_classifier_mismatch_stops_before_any_tile(slide, tmp_path, capsys):
     assert "--class-idx [3] out of range: the classifier has 2 classes (0..1)" in capsys.readouterr().err
     assert main([*args, "--classifier", "python:tests.toys:fixed_size_tile_classifier"]) == 2  # 64-pixel tiles only
     err = capsys.readouterr().err
-    assert "does not take 2D inputs of shape (1, 3, 32, 32)" in err and "--tile, --size" in err
+    assert "failed on 2D inputs of shape (1, 3, 32, 32)" in err and "check --tile and --size" in err
     assert not (tmp_path / "out").exists()
 
 
