@@ -103,7 +103,6 @@ def _explain(args: argparse.Namespace) -> int:
             found, bad = [], [err]
         inputs += found
         failures += bad
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
     layers = _target_layers(args, loaded)
     if args.target_layers is None and layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
@@ -114,7 +113,7 @@ def _explain(args: argparse.Namespace) -> int:
             loaded.network,
             inputs,
             args.output,
-            formats,
+            args.format,  # one string, "seg,nifti,png": output_formats reads it
             spatial_dims=args.spatial_dims or loaded.spatial_dims or 2,
             channels=args.channels or loaded.channels,
             size=args.size or loaded.size,

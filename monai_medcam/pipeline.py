@@ -102,12 +102,17 @@ def to_classifier_space(
     else:
         raise InputError(path, f"a {spatial_dims}D classifier cannot explain a {dims}D image of shape {tuple(data.shape[1:])}.")
     if size is not None:
-        size = tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims
+        size = _sides(size, spatial_dims)
         # 2D: antialiased, so a large radiograph squeezed to a small classifier input is not aliased
         # (torch has no antialiased trilinear)
         mode, antialias = ("bilinear", True) if spatial_dims == 2 else ("trilinear", False)
         pieces = [F.interpolate(p[None], size=size, mode=mode, align_corners=False, antialias=antialias)[0] for p in pieces]
     return pieces
+
+
+def _sides(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """The classifier's input size per axis: ``size`` as given, or its one side for every axis."""
+    return tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims
 
 
 def check_classifier(
@@ -120,8 +125,7 @@ def check_classifier(
     where the size or the channels are unknown (``size=None`` keeps each input's own size)."""
     if size is None or channels is None:
         return
-    size = (size,) if isinstance(size, int) else tuple(size)
-    shape = (1, channels, *(size if len(size) == spatial_dims else size * spatial_dims))
+    shape = (1, channels, *_sides((size,) if isinstance(size, int) else size, spatial_dims))
     try:  # a batch of two: a classifier may squeeze a batch of one away
         with explainer.classifier.frozen(), torch.no_grad():
             logits = explainer.classifier.logits(torch.zeros((2, *shape[1:]), device=device))
