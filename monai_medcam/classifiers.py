@@ -66,10 +66,25 @@ def _quartiles(count: int) -> list[int]:
     return picks
 
 
+def unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """The network inside ``DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, and the prefix of its layers' names in ``model``."""
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
 def is_vision_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` is a vision transformer that :func:`default_target_layers` recognises:
-    torchvision's ``VisionTransformer`` or MONAI's ``ViT``. Other transformers (timm's, Swin, one
-    wrapped in ``nn.Sequential``) count as other networks: pass ``act_weight`` for them."""
+    """Whether ``model`` (or the network it wraps, :func:`unwrapped`) is a vision transformer that
+    :func:`default_target_layers` recognises: torchvision's ``VisionTransformer`` or MONAI's ``ViT``.
+    Other transformers (timm's, Swin, one inside an ``nn.Sequential``) count as other networks:
+    pass ``act_weight`` for them."""
+    model, _ = unwrapped(model)
     cls = type(model).__name__
     return (cls == "VisionTransformer" and hasattr(model, "encoder")) or (cls == "ViT" and hasattr(model, "blocks"))
 
@@ -79,8 +94,12 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
 
     Recognised: torchvision ResNet, MobileNetV2, ConvNeXt, VisionTransformer; MONAI ResNet,
     DenseNet (121/169/201/264), ViT and EfficientNetBN. Anything else gets up to four evenly
-    spaced convolution or linear layers, with a log message naming them.
+    spaced convolution or linear layers, with a log message naming them. Wrappers
+    (:func:`unwrapped`) are seen through: the layers are those of the wrapped network.
     """
+    inner, prefix = unwrapped(model)
+    if prefix:
+        return [TargetLayer(prefix + layer.name, layer.weight, layer.distance) for layer in default_target_layers(inner)]
     cls = type(model).__name__
     children = dict(model.named_children())
     if cls == "ResNet" and "layer4" in children:
@@ -121,6 +140,7 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
 
 def _patch_size(model: nn.Module) -> tuple[int, ...] | None:
     """The patch size of a vision transformer, from torchvision's attribute or a patch-embedding conv."""
+    model, _ = unwrapped(model)
     size = getattr(model, "patch_size", None)
     if isinstance(size, int):
         return (size,)
@@ -152,13 +172,26 @@ def tokens_to_grid(tokens: torch.Tensor, spatial: Sequence[int], patch: Sequence
     return tokens[:, n_prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
+def index_tensor(class_idx: int | Sequence[int] | torch.Tensor, what: str = "class_idx") -> torch.Tensor:
+    """``class_idx`` as a flat tensor; anything that is not numbers (a string, booleans) is a ``ValueError``."""
+    try:
+        if isinstance(class_idx, (str, bytes)):
+            raise TypeError
+        given = torch.as_tensor(class_idx).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{what} must be a class index or one per image (ints), got {class_idx!r}.") from err
+    if given.dtype == torch.bool:
+        raise ValueError(f"{what} must be class indices, not booleans, got {class_idx!r}.")
+    return given
+
+
 def class_indices(
     class_idx: int | Sequence[int] | torch.Tensor, count: int, device: torch.device | str, what: str = "class_idx",
     classes: int | None = None,
 ) -> torch.Tensor:
     """``class_idx`` (one class for all, or one per image) as ``(count,)`` long indices on ``device``;
     a value that is not whole, a wrong count, or (given ``classes``) one out of range is a ``ValueError``."""
-    given = torch.as_tensor(class_idx, device=device).flatten()
+    given = index_tensor(class_idx, what).to(device)
     if given.is_floating_point() and not torch.equal(given, given.round()):
         known = f" (0..{classes - 1})" if classes is not None else ""
         raise ValueError(f"{what} {given.tolist()} must be whole class indices{known}.")
@@ -235,19 +268,28 @@ class FrozenClassifier:
         layer_weights: Sequence[float] | None,
         layer_distances: Sequence[str] | None,
     ) -> list[TargetLayer]:
-        if isinstance(target_layers, str):
-            if target_layers == "auto":
-                layers = default_target_layers(self.model)
+        scripted = isinstance(self.model, torch.jit.ScriptModule)
+        if isinstance(target_layers, (str, nn.Module, TargetLayer)) or callable(target_layers):
+            if isinstance(target_layers, str) and target_layers == "auto":
+                if scripted:
+                    logger.warning("target_layers='auto' on a TorchScript classifier: forward hooks do not run in "
+                                   "TorchScript, so activation matching is off (target_layers=[]).")
+                target_layers = [] if scripted else default_target_layers(self.model)
             else:
-                layers = [TargetLayer(self._name_of(target_layers))]
-        else:
-            layers = []
-            for spec in target_layers:
-                if isinstance(spec, TargetLayer):
-                    self._name_of(spec.name)
-                    layers.append(spec)
-                else:
-                    layers.append(TargetLayer(self._name_of(spec)))
+                target_layers = [target_layers]  # one layer (a module is one layer, even a Sequential)
+        elif target_layers is None or not isinstance(target_layers, Sequence):
+            raise TypeError(f"target_layers must be 'auto', a layer (name, module, callable or TargetLayer) or a "
+                            f"sequence of layers, got {type(target_layers).__name__}.")
+        if scripted and len(target_layers):
+            raise ValueError("the classifier is TorchScript, where forward hooks do not run: pass target_layers=[] "
+                             "(activation matching off) or the Python module.")
+        layers = []
+        for spec in target_layers:
+            if isinstance(spec, TargetLayer):
+                self._name_of(spec.name)
+                layers.append(spec)
+            else:
+                layers.append(TargetLayer(self._name_of(spec)))
         for what, values in (("layer_weights", layer_weights), ("layer_distances", layer_distances)):
             if values is not None and len(values) != len(layers):
                 raise ValueError(

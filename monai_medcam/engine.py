@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from monai_medcam.backgrounds import baseline_image, blurred, random_background, verification_backgrounds
-from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer, class_indices
+from monai_medcam.classifiers import FrozenClassifier, LayerSpec, TargetLayer, class_indices, index_tensor
 from monai_medcam.components import connected_components, largest_components
 from monai_medcam.losses import (
     ActivationMatchingLoss,
@@ -262,24 +262,28 @@ class MedCAM:
                 logits, acts = self.classifier.logits_and_activations(x)
         except torch.cuda.OutOfMemoryError:
             raise  # explain() halves the batch
-        except RuntimeError as err:
+        except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its input size
             hint = VOLUME_HINT if x.ndim == 5 else ""
-            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {err}") from err
+            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {err or type(err).__name__}") from err
         return logits.float(), [a.detach() for a in acts]
 
     # -- the public entry point -----------------------------------------------------------------
     def explain(
-        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None
+        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None, batch_size: int | None = None
     ) -> MedCAMResult:
         """Explain ``x`` ``(B, C, *spatial)``; ``class_idx`` (one for all or one per image) defaults to the prediction.
 
-        A batch that does not fit in GPU memory is explained in halves (then quarters, ...), and
-        later calls start from the size that fitted; the images' results do not depend on it.
+        At most ``batch_size`` images are optimised together (``None``: all of ``x``). A batch that
+        does not fit in GPU memory is explained in halves (then quarters, ...), and later calls
+        start from the size that fitted; the images' results do not depend on either.
         """
         data = self._check_input(x)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        class_idx = None if class_idx is None else index_tensor(class_idx)  # not numbers: refused before any work
         start = time.perf_counter()
         with _without_cudnn_autotuning():
-            result = self._explain_in_parts(data, class_idx)
+            result = self._explain_in_parts(data, class_idx, batch_size or data.shape[0])
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
@@ -315,18 +319,21 @@ class MedCAM:
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
         return self._keeps_label(checks, label)
 
-    def _explain_in_parts(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
-        """Parts of at most ``self._fits`` images, one after the other; once a part runs out of GPU
-        memory, it and the images after it are explained in parts of half its size."""
+    def _explain_in_parts(
+        self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, batch_size: int, first: int = 0
+    ) -> MedCAMResult:
+        """Parts of at most ``batch_size`` and ``self._fits`` images, one after the other; once a part
+        runs out of GPU memory, it and the images after it are explained in parts of half its size.
+        ``data[0]`` is image ``first`` of the caller's batch (for the log)."""
         count = data.shape[0]
         per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
         labels = torch.as_tensor(class_idx).flatten() if per_image else None
-        size = min(count, self._fits or count)
+        size = min(count, batch_size, self._fits or count)
         parts = []
         for begin in range(0, count, size):
             part = slice(begin, begin + size)
             try:
-                parts.append(self._explain(data[part], labels[part] if per_image else class_idx))
+                parts.append(self._explain(data[part], labels[part] if per_image else class_idx, first + begin))
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -334,12 +341,13 @@ class MedCAM:
                 logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
                 torch.cuda.empty_cache()
                 rest = slice(begin, None)  # the later parts would not fit either
-                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx))
+                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx, batch_size, first + begin))
                 break
         return MedCAMResult.concat(parts)
 
-    def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None) -> MedCAMResult:
-        """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds`` unset)."""
+    def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, first: int = 0) -> MedCAMResult:
+        """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds``
+        unset); ``data[0]`` is image ``first`` of the caller's batch (for the log)."""
         s = self.resolved_settings(data.ndim - 2)
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
@@ -353,7 +361,7 @@ class MedCAM:
                 logger.log(
                     logging.INFO if s.skip_vacuous else logging.WARNING,
                     "images %s: the classifier gives label %s with no evidence at all (vacuous case); the mask is %s.",
-                    vacuous.nonzero().flatten().tolist(),
+                    (vacuous.nonzero().flatten() + first).tolist(),
                     label[vacuous].tolist(),
                     "left empty (skip_vacuous)" if s.skip_vacuous else "then held to the robustness check only",
                 )
@@ -393,7 +401,7 @@ class MedCAM:
                 seed = s.seed + RESTART_SEED_STEP * restart
                 logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
                 try_again(todo, replace(s, seed=seed), only_if_better=True)
-            unsettled = (~attempt.settled).nonzero().flatten().tolist()
+            unsettled = ((~attempt.settled).nonzero().flatten() + first).tolist()
             if unsettled:
                 logger.info("images %s ran out of steps before their masks settled (soft masks may be far from binary; "
                             "raise steps)", unsettled)

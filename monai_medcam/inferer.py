@@ -77,7 +77,7 @@ class MedCAMInferer(Inferer):
         if args or kwargs:
             raise ValueError("MedCAMInferer calls the network with the image alone; it cannot pass extra arguments.")
         if torch.is_inference_mode_enabled():
-            raise RuntimeError(
+            raise ValueError(
                 "MedCAMInferer optimises mask networks and needs gradients, which torch.inference_mode() forbids; "
                 "run it under torch.no_grad() (as MONAI's evaluators do) or with no context."
             )
@@ -91,10 +91,9 @@ class MedCAMInferer(Inferer):
             )
         count, depth = data.shape[0], data.shape[-1] if sliced else 1
         images = data.movedim(-1, 1).flatten(0, 1) if sliced else data  # (B * D, C, H, W) slices
-        chunk = self.batch_size or images.shape[0]
         explainer = MedCAM(network, self.target_layers, **self.settings)
         with torch.enable_grad():
-            result = MedCAMResult.concat([explainer.explain(part, self.class_idx) for part in images.split(chunk)])
+            result = explainer.explain(images, self.class_idx, batch_size=self.batch_size)
         self.last_result = result
         values = getattr(result, self.output)
         values = values.as_tensor() if isinstance(values, MetaTensor) else values

@@ -77,7 +77,8 @@ class MedCAMSettings:
             seeds; docs/settings.md); on volumes it was not a clear gain.
         backgrounds: random backgrounds for the robustness term, one drawn per step:
             ``"gaussian"`` (the image's channel statistics), ``"uniform"``, ``"blur"``, ``"zeros"``,
-            ``"batch"`` (another image of the batch: this one makes images depend on each other).
+            ``"batch"`` (another image of the batch: this one makes images depend on each other);
+            a sequence, or one name.
         steps: most optimisation steps per attempt.
         min_steps: no early stop before this many steps.
         lr: Adam's initial learning rate.
@@ -219,12 +220,16 @@ class MedCAMSettings:
             raise ValueError(f"init_keep must lie in (0, 1), got {self.init_keep!r}.")
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
-        self.backgrounds = tuple(self.backgrounds)
+        self.backgrounds = (self.backgrounds,) if isinstance(self.backgrounds, str) else tuple(self.backgrounds)
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
         if unknown or not self.backgrounds:
             raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {self.backgrounds!r}.")
-        if self.verify_seed is not None and (isinstance(self.verify_seed, bool) or not isinstance(self.verify_seed, int)):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer (the same seed gives the same mask), got {self.seed!r}.")
+        if self.verify_seed is not None and (isinstance(self.verify_seed, bool) or not isinstance(self.verify_seed, numbers.Integral)):
             raise ValueError(f"verify_seed must be an integer or None, got {self.verify_seed!r}.")
+        self.seed = int(self.seed)
+        self.verify_seed = None if self.verify_seed is None else int(self.verify_seed)
         self.mask_features = tuple(int(f) for f in self.mask_features)
         if len(self.mask_features) != 6 or min(self.mask_features) < 1:
             raise ValueError(f"mask_features must be six positive integers, got {self.mask_features!r}.")

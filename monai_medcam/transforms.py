@@ -22,10 +22,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from monai_medcam.classifiers import LayerSpec, TargetLayer
-from monai_medcam.engine import MedCAM, MedCAMResult
+from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_NAME, find_input, load_image
 from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
-from monai_medcam.writers import OutputError, output_formats, write_outputs
+from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 
 __all__ = [
     "LoadInput",
@@ -108,6 +108,9 @@ class MedCAMExplain(Transform):
         if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ValueError(f"MedCAMExplain takes a channel-first image (C, H, W[, D]); got {shape}.")
+        if img.ndim == 4 and min(img.shape[1:]) < MIN_SPATIAL_SIZE:
+            raise ValueError(f"MedCAMExplain takes one channel-first image (C, H, W[, D]); {tuple(img.shape)} is a volume "
+                             f"with a side under {MIN_SPATIAL_SIZE} or a batch of 2D images (MedCAM and MedCAMInferer take batches).")
         x = img.as_tensor() if isinstance(img, MetaTensor) else img
         result = self.explainer.explain(x[None].to(self._device(img)), self.class_idx if class_idx is None else class_idx)
         return evidence_from_result(result, 0, img, self.output)
@@ -288,7 +291,7 @@ class SaveEvidenced(MapTransform):
         keys: KeysCollection = "pred",
         source_keys: KeysCollection = "image_source",
         output_dir: str | Path = "medcam_output",
-        formats: str | Sequence[str] = ("seg", "nifti", "png"),
+        formats: str | Sequence[str] = FORMATS,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

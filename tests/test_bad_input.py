@@ -56,6 +56,12 @@ def test_class_index_that_is_not_whole_is_refused(explainer):
         explainer(region_images(2), class_idx=1.7)  # it used to explain class 1
 
 
+@pytest.mark.parametrize("class_idx", ["1", True, object()])
+def test_class_index_that_is_not_an_index_is_refused(explainer, class_idx):
+    with pytest.raises(ValueError, match="class_idx must be"):
+        explainer(region_images(1), class_idx=class_idx)
+
+
 def test_class_index_count_mismatch(explainer):
     with pytest.raises(ValueError, match="3 labels for a batch of 2"):
         explainer(region_images(2), class_idx=[0, 1, 1])

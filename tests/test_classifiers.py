@@ -174,3 +174,41 @@ def test_state_restored_and_hooks_removed_after_error():
     with pytest.raises(RuntimeError, match="boom"):
         MedCAM(model, steps=3, check_every=1).explain(region_images(1))
     assert _state(model) == before
+
+
+def test_one_layer_given_alone_is_one_layer():
+    model = resnet18()
+    for spec in ("layer4", model.layer4, lambda m: m.layer4, TargetLayer("layer4")):
+        assert [l.name for l in FrozenClassifier(model, spec).layers] == ["layer4"]  # a Sequential is not iterated
+    with pytest.raises(TypeError, match="target_layers must be 'auto', a layer"):
+        FrozenClassifier(model, None)
+
+
+def test_wrapped_classifier_gets_the_wrapped_networks_layers():
+    model = resnet18(num_classes=3)
+    plain = FrozenClassifier(model).layers
+    wrapped = FrozenClassifier(nn.DataParallel(model)).layers
+    assert [(l.name, l.weight) for l in wrapped] == [(f"module.{l.name}", l.weight) for l in plain]
+    vit = FAMILIES["tv_vit"][0]()
+    clf = FrozenClassifier(nn.DataParallel(vit))
+    assert clf.is_transformer and clf.layers[-1].name == "module.encoder.layers.encoder_layer_3"
+    x = torch.rand(2, 3, 32, 32)
+    with clf.frozen(), torch.no_grad():
+        _, acts = clf.logits_and_activations(x)
+    assert acts[-1].shape == (2, 16, 4, 4)  # tokens laid back on the 4 x 4 patch grid
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_classifier_matches_no_activations():
+    scripted = torch.jit.script(RegionClassifier())
+    assert FrozenClassifier(scripted).layers == []  # 'auto': hooks do not run in TorchScript
+    with pytest.raises(ValueError, match=r"TorchScript.*target_layers=\[\]"):
+        FrozenClassifier(scripted, ["conv1"])
+    result = MedCAM(scripted, steps=3, check_every=1, max_retries=0, restarts=0).explain(region_images(1))
+    assert result.mask.shape == (1, 1, 32, 32)
+
+
+def test_classifier_assertion_is_a_clear_error():
+    vit = FAMILIES["tv_vit"][0]()  # torchvision's ViT asserts its image size
+    with pytest.raises(ValueError, match=r"classifier refused an input of shape \(1, 3, 48, 48\).*Wrong image height"):
+        MedCAM(vit, steps=2).explain(torch.rand(1, 3, 48, 48))

@@ -245,6 +245,9 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
         ({"shrink_rounds": -1}, "shrink_rounds must be an integer >= 0"),
         ({"shrink_rounds": 1.5}, "shrink_rounds must be an integer >= 0"),
         ({"verify_seed": 1.5}, "verify_seed must be an integer or None"),
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"seed": None}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
         ({"skip_vacuous": "maybe"}, "skip_vacuous must be true or false, got 'maybe'"),
         ({"hard_mask": None}, "hard_mask must be true or false"),
     ],
@@ -252,6 +255,28 @@ def test_unknown_setting_is_a_type_error_listing_valid_ones():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MedCAMSettings(**kwargs)
+
+
+def test_settings_take_one_background_name_and_numpy_seeds():
+    import numpy as np
+
+    s = MedCAMSettings(backgrounds="gaussian", seed=np.int64(3), verify_seed=np.int32(4))
+    assert s.backgrounds == ("gaussian",)  # not split into letters
+    assert (s.seed, s.verify_seed) == (3, 4) and type(s.seed) is int
+
+
+def test_batch_size_optimises_that_many_images_together(monkeypatch):
+    optimise, sizes = MedCAM._explain, []
+
+    def spy(self, data, *args):
+        sizes.append(data.shape[0])
+        return optimise(self, data, *args)
+
+    monkeypatch.setattr(MedCAM, "_explain", spy)
+    result = MedCAM(RegionClassifier(), steps=3, check_every=1, max_retries=0, restarts=0).explain(region_images(5), batch_size=2)
+    assert sizes == [2, 2, 1] and result.mask.shape == (5, 1, 32, 32)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        MedCAM(RegionClassifier()).explain(region_images(1), batch_size=0)
 
 
 def test_switches_take_the_words_a_command_line_gives():

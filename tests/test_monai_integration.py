@@ -48,6 +48,8 @@ def test_array_transform_keeps_metadata_and_finds_region():
 def test_array_transform_refuses_image_without_channel():
     with pytest.raises(ValueError, match="channel-first image"):
         MedCAMExplain(RegionClassifier(), **FAST)(torch.rand(32, 32))  # no channel axis
+    with pytest.raises(ValueError, match=r"one channel-first image .*\(4, 1, 32, 32\).* a batch of 2D images"):
+        MedCAMExplain(RegionClassifier(), **FAST)(torch.rand(4, 1, 32, 32))  # a batch, not a volume
 
 
 def test_dictionary_transform_in_compose():
@@ -102,7 +104,7 @@ def test_inferer_under_no_grad_and_inference_mode():
     assert out.shape == (2, 1, 32, 32)
     assert out.meta["medcam"]["verified"] == [True, True]
     assert inferer.last_result is not None and len(inferer.last_result) == 2
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
         inferer(region_images(1), network)
     with pytest.raises(TypeError, match="unknown MedCAM setting"):
         MedCAMInferer(stepz=3)
@@ -110,17 +112,20 @@ def test_inferer_under_no_grad_and_inference_mode():
         inferer(region_images(1), network, "x")
 
 
-def test_inferer_explains_volumes_slice_by_slice_in_chunks():
+def test_inferer_explains_volumes_slice_by_slice_in_chunks(caplog):
     from monai.data import decollate_batch
 
     slices = region_images(4, seed=3)  # (4, 1, 32, 32), each with the region
     slices[[0, 2]] = 0.3 * torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))  # no region: class 0
     volume = slices.permute(1, 2, 3, 0)[None]  # (1, 1, 32, 32, 4): slices on the last axis
-    inferer = MedCAMInferer(spatial_dims=2, batch_size=3, **FAST)  # 4 slices in chunks of 3 and 1
+    inferer = MedCAMInferer(spatial_dims=2, batch_size=2, **FAST)  # 4 slices in chunks of 2
     batch = MetaTensor(volume, affine=AFFINE[None])
     batch.is_batch = True  # as a DataLoader collates it
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING", logger="monai_medcam.engine"):
         out = inferer(batch, RegionClassifier())
+    # the region-free slices 0 and 2 are vacuous: named by their index in the volume, not in their chunk
+    vacuous = [r.getMessage().split(":")[0] for r in caplog.records if "vacuous" in r.getMessage()]
+    assert vacuous == ["images [0]", "images [2]"]
     assert out.shape == (1, 1, 32, 32, 4)
     assert len(inferer.last_result) == 4
     (item,) = decollate_batch(out)
