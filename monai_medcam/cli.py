@@ -89,25 +89,34 @@ def _settings(args: argparse.Namespace) -> dict[str, int | bool]:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from monai_medcam.io import InputError, find_inputs
+    from pathlib import Path
+
+    from monai_medcam.io import InputError, NotAnImage, find_inputs
     from monai_medcam.pipeline import explain_inputs
 
     loaded = _classifier(args)
     if loaded is None:
         return 2
-    inputs, failures = [], []
+    inputs, failures, skipped = [], [], []
     for path in args.input:
         try:
             found, bad = find_inputs(path, exclude=args.output)
         except InputError as err:
             found, bad = [], [err]
-        inputs += found
-        failures += bad
+        inputs += [item for item in found if item.label not in {i.label for i in inputs}]  # given twice: once
+        for err in bad:  # in a folder, a file with no image (a README, a structured report) is passed over
+            (skipped if isinstance(err, NotAnImage) and Path(path).is_dir() else failures).append(err)
+    for err in skipped:
+        logging.getLogger("monai_medcam").debug("skipped %s", err)
     layers = _target_layers(args, loaded)
     if args.target_layers is None and layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
               "pass --target-layers or use a bundle or python:module:factory for it.", file=sys.stderr)
     settings = _settings(args)
+    if not inputs and not failures:
+        print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",
+              file=sys.stderr)
+        return 2
     try:
         report = explain_inputs(
             loaded.network,
@@ -133,6 +142,9 @@ def _explain(args: argparse.Namespace) -> int:
         report.failures[str(err.path)] = err.problem
     print_report(report)
     done = len(report.written)
+    if skipped:
+        names = ", ".join(str(err.path) for err in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"skipped {len(skipped)} file(s) without an image: {names}")
     print(f"{done} input(s) explained, {len(report.failures)} failed; outputs in {args.output}"
           + (" (summary.csv)" if report.rows else ""))
     return 1 if report.failures or not done else 0
@@ -241,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # every file is written whole and then renamed: none is left half-written
+        print("\ninterrupted: every output written so far is whole (written, then renamed); medcam explain's "
+              "summary.csv lists them, and medcam wsi resumes where it stopped when run again.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from monai.data import MetaTensor, PydicomReader
 __all__ = [
     "ImageInput",
     "InputError",
+    "NotAnImage",
     "SOURCE_FILES",
     "INPUT_KIND",
     "PHOTOMETRIC",
@@ -32,6 +33,7 @@ __all__ = [
     "UNEVEN_SLICES",
     "find_input",
     "find_inputs",
+    "output_names",
     "input_datalist",
     "load_image",
     "is_dicom_file",
@@ -61,6 +63,11 @@ class InputError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class NotAnImage(InputError):
+    """A file with no image in it (a text file, a DICOM structured report or plan): searching a
+    folder, it is passed over rather than failed; given by name, it is an error like any other."""
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """One image to explain.
@@ -68,23 +75,60 @@ class ImageInput:
     Attributes:
         path: the file, or for a DICOM series its folder.
         kind: ``"dicom_series"``, ``"dicom"``, ``"nifti"`` or ``"image"``.
-        files: for a DICOM series, its files sorted by Instance Number (the slice order).
+        files: for a DICOM series, its files in slice order: by Instance Number, or by position
+            along the slices' normal where the numbers run against it (interleaved acquisitions).
         uneven_gaps: for a DICOM series whose slice gaps differ, their range (``"1.25-202.5 mm"``).
+        series: for a DICOM series that shares its folder with other series, which one it is
+            (``"4"``, its Series Number; ``""`` when the folder holds only this series).
     """
 
     path: Path
     kind: str
     files: tuple[Path, ...] = ()
     uneven_gaps: str | None = None
+    series: str = ""
 
     @property
     def name(self) -> str:
-        """A file-system-safe stem for the outputs: ``series_folder``, ``image`` for ``image.png``."""
+        """A file-system-safe stem for the outputs: ``series_folder`` (``series_folder_s4`` for its
+        series 4 beside others), ``image`` for ``image.png``."""
         name = self.path.name or self.path.resolve().name  # "." is its folder's name
         for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm", ".dicom"):
             if name.lower().endswith(suffix):
-                return name[: -len(suffix)] or name
-        return name
+                name = name[: -len(suffix)] or name
+                break
+        return f"{name}_s{self.series}" if self.series else name
+
+    @property
+    def label(self) -> str:
+        """How the input is named in the summary and in messages: its path (and series, if it shares its folder)."""
+        return f"{self.path} [series {self.series}]" if self.series else str(self.path)
+
+
+def output_names(items: list[ImageInput]) -> list[str]:
+    """A distinct output stem per input, from its path alone (not from the order of the search, so
+    a rerun over more inputs gives each the same name): an input whose :attr:`ImageInput.name` is
+    shared takes its parent folders' names in front (``p1_CT``, ``p2_CT`` for ``p1/CT`` and
+    ``p2/CT``); the same input given twice is numbered (``brain``, ``brain_1``)."""
+    def stem(item: ImageInput, depth: int) -> str:
+        parents = [p.name for p in item.path.resolve().parents][:depth][::-1]
+        return "_".join([p for p in parents if p] + [item.name])
+
+    distinct = {(item.path.resolve(), item.series): item for item in items}
+    names = {key: stem(item, 0) for key, item in distinct.items()}
+    for depth in range(1, 64):
+        count = Counter(names.values())
+        shared = [key for key, name in names.items() if count[name] > 1]
+        if not shared:
+            break
+        names.update({key: stem(distinct[key], depth) for key in shared})
+    seen: Counter[str] = Counter()
+    unique = []
+    for item in items:
+        name = names[(item.path.resolve(), item.series)]
+        unique.append(name if seen[name] == 0 else f"{name}_{seen[name]}")
+        seen[name] += 1
+    return unique
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -115,7 +159,7 @@ def _dicom_header(path: Path):
 def _check_dicom_image(path: Path, ds) -> None:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
-        raise InputError(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
+        raise NotAnImage(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
     frames = _number(path, ds, "NumberOfFrames", 1)
     if frames > 1:
         raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported; give single-frame images.")
@@ -132,9 +176,11 @@ def _number(path: Path, ds, keyword: str, default: int | None = None) -> int | N
 
 
 def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], list[InputError]]:
-    """The DICOM ``files`` of ``folder``: single-instance series are one input each, a multi-slice
-    series is one input (checked and sorted by Instance Number); two multi-slice series in one folder
-    are an error (an ambiguous export), as is any file that is not a readable single-frame image."""
+    """The DICOM ``files`` of ``folder``, grouped by Series Instance UID: a series of one instance,
+    or of projection images (radiographs, ultrasound, secondary captures: no position in space), is
+    one input per file; a multi-slice series is one input (checked and sorted by Instance Number),
+    told apart by its Series Number when the folder holds several. A file that is not a readable
+    single-frame image is an error."""
     inputs: list[ImageInput] = []
     errors: list[InputError] = []
     groups: dict[str, list[tuple[Path, object]]] = {}
@@ -146,27 +192,38 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
             errors.append(err)
             continue
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
-    multi = {uid: headers for uid, headers in groups.items() if len(headers) > 1}
-    if len(multi) > 1:
-        errors.append(InputError(
-            folder, f"the folder mixes {len(multi)} multi-slice DICOM series ({', '.join(sorted(multi))}); "
-            "put one series per folder."
-        ))
+    volumes = {uid: headers for uid, headers in groups.items() if len(headers) > 1 and not _projections(headers)}
+    labels = _series_labels(volumes)
     for uid, headers in groups.items():
-        if len(headers) == 1:
-            inputs.append(ImageInput(headers[0][0], "dicom", (headers[0][0],)))
-        elif len(multi) == 1:
-            try:
-                inputs.append(_dicom_series(folder, headers))
-            except InputError as err:
-                errors.append(err)
-            except (TypeError, ValueError, AttributeError) as err:  # a damaged value pydicom parses only now
-                errors.append(InputError(folder, f"damaged DICOM header in the series ({type(err).__name__}: {err})."))
+        if uid not in volumes:
+            inputs += [ImageInput(f, "dicom", (f,)) for f, _ in headers]
+            continue
+        try:
+            inputs.append(_dicom_series(folder, headers, labels[uid] if len(volumes) > 1 else ""))
+        except InputError as err:
+            errors.append(err)
+        except (TypeError, ValueError, AttributeError) as err:  # a damaged value pydicom parses only now
+            errors.append(InputError(folder, f"damaged DICOM header in the series ({type(err).__name__}: {err})."))
     return inputs, errors
 
 
-def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInput:
+def _projections(headers: list[tuple[Path, object]]) -> bool:
+    """Whether a series' images are projections or single pictures (no Image Position (Patient)),
+    each its own 2D input rather than a slice of a volume."""
+    return any("ImagePositionPatient" not in ds for _, ds in headers)
+
+
+def _series_labels(volumes: dict[str, list[tuple[Path, object]]]) -> dict[str, str]:
+    """Each series' Series Number, or its place among the folder's series where those are missing or shared."""
+    numbers = {uid: str(headers[0][1].get("SeriesNumber", "") or "").strip() for uid, headers in volumes.items()}
+    if all(numbers.values()) and len(set(numbers.values())) == len(numbers):
+        return numbers
+    return {uid: str(k + 1) for k, uid in enumerate(sorted(volumes, key=lambda u: str(volumes[u][0][0])))}
+
+
+def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str = "") -> ImageInput:
     """One multi-slice series, checked and sorted by Instance Number."""
+    where = f"{folder} [series {series}]" if series else folder
     numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
     missing = [f for f, n in numbers.items() if n is None]
     if missing:
@@ -174,20 +231,47 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]]) -> ImageInpu
     count = Counter(numbers.values())
     if len(count) != len(numbers):
         shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
-        raise InputError(folder, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
+        raise InputError(where, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
     shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
     if len(shapes) > 1:
-        raise InputError(folder, f"the series' slices differ in size {sorted(shapes)}.")
+        raise InputError(where, f"the series' slices differ in size {sorted(shapes)}.")
     try:
         orientations = [[float(v) for v in ds.get("ImageOrientationPatient", ())] for _, ds in headers]
     except (TypeError, ValueError) as err:
-        raise InputError(folder, f"damaged Image Orientation (Patient) in the series ({err}).") from err
+        raise InputError(where, f"damaged Image Orientation (Patient) in the series ({err}).") from err
     if any(len(o) != len(orientations[0]) or max((abs(a - b) for a, b in zip(o, orientations[0])), default=0) > 1e-3
            for o in orientations):
-        raise InputError(folder, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
+        raise InputError(where, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
                                  "are not one volume; give the slices one at a time.")
+    positions = Counter(tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for _, ds in headers)
+    if len(positions) != len(headers):
+        shared = sorted(f.name for f, ds in headers if positions[tuple(round(float(v), 3) for v in ds.ImagePositionPatient)] > 1)
+        echoes = sorted({str(ds.get("EchoNumbers", "")) for _, ds in headers} - {""})
+        kind = f"echoes {', '.join(echoes)}" if len(echoes) > 1 else "echoes, time points or acquisitions"
+        raise InputError(where, f"slices {', '.join(shared[:4])}{' ...' if len(shared) > 4 else ''} share a position: several "
+                                f"{kind} in one series, which is not one volume; put each in a folder of its own.")
     ordered = tuple(sorted(numbers, key=numbers.get))
-    return ImageInput(folder, "dicom_series", ordered, _uneven_slice_gaps([ds for _, ds in headers]))
+    along = _along_normal(dict(headers), ordered)
+    if along is not None and not (_monotonic(along) or _monotonic([-z for z in along])):
+        # Instance Numbers that run against the positions (interleaved acquisitions): stack in space
+        ordered = tuple(f for _, f in sorted(zip(along, ordered)))
+    return ImageInput(folder, "dicom_series", ordered, _uneven_slice_gaps([ds for _, ds in headers]), series)
+
+
+def _along_normal(headers: dict[Path, object], files: tuple[Path, ...]) -> list[float] | None:
+    """Each file's position along the slices' normal, in ``files``' order; ``None`` if any is missing."""
+    import numpy as np
+
+    try:
+        orientation = np.asarray(headers[files[0]].ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        return [float(np.dot(normal, np.asarray(headers[f].ImagePositionPatient, dtype=float))) for f in files]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _monotonic(values: list[float]) -> bool:
+    return all(b > a for a, b in zip(values, values[1:]))
 
 
 def _uneven_slice_gaps(headers: list) -> str | None:
@@ -215,9 +299,10 @@ def _uneven_slice_gaps(headers: list) -> str | None:
 def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[list[ImageInput], list[InputError]]:
     """The images under ``path`` (a file or a folder, searched recursively) and the files that are not.
 
-    A folder's multi-slice DICOM series is one input and each single-instance DICOM file another
-    (two multi-slice series in one folder are an error); NIfTI and PNG/JPEG/TIFF files are one
-    image each. Hidden files and ``DICOMDIR`` are skipped, and so is the folder ``exclude`` (the
+    A folder's multi-slice DICOM series is one input each, and each single-instance DICOM file or
+    projection image (a radiograph, an ultrasound frame) another (:func:`_dicom_inputs`); NIfTI
+    and PNG/JPEG/TIFF files are one image each. Files with no image in them come back as
+    :class:`NotAnImage` errors. Hidden files and ``DICOMDIR`` are skipped, and so is the folder ``exclude`` (the
     output folder) when it lies inside ``path``, or, when it is one of the folders searched, the
     evidence files and ``summary.csv`` in it: a second run would explain its own outputs.
 
@@ -260,7 +345,7 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
             elif is_dicom_file(f):
                 dicoms.append(f)
             else:
-                errors.append(InputError(f, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF)."))
+                errors.append(NotAnImage(f, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF)."))
         if dicoms:
             found, bad = _dicom_inputs(folder, dicoms)
             inputs += found
@@ -270,7 +355,8 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
 
 def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> list[dict[str, str]]:
     """``[{key: input path}, ...]`` for a MONAI ``Dataset``: each input under ``path`` (a DICOM
-    series as its folder). Files that are not images are logged and left out; with ``check``, so
+    series as its folder, or as the list of its files where it shares the folder with other
+    series; :class:`~monai_medcam.transforms.LoadInput` reads either). Files that are not images are logged and left out; with ``check``, so
     is every input that cannot be loaded (a truncated DICOM, undecodable pixel data, ...), each
     logged with its path and the problem: one bad file would otherwise stop a whole evaluator run
     when the ``Dataset`` reaches it. Checking loads every input once more (milliseconds to
@@ -294,15 +380,29 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
         logger.warning("%s (left out)", err)
     if not inputs:
         raise InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
-    return [{key: str(item.path)} for item in inputs]
+    # a series beside others in its folder: its files (MONAI's loaders also take a series as a file list)
+    return [{key: [str(f) for f in item.files] if item.series else str(item.path)} for item in inputs]
 
 
-def find_input(path: str | Path) -> ImageInput:
-    """The one input at ``path``: an image file or a folder holding one DICOM series.
+def find_input(path: str | Path | list[str | Path]) -> ImageInput:
+    """The one input at ``path``: an image file, a folder holding one DICOM series, or the list of
+    one series' files (as :func:`input_datalist` gives a series that shares its folder).
 
     Raises:
         InputError: ``path`` is not an image, or holds no input or several.
     """
+    if isinstance(path, (list, tuple)):
+        files = [Path(f) for f in path]
+        missing = [f for f in files if not f.is_file()]
+        if not files or missing:
+            raise InputError(missing[0] if missing else Path("."), "no such file (a series given as its list of files).")
+        folder = files[0].parent  # labelled as find_inputs labels the folder's series
+        found, errors = _dicom_inputs(folder, sorted(f for f in folder.iterdir() if f.is_file() and is_dicom_file(f)))
+        inputs = [item for item in found if set(item.files) == set(files)]
+        if len(inputs) != 1:
+            problems = [e for e in errors if e.path in files or e.path == folder]
+            raise problems[0] if problems else InputError(folder, f"the {len(files)} files given are not one series of this folder.")
+        return inputs[0]
     inputs, errors = find_inputs(path)
     if len(inputs) == 1:
         return inputs[0]
@@ -319,7 +419,7 @@ def _single_file(path: Path) -> ImageInput:
     if is_dicom_file(path):
         _check_dicom_image(path, _dicom_header(path))
         return ImageInput(path, "dicom", (path,))
-    raise InputError(path, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF).")
+    raise NotAnImage(path, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF).")
 
 
 def _reader(item: ImageInput):
@@ -354,10 +454,24 @@ def _reason(err: BaseException) -> str:
     text = str(err).strip()
     if "\n" not in text:
         return f"{type(err).__name__}: {text}"
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         if re.match(r"^[\w.]+(Error|Exception|error): ", line):
-            return line.strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}"
+            return _with_details(line.strip(), lines[i + 1 :])
+    return _with_details(f"{type(err).__name__}: {lines[0]}", lines[1:])
+
+
+def _with_details(line: str, rest: list[str]) -> str:
+    """``line``, and where it ends in a colon the indented lines after it (pydicom lists there the
+    decoder plugins that are missing and what to install)."""
+    if not line.endswith(":"):
+        return line
+    details = []
+    for extra in rest:
+        if not extra.startswith((" ", "\t")) or not extra.strip():
+            break
+        details.append(extra.strip())
+    return f"{line} {'; '.join(details)}" if details else line
 
 
 class _SeriesReader(PydicomReader):
@@ -383,6 +497,18 @@ class _SeriesReader(PydicomReader):
         return slices
 
 
+def _undecodable_slice(files: tuple[Path, ...]) -> Path | None:
+    """The first of a series' files whose pixel data cannot be decoded (after the series failed to load)."""
+    import pydicom
+
+    for f in files:
+        try:
+            pydicom.dcmread(f).pixel_array
+        except Exception:  # noqa: BLE001 - any failure marks the slice
+            return f
+    return None
+
+
 def load_image(item: ImageInput) -> MetaTensor:
     """Read ``item`` as a float32 channel-first MetaTensor ``(C, *spatial)`` with its affine.
 
@@ -403,7 +529,11 @@ def load_image(item: ImageInput) -> MetaTensor:
     except InputError:
         raise  # a slice of a series, named
     except Exception as err:  # readers raise many kinds for damaged files
-        raise InputError(item.path, f"cannot read the image ({_reason(err.__cause__ or err)}).") from err
+        reason = _reason(err.__cause__ or err)
+        culprit = _undecodable_slice(item.files) if item.kind == "dicom_series" else None
+        if culprit is not None:  # name the slice (its pixel data truncated, say), not only the folder
+            raise InputError(culprit, f"cannot read this slice of the series {item.label} ({reason}).") from err
+        raise InputError(item.path, f"cannot read the image ({reason}).") from err
     if not isinstance(image, MetaTensor):
         image = MetaTensor(image)
     if item.kind.startswith("dicom"):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
-from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image
+from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.visualize import grad_cam, grad_cam_layer
 from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, write_outputs
 
@@ -38,7 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ROW_FIELDS = (
-    "input", "slice", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
+    "input", "slice", "evidence", "label", "prob_input", "prob_evidence", "prob_background", "area", "verified", "settled", "vacuous", "steps",
     "retries", "seconds",
 )
 
@@ -222,7 +222,9 @@ def explain_inputs(
         classifier: the frozen classifier; moved to ``device``.
         inputs: from :func:`monai_medcam.io.find_inputs`.
         output: folder for ``<name>_evidence_seg.dcm``, ``<name>_evidence.nii.gz``,
-            ``<name>_evidence.png`` and ``summary.csv``.
+            ``<name>_evidence.png`` (``<name>``: :func:`~monai_medcam.io.output_names`) and
+            ``summary.csv``, rewritten (atomically) as each input is written: it lists this run's
+            inputs only.
         formats: any of ``seg`` (DICOM inputs only), ``nifti``, ``png``.
         spatial_dims: the classifier's; a 2D classifier explains a volume slice by slice.
         channels: the classifier's input channels (images are converted); ``None`` keeps them.
@@ -244,8 +246,8 @@ def explain_inputs(
         grad_cam_layer(classifier, gradcam_layer)  # a bad layer stops here, before any work
     check_classifier(explainer, spatial_dims, channels, size, class_idx, device)
     output = _writable_folder(Path(output))
+    summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
     report = ExplainReport()
-    names: set[str] = set()
     bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
 
     queue: list[tuple[_Pending, int, torch.Tensor]] = []
@@ -253,8 +255,8 @@ def explain_inputs(
     def fail(pending_or_item, err: Exception) -> None:
         item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
         message = err.problem if isinstance(err, InputError) else str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
-        report.failures[str(item.path)] = message
-        logger.error("%s: %s", item.path, message)
+        report.failures[item.label] = message
+        logger.error("%s: %s", item.label, message)
 
     def finish(pending: _Pending) -> None:
         image = pending.image
@@ -269,18 +271,18 @@ def explain_inputs(
         bar.update(1)
         try:
             label = labels[0] if len(labels) == 1 else None
-            report.written[str(pending.item.path)] = write_outputs(
+            report.written[pending.item.label] = write_outputs(
                 image, mask, output, pending.name, formats, soft, label, heat, title, fractional, needed or None
             )
         except OutputError as err:  # some formats written: their rows stay in the summary
             fail(pending, err)
-            if err.written:
-                report.rows.extend(pending.rows[k] for k in range(pending.pieces))
-            return
+            if not err.written:
+                return
         except Exception as err:  # a writer refusing one input must not stop the others
             fail(pending, err)
             return
         report.rows.extend(pending.rows[k] for k in range(pending.pieces))
+        write_rows_csv(summary_csv, report.rows)  # after each input: an interrupted run's summary lists what it wrote
 
     def run_batch() -> None:
         if not queue:
@@ -304,7 +306,7 @@ def explain_inputs(
                 logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, names)
         summary = result.summary()
         for j, (pending, k, _) in enumerate(queue):
-            if str(pending.item.path) in report.failures:
+            if pending.item.label in report.failures:
                 continue
             try:  # one input's problem here must not stop the others
                 shape = pending.image.shape[1:-1] if pending.sliced else pending.image.shape[1:]
@@ -312,7 +314,7 @@ def explain_inputs(
                 pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
                 if heat is not None:
                     pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
-                row = {"input": str(pending.item.path), "slice": k if pending.sliced else ""}
+                row = {"input": pending.item.label, "slice": k if pending.sliced else "", "evidence": pending.name}
                 row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
                 pending.rows[k] = row
                 if len(pending.masks) == pending.pieces:
@@ -322,11 +324,7 @@ def explain_inputs(
                 bar.update(1)
         queue.clear()
 
-    for item in inputs:
-        name = item.name
-        while name in names:
-            name = f"{name}_{len(names)}"
-        names.add(name)
+    for item, name in zip(inputs, output_names(list(inputs))):
         if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
             fail(item, InputError(item.path, SEG_NEEDS_DICOM))
             bar.update(1)
@@ -345,6 +343,4 @@ def explain_inputs(
             queue.append((pending, k, piece))
     run_batch()
     bar.close()
-    if report.rows:
-        write_rows_csv(output / "summary.csv", report.rows)
     return report

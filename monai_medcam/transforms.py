@@ -168,7 +168,8 @@ class MedCAMExplaind(MapTransform):
 class LoadInput(Transform):
     """A path -> the image as a float32 channel-first MetaTensor ``(C, *S)`` with its affine.
 
-    The path is an image file (DICOM, NIfTI, PNG/JPEG/TIFF) or a folder holding one DICOM series;
+    The path is an image file (DICOM, NIfTI, PNG/JPEG/TIFF), a folder holding one DICOM series or
+    the list of one series' files (:func:`~monai_medcam.io.input_datalist` gives those);
     see :func:`monai_medcam.io.load_image` for the readers and checks. Unreadable input raises
     :class:`~monai_medcam.io.InputError` naming the path.
     """
@@ -331,6 +332,8 @@ class SaveEvidenced(MapTransform):
                 k += 1
                 name = f"{base}_{k}"
             self.names.add(name)
+            for row in rows:
+                row["evidence"] = name
             labels = sorted({int(r["label"]) for r in rows if "label" in r})
             # the panels show the optimised slices the classifier is surest of (a stalled mask tends to
             # come with an unsure call, and keeps much of its slice)

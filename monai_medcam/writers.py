@@ -25,6 +25,10 @@ FORMATS = ("seg", "nifti", "png")
 FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
 SEG_NEEDS_DICOM = "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png)."
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
+logger = logging.getLogger(__name__)
+# recorded in a SEG's Pixel Measures for a source with Pixel Spacing but no Slice Thickness (a
+# secondary capture, a planar NM image): the standard and highdicom's reader need a value there
+NOMINAL_SLICE_THICKNESS = 1.0
 
 
 def output_formats(formats: str | Sequence[str]) -> list[str]:
@@ -142,6 +146,10 @@ def write_dicom_seg(
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.get(k)]
         if missing:
             raise ValueError(f"the source {Path(f).name} has no {', '.join(missing)}, which a DICOM SEG must reference.")
+    for source in sources:  # in memory only: the SEG's Pixel Measures need a Slice Thickness beside the Pixel Spacing
+        if "PixelSpacing" in source and not source.get("SliceThickness"):
+            source.SliceThickness = source.get("SpacingBetweenSlices") or NOMINAL_SLICE_THICKNESS
+            logger.info("%s has no Slice Thickness; its SEG records %s mm (nominal)", source.get("SOPInstanceUID"), source.SliceThickness)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if frames.shape[1:] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")

@@ -30,6 +30,8 @@ def inputs(tmp_path: Path) -> Path:
     shutil.copy(TEST_FILES / "CT_small.dcm", folder / "ct.dcm")
     shutil.copy(TEST_FILES / "rtplan.dcm", folder / "plan.dcm")
     (folder / "notes.txt").write_text("not an image")
+    (folder / "damaged").mkdir()
+    shutil.copy(TEST_FILES / "MR_truncated.dcm", folder / "damaged" / "truncated.dcm")
     return folder
 
 
@@ -38,22 +40,52 @@ def test_explain_writes_outputs_and_reports_failures(inputs, tmp_path, capsys):
     code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(inputs),
                  "--output", str(out), "--format", "seg,nifti,png", "--gradcam-layer", "layer4", *FAST])
     printed = capsys.readouterr().out
-    assert code == 1  # two inputs failed
-    assert "FAILED" in printed and "plan.dcm: DICOM file has no pixel data" in printed
-    assert "notes.txt: not an image file" in printed
-    assert "2 input(s) explained, 2 failed" in printed
+    assert code == 1  # one input failed
+    assert "FAILED" in printed and "truncated.dcm: cannot read the image" in printed
+    # in a folder, files with no image (a plan, a text file) are passed over, not failed
+    assert "skipped 2 file(s) without an image" in printed
+    assert f"FAILED {inputs / 'plan.dcm'}" not in printed and f"FAILED {inputs / 'notes.txt'}" not in printed
+    assert "2 input(s) explained, 1 failed" in printed
     assert "verified  settled" in printed  # the console table counts both per input
     for name in ("mr", "ct"):
         assert (out / f"{name}_evidence_seg.dcm").stat().st_size > 0
         assert (out / f"{name}_evidence.nii.gz").stat().st_size > 0
         assert (out / f"{name}_evidence.png").stat().st_size > 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert sorted(Path(r["input"]).name for r in rows) == ["ct.dcm", "mr.dcm"]
+    assert sorted((Path(r["input"]).name, r["evidence"]) for r in rows) == [("ct.dcm", "ct"), ("mr.dcm", "mr")]
     for row in rows:
         assert row["label"] in ("0", "1") and 0 < float(row["area"]) <= 1 and 0 <= float(row["prob_input"]) <= 1
         assert row["settled"] in ("True", "False") and (row["settled"] == "False" or row["verified"] == "True")
         assert int(row["retries"]) >= 0 and int(row["steps"]) > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_only_files_without_an_image_and_a_plan_given_by_name(inputs, tmp_path, capsys):
+    (inputs / "damaged" / "truncated.dcm").unlink()
+    for name in ("mr.dcm", "ct.dcm"):
+        (inputs / name).unlink()
+    args = ["--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--output", str(tmp_path / "o"), *FAST]
+    assert main(["explain", "--input", str(inputs), *args]) == 2
+    assert "error: no image to explain in" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["explain", "--input", str(inputs / "plan.dcm"), *args]) == 1  # named: an error like any other
+    assert "plan.dcm: DICOM file has no pixel data" in capsys.readouterr().out
+
+
+def test_a_rerun_replaces_the_summary_and_an_interrupt_exits_130(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.csv").write_text("input,area\nold.dcm,0.5\n")  # an earlier run's
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--output", str(out), *FAST]
+    assert main([*args, "--input", str(TEST_FILES / "MR_truncated.dcm")]) == 1
+    assert (out / "summary.csv").read_text().splitlines()[1:] == []  # this run wrote nothing: no row, not the old ones
+    import monai_medcam.pipeline
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(monai_medcam.pipeline, "explain_inputs", interrupted)
+    assert main([*args, "--input", str(TEST_FILES / "MR_small.dcm")]) == 130
+    assert "interrupted: every output written so far is whole" in capsys.readouterr().err
 
 
 def test_all_good_inputs_exit_zero_and_png_only(tmp_path, capsys):

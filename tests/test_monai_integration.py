@@ -173,7 +173,7 @@ def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
     expected[10:20, 24:36, 1] = 1  # the box scaled by 40/32 and 48/32
     np.testing.assert_array_equal(mask, expected)
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[2].split(",")[1:3] == ["1", "1"]  # slice 1, label 1
+    assert len(rows) == 4 and rows[2].split(",")[1:4] == ["1", "vol", "1"]  # slice 1, its output name, label 1
     with pytest.raises(ValueError, match="unknown output format"):
         SaveEvidenced(formats=["jpeg"])
     for bad in (0, (32, -1), (32, 32, 32)):

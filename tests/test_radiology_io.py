@@ -83,6 +83,19 @@ def test_series_slices_follow_instance_numbers(shuffled_series, name):
         assert np.array_equal(image[0, ..., k].numpy().T, volume[k].astype(np.float32))
 
 
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "SC_rgb.dcm"])  # a planar NM image, a secondary capture
+def test_seg_on_a_source_without_slice_thickness_validates_and_reads_back(name, tmp_path):
+    source_path = Path(get_testdata_file(name, download=False))
+    image = load_image(find_inputs(source_path)[0][0])
+    mask = MetaTensor(_pattern(tuple(image.shape[1:])), meta=image.meta)
+    path = write_dicom_seg(mask, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path) == []  # NM: Slice Thickness is type 1C in the Pixel Measures macro
+    source = pydicom.dcmread(source_path)
+    assert "SliceThickness" not in source  # the user's file is left as it is
+    frames = _seg_by_instance(path, [source])  # highdicom's reader needs it too
+    assert np.array_equal(frames[source.SOPInstanceUID], mask[0].numpy().T.astype(np.uint8))
+
+
 def test_seg_for_pydicom_mr_reads_back_and_validates(tmp_path):
     image = load_image(find_inputs(MR_SMALL)[0][0])
     mask = MetaTensor(_pattern((64, 64)), meta=image.meta)
@@ -195,7 +208,8 @@ def test_find_inputs_reports_bad_files(tmp_path):
     assert "no pixel data" in problems["plan.dcm"]
     assert "not a readable DICOM file" in problems["corrupt.dcm"]
     assert "not an image file" in problems["notes.txt"]
-    assert "mixes 2 multi-slice DICOM series" in problems["mixed"]
+    # two multi-slice series in one folder: each its own input, named by its Series Number (both localizers here)
+    assert "differ in orientation" in problems["mixed [series 1]"] and "differ in orientation" in problems["mixed [series 2]"]
     assert sorted(i.path.name for i in items if i.kind != "dicom") == ["brain.nii"]
     truncated = next(i for i in items if i.path.name == "truncated.dcm")
     with pytest.raises(InputError, match="truncated.dcm: cannot read the image"):
@@ -314,7 +328,8 @@ def test_seg_only_for_a_non_dicom_input_is_a_failure_before_any_work(tmp_path):
     report = explain_inputs(RegionClassifier(), items, tmp_path / "out", ("seg",), channels=1, size=(32, 32), **QUICK)
     assert report.failures == {str(NIFTI): "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written "
                                            "(add --format nifti or png)."}
-    assert report.rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert report.rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
+    assert (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:] == []  # this run's: no row
 
 
 def test_an_unreadable_image_gets_one_line_from_its_own_reader(tmp_path):
@@ -377,4 +392,97 @@ def test_a_slice_that_cannot_be_read_is_named_and_no_other_reader_steps_in(shuff
 
     monkeypatch.setattr(pydicom, "dcmread", rejecting)
     with pytest.raises(InputError, match=f"{bad.name}: cannot read this slice of the series \\(InvalidDicomError: damaged"):
+        load_image(item)
+
+
+def _edit(path: Path, **values) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def test_a_study_folder_holds_several_series_and_radiographs(tmp_path):
+    """A flat export of a study: two volumes and two radiographs of one series in one folder. Each
+    volume is an input of its own, told apart by its Series Number (in messages, the summary and the
+    output names); the radiographs (no position in space) are one input each; a MONAI datalist gives
+    a volume that shares its folder as its file list, which LoadInput reads back as that volume."""
+    from monai_medcam.io import find_input, input_datalist, output_names
+
+    study = tmp_path / "study"
+    for number, (name, depth) in enumerate((("t1", 3), ("t2", 4)), start=3):
+        for k, path in enumerate(write_dicom_series(tmp_path / name, np.full((depth, 8, 8), number, np.uint16), name)):
+            _edit(path, SeriesNumber=number)
+            study.mkdir(exist_ok=True)
+            path.rename(study / f"{name}_{k}.dcm")
+    for k in range(2):  # two views of one radiograph series: no Image Position (Patient)
+        shutil.copy(MR_SMALL, study / f"view_{k}.dcm")
+        _edit(study / f"view_{k}.dcm", SOPInstanceUID=f"1.2.3.4.{k}", SeriesInstanceUID="1.2.3.9", ImagePositionPatient=None)
+    items, errors = find_inputs(study)
+    assert errors == []
+    series = {i.label: i for i in items if i.kind == "dicom_series"}
+    assert sorted(series) == [f"{study} [series 3]", f"{study} [series 4]"]
+    assert [len(series[f"{study} [series {n}]"].files) for n in (3, 4)] == [3, 4]
+    assert sorted(i.path.name for i in items if i.kind == "dicom") == ["view_0.dcm", "view_1.dcm"]
+    assert sorted(output_names(items)) == ["study_s3", "study_s4", "view_0", "view_1"]
+    volumes = [d["image"] for d in input_datalist(study) if isinstance(d["image"], list)]
+    assert sorted(len(v) for v in volumes) == [3, 4]
+    assert sorted(find_input(v).name for v in volumes) == ["study_s3", "study_s4"]
+    assert load_image(find_input(volumes[0])).shape[-1] == len(volumes[0])
+    report = explain_inputs(RegionClassifier(), items, tmp_path / "out", ("seg", "png"), channels=1, size=(32, 32), **QUICK)
+    assert report.failures == {}
+    assert sorted({(r["input"], r["evidence"]) for r in report.rows if r["input"].endswith("]")}) == [
+        (f"{study} [series 3]", "study_s3"), (f"{study} [series 4]", "study_s4")]
+    assert pydicom.dcmread(tmp_path / "out" / "study_s4_evidence_seg.dcm").NumberOfFrames == 4
+
+
+def test_echoes_in_one_series_are_refused_before_any_work_and_interleaved_numbers_stack_in_space(tmp_path):
+    paths = write_dicom_series(tmp_path / "echoes", np.zeros((4, 8, 8), np.uint16), "dual echo")
+    for k, path in enumerate(paths):  # positions 0, 1, 0, 1 (x 2.2 mm): echo 1 then echo 2
+        _edit(path, ImagePositionPatient=[-8.0, -8.0, 2.2 * (k % 2)], EchoNumbers=1 + k // 2)
+    _, errors = find_inputs(tmp_path / "echoes")
+    assert len(errors) == 1 and "share a position: several echoes 1, 2 in one series" in errors[0].problem
+    paths = write_dicom_series(tmp_path / "interleaved", np.zeros((6, 8, 8), np.uint16), "interleaved")
+    for path, number in zip(paths, (1, 4, 2, 5, 3, 6)):  # the acquisition order, not the order in space
+        _edit(path, InstanceNumber=number)
+    (item,), _ = find_inputs(tmp_path / "interleaved")
+    assert [p.name for p in item.files] == [p.name for p in paths]  # in space: slice_001 ... slice_006
+
+
+def test_output_names_come_from_the_paths_not_the_order(tmp_path):
+    from monai_medcam.io import ImageInput, output_names
+
+    p1, p2, p0 = (ImageInput(tmp_path / p / "CT", "dicom_series") for p in ("p1", "p2", "p0"))
+    assert output_names([p1, p2]) == ["p1_CT", "p2_CT"]
+    assert output_names([p0, p1, p2]) == ["p0_CT", "p1_CT", "p2_CT"]  # p1 keeps its name when p0 joins
+    alone = ImageInput(tmp_path / "x" / "brain.nii.gz", "nifti")
+    assert output_names([alone, p1]) == ["brain", "CT"]
+    assert output_names([alone, alone]) == ["brain", "brain_1"]  # the same input twice
+
+
+def test_a_missing_decoder_says_what_to_install():
+    from monai_medcam.io import _reason
+
+    err = RuntimeError("Unable to decompress 'JPEG Lossless' pixel data because all plugins are missing dependencies:\n"
+                       "    gdcm - requires gdcm>=3.0.10\n    pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1\n\nmore")
+    assert _reason(err) == ("RuntimeError: Unable to decompress 'JPEG Lossless' pixel data because all plugins are missing "
+                            "dependencies: gdcm - requires gdcm>=3.0.10; pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1")
+
+
+def test_jpeg_lossless_dicom_is_read():
+    """JPEG Lossless (Process 14), the usual compression of CT and MR archive exports, needs pylibjpeg (the dicom extra)."""
+    image = load_image(find_inputs(get_testdata_file("JPEG-LL.dcm", download=False))[0][0])
+    assert image.shape == (1, 256, 1024) and float(image.max()) > float(image.min())
+
+
+def test_a_slice_whose_pixel_data_is_short_is_named(shuffled_series):
+    folder, _ = shuffled_series
+    item = find_inputs(folder)[0][0]
+    ds = pydicom.dcmread(item.files[3])
+    ds.PixelData = ds.PixelData[:-1000]  # a truncated copy
+    ds.save_as(item.files[3])
+    with pytest.raises(InputError, match=rf"{item.files[3].name}: cannot read this slice of the series .*less than expected"):
         load_image(item)
