@@ -222,14 +222,18 @@ def _series_labels(volumes: dict[str, list[tuple[Path, object]]]) -> dict[str, s
 
 
 def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str = "") -> ImageInput:
-    """One multi-slice series, checked and sorted by Instance Number."""
+    """One multi-slice series, checked and sorted by Instance Number (by position along the slices'
+    normal where the numbers are missing or run against it)."""
     where = f"{folder} [series {series}]" if series else folder
     numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
     missing = [f for f, n in numbers.items() if n is None]
-    if missing:
-        raise InputError(missing[0], "DICOM slice has no Instance Number, so the slice order is unknown.")
+    if missing:  # the positions may still order the slices
+        along = _along_normal(dict(headers), tuple(numbers))
+        if along is None:
+            raise InputError(missing[0], "DICOM slice has neither an Instance Number nor a position, so the slice order is unknown.")
+        numbers = dict(zip(numbers, along))
     count = Counter(numbers.values())
-    if len(count) != len(numbers):
+    if len(count) != len(numbers) and not missing:
         shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
         raise InputError(where, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
     shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
@@ -509,6 +513,28 @@ def _undecodable_slice(files: tuple[Path, ...]) -> Path | None:
     return None
 
 
+def _palette_to_rgb(item: ImageInput, image: MetaTensor) -> MetaTensor:
+    """A PALETTE COLOR image ``(1, X, Y[, Z])`` of palette indices -> its colours ``(3, X, Y[, Z])``
+    through each file's lookup table (pydicom's ``apply_color_lut``), in [0, 1]."""
+    import numpy as np
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    indices = image[0].as_tensor().numpy()
+    planes = [indices] if indices.ndim == 2 else [indices[..., k] for k in range(indices.shape[-1])]
+    colours = []
+    for plane, f in zip(planes, item.files):
+        try:
+            ds = pydicom.dcmread(f)
+            rgb = apply_color_lut(plane.T.astype(np.int64), ds)  # (rows, columns, 3); the plane is (columns, rows)
+        except Exception as err:  # noqa: BLE001 - a damaged or missing lookup table
+            raise InputError(f, f"PALETTE COLOR image whose lookup table cannot be applied ({type(err).__name__}: {err}).") from err
+        top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0  # 8- or 16-bit table entries
+        colours.append(torch.from_numpy(rgb.transpose(2, 1, 0).astype(np.float32) / top))
+    data = colours[0] if indices.ndim == 2 else torch.stack(colours, dim=-1)
+    return MetaTensor(data, meta=image.meta)
+
+
 def load_image(item: ImageInput) -> MetaTensor:
     """Read ``item`` as a float32 channel-first MetaTensor ``(C, *spatial)`` with its affine.
 
@@ -545,6 +571,8 @@ def load_image(item: ImageInput) -> MetaTensor:
         if item.uneven_gaps:
             image.meta[UNEVEN_SLICES] = item.uneven_gaps
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
+        if image.meta[PHOTOMETRIC] == "PALETTE COLOR":
+            image = _palette_to_rgb(item, image)
     image.meta[INPUT_KIND] = item.kind
     image.meta[INPUT_NAME] = item.name
     if image.ndim - 1 not in (2, 3):

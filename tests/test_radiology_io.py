@@ -450,6 +450,21 @@ def test_echoes_in_one_series_are_refused_before_any_work_and_interleaved_number
         _edit(path, InstanceNumber=number)
     (item,), _ = find_inputs(tmp_path / "interleaved")
     assert [p.name for p in item.files] == [p.name for p in paths]  # in space: slice_001 ... slice_006
+    for path in paths:  # no Instance Numbers at all: the positions order the slices
+        _edit(path, InstanceNumber=None)
+    (item,), errors = find_inputs(tmp_path / "interleaved")
+    assert errors == [] and [p.name for p in item.files] == [p.name for p in paths]
+
+
+def test_a_palette_colour_image_is_read_in_its_colours():
+    from pydicom.pixels import apply_color_lut
+
+    path = Path(get_testdata_file("examples_palette.dcm", download=False))  # ultrasound, 8-bit indices, 16-bit table
+    image = load_image(find_inputs(path)[0][0])
+    ds = pydicom.dcmread(path)
+    rgb = apply_color_lut(ds.pixel_array, ds)  # (rows, columns, 3)
+    assert image.shape == (3, ds.Columns, ds.Rows)
+    np.testing.assert_allclose(image.numpy().transpose(2, 1, 0) * 65535, rgb, atol=0.5)
 
 
 def test_output_names_come_from_the_paths_not_the_order(tmp_path):
