@@ -12,7 +12,7 @@ import difflib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -230,9 +230,11 @@ class FrozenClassifier:
     Args:
         nn_module: the classifier; maps ``(B, C, *spatial)`` to logits ``(B, K)`` (``K >= 2``, softmax)
             or ``(B, 1)`` / ``(B,)`` (one logit, sigmoid). A tuple output (MONAI ViT) uses its first item.
-        target_layers: ``"auto"`` for the per-architecture defaults, or a sequence of layer names,
-            modules of the classifier, callables ``model -> module`` or :class:`TargetLayer`;
-            an empty sequence turns activation matching off.
+        target_layers: ``"auto"`` for the per-architecture defaults, or one layer or a sequence
+            (any iterable, an ``nn.ModuleList``) of layer names, modules of the classifier,
+            callables ``model -> module`` or :class:`TargetLayer`; an empty sequence turns
+            activation matching off. A TorchScript classifier takes only ``"auto"`` (meaning
+            ``[]``) or ``[]``: forward hooks do not run inside a scripted graph.
         layer_weights: optional per-layer weights, overriding the defaults.
         layer_distances: optional per-layer distances (``"mse"`` or ``"cosine"``).
 
@@ -269,15 +271,18 @@ class FrozenClassifier:
         layer_distances: Sequence[str] | None,
     ) -> list[TargetLayer]:
         scripted = isinstance(self.model, torch.jit.ScriptModule)
-        if isinstance(target_layers, (str, nn.Module, TargetLayer)) or callable(target_layers):
-            if isinstance(target_layers, str) and target_layers == "auto":
-                if scripted:
-                    logger.warning("target_layers='auto' on a TorchScript classifier: forward hooks do not run in "
-                                   "TorchScript, so activation matching is off (target_layers=[]).")
-                target_layers = [] if scripted else default_target_layers(self.model)
-            else:
-                target_layers = [target_layers]  # one layer (a module is one layer, even a Sequential)
-        elif target_layers is None or not isinstance(target_layers, Sequence):
+        if isinstance(target_layers, str) and target_layers == "auto":
+            if scripted:
+                logger.warning("target_layers='auto' on a TorchScript classifier: forward hooks do not run in "
+                               "TorchScript, so activation matching is off (target_layers=[]).")
+            target_layers = [] if scripted else default_target_layers(self.model)
+        elif isinstance(target_layers, (nn.ModuleList, nn.ModuleDict)):  # containers that never run: their members
+            target_layers = list(target_layers.values() if isinstance(target_layers, nn.ModuleDict) else target_layers)
+        elif isinstance(target_layers, (str, nn.Module, TargetLayer)) or callable(target_layers):
+            target_layers = [target_layers]  # one layer (a module that runs is one layer, even a Sequential)
+        elif isinstance(target_layers, Iterable) and not isinstance(target_layers, Mapping):
+            target_layers = list(target_layers)
+        else:
             raise TypeError(f"target_layers must be 'auto', a layer (name, module, callable or TargetLayer) or a "
                             f"sequence of layers, got {type(target_layers).__name__}.")
         if scripted and len(target_layers):

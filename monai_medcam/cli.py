@@ -111,7 +111,7 @@ def _explain(args: argparse.Namespace) -> int:
     layers = _target_layers(args, loaded)
     if args.target_layers is None and layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
-              "pass --target-layers or use a bundle or python:module:factory for it.", file=sys.stderr)
+              "for it, give the classifier as a bundle or python:module:factory.", file=sys.stderr)
     settings = _settings(args)
     if not inputs and not failures:
         print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",

@@ -15,6 +15,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -264,7 +265,7 @@ class MedCAM:
             raise  # explain() halves the batch
         except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its input size
             hint = VOLUME_HINT if x.ndim == 5 else ""
-            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {err or type(err).__name__}") from err
+            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {str(err) or type(err).__name__}") from err
         return logits.float(), [a.detach() for a in acts]
 
     # -- the public entry point -----------------------------------------------------------------
@@ -278,12 +279,12 @@ class MedCAM:
         start from the size that fitted; the images' results do not depend on either.
         """
         data = self._check_input(x)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
         class_idx = None if class_idx is None else index_tensor(class_idx)  # not numbers: refused before any work
         start = time.perf_counter()
         with _without_cudnn_autotuning():
-            result = self._explain_in_parts(data, class_idx, batch_size or data.shape[0])
+            result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]))
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):

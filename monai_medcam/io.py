@@ -30,6 +30,7 @@ __all__ = [
     "INPUT_KIND",
     "PHOTOMETRIC",
     "INPUT_NAME",
+    "INPUT_LABEL",
     "UNEVEN_SLICES",
     "find_input",
     "find_inputs",
@@ -47,6 +48,7 @@ SOURCE_FILES = "medcam_source_files"
 INPUT_KIND = "medcam_input_kind"
 PHOTOMETRIC = "medcam_photometric"
 INPUT_NAME = "medcam_input_name"
+INPUT_LABEL = "medcam_input_label"  # the input's path, and its series where several share a folder
 UNEVEN_SLICES = "medcam_uneven_slice_gaps"  # a DICOM series' range of slice gaps, when they differ
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -106,10 +108,10 @@ class ImageInput:
 
 
 def output_names(items: list[ImageInput]) -> list[str]:
-    """A distinct output stem per input, from its path alone (not from the order of the search, so
-    a rerun over more inputs gives each the same name): an input whose :attr:`ImageInput.name` is
-    shared takes its parent folders' names in front (``p1_CT``, ``p2_CT`` for ``p1/CT`` and
-    ``p2/CT``); the same input given twice is numbered (``brain``, ``brain_1``)."""
+    """A distinct output stem per input, from the paths (not from the order of the search: a name
+    always says which input it is): an input whose :attr:`ImageInput.name` is shared takes its
+    parent folders' names in front (``p1_CT``, ``p2_CT`` for ``p1/CT`` and ``p2/CT``, and ``p0_CT``
+    beside them when ``p0/CT`` joins); the same input given twice is numbered (``brain``, ``brain_1``)."""
     def stem(item: ImageInput, depth: int) -> str:
         parents = [p.name for p in item.path.resolve().parents][:depth][::-1]
         return "_".join([p for p in parents if p] + [item.name])
@@ -122,12 +124,15 @@ def output_names(items: list[ImageInput]) -> list[str]:
         if not shared:
             break
         names.update({key: stem(distinct[key], depth) for key in shared})
-    seen: Counter[str] = Counter()
-    unique = []
+    taken = set(names.values())
+    unique, given = [], set()
     for item in items:
         name = names[(item.path.resolve(), item.series)]
-        unique.append(name if seen[name] == 0 else f"{name}_{seen[name]}")
-        seen[name] += 1
+        if name in given:  # the same input again: the first free number
+            name = next(f"{name}_{k}" for k in range(1, len(items) + 2) if f"{name}_{k}" not in taken)
+            taken.add(name)
+        given.add(name)
+        unique.append(name)
     return unique
 
 
@@ -208,9 +213,9 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
 
 
 def _projections(headers: list[tuple[Path, object]]) -> bool:
-    """Whether a series' images are projections or single pictures (no Image Position (Patient)),
-    each its own 2D input rather than a slice of a volume."""
-    return any("ImagePositionPatient" not in ds for _, ds in headers)
+    """Whether a series' images are projections or single pictures (none has an Image Position
+    (Patient)), each its own 2D input rather than a slice of a volume."""
+    return all("ImagePositionPatient" not in ds for _, ds in headers)
 
 
 def _series_labels(volumes: dict[str, list[tuple[Path, object]]]) -> dict[str, str]:
@@ -225,12 +230,16 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
     """One multi-slice series, checked and sorted by Instance Number (by position along the slices'
     normal where the numbers are missing or run against it)."""
     where = f"{folder} [series {series}]" if series else folder
+    unplaced = sorted(f.name for f, ds in headers if "ImagePositionPatient" not in ds)
+    if unplaced:
+        raise InputError(where, f"slices {', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''} have no Image Position "
+                                "(Patient) while the others do, so they are not one volume.")
     numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
     missing = [f for f, n in numbers.items() if n is None]
     if missing:  # the positions may still order the slices
         along = _along_normal(dict(headers), tuple(numbers))
         if along is None:
-            raise InputError(missing[0], "DICOM slice has neither an Instance Number nor a position, so the slice order is unknown.")
+            raise InputError(missing[0], "DICOM slice has no Instance Number and the series no usable orientation, so the slice order is unknown.")
         numbers = dict(zip(numbers, along))
     count = Counter(numbers.values())
     if len(count) != len(numbers) and not missing:
@@ -497,6 +506,8 @@ class _SeriesReader(PydicomReader):
                 slices.append(pydicom.dcmread(f, **options))
             except Exception as err:  # name the slice, not only the folder
                 raise InputError(f, f"cannot read this slice of the series ({type(err).__name__}: {err}).") from err
+        for k, ds in enumerate(slices):  # in memory: MONAI stacks by Instance Number, so it keeps the files' order
+            ds.InstanceNumber = k + 1  # (by position where the numbers ran against it or were missing)
         self.filenames, self.has_series = [self.series_files], True
         return slices
 
@@ -575,6 +586,7 @@ def load_image(item: ImageInput) -> MetaTensor:
             image = _palette_to_rgb(item, image)
     image.meta[INPUT_KIND] = item.kind
     image.meta[INPUT_NAME] = item.name
+    image.meta[INPUT_LABEL] = item.label
     if image.ndim - 1 not in (2, 3):
         raise InputError(item.path, f"expected a 2D or 3D image; got spatial shape {tuple(image.shape[1:])}.")
     if not torch.isfinite(image).all():

@@ -23,7 +23,7 @@ from monai.transforms import MapTransform, Transform
 
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
-from monai_medcam.io import INPUT_NAME, find_input, load_image
+from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
 from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
 from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 
@@ -323,7 +323,8 @@ class SaveEvidenced(MapTransform):
             count = len(next(iter(columns.values()), []))
             rows = []
             for k in range(count):
-                row: dict[str, object] = {"input": str(source.meta.get("filename_or_obj", "")), "slice": k if count > 1 else ""}
+                row: dict[str, object] = {"input": str(source.meta.get(INPUT_LABEL, source.meta.get("filename_or_obj", ""))),
+                                          "slice": k if count > 1 else ""}
                 row.update({name: columns[name][k] for name in ROW_FIELDS if name in columns})
                 rows.append(row)
             name = str(source.meta.get(INPUT_NAME, Path(str(source.meta.get("filename_or_obj", key))).name))

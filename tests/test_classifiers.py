@@ -182,6 +182,9 @@ def test_one_layer_given_alone_is_one_layer():
         assert [l.name for l in FrozenClassifier(model, spec).layers] == ["layer4"]  # a Sequential is not iterated
     with pytest.raises(TypeError, match="target_layers must be 'auto', a layer"):
         FrozenClassifier(model, None)
+    blocks = nn.ModuleList([model.layer3, model.layer4])  # never runs itself: its members are the layers
+    assert [l.name for l in FrozenClassifier(model, blocks).layers] == ["layer3", "layer4"]
+    assert [l.name for l in FrozenClassifier(model, (n for n in ("layer2", "layer4"))).layers] == ["layer2", "layer4"]
 
 
 def test_wrapped_classifier_gets_the_wrapped_networks_layers():
@@ -212,3 +215,12 @@ def test_classifier_assertion_is_a_clear_error():
     vit = FAMILIES["tv_vit"][0]()  # torchvision's ViT asserts its image size
     with pytest.raises(ValueError, match=r"classifier refused an input of shape \(1, 3, 48, 48\).*Wrong image height"):
         MedCAM(vit, steps=2).explain(torch.rand(1, 3, 48, 48))
+
+    class Bare(RegionClassifier):
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise AssertionError  # a bare assert (pytest would add a message to one written in a test)
+            return super().forward(x)
+
+    with pytest.raises(ValueError, match=r"refused an input of shape \(1, 1, 40, 40\): AssertionError$"):
+        MedCAM(Bare(), steps=2).explain(torch.rand(1, 1, 40, 40))

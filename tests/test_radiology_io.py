@@ -445,15 +445,25 @@ def test_echoes_in_one_series_are_refused_before_any_work_and_interleaved_number
         _edit(path, ImagePositionPatient=[-8.0, -8.0, 2.2 * (k % 2)], EchoNumbers=1 + k // 2)
     _, errors = find_inputs(tmp_path / "echoes")
     assert len(errors) == 1 and "share a position: several echoes 1, 2 in one series" in errors[0].problem
-    paths = write_dicom_series(tmp_path / "interleaved", np.zeros((6, 8, 8), np.uint16), "interleaved")
+    levels = np.arange(1, 7, dtype=np.uint16)[:, None, None] * np.ones((6, 8, 8), np.uint16)  # slice k holds k + 1
+    paths = write_dicom_series(tmp_path / "interleaved", levels, "interleaved")
     for path, number in zip(paths, (1, 4, 2, 5, 3, 6)):  # the acquisition order, not the order in space
         _edit(path, InstanceNumber=number)
-    (item,), _ = find_inputs(tmp_path / "interleaved")
-    assert [p.name for p in item.files] == [p.name for p in paths]  # in space: slice_001 ... slice_006
+
+    def stacked() -> list[int]:
+        (item,), errors = find_inputs(tmp_path / "interleaved")
+        assert errors == [] and [p.name for p in item.files] == [p.name for p in paths]  # in space: slice_001 ... 006
+        image = load_image(item)
+        assert image.meta[SOURCE_FILES] == [str(p) for p in item.files]
+        return [int(image[0, 0, 0, k]) for k in range(image.shape[-1])]  # the pixels follow the files (the SEG's frames)
+
+    assert stacked() == [1, 2, 3, 4, 5, 6]
     for path in paths:  # no Instance Numbers at all: the positions order the slices
         _edit(path, InstanceNumber=None)
-    (item,), errors = find_inputs(tmp_path / "interleaved")
-    assert errors == [] and [p.name for p in item.files] == [p.name for p in paths]
+    assert stacked() == [1, 2, 3, 4, 5, 6]
+    _edit(paths[2], ImagePositionPatient=None)  # one slice without a position: not one volume
+    _, errors = find_inputs(tmp_path / "interleaved")
+    assert len(errors) == 1 and "slices slice_003.dcm have no Image Position (Patient) while the others do" in errors[0].problem
 
 
 def test_a_palette_colour_image_is_read_in_its_colours():
@@ -476,6 +486,8 @@ def test_output_names_come_from_the_paths_not_the_order(tmp_path):
     alone = ImageInput(tmp_path / "x" / "brain.nii.gz", "nifti")
     assert output_names([alone, p1]) == ["brain", "CT"]
     assert output_names([alone, alone]) == ["brain", "brain_1"]  # the same input twice
+    other = ImageInput(tmp_path / "y" / "brain_1.nii.gz", "nifti")
+    assert output_names([alone, alone, other]) == ["brain", "brain_2", "brain_1"]  # no clash with another's name
 
 
 def test_a_missing_decoder_says_what_to_install():
