@@ -141,6 +141,11 @@ class MedCAMResult:
         ]
 
 
+def _listed(names: list[str], which: torch.Tensor) -> str:
+    """``"[a, c]"``: the names where ``which`` ``(B,)`` is True."""
+    return "[" + ", ".join(names[i] for i in which.nonzero().flatten().tolist()) + "]"
+
+
 def _rows(idx: torch.Tensor, *values: torch.Tensor | list[torch.Tensor]) -> tuple:
     """Each value's rows ``idx`` (for a list of tensors, such as the reference activations, each tensor's)."""
     return tuple([v[idx] for v in value] if isinstance(value, list) else value[idx] for value in values)
@@ -270,21 +275,29 @@ class MedCAM:
 
     # -- the public entry point -----------------------------------------------------------------
     def explain(
-        self, x: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None = None, batch_size: int | None = None
+        self,
+        x: torch.Tensor,
+        class_idx: int | Sequence[int] | torch.Tensor | None = None,
+        batch_size: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> MedCAMResult:
         """Explain ``x`` ``(B, C, *spatial)``; ``class_idx`` (one for all or one per image) defaults to the prediction.
 
         At most ``batch_size`` images are optimised together (``None``: all of ``x``). A batch that
         does not fit in GPU memory is explained in halves (then quarters, ...), and later calls
-        start from the size that fitted; the images' results do not depend on either.
+        start from the size that fitted; the images' results do not depend on either. ``names``
+        (one per image) are how the log calls the images; their indices in ``x`` by default.
         """
         data = self._check_input(x)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        names = [str(i) for i in range(data.shape[0])] if names is None else [str(n) for n in names]
+        if len(names) != data.shape[0]:
+            raise ValueError(f"names gives {len(names)} names for a batch of {data.shape[0]} images.")
         class_idx = None if class_idx is None else index_tensor(class_idx)  # not numbers: refused before any work
         start = time.perf_counter()
         with _without_cudnn_autotuning():
-            result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]))
+            result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
@@ -321,11 +334,11 @@ class MedCAM:
         return self._keeps_label(checks, label)
 
     def _explain_in_parts(
-        self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, batch_size: int, first: int = 0
+        self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, batch_size: int, names: list[str]
     ) -> MedCAMResult:
         """Parts of at most ``batch_size`` and ``self._fits`` images, one after the other; once a part
         runs out of GPU memory, it and the images after it are explained in parts of half its size.
-        ``data[0]`` is image ``first`` of the caller's batch (for the log)."""
+        ``names``: the images' names in the log."""
         count = data.shape[0]
         per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
         labels = torch.as_tensor(class_idx).flatten() if per_image else None
@@ -334,7 +347,7 @@ class MedCAM:
         for begin in range(0, count, size):
             part = slice(begin, begin + size)
             try:
-                parts.append(self._explain(data[part], labels[part] if per_image else class_idx, first + begin))
+                parts.append(self._explain(data[part], labels[part] if per_image else class_idx, names[part]))
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -342,13 +355,13 @@ class MedCAM:
                 logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
                 torch.cuda.empty_cache()
                 rest = slice(begin, None)  # the later parts would not fit either
-                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx, batch_size, first + begin))
+                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx, batch_size, names[rest]))
                 break
         return MedCAMResult.concat(parts)
 
-    def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, first: int = 0) -> MedCAMResult:
+    def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, names: list[str]) -> MedCAMResult:
         """:meth:`explain` for one batch that is optimised together (``mask`` a plain tensor, ``seconds``
-        unset); ``data[0]`` is image ``first`` of the caller's batch (for the log)."""
+        unset); ``names``: the images' names in the log."""
         s = self.resolved_settings(data.ndim - 2)
         with self.classifier.frozen(), torch.enable_grad():
             ref_logits, ref_acts = self._reference(data)
@@ -362,7 +375,7 @@ class MedCAM:
                 logger.log(
                     logging.INFO if s.skip_vacuous else logging.WARNING,
                     "images %s: the classifier gives label %s with no evidence at all (vacuous case); the mask is %s.",
-                    (vacuous.nonzero().flatten() + first).tolist(),
+                    _listed(names, vacuous),
                     label[vacuous].tolist(),
                     "left empty (skip_vacuous)" if s.skip_vacuous else "then held to the robustness check only",
                 )
@@ -402,10 +415,9 @@ class MedCAM:
                 seed = s.seed + RESTART_SEED_STEP * restart
                 logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
                 try_again(todo, replace(s, seed=seed), only_if_better=True)
-            unsettled = ((~attempt.settled).nonzero().flatten() + first).tolist()
-            if unsettled:
+            if not attempt.settled.all():
                 logger.info("images %s ran out of steps before their masks settled (soft masks may be far from binary; "
-                            "raise steps)", unsettled)
+                            "raise steps)", _listed(names, ~attempt.settled))
             with torch.no_grad():
                 prob_input = torch.softmax(ref_logits, 1).gather(1, label[:, None])[:, 0]
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)

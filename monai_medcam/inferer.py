@@ -93,7 +93,8 @@ class MedCAMInferer(Inferer):
         images = data.movedim(-1, 1).flatten(0, 1) if sliced else data  # (B * D, C, H, W) slices
         explainer = MedCAM(network, self.target_layers, **self.settings)
         with torch.enable_grad():
-            result = explainer.explain(images, self.class_idx, batch_size=self.batch_size)
+            names = [f"{b}/slice {d}" for b in range(count) for d in range(depth)] if sliced else None  # for the log
+            result = explainer.explain(images, self.class_idx, batch_size=self.batch_size, names=names)
         self.last_result = result
         values = getattr(result, self.output)
         values = values.as_tensor() if isinstance(values, MetaTensor) else values

@@ -290,7 +290,8 @@ def explain_inputs(
         batch = torch.stack([piece for _, _, piece in queue]).to(device)
         owners = {id(p): p for p, _, _ in queue}
         try:
-            result = explainer.explain(batch, class_idx)
+            names = [f"{p.name} slice {k}" if p.sliced else p.name for p, k, _ in queue]  # the log names inputs
+            result = explainer.explain(batch, class_idx, names=names)
         except Exception as err:
             for pending in owners.values():
                 fail(pending, err)
@@ -302,8 +303,8 @@ def explain_inputs(
             try:
                 heat = grad_cam(classifier, batch, gradcam_layer, result.label)
             except Exception as err:  # the evidence is written all the same, its panel without Grad-CAM
-                names = ", ".join(sorted({Path(p.item.path).name for p in owners.values()}))
-                logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, names)
+                which = ", ".join(sorted({Path(p.item.path).name for p in owners.values()}))
+                logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, which)
         summary = result.summary()
         for j, (pending, k, _) in enumerate(queue):
             if pending.item.label in report.failures:

@@ -450,7 +450,7 @@ def explain_slide(
             if size is not None and size != tile:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             try:
-                result = explainer.explain(x, class_idx)
+                result = explainer.explain(x, class_idx, names=[f"tile {t.index}" for t in batch])
             except ValueError as err:  # e.g. a class index the classifier does not have
                 raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
             masks = result.mask.as_tensor().detach().float()

@@ -139,18 +139,21 @@ def test_torchscript_and_bundle_classifiers(tmp_path):
         load_classifier(tmp_path)
 
 
-def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys):
+def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog):
     from monai_medcam.demo.studies import write_demo_studies
 
     lesions = write_demo_studies(tmp_path / "studies")["mr_series"]  # (columns, rows, slices): a lesion on 3 of 12
     out = tmp_path / "o"
-    code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
-                 str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti", "--skip-vacuous", *FAST])
+    with caplog.at_level("INFO", logger="monai_medcam.engine"):
+        code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
+                     str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti", "--skip-vacuous", *FAST])
     assert code == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == 12
     vacuous = [r for r in rows if r["vacuous"] == "True"]
     assert vacuous and len(vacuous) < 12  # the no-lesion slices, not the lesion ones
+    named = ", ".join(f"mr_series slice {r['slice']}" for r in vacuous if int(r["slice"]) < 8)  # the first batch of 8
+    assert f"images [{named}]: the classifier gives label" in caplog.text  # the log names inputs, not batch places
     for row in rows:
         if row["vacuous"] == "True":  # left empty without a single step
             assert (row["label"], float(row["area"]), row["steps"], row["settled"]) == ("0", 0.0, "0", "True")

@@ -91,6 +91,9 @@ def test_settled_says_whether_the_mask_stopped_before_its_step_budget(caplog):
     with caplog.at_level(logging.INFO, logger="monai_medcam.engine"):
         short = MedCAM(RegionClassifier(), steps=20, **FAST).explain(x)  # fewer steps than min_steps (40): nothing can settle
     assert "images [0, 1] ran out of steps before their masks settled" in caplog.text
+    with caplog.at_level(logging.INFO, logger="monai_medcam.engine"):
+        MedCAM(RegionClassifier(), steps=20, **FAST).explain(x, names=["mr slice 3", "ct.dcm"])
+    assert "images [mr slice 3, ct.dcm] ran out of steps" in caplog.text  # the caller's names for them
     assert short.steps.tolist() == [20, 20] and short.settled.tolist() == [False, False]
     assert short.summary()[0]["settled"] is False
     full = MedCAM(RegionClassifier(), restarts=0, **FAST).explain(x)  # one attempt each
@@ -277,6 +280,8 @@ def test_batch_size_optimises_that_many_images_together(monkeypatch):
     assert sizes == [2, 2, 1] and result.mask.shape == (5, 1, 32, 32)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         MedCAM(RegionClassifier()).explain(region_images(1), batch_size=0)
+    with pytest.raises(ValueError, match="names gives 1 names for a batch of 2"):
+        MedCAM(RegionClassifier()).explain(region_images(2), names=["a"])
 
 
 def test_switches_take_the_words_a_command_line_gives():

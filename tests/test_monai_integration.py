@@ -125,7 +125,7 @@ def test_inferer_explains_volumes_slice_by_slice_in_chunks(caplog):
         out = inferer(batch, RegionClassifier())
     # the region-free slices 0 and 2 are vacuous: named by their index in the volume, not in their chunk
     vacuous = [r.getMessage().split(":")[0] for r in caplog.records if "vacuous" in r.getMessage()]
-    assert vacuous == ["images [0]", "images [2]"]
+    assert vacuous == ["images [0/slice 0]", "images [0/slice 2]"]  # volume 0 of the batch
     assert out.shape == (1, 1, 32, 32, 4)
     assert len(inferer.last_result) == 4
     (item,) = decollate_batch(out)
