@@ -51,6 +51,8 @@ INPUT_NAME = "medcam_input_name"
 INPUT_LABEL = "medcam_input_label"  # the input's path, and its series where several share a folder
 UNEVEN_SLICES = "medcam_uneven_slice_gaps"  # a DICOM series' range of slice gaps, when they differ
 
+# DICOM objects with pixel data that are annotations, not images: Segmentation, Surface/Label Map Segmentation
+ANNOTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5", "1.2.840.10008.5.1.4.1.1.66.7")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 OUTPUT_SUFFIXES = ("_evidence.nii.gz", "_evidence.png", "_evidence_seg.dcm")  # what monai_medcam.writers writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -162,12 +164,15 @@ def _dicom_header(path: Path):
 
 
 def _check_dicom_image(path: Path, ds) -> None:
+    sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
         raise NotAnImage(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
+    if str(ds.get("SOPClassUID", "")) in ANNOTATION_SOP_CLASSES:  # a SEG beside its series in a study export
+        raise NotAnImage(path, f"a DICOM {sop} object (an annotation of an image, not an image); nothing to explain.")
     frames = _number(path, ds, "NumberOfFrames", 1)
     if frames > 1:
-        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported; give single-frame images.")
+        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported yet; convert it to NIfTI "
+                               "(e.g. with dcm2niix) and explain that.")
 
 
 def _number(path: Path, ds, keyword: str, default: int | None = None) -> int | None:

@@ -200,12 +200,17 @@ def test_find_inputs_reports_bad_files(tmp_path):
     shutil.copy(test_files / "MR_truncated.dcm", tmp_path / "truncated.dcm")
     shutil.copy(test_files / "rtplan.dcm", tmp_path / "plan.dcm")
     shutil.copy(test_files / "no_meta.dcm", tmp_path / "corrupt.dcm")
+    shutil.copy(test_files / "liver_1frame.dcm", tmp_path / "seg.dcm")  # a DICOM SEG exported beside its series
+    shutil.copy(get_testdata_file("emri_small.dcm", download=False), tmp_path / "enhanced.dcm")  # multi-frame (pydicom-data)
     (tmp_path / "notes.txt").write_text("not an image")
     shutil.copytree(test_files / "dicomdirtests" / "98892003" / "MR2", tmp_path / "mixed")
     shutil.copy(NIFTI, tmp_path / "brain.nii")
     items, errors = find_inputs(tmp_path)
     problems = {e.path.name: e.problem for e in errors}
     assert "no pixel data" in problems["plan.dcm"]
+    assert "a DICOM Segmentation Storage object (an annotation of an image, not an image)" in problems["seg.dcm"]
+    assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "notes.txt")} == {"NotAnImage"}
+    assert "multi-frame DICOM (10 frames) is not supported yet; convert it to NIfTI" in problems["enhanced.dcm"]
     assert "not a readable DICOM file" in problems["corrupt.dcm"]
     assert "not an image file" in problems["notes.txt"]
     # two multi-slice series in one folder: each its own input, named by its Series Number (both localizers here)
