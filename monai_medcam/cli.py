@@ -97,13 +97,16 @@ def _explain(args: argparse.Namespace) -> int:
     loaded = _classifier(args)
     if loaded is None:
         return 2
-    inputs, failures, skipped = [], [], []
+    inputs, failures, skipped, seen = [], [], [], set()
     for path in args.input:
         try:
             found, bad = find_inputs(path, exclude=args.output)
         except InputError as err:
             found, bad = [], [err]
-        inputs += [item for item in found if item.label not in {i.label for i in inputs}]  # given twice: once
+        for item in found:  # an input given twice is explained once
+            if item.label not in seen:
+                seen.add(item.label)
+                inputs.append(item)
         for err in bad:  # in a folder, a file with no image (a README, a structured report) is passed over
             (skipped if isinstance(err, NotAnImage) and Path(path).is_dir() else failures).append(err)
     for err in skipped:

@@ -239,13 +239,13 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
     if unplaced:
         raise InputError(where, f"slices {', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''} have no Image Position "
                                 "(Patient) while the others do, so they are not one volume.")
+    along = _along_normal(headers)  # each file's position along the slices' normal (None: not known)
     numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
     missing = [f for f, n in numbers.items() if n is None]
     if missing:  # the positions may still order the slices
-        along = _along_normal(dict(headers), tuple(numbers))
         if along is None:
             raise InputError(missing[0], "DICOM slice has no Instance Number and the series no usable orientation, so the slice order is unknown.")
-        numbers = dict(zip(numbers, along))
+        numbers = dict(along)
     count = Counter(numbers.values())
     if len(count) != len(numbers) and not missing:
         shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
@@ -261,53 +261,52 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
            for o in orientations):
         raise InputError(where, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
                                  "are not one volume; give the slices one at a time.")
-    positions = Counter(tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for _, ds in headers)
-    if len(positions) != len(headers):
-        shared = sorted(f.name for f, ds in headers if positions[tuple(round(float(v), 3) for v in ds.ImagePositionPatient)] > 1)
+    position = {f: tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for f, ds in headers}
+    at = Counter(position.values())
+    if len(at) != len(headers):
+        shared = sorted(f.name for f, p in position.items() if at[p] > 1)
         echoes = sorted({str(ds.get("EchoNumbers", "")) for _, ds in headers} - {""})
         kind = f"echoes {', '.join(echoes)}" if len(echoes) > 1 else "echoes, time points or acquisitions"
         raise InputError(where, f"slices {', '.join(shared[:4])}{' ...' if len(shared) > 4 else ''} share a position: several "
                                 f"{kind} in one series, which is not one volume; put each in a folder of its own.")
     ordered = tuple(sorted(numbers, key=numbers.get))
-    along = _along_normal(dict(headers), ordered)
-    if along is not None and not (_monotonic(along) or _monotonic([-z for z in along])):
-        # Instance Numbers that run against the positions (interleaved acquisitions): stack in space
-        ordered = tuple(f for _, f in sorted(zip(along, ordered)))
-    return ImageInput(folder, "dicom_series", ordered, _uneven_slice_gaps([ds for _, ds in headers]), series)
+    if along is not None:
+        z = [along[f] for f in ordered]
+        if not (_monotonic(z) or _monotonic([-v for v in z])):
+            # Instance Numbers that run against the positions (interleaved acquisitions): stack in space
+            ordered = tuple(sorted(ordered, key=along.get))
+    gaps = None if along is None else _uneven_slice_gaps(list(along.values()))
+    return ImageInput(folder, "dicom_series", ordered, gaps, series)
 
 
-def _along_normal(headers: dict[Path, object], files: tuple[Path, ...]) -> list[float] | None:
-    """Each file's position along the slices' normal, in ``files``' order; ``None`` if any is missing."""
+def _along_normal(headers: list[tuple[Path, object]]) -> dict[Path, float] | None:
+    """Each file's position along its slice's normal (from its own Image Orientation and Position);
+    ``None`` if any slice lacks them or has them damaged."""
     import numpy as np
 
-    try:
-        orientation = np.asarray(headers[files[0]].ImageOrientationPatient, dtype=float)
-        normal = np.cross(orientation[:3], orientation[3:])
-        return [float(np.dot(normal, np.asarray(headers[f].ImagePositionPatient, dtype=float))) for f in files]
-    except (AttributeError, TypeError, ValueError):
-        return None
+    along = {}
+    for f, ds in headers:
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return None
+        try:
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            normal = np.cross(orientation[:3], orientation[3:])
+            along[f] = float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float)))
+        except (TypeError, ValueError):  # damaged geometry: no claim about the order or the gaps
+            return None
+    return along
 
 
 def _monotonic(values: list[float]) -> bool:
     return all(b > a for a, b in zip(values, values[1:]))
 
 
-def _uneven_slice_gaps(headers: list) -> str | None:
-    """The range of gaps between a series' neighbouring slices (their headers) along their normal,
-    ``"1.25-202.5 mm"``, when they differ by more than 1% (a NIfTI's regular grid cannot hold
-    them), else ``None`` (also when a slice has no position)."""
+def _uneven_slice_gaps(positions: list[float]) -> str | None:
+    """The range of gaps between a series' neighbouring slices (their positions along the normal,
+    :func:`_along_normal`), ``"1.25-202.5 mm"``, when they differ by more than 1% (a NIfTI's
+    regular grid cannot hold them), else ``None``."""
     import numpy as np
 
-    positions = []
-    for ds in headers:
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            return None
-        try:
-            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-            normal = np.cross(orientation[:3], orientation[3:])
-            positions.append(float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
-        except (TypeError, ValueError):  # damaged geometry: no claim about the gaps
-            return None
     gaps = np.diff(np.sort(positions))
     if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01 * float(np.median(gaps)), 1e-3):
         return None
@@ -541,7 +540,7 @@ def _palette_to_rgb(item: ImageInput, image: MetaTensor) -> MetaTensor:
     colours = []
     for plane, f in zip(planes, item.files):
         try:
-            ds = pydicom.dcmread(f)
+            ds = pydicom.dcmread(f, stop_before_pixels=True)  # the lookup table lies before the pixel data
             rgb = apply_color_lut(plane.T.astype(np.int64), ds)  # (rows, columns, 3); the plane is (columns, rows)
         except Exception as err:  # noqa: BLE001 - a damaged or missing lookup table
             raise InputError(f, f"PALETTE COLOR image whose lookup table cannot be applied ({type(err).__name__}: {err}).") from err
