@@ -8,6 +8,12 @@ needs to reference the right instance for each frame.
 
 Array axes follow MONAI's convention for DICOM (``swap_ij``): spatial axis 0 runs along the
 columns of the DICOM image, axis 1 along the rows, axis 2 through the slices.
+
+A multi-frame DICOM file (enhanced CT/MR, a legacy-converted series, an ultrasound cine) is read
+by :func:`_read_frames` (highdicom decodes its frames) into the same layout: frames with positions
+in space become a volume's slices, ordered along their normal, and ``meta[SOURCE_FRAMES]`` says
+which frame each slice is; frames without (a cine, a multi-frame capture) stay in file order and
+``meta[NOT_A_VOLUME]`` says so (a 2D classifier explains them one by one).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ __all__ = [
     "InputError",
     "NotAnImage",
     "SOURCE_FILES",
+    "SOURCE_FRAMES",
+    "NOT_A_VOLUME",
     "INPUT_KIND",
     "PHOTOMETRIC",
     "INPUT_NAME",
@@ -45,6 +53,8 @@ logger = logging.getLogger(__name__)
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 SOURCE_FILES = "medcam_source_files"
+SOURCE_FRAMES = "medcam_source_frames"  # a multi-frame DICOM's frame number (1-based) of each slice
+NOT_A_VOLUME = "medcam_not_a_volume"  # why a stack of frames has no geometry ("30 frames without positions ...")
 INPUT_KIND = "medcam_input_kind"
 PHOTOMETRIC = "medcam_photometric"
 INPUT_NAME = "medcam_input_name"
@@ -53,6 +63,7 @@ UNEVEN_SLICES = "medcam_uneven_slice_gaps"  # a DICOM series' range of slice gap
 
 # DICOM objects with pixel data that are annotations, not images: Segmentation, Surface/Label Map Segmentation
 ANNOTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5", "1.2.840.10008.5.1.4.1.1.66.7")
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"  # a dose grid: pixel data, but a computed distribution, not an image
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 OUTPUT_SUFFIXES = ("_evidence.nii.gz", "_evidence.png", "_evidence_seg.dcm")  # what monai_medcam.writers writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -78,7 +89,7 @@ class ImageInput:
 
     Attributes:
         path: the file, or for a DICOM series its folder.
-        kind: ``"dicom_series"``, ``"dicom"``, ``"nifti"`` or ``"image"``.
+        kind: ``"dicom_series"``, ``"dicom"``, ``"dicom_frames"`` (a multi-frame file), ``"nifti"`` or ``"image"``.
         files: for a DICOM series, its files in slice order: by Instance Number, or by position
             along the slices' normal where the numbers run against it (interleaved acquisitions).
         uneven_gaps: for a DICOM series whose slice gaps differ, their range (``"1.25-202.5 mm"``).
@@ -169,10 +180,15 @@ def _check_dicom_image(path: Path, ds) -> None:
         raise NotAnImage(path, f"DICOM file has no pixel data (SOP class {sop}); nothing to explain.")
     if str(ds.get("SOPClassUID", "")) in ANNOTATION_SOP_CLASSES:  # a SEG beside its series in a study export
         raise NotAnImage(path, f"a DICOM {sop} object (an annotation of an image, not an image); nothing to explain.")
-    frames = _number(path, ds, "NumberOfFrames", 1)
-    if frames > 1:
-        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported yet; convert it to NIfTI "
-                               "(e.g. with dcm2niix) and explain that.")
+    if str(ds.get("SOPClassUID", "")) == RT_DOSE:
+        raise NotAnImage(path, "a DICOM RT Dose object (a computed dose grid, not an image); nothing to explain.")
+
+
+def _dicom_kind(path: Path, ds) -> str:
+    """``"dicom_frames"`` for a multi-frame file (also an enhanced image of one frame, whose geometry
+    lies in its functional groups, where MONAI's reader does not look), else ``"dicom"``."""
+    multi = _number(path, ds, "NumberOfFrames", 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    return "dicom_frames" if multi else "dicom"
 
 
 def _number(path: Path, ds, keyword: str, default: int | None = None) -> int | None:
@@ -189,8 +205,8 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
     """The DICOM ``files`` of ``folder``, grouped by Series Instance UID: a series of one instance,
     or of projection images (radiographs, ultrasound, secondary captures: no position in space), is
     one input per file; a multi-slice series is one input (checked and sorted by Instance Number),
-    told apart by its Series Number when the folder holds several. A file that is not a readable
-    single-frame image is an error."""
+    told apart by its Series Number when the folder holds several; a multi-frame file is one input
+    of its own. A file that is not a readable image is an error."""
     inputs: list[ImageInput] = []
     errors: list[InputError] = []
     groups: dict[str, list[tuple[Path, object]]] = {}
@@ -198,6 +214,9 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
         try:
             ds = _dicom_header(f)
             _check_dicom_image(f, ds)
+            if _dicom_kind(f, ds) == "dicom_frames":  # a volume or a cine in one file
+                inputs.append(ImageInput(f, "dicom_frames", (f,)))
+                continue
         except InputError as err:
             errors.append(err)
             continue
@@ -434,8 +453,9 @@ def _single_file(path: Path) -> ImageInput:
     if _has_suffix(path, IMAGE_SUFFIXES):
         return ImageInput(path, "image")
     if is_dicom_file(path):
-        _check_dicom_image(path, _dicom_header(path))
-        return ImageInput(path, "dicom", (path,))
+        ds = _dicom_header(path)
+        _check_dicom_image(path, ds)
+        return ImageInput(path, _dicom_kind(path, ds), (path,))
     raise NotAnImage(path, "not an image file (expected DICOM, NIfTI, PNG, JPEG or TIFF).")
 
 
@@ -550,6 +570,140 @@ def _palette_to_rgb(item: ImageInput, image: MetaTensor) -> MetaTensor:
     return MetaTensor(data, meta=image.meta)
 
 
+def _functional(ds, group, sequence: str, keyword: str):
+    """``keyword`` of a multi-frame file's frame: from its per-frame ``group``, else the shared groups'."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for where in (group, shared[0] if shared else None):
+        items = where.get(sequence) if where is not None else None
+        if items and keyword in items[0]:
+            return items[0][keyword].value
+    return None
+
+
+def _frame_geometry(path: Path, ds, count: int):
+    """A multi-frame file's frame positions ``(N, 3)``, orientation ``(6,)`` and pixel spacing ``(2,)``
+    (mm, LPS) from its functional groups (enhanced CT/MR/PET, legacy-converted series), or ``None``
+    where its frames have no positions in space (a cine, a multi-frame capture).
+
+    Raises:
+        InputError: positions on some frames only, orientations that differ, or damaged values.
+    """
+    import numpy as np
+
+    groups = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if not groups:
+        return None
+    if len(groups) != count:
+        raise InputError(path, f"damaged DICOM header: {len(groups)} per-frame functional groups for {count} frames.")
+    positions = [_functional(ds, g, "PlanePositionSequence", "ImagePositionPatient") for g in groups]
+    if all(p is None for p in positions):
+        return None
+    placed = [k + 1 for k, p in enumerate(positions) if p is not None]
+    if len(placed) != count:
+        raise InputError(path, f"only frames {_listed(placed)} of {count} have an Image Position (Patient), so the frames are not one volume.")
+    try:
+        orientations = np.array([_functional(ds, g, "PlaneOrientationSequence", "ImageOrientationPatient")
+                                 or ds.get("ImageOrientationPatient") for g in groups], dtype=float)
+        spacing = _functional(ds, groups[0], "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing") or (1.0, 1.0)
+        positions, spacing = np.array(positions, dtype=float), np.array(spacing, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"damaged frame geometry (Image Position/Orientation or Pixel Spacing: {err}).") from err
+    if orientations.shape != (count, 6) or positions.shape != (count, 3) or spacing.shape != (2,):
+        raise InputError(path, "damaged frame geometry: Image Orientation (Patient) missing or not 6 values, "
+                               "or Image Position (Patient) not 3 values.")
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        raise InputError(path, "the frames differ in orientation (a localizer or a radial acquisition), so they are not one volume.")
+    return positions, orientations[0], spacing
+
+
+def _thickness(ds) -> float:
+    """A one-frame enhanced image's Slice Thickness (its Pixel Measures), 1 mm where it has none."""
+    groups = ds.get("PerFrameFunctionalGroupsSequence") or [None]
+    try:
+        return float(_functional(ds, groups[0], "PixelMeasuresSequence", "SliceThickness") or 1.0)
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def _listed(numbers: list[int], most: int = 4) -> str:
+    return ", ".join(map(str, numbers[:most])) + (" ..." if len(numbers) > most else "")
+
+
+def _read_frames(item: ImageInput) -> MetaTensor:
+    """A multi-frame DICOM file -> ``(C, X, Y, N)`` in MONAI's DICOM axis order, float32.
+
+    Frames with positions in space are a volume's slices, ordered along their normal, with the
+    affine MONAI gives the same slices as a series (RAS); ``meta[SOURCE_FRAMES]`` holds each slice's
+    frame number. Frames without (a cine) keep the file's order and an identity affine, and
+    ``meta[NOT_A_VOLUME]`` says why. Pixel values as for single-frame DICOM: the modality rescale
+    applied (from the functional groups), colour as RGB, a palette through its lookup table in [0, 1].
+
+    Raises:
+        InputError: undecodable frames, damaged geometry, or frames that share a position (several
+            echoes or time points in one file).
+    """
+    import numpy as np
+    import pydicom
+
+    path = item.path
+    try:
+        import highdicom as hd
+    except ImportError as err:
+        raise InputError(path, "a multi-frame DICOM file is read with highdicom, which is not installed: "
+                               "pip install 'monai-medcam[dicom]'.") from err
+    try:
+        ds = pydicom.dcmread(path)
+        count = _number(path, ds, "NumberOfFrames", 1)
+        geometry = _frame_geometry(path, ds, count)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for damaged files
+        raise InputError(path, f"cannot read the image ({type(err).__name__}: {err}).") from err
+    affine = np.eye(4)
+    order = list(range(count))
+    meta: dict[str, object] = {}
+    if geometry is None:
+        meta[NOT_A_VOLUME] = f"{count} frames without positions in space (a cine or a multi-frame capture)"
+    else:
+        positions, orientation, (row_spacing, column_spacing) = geometry
+        normal = np.cross(orientation[:3], orientation[3:])
+        along = positions @ normal
+        order = sorted(order, key=lambda k: along[k])
+        at = Counter(tuple(np.round(p, 3)) for p in positions)
+        shared = [k + 1 for k in range(count) if at[tuple(np.round(positions[k], 3))] > 1]
+        if shared:
+            raise InputError(path, f"frames {_listed(shared)} share a position: several echoes, time points or acquisitions "
+                                   "in one file, which is not one volume; split it (e.g. dcm2niix) and explain each.")
+        first, last = positions[order[0]], positions[order[-1]]
+        affine[:3, 0] = orientation[:3] * column_spacing  # axis 0 runs along a row (across the columns)
+        affine[:3, 1] = orientation[3:] * row_spacing
+        affine[:3, 2] = (last - first) / (count - 1) if count > 1 else normal * _thickness(ds)
+        affine[:3, 3] = first
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS, as MONAI reads DICOM
+        gaps = _uneven_slice_gaps([float(along[k]) for k in order])
+        if gaps:
+            meta[UNEVEN_SLICES] = gaps
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = hd.Image.from_dataset(ds, copy=False).get_frames(
+                [k + 1 for k in order], dtype=np.float32, apply_real_world_transform=False
+            )  # (N, rows, columns[, 3])
+    except Exception as err:  # noqa: BLE001 - a decoder missing, truncated pixel data, ...
+        raise InputError(path, f"cannot read the image ({type(err).__name__}: {err}).") from err
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":  # the lookup table's 8- or 16-bit entries -> [0, 1]
+        bits = int(ds.get("RedPaletteColorLookupTableDescriptor", [0, 0, 16])[2])
+        frames = frames / float(2 ** (16 if bits > 8 else 8) - 1)
+    data = torch.from_numpy(np.ascontiguousarray(frames.transpose(3, 2, 1, 0) if frames.ndim == 4 else frames.transpose(2, 1, 0)[None]))
+    if count == 1:  # an enhanced image of one frame: a 2D image, as MONAI reads a single-frame one
+        data = data[..., 0]
+    meta.update({"affine": torch.as_tensor(affine), "original_affine": affine.copy(), "filename_or_obj": str(path),
+                 SOURCE_FILES: [str(path)], SOURCE_FRAMES: [k + 1 for k in order],
+                 PHOTOMETRIC: "RGB" if frames.ndim == 4 else photometric})
+    return MetaTensor(data, meta=meta)
+
+
 def load_image(item: ImageInput) -> MetaTensor:
     """Read ``item`` as a float32 channel-first MetaTensor ``(C, *spatial)`` with its affine.
 
@@ -562,6 +716,8 @@ def load_image(item: ImageInput) -> MetaTensor:
         raise InputError(item.path, "no such file or folder.")
     if item.kind == "image":
         _check_single_page(item.path)
+    if item.kind == "dicom_frames":
+        return _checked(_read_frames(item), item)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -588,6 +744,11 @@ def load_image(item: ImageInput) -> MetaTensor:
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
         if image.meta[PHOTOMETRIC] == "PALETTE COLOR":
             image = _palette_to_rgb(item, image)
+    return _checked(image, item)
+
+
+def _checked(image: MetaTensor, item: ImageInput) -> MetaTensor:
+    """``image`` labelled with ``item``, after checking it is 2D or 3D and finite."""
     image.meta[INPUT_KIND] = item.kind
     image.meta[INPUT_NAME] = item.name
     image.meta[INPUT_LABEL] = item.label

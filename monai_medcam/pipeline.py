@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
-from monai_medcam.io import INPUT_KIND, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
+from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.visualize import grad_cam, grad_cam_layer
 from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, write_outputs
 
@@ -97,6 +97,9 @@ def to_classifier_space(
     dims = data.ndim - 1
     if spatial_dims == 2 and dims == 3:
         pieces = [data[..., k] for k in range(data.shape[-1])]
+    elif spatial_dims == dims and dims == 3 and isinstance(image, MetaTensor) and image.meta.get(NOT_A_VOLUME):
+        raise InputError(path, f"{image.meta[NOT_A_VOLUME]}, not a volume: a 3D classifier cannot explain it "
+                               "(a 2D classifier explains its frames one by one).")
     elif spatial_dims == dims:
         pieces = [data]
     else:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from monai_medcam.io import PHOTOMETRIC, SOURCE_FILES, UNEVEN_SLICES
+from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -113,7 +113,8 @@ def write_dicom_seg(
     One segment, "Med-CAM evidence", property type DCM 130401 "Visual explanation", algorithm
     type AUTOMATIC with Med-CAM's name and version. Frame ``k`` is the mask on the source instance
     of slice ``k`` (``mask.meta[SOURCE_FILES]``, in slice order), for a 3D explanation of a series
-    or slice-by-slice 2D explanations alike. New series and instance UIDs; patient and study
+    or slice-by-slice 2D explanations alike; on a multi-frame source (one file), on the frame of
+    slice ``k`` (``mask.meta[SOURCE_FRAMES]``). New series and instance UIDs; patient and study
     identity come from the source (highdicom copies exactly what the standard requires).
 
     Args:
@@ -139,7 +140,9 @@ def write_dicom_seg(
     if fractional and soft_mask is None:
         raise ValueError(f"{path}: a FRACTIONAL SEG needs the soft mask.")
     frames = dicom_frames(soft_mask if fractional else mask)
-    if frames.shape[0] != len(files):
+    if mask.meta.get(SOURCE_FRAMES) is not None:
+        frames = _in_source_frames(frames, mask.meta, path)
+    elif frames.shape[0] != len(files):
         raise ValueError(f"{path}: the mask has {frames.shape[0]} slices but the source has {len(files)} instances.")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     for source, f in zip(sources, files):  # what a SEG must reference (highdicom would fail on them obscurely)
@@ -150,6 +153,7 @@ def write_dicom_seg(
         if "PixelSpacing" in source and not source.get("SliceThickness"):
             source.SliceThickness = source.get("SpacingBetweenSlices") or NOMINAL_SLICE_THICKNESS
             logger.info("%s has no Slice Thickness; its SEG records %s mm (nominal)", source.get("SOPInstanceUID"), source.SliceThickness)
+    _positions_per_frame(sources[0])
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if frames.shape[1:] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")
@@ -184,6 +188,32 @@ def write_dicom_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _in_source_frames(frames: np.ndarray, meta: Mapping, path: Path) -> np.ndarray:
+    """A multi-frame source's mask ``(N, rows, columns)`` in slice order -> in the file's frame order."""
+    if meta.get(NOT_A_VOLUME):  # highdicom: "Only a single frame is supported when the source image has no Frame of Reference UID"
+        raise ValueError(f"{path}: a DICOM SEG on a multi-frame source needs its frames' positions in space, and this "
+                         f"source has {meta[NOT_A_VOLUME]}; its evidence is in the NIfTI and PNG outputs.")
+    order = np.asarray(meta[SOURCE_FRAMES]) - 1
+    if frames.shape[0] != len(order):
+        raise ValueError(f"{path}: the mask has {frames.shape[0]} slices but the source has {len(order)} frames.")
+    placed = np.empty_like(frames)
+    placed[order] = frames
+    return placed
+
+
+def _positions_per_frame(source) -> None:
+    """In memory: a multi-frame source's Plane Position kept in its shared functional groups (legal
+    for one frame, or frames in one place) copied into each frame's, where highdicom looks for it."""
+    import copy
+
+    shared = (source.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if shared is None or "PlanePositionSequence" not in shared:
+        return
+    for group in source.get("PerFrameFunctionalGroupsSequence") or []:
+        if "PlanePositionSequence" not in group:
+            group.PlanePositionSequence = copy.deepcopy(shared.PlanePositionSequence)
 
 
 def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_number: int, what: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
@@ -202,6 +203,7 @@ def test_find_inputs_reports_bad_files(tmp_path):
     shutil.copy(test_files / "no_meta.dcm", tmp_path / "corrupt.dcm")
     shutil.copy(test_files / "liver_1frame.dcm", tmp_path / "seg.dcm")  # a DICOM SEG exported beside its series
     shutil.copy(get_testdata_file("emri_small.dcm", download=False), tmp_path / "enhanced.dcm")  # multi-frame (pydicom-data)
+    shutil.copy(test_files / "rtdose.dcm", tmp_path / "dose.dcm")  # a dose grid: pixel data, not an image
     (tmp_path / "notes.txt").write_text("not an image")
     shutil.copytree(test_files / "dicomdirtests" / "98892003" / "MR2", tmp_path / "mixed")
     shutil.copy(NIFTI, tmp_path / "brain.nii")
@@ -209,13 +211,13 @@ def test_find_inputs_reports_bad_files(tmp_path):
     problems = {e.path.name: e.problem for e in errors}
     assert "no pixel data" in problems["plan.dcm"]
     assert "a DICOM Segmentation Storage object (an annotation of an image, not an image)" in problems["seg.dcm"]
-    assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "notes.txt")} == {"NotAnImage"}
-    assert "multi-frame DICOM (10 frames) is not supported yet; convert it to NIfTI" in problems["enhanced.dcm"]
+    assert "a DICOM RT Dose object (a computed dose grid, not an image)" in problems["dose.dcm"]
+    assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "dose.dcm", "notes.txt")} == {"NotAnImage"}
     assert "not a readable DICOM file" in problems["corrupt.dcm"]
     assert "not an image file" in problems["notes.txt"]
     # two multi-slice series in one folder: each its own input, named by its Series Number (both localizers here)
     assert "differ in orientation" in problems["mixed [series 1]"] and "differ in orientation" in problems["mixed [series 2]"]
-    assert sorted(i.path.name for i in items if i.kind != "dicom") == ["brain.nii"]
+    assert sorted((i.path.name, i.kind) for i in items if i.kind != "dicom") == [("brain.nii", "nifti"), ("enhanced.dcm", "dicom_frames")]
     truncated = next(i for i in items if i.path.name == "truncated.dcm")
     with pytest.raises(InputError, match="truncated.dcm: cannot read the image"):
         load_image(truncated)
@@ -266,7 +268,12 @@ def test_damaged_headers_and_non_volume_series_are_reported_by_name(tmp_path):
     """A damaged number in one header is that file's problem, not the folder's crash; slices in two
     orientations (localizers) are not one volume; slices sharing an Instance Number are named; the
     output folder inside the input folder is not searched (a second run would explain its outputs)."""
-    shutil.copy(TEST_FILES / "badVR.dcm", tmp_path / "bad.dcm")  # NumberOfFrames '1A'
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    bad = pydicom.dcmread(MR_SMALL)  # NumberOfFrames '1A' (as in pydicom's badVR.dcm, an RT Dose: not an image)
+    bad[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    bad.save_as(tmp_path / "bad.dcm")
     shutil.copy(MR_SMALL, tmp_path / "good.dcm")
     shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT2N", tmp_path / "localizers")
     write_dicom_series(tmp_path / "twins", np.zeros((3, 8, 8), np.uint16), "twins")
@@ -518,3 +525,156 @@ def test_a_slice_whose_pixel_data_is_short_is_named(shuffled_series):
     ds.save_as(item.files[3])
     with pytest.raises(InputError, match=rf"{item.files[3].name}: cannot read this slice of the series .*less than expected"):
         load_image(item)
+
+
+# --- multi-frame DICOM: enhanced volumes and cines -----------------------------------------------
+
+
+def _enhanced(series: Path, path: Path, seed: int = 0) -> Path:
+    """The single-frame ``series`` converted by highdicom into one Legacy Converted Enhanced MR file,
+    its frames in a shuffled order (a multi-frame file need not store them along the normal)."""
+    slices = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    np.random.default_rng(seed).shuffle(slices)
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        slices, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    image.save_as(path)
+    return path
+
+
+def test_a_multiframe_volume_reads_as_its_series(shuffled_series, tmp_path):
+    """An enhanced (multi-frame) MR holding a series' slices, frames shuffled: the same voxels and
+    affine as the series, slices along the normal, each slice's frame number recorded."""
+    from monai_medcam.io import NOT_A_VOLUME, SOURCE_FRAMES, find_input
+
+    folder, volume = shuffled_series
+    enhanced = _enhanced(folder, tmp_path / "enhanced.dcm")
+    item = find_input(enhanced)
+    assert item.kind == "dicom_frames" and item.files == (enhanced,)
+    series, frames = load_image(find_input(folder)), load_image(item)
+    assert frames.shape == series.shape == (1, 56, 40, 6)
+    assert torch.equal(frames.as_tensor(), series.as_tensor())
+    assert torch.equal(frames[0, ..., 2], torch.from_numpy(volume[2].T.astype(np.float32)))
+    assert np.allclose(np.asarray(frames.affine), np.asarray(series.affine))
+    source = pydicom.dcmread(enhanced)
+    z = [float(source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient[2])
+         for f in frames.meta[SOURCE_FRAMES]]
+    assert z == sorted(z) and sorted(frames.meta[SOURCE_FRAMES]) == list(range(1, 7))
+    assert frames.meta[SOURCE_FRAMES] != list(range(1, 7))  # shuffled: the order comes from the positions
+    assert frames.meta[SOURCE_FILES] == [str(enhanced)] and NOT_A_VOLUME not in frames.meta
+
+
+def test_a_seg_on_a_multiframe_source_references_each_frame(shuffled_series, tmp_path):
+    """The SEG of a multi-frame source puts slice k's mask on frame SOURCE_FRAMES[k]: the same
+    pixels at each position as the SEG of the same mask on the single-frame series; dciodvfy clean."""
+    from monai_medcam.io import SOURCE_FRAMES, find_input
+
+    folder, _ = shuffled_series
+    enhanced = _enhanced(folder, tmp_path / "enhanced.dcm")
+    series, frames = load_image(find_input(folder)), load_image(find_input(enhanced))
+    pattern = _pattern((56, 40, 6))
+    on_frames = write_dicom_seg(MetaTensor(pattern, meta=frames.meta), tmp_path / "frames_seg.dcm", label=1)
+    on_series = write_dicom_seg(MetaTensor(pattern, meta=series.meta), tmp_path / "series_seg.dcm", label=1)
+    assert dciodvfy_errors(on_frames) == []
+    source = pydicom.dcmread(enhanced)
+    seg = hd.seg.segread(on_frames)
+    assert seg.NumberOfFrames == 6
+    by_instance = _seg_by_instance(on_series, [pydicom.dcmread(f) for f in series.meta[SOURCE_FILES]])
+    for k, frame in enumerate(frames.meta[SOURCE_FRAMES]):
+        pixels = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [frame], segment_numbers=[1])[0, ..., 0]
+        assert np.array_equal(pixels, pattern[0, ..., k].numpy().T.astype(np.uint8))
+        assert np.array_equal(pixels, by_instance[pydicom.dcmread(series.meta[SOURCE_FILES][k]).SOPInstanceUID])
+
+
+def test_multiframe_files_that_are_not_one_volume_are_refused(shuffled_series, tmp_path):
+    """Frames sharing a position (echoes, time points), positions on some frames only, and frames
+    of differing orientation: each refused with the file named, before any work."""
+    from monai_medcam.io import find_input
+
+    folder, _ = shuffled_series
+    enhanced = pydicom.dcmread(_enhanced(folder, tmp_path / "enhanced.dcm"))
+    groups = enhanced.PerFrameFunctionalGroupsSequence
+
+    def variant(name: str, change) -> Path:
+        ds = copy.deepcopy(enhanced)  # its sequences too
+        change(ds.PerFrameFunctionalGroupsSequence)
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    shared = variant("echoes.dcm", lambda g: setattr(g[3].PlanePositionSequence[0], "ImagePositionPatient",
+                                                     groups[1].PlanePositionSequence[0].ImagePositionPatient))
+    with pytest.raises(InputError, match=r"echoes.dcm: frames 2, 4 share a position: several echoes, time points"):
+        load_image(find_input(shared))
+    unplaced = variant("partial.dcm", lambda g: delattr(g[4], "PlanePositionSequence"))
+    with pytest.raises(InputError, match=r"partial.dcm: only frames 1, 2, 3, 4 \.\.\. of 6 have an Image Position"):
+        load_image(find_input(unplaced))
+
+    def tilt(g):
+        g[0].PlaneOrientationSequence = [pydicom.Dataset()]
+        g[0].PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
+    with pytest.raises(InputError, match=r"tilted.dcm: the frames differ in orientation"):
+        load_image(find_input(variant("tilted.dcm", tilt)))
+
+
+def test_enhanced_ct_frames_in_hounsfield_units():
+    """pydicom-data's enhanced CT: the rescale from its functional groups applied (air at -1024 HU,
+    as MONAI reads single-frame CT), frames ordered along the normal, spacing from Pixel Measures."""
+    from monai_medcam.io import SOURCE_FRAMES, find_input
+
+    path = Path(get_testdata_file("eCT_Supplemental.dcm", download=False))
+    image = load_image(find_input(path))
+    stored = pydicom.dcmread(path).pixel_array  # (2, 512, 512), stored values from 0
+    assert image.shape == (1, 512, 512, 2) and float(image.min()) == float(stored.min()) - 1024
+    # orientation (-1, 0, 0, 0, 1, 0): the normal is -z, so frame 2 (z -149) comes before frame 1 (z -159)
+    assert image.meta[SOURCE_FRAMES] == [2, 1]
+    assert torch.equal(image[0, ..., 0], torch.from_numpy(stored[1].T.astype(np.float32) - 1024))
+    assert np.allclose(np.asarray(image.affine)[:3, :3], np.diag([0.388672, -0.388672, -10.0]))
+
+
+def test_a_cine_is_explained_frame_by_frame(tmp_path):
+    """A multi-frame capture without positions in space (pydicom-data's 2-frame RGB secondary
+    capture): each frame explained by a 2D classifier, NIfTI and PNG written, the SEG refused with
+    the reason (highdicom needs frame positions); a 3D classifier refused before any work."""
+    from monai_medcam.io import NOT_A_VOLUME, find_input
+
+    path = tmp_path / "cine.dcm"
+    shutil.copy(get_testdata_file("SC_rgb_2frame.dcm", download=False), path)
+    image = load_image(find_input(path))
+    assert image.shape == (3, 100, 100, 2) and image.meta[NOT_A_VOLUME].startswith("2 frames without positions in space")
+    frames = pydicom.dcmread(path).pixel_array  # (2, 100, 100, 3), RGB
+    assert torch.equal(image[:, ..., 1], torch.from_numpy(frames[1].transpose(2, 1, 0).astype(np.float32)))
+    report = explain_inputs(RegionClassifier(), [find_input(path)], tmp_path / "out", ("seg", "nifti", "png"), channels=1,
+                            size=(32, 32), **QUICK)
+    assert [r["slice"] for r in report.rows] == [0, 1]
+    problem = report.failures[str(path)]
+    assert "DICOM SEG not written" in problem and "needs its frames' positions in space" in problem
+    assert problem.endswith("written: cine_evidence.nii.gz, cine_evidence.png")
+    assert nibabel.load(tmp_path / "out" / "cine_evidence.nii.gz").shape == (100, 100, 2)
+    report = explain_inputs(RegionClassifier(spatial_dims=3), [find_input(path)], tmp_path / "out3", ("nifti",), channels=1,
+                            spatial_dims=3, size=(32, 32, 32), **QUICK)
+    assert "2 frames without positions in space (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
+    assert report.rows == []
+
+
+def test_an_enhanced_image_of_one_frame_is_a_2d_image_with_its_geometry(tmp_path):
+    """MR_small.dcm converted to an enhanced MR of one frame (its geometry in the shared functional
+    groups, where MONAI's reader does not look): the same pixels and in-plane affine as the
+    original, a 2D image; its SEG valid and on frame 1."""
+    from monai_medcam.io import find_input
+
+    source = pydicom.dcmread(MR_SMALL)
+    path = tmp_path / "one_frame.dcm"
+    hd.legacy.LegacyConvertedEnhancedMRImage(
+        [source], series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1
+    ).save_as(path)
+    original, enhanced = load_image(find_input(MR_SMALL)), load_image(find_input(path))
+    assert find_input(path).kind == "dicom_frames" and enhanced.shape == original.shape == (1, 64, 64)
+    assert torch.equal(enhanced.as_tensor(), original.as_tensor())
+    assert np.allclose(np.asarray(enhanced.affine)[:, [0, 1, 3]], np.asarray(original.affine)[:, [0, 1, 3]])
+    pattern = _pattern((64, 64))
+    seg_path = write_dicom_seg(MetaTensor(pattern, meta=enhanced.meta), tmp_path / "seg.dcm")
+    assert dciodvfy_errors(seg_path) == []
+    seg = hd.seg.segread(seg_path)
+    pixels = seg.get_pixels_by_source_frame(pydicom.dcmread(path).SOPInstanceUID, [1], segment_numbers=[1])[0, ..., 0]
+    assert np.array_equal(pixels, pattern[0].numpy().T.astype(np.uint8))

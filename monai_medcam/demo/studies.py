@@ -59,8 +59,9 @@ def write_dicom_series(
         ds.Rows, ds.Columns = pixels.shape
         ds.PixelSpacing, ds.SliceThickness = [spacing[0], spacing[1]], spacing[2]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-spacing[1] * pixels.shape[1] / 2, -spacing[0] * pixels.shape[0] / 2, spacing[2] * k]
-        ds.SliceLocation = spacing[2] * k
+        z = round(spacing[2] * k, 6)  # a Decimal String holds at most 16 characters (2.2 * 11 = 24.200000000000003)
+        ds.ImagePositionPatient = [-spacing[1] * pixels.shape[1] / 2, -spacing[0] * pixels.shape[0] / 2, z]
+        ds.SliceLocation = z
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
         paths.append(folder / f"slice_{k + 1:03d}.dcm")
