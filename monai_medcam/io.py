@@ -604,16 +604,19 @@ def _frame_geometry(path: Path, ds, count: int):
     try:
         orientations = np.array([_functional(ds, g, "PlaneOrientationSequence", "ImageOrientationPatient")
                                  or ds.get("ImageOrientationPatient") for g in groups], dtype=float)
-        spacing = _functional(ds, groups[0], "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing") or (1.0, 1.0)
-        positions, spacing = np.array(positions, dtype=float), np.array(spacing, dtype=float)
+        spacings = np.array([_functional(ds, g, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing")
+                             or (1.0, 1.0) for g in groups], dtype=float)
+        positions = np.array(positions, dtype=float)
     except (TypeError, ValueError) as err:
         raise InputError(path, f"damaged frame geometry (Image Position/Orientation or Pixel Spacing: {err}).") from err
-    if orientations.shape != (count, 6) or positions.shape != (count, 3) or spacing.shape != (2,):
+    if orientations.shape != (count, 6) or positions.shape != (count, 3) or spacings.shape != (count, 2):
         raise InputError(path, "damaged frame geometry: Image Orientation (Patient) missing or not 6 values, "
-                               "or Image Position (Patient) not 3 values.")
+                               "Image Position (Patient) not 3 values or Pixel Spacing not 2.")
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise InputError(path, "the frames differ in orientation (a localizer or a radial acquisition), so they are not one volume.")
-    return positions, orientations[0], spacing
+    if np.abs(spacings - spacings[0]).max() > 1e-4:
+        raise InputError(path, "the frames differ in pixel spacing, so they are not one volume.")
+    return positions, orientations[0], spacings[0]
 
 
 def _thickness(ds) -> float:
@@ -663,14 +666,14 @@ def _read_frames(item: ImageInput) -> MetaTensor:
     order = list(range(count))
     meta: dict[str, object] = {}
     if geometry is None:
-        meta[NOT_A_VOLUME] = f"{count} frames without positions in space (a cine or a multi-frame capture)"
+        meta[NOT_A_VOLUME] = f"{count} frames without a position in space each (a cine or a multi-frame capture)"
     else:
         positions, orientation, (row_spacing, column_spacing) = geometry
         normal = np.cross(orientation[:3], orientation[3:])
         along = positions @ normal
         order = sorted(order, key=lambda k: along[k])
-        at = Counter(tuple(np.round(p, 3)) for p in positions)
-        shared = [k + 1 for k in range(count) if at[tuple(np.round(positions[k], 3))] > 1]
+        at = Counter(np.round(along, 3))  # also frames shifted within their plane to the same depth
+        shared = [k + 1 for k in range(count) if at[np.round(along[k], 3)] > 1]
         if shared:
             raise InputError(path, f"frames {_listed(shared)} share a position: several echoes, time points or acquisitions "
                                    "in one file, which is not one volume; split it (e.g. dcm2niix) and explain each.")
@@ -683,12 +686,16 @@ def _read_frames(item: ImageInput) -> MetaTensor:
         gaps = _uneven_slice_gaps([float(along[k]) for k in order])
         if gaps:
             meta[UNEVEN_SLICES] = gaps
+    if not ds.original_encoding[1]:  # highdicom parses little-endian datasets only
+        raise InputError(path, "a multi-frame DICOM file in the retired big-endian transfer syntax; convert it to "
+                               "little endian (e.g. dcmconv +te, or gdcmconv) and explain that.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frames = hd.Image.from_dataset(ds, copy=False).get_frames(
-                [k + 1 for k in order], dtype=np.float32, apply_real_world_transform=False
-            )  # (N, rows, columns[, 3])
+                [k + 1 for k in order], dtype=np.float32, apply_real_world_transform=False, apply_presentation_lut=False,
+                apply_icc_profile=False,
+            )  # (N, rows, columns[, 3]); MONOCHROME1 stays as stored (inverted later), no ICC: as single frames are read
     except Exception as err:  # noqa: BLE001 - a decoder missing, truncated pixel data, ...
         raise InputError(path, f"cannot read the image ({type(err).__name__}: {err}).") from err
     photometric = str(ds.get("PhotometricInterpretation", ""))

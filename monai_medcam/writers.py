@@ -153,7 +153,7 @@ def write_dicom_seg(
         if "PixelSpacing" in source and not source.get("SliceThickness"):
             source.SliceThickness = source.get("SpacingBetweenSlices") or NOMINAL_SLICE_THICKNESS
             logger.info("%s has no Slice Thickness; its SEG records %s mm (nominal)", source.get("SOPInstanceUID"), source.SliceThickness)
-    _positions_per_frame(sources[0])
+    _geometry_where_highdicom_looks(sources[0])
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if frames.shape[1:] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")
@@ -203,17 +203,26 @@ def _in_source_frames(frames: np.ndarray, meta: Mapping, path: Path) -> np.ndarr
     return placed
 
 
-def _positions_per_frame(source) -> None:
-    """In memory: a multi-frame source's Plane Position kept in its shared functional groups (legal
-    for one frame, or frames in one place) copied into each frame's, where highdicom looks for it."""
+def _geometry_where_highdicom_looks(source) -> None:
+    """In memory, for highdicom: a multi-frame source's Plane Position kept in its shared functional
+    groups (legal for one frame) copied into each frame's; a Plane Orientation or Pixel Measures
+    kept in each frame's (as some scanners write them), the same for every frame (the reader
+    refuses them otherwise), moved into the shared groups."""
     import copy
 
+    groups = source.get("PerFrameFunctionalGroupsSequence") or []
     shared = (source.get("SharedFunctionalGroupsSequence") or [None])[0]
-    if shared is None or "PlanePositionSequence" not in shared:
+    if not groups or shared is None:
         return
-    for group in source.get("PerFrameFunctionalGroupsSequence") or []:
-        if "PlanePositionSequence" not in group:
-            group.PlanePositionSequence = copy.deepcopy(shared.PlanePositionSequence)
+    if "PlanePositionSequence" in shared:
+        for group in groups:
+            if "PlanePositionSequence" not in group:
+                group.PlanePositionSequence = copy.deepcopy(shared.PlanePositionSequence)
+    for keyword in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+        if keyword not in shared and all(keyword in group for group in groups):
+            setattr(shared, keyword, copy.deepcopy(getattr(groups[0], keyword)))
+            for group in groups:
+                delattr(group, keyword)
 
 
 def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_number: int, what: str):

@@ -264,6 +264,7 @@ TEST_FILES = MR_SMALL.parent
 QUICK = dict(steps=10, max_retries=0, seed=0, target_layers=[], progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # the damaged header, on purpose
 def test_damaged_headers_and_non_volume_series_are_reported_by_name(tmp_path):
     """A damaged number in one header is that file's problem, not the folder's crash; slices in two
     orientations (localizers) are not one volume; slices sharing an Instance Number are named; the
@@ -530,24 +531,50 @@ def test_a_slice_whose_pixel_data_is_short_is_named(shuffled_series):
 # --- multi-frame DICOM: enhanced volumes and cines -----------------------------------------------
 
 
-def _enhanced(series: Path, path: Path, seed: int = 0) -> Path:
+@pytest.fixture()
+def oblique_series(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 6-slice series on oblique planes (rows along (cos 0.5, sin 0.5, 0), columns down the
+    patient), pixels 0.5 mm between rows and 0.8 mm between columns, and its pixels (K, rows, cols)."""
+    volume = np.random.default_rng(0).integers(0, 3000, (6, 40, 56)).astype(np.uint16)
+    paths = write_dicom_series(tmp_path / "oblique", volume, "oblique series", spacing=(0.5, 0.8, 2.2))
+    row, column = np.array([np.cos(0.5), np.sin(0.5), 0.0]), np.array([0.0, 0.0, -1.0])
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row, *column)]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in np.array([10.0, -20.0, 30.0]) + 2.2 * k * np.cross(row, column)]
+        ds.save_as(path)
+    return tmp_path / "oblique", volume
+
+
+def _enhanced(series: Path, path: Path, seed: int = 1) -> Path:
     """The single-frame ``series`` converted by highdicom into one Legacy Converted Enhanced MR file,
-    its frames in a shuffled order (a multi-frame file need not store them along the normal)."""
+    its frames in a shuffled order (a multi-frame file need not store them along the normal; the
+    converter keeps the order given with ``include_dimension_index=False``)."""
     slices = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
     np.random.default_rng(seed).shuffle(slices)
     image = hd.legacy.LegacyConvertedEnhancedMRImage(
-        slices, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1
+        slices, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1,
+        include_dimension_index=False,
     )
     image.save_as(path)
     return path
 
 
-def test_a_multiframe_volume_reads_as_its_series(shuffled_series, tmp_path):
-    """An enhanced (multi-frame) MR holding a series' slices, frames shuffled: the same voxels and
-    affine as the series, slices along the normal, each slice's frame number recorded."""
+def _not_an_involution(frames: list[int]) -> bool:
+    """Whether a frame order differs from its own inverse (so a mapping applied backwards is caught)."""
+    inverse = [0] * len(frames)
+    for k, f in enumerate(frames):
+        inverse[f - 1] = k + 1
+    return inverse != frames
+
+
+def test_a_multiframe_volume_reads_as_its_series(oblique_series, tmp_path):
+    """An enhanced (multi-frame) MR holding an oblique series' slices, frames shuffled: the same
+    voxels and affine as the series (non-square pixels), slices along the normal, each slice's
+    frame number recorded."""
     from monai_medcam.io import NOT_A_VOLUME, SOURCE_FRAMES, find_input
 
-    folder, volume = shuffled_series
+    folder, volume = oblique_series
     enhanced = _enhanced(folder, tmp_path / "enhanced.dcm")
     item = find_input(enhanced)
     assert item.kind == "dicom_frames" and item.files == (enhanced,)
@@ -555,35 +582,49 @@ def test_a_multiframe_volume_reads_as_its_series(shuffled_series, tmp_path):
     assert frames.shape == series.shape == (1, 56, 40, 6)
     assert torch.equal(frames.as_tensor(), series.as_tensor())
     assert torch.equal(frames[0, ..., 2], torch.from_numpy(volume[2].T.astype(np.float32)))
-    assert np.allclose(np.asarray(frames.affine), np.asarray(series.affine))
+    assert np.allclose(np.asarray(frames.affine), np.asarray(series.affine), atol=1e-4)
+    assert np.allclose(np.linalg.norm(np.asarray(frames.affine)[:3, :3], axis=0), [0.8, 0.5, 2.2], atol=1e-4)
     source = pydicom.dcmread(enhanced)
-    z = [float(source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient[2])
-         for f in frames.meta[SOURCE_FRAMES]]
-    assert z == sorted(z) and sorted(frames.meta[SOURCE_FRAMES]) == list(range(1, 7))
-    assert frames.meta[SOURCE_FRAMES] != list(range(1, 7))  # shuffled: the order comes from the positions
+    depth = np.cross(*np.reshape(source.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, (2, 3)))
+    along = [float(np.dot(depth, source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient))
+             for f in frames.meta[SOURCE_FRAMES]]
+    assert along == sorted(along) and sorted(frames.meta[SOURCE_FRAMES]) == list(range(1, 7))
+    assert _not_an_involution(frames.meta[SOURCE_FRAMES])  # shuffled: the order comes from the positions
     assert frames.meta[SOURCE_FILES] == [str(enhanced)] and NOT_A_VOLUME not in frames.meta
 
 
-def test_a_seg_on_a_multiframe_source_references_each_frame(shuffled_series, tmp_path):
+def test_a_seg_on_a_multiframe_source_references_each_frame(oblique_series, tmp_path):
     """The SEG of a multi-frame source puts slice k's mask on frame SOURCE_FRAMES[k]: the same
-    pixels at each position as the SEG of the same mask on the single-frame series; dciodvfy clean."""
+    pixels at each position as the SEG of the same mask on the single-frame series; dciodvfy clean.
+    Also where the file keeps Plane Orientation and Pixel Measures per frame (as some scanners
+    write them), which highdicom wants shared."""
     from monai_medcam.io import SOURCE_FRAMES, find_input
 
-    folder, _ = shuffled_series
+    folder, _ = oblique_series
     enhanced = _enhanced(folder, tmp_path / "enhanced.dcm")
-    series, frames = load_image(find_input(folder)), load_image(find_input(enhanced))
+    per_frame = pydicom.dcmread(enhanced)
+    shared = per_frame.SharedFunctionalGroupsSequence[0]
+    for group in per_frame.PerFrameFunctionalGroupsSequence:
+        group.PlaneOrientationSequence = copy.deepcopy(shared.PlaneOrientationSequence)
+        group.PixelMeasuresSequence = copy.deepcopy(shared.PixelMeasuresSequence)
+    del shared.PlaneOrientationSequence, shared.PixelMeasuresSequence
+    per_frame.save_as(tmp_path / "per_frame.dcm")
+    series = load_image(find_input(folder))
     pattern = _pattern((56, 40, 6))
-    on_frames = write_dicom_seg(MetaTensor(pattern, meta=frames.meta), tmp_path / "frames_seg.dcm", label=1)
     on_series = write_dicom_seg(MetaTensor(pattern, meta=series.meta), tmp_path / "series_seg.dcm", label=1)
-    assert dciodvfy_errors(on_frames) == []
-    source = pydicom.dcmread(enhanced)
-    seg = hd.seg.segread(on_frames)
-    assert seg.NumberOfFrames == 6
     by_instance = _seg_by_instance(on_series, [pydicom.dcmread(f) for f in series.meta[SOURCE_FILES]])
-    for k, frame in enumerate(frames.meta[SOURCE_FRAMES]):
-        pixels = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [frame], segment_numbers=[1])[0, ..., 0]
-        assert np.array_equal(pixels, pattern[0, ..., k].numpy().T.astype(np.uint8))
-        assert np.array_equal(pixels, by_instance[pydicom.dcmread(series.meta[SOURCE_FILES][k]).SOPInstanceUID])
+    for source_path in (enhanced, tmp_path / "per_frame.dcm"):
+        frames = load_image(find_input(source_path))
+        assert _not_an_involution(frames.meta[SOURCE_FRAMES])
+        on_frames = write_dicom_seg(MetaTensor(pattern, meta=frames.meta), tmp_path / f"{source_path.stem}_seg.dcm", label=1)
+        assert dciodvfy_errors(on_frames) == []
+        seg = hd.seg.segread(on_frames)
+        assert seg.NumberOfFrames == 6
+        uid = pydicom.dcmread(source_path).SOPInstanceUID
+        for k, frame in enumerate(frames.meta[SOURCE_FRAMES]):
+            pixels = seg.get_pixels_by_source_frame(uid, [frame], segment_numbers=[1])[0, ..., 0]
+            assert np.array_equal(pixels, pattern[0, ..., k].numpy().T.astype(np.uint8))
+            assert np.array_equal(pixels, by_instance[pydicom.dcmread(series.meta[SOURCE_FILES][k]).SOPInstanceUID])
 
 
 def test_multiframe_files_that_are_not_one_volume_are_refused(shuffled_series, tmp_path):
@@ -605,6 +646,20 @@ def test_multiframe_files_that_are_not_one_volume_are_refused(shuffled_series, t
                                                      groups[1].PlanePositionSequence[0].ImagePositionPatient))
     with pytest.raises(InputError, match=r"echoes.dcm: frames 2, 4 share a position: several echoes, time points"):
         load_image(find_input(shared))
+
+    def shifted(g):  # frame 4 moved within frame 2's plane: the same depth, so not one volume either
+        x, y, z = (float(v) for v in groups[1].PlanePositionSequence[0].ImagePositionPatient)
+        g[3].PlanePositionSequence[0].ImagePositionPatient = [x + 5.0, y, z]
+
+    with pytest.raises(InputError, match=r"shifted.dcm: frames 2, 4 share a position"):
+        load_image(find_input(variant("shifted.dcm", shifted)))
+
+    def stretched(g):
+        g[2].PixelMeasuresSequence = [pydicom.Dataset()]
+        g[2].PixelMeasuresSequence[0].PixelSpacing = [1.0, 1.0]
+
+    with pytest.raises(InputError, match=r"stretched.dcm: the frames differ in pixel spacing"):
+        load_image(find_input(variant("stretched.dcm", stretched)))
     unplaced = variant("partial.dcm", lambda g: delattr(g[4], "PlanePositionSequence"))
     with pytest.raises(InputError, match=r"partial.dcm: only frames 1, 2, 3, 4 \.\.\. of 6 have an Image Position"):
         load_image(find_input(unplaced))
@@ -615,6 +670,9 @@ def test_multiframe_files_that_are_not_one_volume_are_refused(shuffled_series, t
 
     with pytest.raises(InputError, match=r"tilted.dcm: the frames differ in orientation"):
         load_image(find_input(variant("tilted.dcm", tilt)))
+    big_endian = Path(get_testdata_file("emri_small_big_endian.dcm", download=False))
+    with pytest.raises(InputError, match=r"emri_small_big_endian.dcm: a multi-frame DICOM file in the retired big-endian"):
+        load_image(find_input(big_endian))
 
 
 def test_enhanced_ct_frames_in_hounsfield_units():
@@ -641,7 +699,7 @@ def test_a_cine_is_explained_frame_by_frame(tmp_path):
     path = tmp_path / "cine.dcm"
     shutil.copy(get_testdata_file("SC_rgb_2frame.dcm", download=False), path)
     image = load_image(find_input(path))
-    assert image.shape == (3, 100, 100, 2) and image.meta[NOT_A_VOLUME].startswith("2 frames without positions in space")
+    assert image.shape == (3, 100, 100, 2) and image.meta[NOT_A_VOLUME].startswith("2 frames without a position in space each")
     frames = pydicom.dcmread(path).pixel_array  # (2, 100, 100, 3), RGB
     assert torch.equal(image[:, ..., 1], torch.from_numpy(frames[1].transpose(2, 1, 0).astype(np.float32)))
     report = explain_inputs(RegionClassifier(), [find_input(path)], tmp_path / "out", ("seg", "nifti", "png"), channels=1,
@@ -653,7 +711,7 @@ def test_a_cine_is_explained_frame_by_frame(tmp_path):
     assert nibabel.load(tmp_path / "out" / "cine_evidence.nii.gz").shape == (100, 100, 2)
     report = explain_inputs(RegionClassifier(spatial_dims=3), [find_input(path)], tmp_path / "out3", ("nifti",), channels=1,
                             spatial_dims=3, size=(32, 32, 32), **QUICK)
-    assert "2 frames without positions in space (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
+    assert "2 frames without a position in space each (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
     assert report.rows == []
 
 
@@ -661,7 +719,7 @@ def test_an_enhanced_image_of_one_frame_is_a_2d_image_with_its_geometry(tmp_path
     """MR_small.dcm converted to an enhanced MR of one frame (its geometry in the shared functional
     groups, where MONAI's reader does not look): the same pixels and in-plane affine as the
     original, a 2D image; its SEG valid and on frame 1."""
-    from monai_medcam.io import find_input
+    from monai_medcam.io import PHOTOMETRIC, find_input
 
     source = pydicom.dcmread(MR_SMALL)
     path = tmp_path / "one_frame.dcm"
@@ -678,3 +736,13 @@ def test_an_enhanced_image_of_one_frame_is_a_2d_image_with_its_geometry(tmp_path
     seg = hd.seg.segread(seg_path)
     pixels = seg.get_pixels_by_source_frame(pydicom.dcmread(path).SOPInstanceUID, [1], segment_numbers=[1])[0, ..., 0]
     assert np.array_equal(pixels, pattern[0].numpy().T.astype(np.uint8))
+    # MONOCHROME1 (no Presentation LUT Shape): read as stored, as the single-frame path reads it,
+    # and inverted once, later, by the explain job (highdicom would invert it a first time)
+    for ds, name in ((pydicom.dcmread(MR_SMALL), "mono1.dcm"), (pydicom.dcmread(path), "mono1_frames.dcm")):
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        if "PresentationLUTShape" in ds:
+            del ds.PresentationLUTShape
+        ds.save_as(tmp_path / name)
+    single, frames = load_image(find_input(tmp_path / "mono1.dcm")), load_image(find_input(tmp_path / "mono1_frames.dcm"))
+    assert torch.equal(frames.as_tensor(), single.as_tensor()) and torch.equal(frames.as_tensor(), original.as_tensor())
+    assert frames.meta[PHOTOMETRIC] == single.meta[PHOTOMETRIC] == "MONOCHROME1"
