@@ -24,6 +24,8 @@ SEGMENT_LABEL = "Med-CAM evidence"
 FORMATS = ("seg", "nifti", "png")
 FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
 SEG_NEEDS_DICOM = "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png)."
+SEG_NEEDS_POSITIONS = ("a DICOM SEG on a multi-frame source needs its frames' positions in space (highdicom), and this source "
+                       "has {}; nothing written (add --format nifti or png).")
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
 logger = logging.getLogger(__name__)
 # recorded in a SEG's Pixel Measures for a source with Pixel Spacing but no Slice Thickness (a
@@ -193,8 +195,7 @@ def write_dicom_seg(
 def _in_source_frames(frames: np.ndarray, meta: Mapping, path: Path) -> np.ndarray:
     """A multi-frame source's mask ``(N, rows, columns)`` in slice order -> in the file's frame order."""
     if meta.get(NOT_A_VOLUME):  # highdicom: "Only a single frame is supported when the source image has no Frame of Reference UID"
-        raise ValueError(f"{path}: a DICOM SEG on a multi-frame source needs its frames' positions in space, and this "
-                         f"source has {meta[NOT_A_VOLUME]}; its evidence is in the NIfTI and PNG outputs.")
+        raise ValueError(f"{path}: {SEG_NEEDS_POSITIONS.format(meta[NOT_A_VOLUME])}")
     order = np.asarray(meta[SOURCE_FRAMES]) - 1
     if frames.shape[0] != len(order):
         raise ValueError(f"{path}: the mask has {frames.shape[0]} slices but the source has {len(order)} frames.")
@@ -322,14 +323,19 @@ def write_outputs(
 
     Each format is written on its own: one that fails does not keep the others from being written.
 
+    A ``seg`` is left out (logged) for a source that is not DICOM, or a multi-frame DICOM whose
+    frames have no positions (a cine: highdicom writes no SEG on it).
+
     Raises:
         OutputError: a format could not be written (its files, if any, are not left behind), or
-            only ``seg`` was asked for a source that is not DICOM; ``written`` lists what was.
+            only ``seg`` was asked for a source that cannot have one; ``written`` lists what was.
     """
     folder = Path(folder)
     formats = output_formats(formats)
     if set(formats) == {"seg"} and not mask.meta.get(SOURCE_FILES):
         raise OutputError([], SEG_NEEDS_DICOM)
+    if set(formats) == {"seg"} and mask.meta.get(NOT_A_VOLUME):
+        raise OutputError([], SEG_NEEDS_POSITIONS.format(mask.meta[NOT_A_VOLUME]))
     written: list[Path] = []
     problems: list[str] = []
     for fmt in formats:
@@ -339,6 +345,10 @@ def write_outputs(
             elif fmt == "seg":
                 if not mask.meta.get(SOURCE_FILES):
                     continue  # a SEG needs DICOM sources; other inputs get the other formats
+                if mask.meta.get(NOT_A_VOLUME):  # a cine: as for a source that is not DICOM, the other formats
+                    logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
+                                   name, mask.meta[NOT_A_VOLUME])
+                    continue
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright

@@ -690,10 +690,11 @@ def test_enhanced_ct_frames_in_hounsfield_units():
     assert np.allclose(np.asarray(image.affine)[:3, :3], np.diag([0.388672, -0.388672, -10.0]))
 
 
-def test_a_cine_is_explained_frame_by_frame(tmp_path):
+def test_a_cine_is_explained_frame_by_frame(tmp_path, caplog):
     """A multi-frame capture without positions in space (pydicom-data's 2-frame RGB secondary
-    capture): each frame explained by a 2D classifier, NIfTI and PNG written, the SEG refused with
-    the reason (highdicom needs frame positions); a 3D classifier refused before any work."""
+    capture): each frame explained by a 2D classifier, NIfTI and PNG written and the SEG left out
+    with the reason (highdicom needs frame positions), as for a source that is not DICOM; asked
+    for a SEG only, or by a 3D classifier, refused before any work."""
     from monai_medcam.io import NOT_A_VOLUME, find_input
 
     path = tmp_path / "cine.dcm"
@@ -704,11 +705,13 @@ def test_a_cine_is_explained_frame_by_frame(tmp_path):
     assert torch.equal(image[:, ..., 1], torch.from_numpy(frames[1].transpose(2, 1, 0).astype(np.float32)))
     report = explain_inputs(RegionClassifier(), [find_input(path)], tmp_path / "out", ("seg", "nifti", "png"), channels=1,
                             size=(32, 32), **QUICK)
-    assert [r["slice"] for r in report.rows] == [0, 1]
-    problem = report.failures[str(path)]
-    assert "DICOM SEG not written" in problem and "needs its frames' positions in space" in problem
-    assert problem.endswith("written: cine_evidence.nii.gz, cine_evidence.png")
+    assert [r["slice"] for r in report.rows] == [0, 1] and report.failures == {}
+    assert [p.name for p in report.written[str(path)]] == ["cine_evidence.nii.gz", "cine_evidence.png"]
+    assert "cine: no DICOM SEG: highdicom writes none on 2 frames without a position in space each" in caplog.text
     assert nibabel.load(tmp_path / "out" / "cine_evidence.nii.gz").shape == (100, 100, 2)
+    report = explain_inputs(RegionClassifier(), [find_input(path)], tmp_path / "seg_only", ("seg",), channels=1,
+                            size=(32, 32), **QUICK)
+    assert report.rows == [] and "a DICOM SEG on a multi-frame source needs its frames' positions" in report.failures[str(path)]
     report = explain_inputs(RegionClassifier(spatial_dims=3), [find_input(path)], tmp_path / "out3", ("nifti",), channels=1,
                             spatial_dims=3, size=(32, 32, 32), **QUICK)
     assert "2 frames without a position in space each (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
