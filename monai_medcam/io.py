@@ -665,9 +665,9 @@ def _read_frames(item: ImageInput) -> MetaTensor:
     affine = np.eye(4)
     order = list(range(count))
     meta: dict[str, object] = {}
-    if geometry is None:
+    if geometry is None and count > 1:
         meta[NOT_A_VOLUME] = f"{count} frames without a position in space each (a cine or a multi-frame capture)"
-    else:
+    elif geometry is not None:
         positions, orientation, (row_spacing, column_spacing) = geometry
         normal = np.cross(orientation[:3], orientation[3:])
         along = positions @ normal
