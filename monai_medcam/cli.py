@@ -15,8 +15,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     from monai_medcam.demo.run import run_demo, run_radiology_demo
 
+    problem = _device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     output = Path(args.output)
-    settings = {"steps": args.steps} if args.steps else {}
+    settings = {"steps": args.steps} if args.steps is not None else {}
     print("1/2 known-evidence fundus images (fundus demo classifier), Med-CAM beside Grad-CAM")
     result = run_demo(output / "known_evidence", count=args.count, device=args.device, **settings)
     print(f"{'image':>5} {'label':>5} {'p(input)':>9} {'p(evidence)':>11} {'area':>7} {'verified':>8} {'settled':>7} {'steps':>5}")
@@ -38,6 +42,35 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction from 0 to 1, not {value}")
+    return value
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``--device`` cannot be used here (``None`` if it can): a name torch does not know, or
+    CUDA asked of a machine without it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        return f"--device {name!r} is not a torch device ({err})"
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return f"--device {name}: this machine has {found} CUDA device(s); use --device cpu"
+    return None
 
 
 def print_report(report, out=None) -> None:
@@ -63,9 +96,14 @@ def print_report(report, out=None) -> None:
 
 
 def _classifier(args: argparse.Namespace):
-    """The ``--classifier`` (+ ``--weights``) as a LoadedClassifier, or ``None`` after saying why it was refused."""
+    """The ``--classifier`` (+ ``--weights``) as a LoadedClassifier, or ``None`` after saying why it
+    (or ``--device``) was refused."""
     from monai_medcam.loading import load_classifier
 
+    problem = _device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return None
     try:
         return load_classifier(args.classifier, args.weights)
     except (ValueError, FileNotFoundError) as err:
@@ -80,7 +118,7 @@ def _target_layers(args: argparse.Namespace, loaded) -> str | list[str]:
 
 def _settings(args: argparse.Namespace) -> dict[str, int | bool]:
     """The MedCAM settings given on the command line (``--steps``, ``--seed``, ``--skip-vacuous``)."""
-    settings: dict[str, int | bool] = {"steps": args.steps} if args.steps else {}
+    settings: dict[str, int | bool] = {"steps": args.steps} if args.steps is not None else {}
     if args.seed is not None:
         settings["seed"] = args.seed
     if getattr(args, "skip_vacuous", False):
@@ -211,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--class-idx", type=int, help="class to explain (default: the prediction)")
     explain.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     explain.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
-    explain.add_argument("--batch-size", type=int, default=8, help="images (or slices) optimised together")
+    explain.add_argument("--batch-size", type=_positive_int, default=8, help="images (or slices) optimised together")
     explain.add_argument("--size", type=_int_list, help="classifier input size, e.g. 96 or 96,96 (default: as read)")
     explain.add_argument("--spatial-dims", type=int, choices=(2, 3), help="classifier dims (default: from its weights)")
     explain.add_argument("--channels", type=int, help="classifier input channels (default: from its weights)")
@@ -239,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     wsi.add_argument("--level", type=int, default=0, help="pyramid level the tiles are cut from (default 0)")
     wsi.add_argument("--tile", type=int, default=224, help="tile side in pixels of --level (default 224)")
     wsi.add_argument("--size", type=int, help="classifier input side if not --tile (default: from a bundle, else --tile)")
-    wsi.add_argument("--batch-size", type=int, default=16, help="tiles optimised together")
+    wsi.add_argument("--batch-size", type=_positive_int, default=16, help="tiles optimised together")
     wsi.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
     wsi.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
     wsi.add_argument("--seed", type=int, help="random seed of the mask networks")
     wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
-    wsi.add_argument("--min-tissue", type=float, default=0.1, help="least tissue fraction of a tile (default 0.1)")
+    wsi.add_argument("--min-tissue", type=_fraction, default=0.1, help="least tissue fraction of a tile (default 0.1)")
     wsi.add_argument("--backend", choices=("auto", "openslide", "tifffile"), default="auto", help="WSIReader backend")
     wsi.add_argument("--restart", action="store_true", help="discard the saved state of a different earlier run")
     wsi.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -102,7 +102,7 @@ def open_slide(path: str | Path, backend: str = "auto"):
     if not path.is_file():
         raise InputError(path, "no such slide file.")
     backends = ("openslide", "tifffile") if backend == "auto" else (backend,)
-    problems = []
+    problems, refusals = [], []
     for name in backends:
         try:
             reader = WSIReader(backend=name)
@@ -111,21 +111,30 @@ def open_slide(path: str | Path, backend: str = "auto"):
             pages = count
             if name == "tifffile":  # MONAI counts pages, but reads the first series' levels
                 count = min(count, len(wsi.series[0].levels))
+                stored = np.dtype(wsi.series[0].dtype)
+                if stored.kind == "u" and stored.itemsize > 1:  # 16-bit: MONAI would cast to uint8 (wrapping)
+                    reader = WSIReader(backend=name, dtype=stored)  # scaled to 8 bits in _read_region
+                    wsi = reader.read(str(path))
         except Exception as err:  # each backend raises its own kinds for files it cannot open
             problems.append(f"{name}: {type(err).__name__}: {err}".strip())
             continue
         if count >= 2 and pages != count:
-            raise InputError(
+            refusals.append(InputError(
                 path, f"the tifffile reader cannot read this layout: {pages} pages but a pyramid of {count} levels "
                 "(label, macro or thumbnail pages); use openslide (--backend openslide) or write the levels alone."
-            )
-        if count < 2:
-            raise InputError(
+            ))
+        elif count < 2:
+            refusals.append(InputError(
                 path, f"not a pyramidal slide: {name} finds {count} level. Write the levels as consecutive tiled "
                 "TIFF pages, full resolution first, each lower level marked as reduced resolution (NewSubfileType 1; "
                 "tifffile: subfiletype=1), or use a format openslide reads."
-            )
-        return reader, wsi
+            ))
+        else:
+            return reader, wsi
+        # with --backend auto, a layout one reader cannot take may suit the next (openslide sees one
+        # level where the levels are not marked as reduced resolution; tifffile reads them)
+    if refusals:
+        raise refusals[-1]
     raise InputError(path, "cannot read the slide (" + "; ".join(problems) + ").")
 
 
@@ -135,6 +144,8 @@ def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: in
     location = (int(round(y * ratio)), int(round(x * ratio)))
     data, _ = reader.get_data(wsi, location=location, size=(height, width), level=level)
     data = np.asarray(data)
+    if data.dtype != np.uint8:  # a 16-bit slide (read by tifffile as stored): to 8 bits
+        data = np.round(data.astype(np.float32) * (255.0 / np.iinfo(data.dtype).max)).astype(np.uint8)
     return data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
 
 
@@ -162,14 +173,30 @@ class _LevelReader:
         return _read_region(self.reader, self.wsi, self.level, y, x, height, width)
 
 
-def tissue_mask(reader, wsi) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(tissue, rgb, level)``: a boolean tissue mask ``(h, w)`` and the RGB image ``(3, h, w)`` of the
-    lowest-resolution level, where tissue is HSV saturation above Otsu's threshold (as MONAI's
-    ``MaskedPatchWSIDataset`` does); glass and white background are unsaturated."""
+TISSUE_PIXELS_PER_TILE = 8  # the tissue mask's least resolution: a tile spans this many of its pixels
+
+
+def tissue_level(reader, wsi, level: int, tile: int) -> int:
+    """The lowest-resolution level on which a tile of ``level`` still spans ``TISSUE_PIXELS_PER_TILE``
+    pixels: the tissue mask and the thumbnail come from it (a pyramid may go down to one tile, where
+    small fragments of tissue vanish)."""
+    ratio = reader.get_downsample_ratio(wsi, level)
+    chosen = level
+    for low in range(level + 1, reader.get_level_count(wsi)):
+        if tile * ratio / reader.get_downsample_ratio(wsi, low) >= TISSUE_PIXELS_PER_TILE:
+            chosen = low
+    return chosen
+
+
+def tissue_mask(reader, wsi, level: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(tissue, rgb, level)``: a boolean tissue mask ``(h, w)`` and the RGB image ``(3, h, w)`` of
+    ``level`` (default: the lowest resolution; see :func:`tissue_level`), where tissue is HSV
+    saturation above Otsu's threshold (as MONAI's ``MaskedPatchWSIDataset`` does); glass and white
+    background are unsaturated."""
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    level = reader.get_level_count(wsi) - 1
+    level = reader.get_level_count(wsi) - 1 if level is None else level
     height, width = reader.get_size(wsi, level)
     rgb = _read_region(reader, wsi, level, 0, 0, height, width)
     saturation = rgb2hsv(rgb.transpose(1, 2, 0))[..., 1]
@@ -216,12 +243,34 @@ def _pooled(source: np.ndarray, target: np.ndarray, strip: int = 512) -> None:
         target[top : top + pooled.shape[0]] = pooled
 
 
-def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: int = 256, mpp: Sequence[float] | None = None) -> Path:
+EVIDENCE_OF = "monai_medcam evidence of "  # the first page's ImageDescription, followed by the slide's path
+
+
+def _check_not_another_slides(slide: Path, evidence: Path) -> None:
+    """Refuse to write over ``evidence`` made from another slide of the same name (``a/case.tif`` and
+    ``b/case.tif`` into one output folder): its ImageDescription names the slide it came from."""
+    import tifffile
+
+    if not evidence.is_file():
+        return
+    try:
+        with tifffile.TiffFile(evidence) as tif:
+            description = str(tif.pages[0].description or "")
+    except Exception:  # noqa: BLE001 - not ours, or damaged: written over as before
+        return
+    if description.startswith(EVIDENCE_OF) and description[len(EVIDENCE_OF):] != str(slide.resolve()):
+        raise InputError(slide, f"{evidence} holds the evidence of another slide of the same name, "
+                                f"{description[len(EVIDENCE_OF):]}; give this slide another output folder.")
+
+
+def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: int = 256, mpp: Sequence[float] | None = None,
+                  description: str | None = None) -> Path:
     """Write a 2D uint8 mask (a memmap is read a tile at a time) as a tiled pyramidal TIFF.
 
     Levels are consecutive tiled pages, each half the previous (2x2 max-pool, so small evidence
     stays visible), down to one tile; ``mpp`` (microns per pixel, y and x) of the first level
-    becomes the resolution tags (TIFF stores x then y). Lower levels are built as memmaps in ``work``.
+    becomes the resolution tags (TIFF stores x then y), ``description`` the first page's
+    ImageDescription. Lower levels are built as memmaps in ``work``.
     """
     import tifffile
 
@@ -244,9 +293,9 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
 
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=mask.size > 2**31) as tif:
         for k, level in enumerate(levels):
-            extra = {}
+            extra = {"description": description} if description and not k else {}
             if mpp is not None:
-                extra = {"resolution": (1e4 / (mpp[1] * 2**k), 1e4 / (mpp[0] * 2**k)), "resolutionunit": "CENTIMETER"}
+                extra.update({"resolution": (1e4 / (mpp[1] * 2**k), 1e4 / (mpp[0] * 2**k)), "resolutionunit": "CENTIMETER"})
             tif.write(
                 tiles(level), shape=level.shape, dtype=np.uint8, tile=(tile, tile), photometric="minisblack",
                 compression="zlib", subfiletype=1 if k else 0, metadata=None, **extra,
@@ -369,6 +418,10 @@ def explain_slide(
             or has no class ``class_idx`` (one forward pass of zeros). Nothing is written then.
     """
     start = time.perf_counter()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
+    if not 0.0 <= float(min_tissue) <= 1.0:
+        raise ValueError(f"min_tissue is a fraction of a tile, from 0 to 1, not {min_tissue!r}.")
     settings.setdefault("skip_vacuous", True)
     restart = as_bool("restart", restart)  # a bundle's command line gives "false" as a string
     slide = Path(slide)
@@ -381,13 +434,25 @@ def explain_slide(
         raise InputError(slide, f"tile {tile} is too small: at least 8 pixels.")
     if tile > min(level_size):
         raise InputError(slide, f"tile {tile} is larger than level {level} ({level_size[1]} x {level_size[0]} pixels).")
-    tissue, thumb_rgb, low = tissue_mask(reader, wsi)
+    name = _slide_name(slide)
+    _check_not_another_slides(slide, Path(output) / f"{name}_evidence.tif")
+    low = tissue_level(reader, wsi, level, tile)
+    try:
+        tissue, thumb_rgb, low = tissue_mask(reader, wsi, low)
+        read = _LevelReader(reader, wsi, level, slide)
+    except InputError:
+        raise
+    except Exception as err:  # a slide that opens but whose pixels the backend cannot give as RGB
+        raise InputError(slide, f"cannot read the slide's pixels with {getattr(reader, 'backend', backend)} "
+                                f"({type(err).__name__}: {err}); try the other --backend.") from err
     level_ratio = reader.get_downsample_ratio(wsi, level)  # level-0 pixels per pixel of the level
     scale = level_ratio / reader.get_downsample_ratio(wsi, low)
     tiles = tile_grid(level_size, tile, tissue, scale, min_tissue)
     if not tiles:
-        raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue); nothing to explain.")
-    read = _LevelReader(reader, wsi, level, slide)
+        grey = float(np.ptp(thumb_rgb.astype(np.int16), axis=0).max()) < 8  # no colour anywhere
+        hint = ("; a grey or fluorescence slide has no colour to find tissue by: min_tissue=0 (--min-tissue 0) "
+                "explains every tile") if grey else ""
+        raise InputError(slide, f"no tissue found (no tile at level {level} has {min_tissue:.0%} tissue){hint}; nothing to explain.")
     explainer = MedCAM(classifier, target_layers, **settings)  # bad settings or layers fail before anything is written
     device = torch.device(device)
     classifier.to(device).eval()  # in place: the explainer's classifier
@@ -398,7 +463,6 @@ def explain_slide(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    name = _slide_name(slide)
     state = output / f".{name}.medcam"
     stat = slide.stat()
     run = {
@@ -482,7 +546,7 @@ def explain_slide(
         mpp = reader.get_mpp(wsi, level)
     except Exception:  # slides without a physical resolution
         mpp = None
-    write_pyramid(mask, outputs["evidence"], state, mpp=mpp)
+    write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=EVIDENCE_OF + str(slide.resolve()))
     with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
         writer.writeheader()

@@ -255,3 +255,20 @@ def test_output_inside_the_input_folder_and_an_unusable_output(tmp_path, capsys)
                  "--output", str(tmp_path / "a_file" / "out"), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and f"output folder {tmp_path / 'a_file' / 'out'}: cannot write there (NotADirectoryError" in err
+
+
+def test_device_steps_and_batch_size_are_checked_before_any_work(tmp_path, capsys):
+    """--device naming a CUDA device the machine lacks (it was a raw torch traceback, exit 1), --steps 0
+    (it silently ran the default 300 steps), --batch-size 0 (accepted): each refused, exit 2, nothing written."""
+    base = ["--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(TEST_FILES / "MR_small.dcm"),
+            "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main(["explain", *base, "--device", "cuda:99"]) == 2
+    assert "error: --device cuda:99: this machine has" in capsys.readouterr().err
+    assert main(["wsi", "--classifier", FACTORY, "--slide", "x.tif", "--output", str(tmp_path / "o"), "--device", "cuda:99"]) == 2
+    assert "CUDA device(s); use --device cpu" in capsys.readouterr().err
+    assert main(["explain", *base, "--steps", "0"]) == 2
+    assert "steps must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["explain", *base, "--batch-size", "0"])
+    assert caught.value.code == 2 and "--batch-size: must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -298,3 +298,112 @@ def test_output_names_keep_dots_inside_slide_names():
     from monai_medcam.wsi import _slide_name
 
     assert _slide_name(Path("case.1.svs")) == "case.1" and _slide_name(Path("b.ome.tif")) == "b"
+
+
+def _fragments() -> np.ndarray:
+    """A biopsy-like slide ``(2048, 2560, 3)``: three small fragments of the IHC section on glass."""
+    from skimage import data
+
+    image = np.full((2048, 2560, 3), 242, np.uint8)
+    section = data.immunohistochemistry()
+    for y, x in ((300, 400), (1200, 900), (700, 2000)):
+        image[y : y + 160, x : x + 200] = section[:160, :200]
+    return image
+
+
+def test_a_deep_pyramid_finds_the_tissue_of_a_shallow_one(tmp_path):
+    """Pyramids often go down to one tile: the tissue mask comes from the lowest level on which a
+    tile still spans 8 pixels, so a 7-level pyramid finds the same tissue tiles as a 4-level one
+    (from its 40 x 32 px lowest level, half of the fragments' tiles were lost)."""
+    from monai_medcam.wsi import tissue_level
+
+    image = _fragments()
+    grids = {}
+    for levels in (4, 7):
+        path = write_pyramidal_tiff(image, tmp_path / f"biopsy_{levels}.tif", levels)
+        reader, wsi = open_slide(path)
+        low = tissue_level(reader, wsi, 0, 64)
+        assert low == 3  # 64 px at level 0 are 8 px at level 3 (downsample 8)
+        tissue, _, _ = tissue_mask(reader, wsi, low)
+        grids[levels] = [(t.row, t.col) for t in tile_grid((2048, 2560), 64, tissue, 1 / 8)]
+    assert grids[7] == grids[4] and len(grids[4]) >= 3 * 12  # each 160 x 200 fragment covers at least 12 tiles
+    lowest, _, _ = tissue_mask(reader, wsi)  # level 6, as before
+    assert len(tile_grid((2048, 2560), 64, lowest, 1 / 64)) < len(grids[7]) * 0.6
+
+
+def test_sixteen_bit_and_grey_slides(tmp_path):
+    """A 16-bit RGB pyramid read by tifffile gives the 8-bit slide's pixels (MONAI's reader cast them
+    to uint8, wrapping 38399 to 255); a grey slide tifffile cannot give as RGB is refused with the
+    slide named (it was an exit 2 'classifier' error), and through openslide it has no colour to
+    find tissue by, which the refusal says."""
+    import tifffile as tf
+    from skimage.transform import downscale_local_mean
+
+    from monai_medcam.wsi import _read_region
+
+    image = _fragments()
+    eight = write_pyramidal_tiff(image, tmp_path / "eight.tif", 3)
+    sixteen = tmp_path / "sixteen.tif"
+    with tf.TiffWriter(sixteen) as tif:
+        current = image.astype(np.uint16) * 257
+        for k in range(3):
+            tif.write(current, tile=(256, 256), photometric="rgb", subfiletype=1 if k else 0, metadata=None)
+            current = downscale_local_mean(current, (2, 2, 1)).round().astype(np.uint16)
+    a, b = open_slide(eight, "tifffile"), open_slide(sixteen, "tifffile")
+    region8 = _read_region(*a, 1, 150, 200, 200, 300).astype(int)
+    region16 = _read_region(*b, 1, 150, 200, 200, 300).astype(int)
+    assert region16.dtype != np.uint16 and np.abs(region16 - region8).max() <= 1 and region8.max() > 200
+    grey = tmp_path / "grey.tif"
+    with tf.TiffWriter(grey) as tif:
+        current = image.mean(-1).astype(np.uint8)
+        for k in range(3):
+            tif.write(current, tile=(256, 256), photometric="minisblack", subfiletype=1 if k else 0, metadata=None)
+            current = current[::2, ::2]
+    with pytest.raises(InputError, match="cannot read the slide's pixels with tifffile") as caught:
+        explain_slide(LesionColourClassifier(), grey, tmp_path / "out_t", level=1, tile=64, backend="tifffile", **FAST)
+    assert caught.value.path == grey and _no_files(tmp_path / "out_t")
+    with pytest.raises(InputError, match="no tissue found .*a grey or fluorescence slide has no colour"):
+        explain_slide(LesionColourClassifier(), grey, tmp_path / "out_o", level=1, tile=64, backend="openslide", **FAST)
+
+
+def test_another_slide_of_the_same_name_is_not_written_over(explained, tmp_path):
+    """``a/case.tif`` and then ``b/case.tif`` into one output folder: the second is refused before any
+    work (it silently replaced the first one's outputs); the same slide again is not."""
+    import shutil
+
+    report, out, _ = explained
+    folder = tmp_path / "out"
+    shutil.copytree(out, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = tmp_path / "b" / report.slide.name
+    other.parent.mkdir()
+    shutil.copy(report.slide, other)
+    with pytest.raises(InputError, match=f"holds the evidence of another slide of the same name, {report.slide.resolve()}"):
+        explain_slide(LesionColourClassifier(), other, folder, level=LEVEL, tile=TILE, **FAST)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert str(report.slide.resolve()) in tifffile.TiffFile(folder / f"{report.slide.stem}_evidence.tif").pages[0].description
+
+
+def test_bad_batch_size_and_tissue_fraction_are_refused_before_any_work(slide, tmp_path):
+    for options, message in (({"batch_size": 0}, "batch_size must be a whole number of at least 1, not 0"),
+                             ({"batch_size": -1}, "not -1"), ({"min_tissue": 1.5}, "min_tissue is a fraction")):
+        with pytest.raises(ValueError, match=message):
+            explain_slide(LesionColourClassifier(), slide[0], tmp_path / "out", level=LEVEL, tile=TILE, **{**FAST, **options})
+        assert _no_files(tmp_path / "out")
+
+
+def test_auto_backend_falls_back_to_tifffile_for_unmarked_levels(tmp_path):
+    """Levels as tiled pages not marked reduced-resolution: openslide sees one level, tifffile the
+    pyramid; ``--backend auto`` used to stop at openslide's refusal."""
+    import tifffile as tf
+
+    path = tmp_path / "unmarked.tif"
+    with tf.TiffWriter(path) as tif:
+        current = _fragments()
+        for _ in range(3):
+            tif.write(current, tile=(256, 256), photometric="rgb", metadata=None)
+            current = current[::2, ::2]
+    with pytest.raises(InputError, match="openslide finds 1 level"):
+        open_slide(path, "openslide")
+    reader, wsi = open_slide(path)
+    assert reader.backend == "tifffile" and reader.get_level_count(wsi) == 3
