@@ -303,10 +303,19 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
     return Path(path)
 
 
+THUMBNAIL_SIDE = 2048  # the thumbnail's longest side at most (the tissue level of a large slide can be larger)
+
+
 def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tiles: Sequence[SlideTile], tile: int) -> Path:
-    """The lowest level ``(3, h, w)`` with the evidence tinted red and the explained tiles outlined."""
+    """The tissue level ``(3, h, w)`` (``scale``: its pixels per pixel of the explained level), shrunk
+    to at most ``THUMBNAIL_SIDE``, with the evidence tinted red and the explained tiles outlined."""
     from PIL import Image, ImageDraw
 
+    shrink = math.ceil(max(rgb.shape[1:]) / THUMBNAIL_SIDE)
+    if shrink > 1:
+        size = (max(1, rgb.shape[2] // shrink), max(1, rgb.shape[1] // shrink))
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).resize(size, Image.BOX)).transpose(2, 0, 1)
+        scale = scale / shrink
     height, width = rgb.shape[1:]
     factor = max(1, int(round(1 / scale)))
     small = np.zeros((math.ceil(mask.shape[0] / factor), math.ceil(mask.shape[1] / factor)), np.uint8)

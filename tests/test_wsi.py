@@ -407,3 +407,23 @@ def test_auto_backend_falls_back_to_tifffile_for_unmarked_levels(tmp_path):
         open_slide(path, "openslide")
     reader, wsi = open_slide(path)
     assert reader.backend == "tifffile" and reader.get_level_count(wsi) == 3
+
+
+def test_the_thumbnail_of_a_large_tissue_level_is_shrunk(tmp_path):
+    """A 5000 x 3000 tissue level gives a thumbnail of at most 2048 px, the evidence and the tile
+    outlines where they lie on the level (scaled with it)."""
+    from PIL import Image
+
+    from monai_medcam.wsi import SlideTile, _thumbnail
+
+    rgb = np.full((3, 3000, 5000), 240, np.uint8)
+    mask = np.zeros((6000, 10000), np.uint8)  # the explained level: twice the tissue level's side
+    mask[2000:2400, 4000:4400] = 255
+    tiles = [SlideTile(0, 5, 10, 2000, 4000, 400, 400, 1.0)]
+    path = _thumbnail(rgb, mask, 0.5, tmp_path / "thumb.png", tiles, 400)
+    picture = np.asarray(Image.open(path))
+    assert picture.shape == (1000, 1666, 3)  # 5000 / 3 (shrunk by 3), 3000 / 3
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 150)
+    ys, xs = np.nonzero(red)
+    exact = (2000 / 6, 2400 / 6, 4000 / 6, 4400 / 6)  # the level's rows 2000-2399 and columns 4000-4399, shrunk by 6
+    assert np.allclose((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), exact, atol=1.0)
