@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="medcam_demo_output", help="folder for the pictures and tables")
     demo.add_argument("--count", type=int, default=4, help="number of known-evidence fundus images")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    demo.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
+    demo.add_argument("--steps", type=_positive_int, help="optimisation steps per attempt (default 300, early stop)")
     demo.set_defaults(run=_demo)
 
     explain = commands.add_parser(
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", default="seg,nifti,png", help="comma-separated: seg, nifti, png (default: all)")
     explain.add_argument("--class-idx", type=int, help="class to explain (default: the prediction)")
     explain.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    explain.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
+    explain.add_argument("--steps", type=_positive_int, help="optimisation steps per attempt (default 300, early stop)")
     explain.add_argument("--batch-size", type=_positive_int, default=8, help="images (or slices) optimised together")
     explain.add_argument("--size", type=_int_list, help="classifier input size, e.g. 96 or 96,96 (default: as read)")
     explain.add_argument("--spatial-dims", type=int, choices=(2, 3), help="classifier dims (default: from its weights)")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsi.add_argument("--batch-size", type=_positive_int, default=16, help="tiles optimised together")
     wsi.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
-    wsi.add_argument("--steps", type=int, help="optimisation steps per attempt (default 300, early stop)")
+    wsi.add_argument("--steps", type=_positive_int, help="optimisation steps per attempt (default 300, early stop)")
     wsi.add_argument("--seed", type=int, help="random seed of the mask networks")
     wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     wsi.add_argument("--min-tissue", type=_fraction, default=0.1, help="least tissue fraction of a tile (default 0.1)")

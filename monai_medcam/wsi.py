@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
@@ -130,6 +131,7 @@ def open_slide(path: str | Path, backend: str = "auto"):
                 "tifffile: subfiletype=1), or use a format openslide reads."
             ))
         else:
+            reader.medcam_refusals = [str(r.problem) for r in refusals]  # why an earlier backend was passed over
             return reader, wsi
         # with --backend auto, a layout one reader cannot take may suit the next (openslide sees one
         # level where the levels are not marked as reduced resolution; tifffile reads them)
@@ -144,8 +146,12 @@ def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: in
     location = (int(round(y * ratio)), int(round(x * ratio)))
     data, _ = reader.get_data(wsi, location=location, size=(height, width), level=level)
     data = np.asarray(data)
-    if data.dtype != np.uint8:  # a 16-bit slide (read by tifffile as stored): to 8 bits
-        data = np.round(data.astype(np.float32) * (255.0 / np.iinfo(data.dtype).max)).astype(np.uint8)
+    if data.dtype != np.uint8:  # a 16-bit slide (read by tifffile as stored): to 8 bits, a channel at a time
+        top = int(np.iinfo(data.dtype).max)
+        scaled = np.empty(data.shape, np.uint8)
+        for c in range(data.shape[0]):
+            scaled[c] = (data[c].astype(np.uint32) * 255 + top // 2) // top
+        data = scaled
     return data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
 
 
@@ -160,7 +166,7 @@ class _LevelReader:
         self.whole = None
         if getattr(reader, "backend", "") == "tifffile":
             height, width = reader.get_size(wsi, level)
-            if height * width > self.MAX_TIFFFILE_PIXELS:
+            if height * width * np.dtype(getattr(reader, "dtype", np.uint8)).itemsize > self.MAX_TIFFFILE_PIXELS:
                 raise InputError(
                     path, f"the tifffile reader decodes whole levels and level {level} has {width} x {height} pixels; "
                     "install openslide-bin and openslide-python (--backend openslide), or explain a higher level."
@@ -174,17 +180,22 @@ class _LevelReader:
 
 
 TISSUE_PIXELS_PER_TILE = 8  # the tissue mask's least resolution: a tile spans this many of its pixels
+TISSUE_MAX_PIXELS = 2**26  # the tissue level's most pixels (it is read whole)
 
 
 def tissue_level(reader, wsi, level: int, tile: int) -> int:
-    """The lowest-resolution level on which a tile of ``level`` still spans ``TISSUE_PIXELS_PER_TILE``
-    pixels: the tissue mask and the thumbnail come from it (a pyramid may go down to one tile, where
-    small fragments of tissue vanish)."""
+    """The level the tissue mask and the thumbnail come from: the lowest resolution on which a tile
+    of ``level`` still spans ``TISSUE_PIXELS_PER_TILE`` pixels (a pyramid may go down to one tile,
+    where small fragments of tissue vanish), at least one level below ``level`` where there is one,
+    and no larger than ``TISSUE_MAX_PIXELS`` where a lower level is."""
+    count = reader.get_level_count(wsi)
     ratio = reader.get_downsample_ratio(wsi, level)
-    chosen = level
-    for low in range(level + 1, reader.get_level_count(wsi)):
+    chosen = min(level + 1, count - 1)
+    for low in range(level + 1, count):
         if tile * ratio / reader.get_downsample_ratio(wsi, low) >= TISSUE_PIXELS_PER_TILE:
             chosen = low
+    while chosen < count - 1 and math.prod(reader.get_size(wsi, chosen)) > TISSUE_MAX_PIXELS:
+        chosen += 1
     return chosen
 
 
@@ -193,13 +204,15 @@ def tissue_mask(reader, wsi, level: int | None = None) -> tuple[np.ndarray, np.n
     ``level`` (default: the lowest resolution; see :func:`tissue_level`), where tissue is HSV
     saturation above Otsu's threshold (as MONAI's ``MaskedPatchWSIDataset`` does); glass and white
     background are unsaturated."""
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     level = reader.get_level_count(wsi) - 1 if level is None else level
     height, width = reader.get_size(wsi, level)
     rgb = _read_region(reader, wsi, level, 0, 0, height, width)
-    saturation = rgb2hsv(rgb.transpose(1, 2, 0))[..., 1]
+    brightest, darkest = rgb.max(axis=0), rgb.min(axis=0)  # HSV saturation (max - min) / max, as rgb2hsv's
+    saturation = np.divide(brightest - darkest, brightest, out=np.zeros(brightest.shape, np.float32),
+                           where=brightest > 0, dtype=np.float32)
+    del brightest, darkest
     if float(saturation.max() - saturation.min()) < 0.05:  # uniform: no tissue/background contrast
         return saturation > 0.5, rgb, level
     return saturation > threshold_otsu(saturation), rgb, level
@@ -260,17 +273,18 @@ def _check_not_another_slides(slide: Path, evidence: Path) -> None:
         return
     if description.startswith(EVIDENCE_OF) and description[len(EVIDENCE_OF):] != str(slide.resolve()):
         raise InputError(slide, f"{evidence} holds the evidence of another slide of the same name, "
-                                f"{description[len(EVIDENCE_OF):]}; give this slide another output folder.")
+                                f"{description[len(EVIDENCE_OF):]}; give this slide another output folder "
+                                "(or restart=True, --restart, to replace it: the slide was moved).")
 
 
 def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: int = 256, mpp: Sequence[float] | None = None,
-                  description: str | None = None) -> Path:
+                  description: bytes | None = None) -> Path:
     """Write a 2D uint8 mask (a memmap is read a tile at a time) as a tiled pyramidal TIFF.
 
     Levels are consecutive tiled pages, each half the previous (2x2 max-pool, so small evidence
     stays visible), down to one tile; ``mpp`` (microns per pixel, y and x) of the first level
-    becomes the resolution tags (TIFF stores x then y), ``description`` the first page's
-    ImageDescription. Lower levels are built as memmaps in ``work``.
+    becomes the resolution tags (TIFF stores x then y), ``description`` (UTF-8: a path may hold any
+    character) the first page's ImageDescription. Lower levels are built as memmaps in ``work``.
     """
     import tifffile
 
@@ -427,8 +441,9 @@ def explain_slide(
             or has no class ``class_idx`` (one forward pass of zeros). Nothing is written then.
     """
     start = time.perf_counter()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
+    batch_size = int(batch_size)
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue is a fraction of a tile, from 0 to 1, not {min_tissue!r}.")
     settings.setdefault("skip_vacuous", True)
@@ -444,16 +459,19 @@ def explain_slide(
     if tile > min(level_size):
         raise InputError(slide, f"tile {tile} is larger than level {level} ({level_size[1]} x {level_size[0]} pixels).")
     name = _slide_name(slide)
-    _check_not_another_slides(slide, Path(output) / f"{name}_evidence.tif")
+    if not restart:
+        _check_not_another_slides(slide, Path(output) / f"{name}_evidence.tif")
     low = tissue_level(reader, wsi, level, tile)
     try:
+        read = _LevelReader(reader, wsi, level, slide)  # first: with tifffile it refuses levels too large to decode
         tissue, thumb_rgb, low = tissue_mask(reader, wsi, low)
-        read = _LevelReader(reader, wsi, level, slide)
     except InputError:
         raise
     except Exception as err:  # a slide that opens but whose pixels the backend cannot give as RGB
+        passed = "; ".join(getattr(reader, "medcam_refusals", []))
         raise InputError(slide, f"cannot read the slide's pixels with {getattr(reader, 'backend', backend)} "
-                                f"({type(err).__name__}: {err}); try the other --backend.") from err
+                                f"({type(err).__name__}: {err})" + (f"; the other reader refused it: {passed}" if passed
+                                                                     else "; try the other --backend") + ".") from err
     level_ratio = reader.get_downsample_ratio(wsi, level)  # level-0 pixels per pixel of the level
     scale = level_ratio / reader.get_downsample_ratio(wsi, low)
     tiles = tile_grid(level_size, tile, tissue, scale, min_tissue)
@@ -478,7 +496,7 @@ def explain_slide(
         "slide": str(slide.resolve()), "slide_bytes": stat.st_size, "slide_mtime_ns": stat.st_mtime_ns,
         "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
         "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
-        "tiles": len(tiles), "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
+        "tiles": len(tiles), "tissue_level": low, "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
         "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
     }
     run = json.loads(json.dumps(run, default=str))
@@ -487,8 +505,8 @@ def explain_slide(
         if previous != run:
             if not restart:
                 raise InputError(
-                    slide, f"{state} holds the state of a different run (other arguments or slide); "
-                    "use restart=True (--restart) to discard it, or remove the folder."
+                    slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
+                    "version of monai_medcam); use restart=True (--restart) to discard it, or remove the folder."
                 )
             shutil.rmtree(state)
     if not state.exists():
@@ -555,7 +573,7 @@ def explain_slide(
         mpp = reader.get_mpp(wsi, level)
     except Exception:  # slides without a physical resolution
         mpp = None
-    write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=EVIDENCE_OF + str(slide.resolve()))
+    write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
     with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
         writer.writeheader()

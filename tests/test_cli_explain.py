@@ -266,9 +266,9 @@ def test_device_steps_and_batch_size_are_checked_before_any_work(tmp_path, capsy
     assert "error: --device cuda:99: this machine has" in capsys.readouterr().err
     assert main(["wsi", "--classifier", FACTORY, "--slide", "x.tif", "--output", str(tmp_path / "o"), "--device", "cuda:99"]) == 2
     assert "CUDA device(s); use --device cpu" in capsys.readouterr().err
-    assert main(["explain", *base, "--steps", "0"]) == 2
-    assert "steps must be an integer >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as caught:
-        main(["explain", *base, "--batch-size", "0"])
-    assert caught.value.code == 2 and "--batch-size: must be at least 1, not 0" in capsys.readouterr().err
+    for command, option in (("explain", "--steps"), ("explain", "--batch-size"), ("demo", "--steps")):
+        arguments = base if command == "explain" else ["--output", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as caught:
+            main([command, *arguments, option, "0"])
+        assert caught.value.code == 2 and f"{option}: must be at least 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

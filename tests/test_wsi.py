@@ -25,7 +25,7 @@ from monai_medcam.demo.slides import LESION_CENTRES, write_demo_slide, write_pyr
 from monai_medcam import MedCAM  # noqa: E402
 from monai_medcam.io import InputError  # noqa: E402
 from monai_medcam.settings import BY_CLASSIFIER  # noqa: E402
-from monai_medcam.wsi import explain_slide, open_slide, tile_grid, tissue_mask  # noqa: E402
+from monai_medcam.wsi import _check_not_another_slides, explain_slide, open_slide, tile_grid, tissue_mask  # noqa: E402
 from tests.toys import LesionColourClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,9 +350,8 @@ def test_sixteen_bit_and_grey_slides(tmp_path):
             tif.write(current, tile=(256, 256), photometric="rgb", subfiletype=1 if k else 0, metadata=None)
             current = downscale_local_mean(current, (2, 2, 1)).round().astype(np.uint16)
     a, b = open_slide(eight, "tifffile"), open_slide(sixteen, "tifffile")
-    region8 = _read_region(*a, 1, 150, 200, 200, 300).astype(int)
-    region16 = _read_region(*b, 1, 150, 200, 200, 300).astype(int)
-    assert region16.dtype != np.uint16 and np.abs(region16 - region8).max() <= 1 and region8.max() > 200
+    region8, region16 = _read_region(*a, 1, 150, 200, 200, 300), _read_region(*b, 1, 150, 200, 200, 300)
+    assert region16.dtype == np.uint8 and np.abs(region16.astype(int) - region8).max() <= 1 and region8.max() > 200
     grey = tmp_path / "grey.tif"
     with tf.TiffWriter(grey) as tif:
         current = image.mean(-1).astype(np.uint8)
@@ -381,7 +380,52 @@ def test_another_slide_of_the_same_name_is_not_written_over(explained, tmp_path)
     with pytest.raises(InputError, match=f"holds the evidence of another slide of the same name, {report.slide.resolve()}"):
         explain_slide(LesionColourClassifier(), other, folder, level=LEVEL, tile=TILE, **FAST)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert str(report.slide.resolve()) in tifffile.TiffFile(folder / f"{report.slide.stem}_evidence.tif").pages[0].description
+    evidence = folder / f"{report.slide.stem}_evidence.tif"
+    assert str(report.slide.resolve()) in tifffile.TiffFile(evidence).pages[0].description
+    _check_not_another_slides(report.slide, evidence)  # the same slide again: its outputs are replaced
+    relative = Path(os.path.relpath(report.slide, Path.cwd()))
+    _check_not_another_slides(relative, evidence)
+
+
+def test_a_slide_whose_path_is_not_ascii(slide, tmp_path):
+    """The evidence TIFF records its slide's path in UTF-8 (TIFF's ASCII strings took no 'ü': every
+    run failed at its very end, after all its tiles, and every resume again)."""
+    import shutil
+
+    path = tmp_path / "Müller ü" / "case.tif"
+    path.parent.mkdir()
+    shutil.copy(slide[0], path)
+    report = explain_slide(LesionColourClassifier(), path, tmp_path / "out", level=3, tile=64, **FAST)
+    description = tifffile.TiffFile(report.outputs["evidence"]).pages[0].description
+    assert description.endswith(str(path.resolve())) and "ü" in description
+    _check_not_another_slides(path, report.outputs["evidence"])
+
+
+class _Pyramid:
+    """A reader's level sizes and downsamples, for :func:`tissue_level` without a file."""
+
+    def __init__(self, ratios: list[float], size: tuple[int, int]) -> None:
+        self.ratios, self.size = ratios, size
+
+    def get_level_count(self, wsi) -> int:
+        return len(self.ratios)
+
+    def get_downsample_ratio(self, wsi, level: int) -> float:
+        return self.ratios[level]
+
+    def get_size(self, wsi, level: int) -> tuple[int, int]:
+        return tuple(int(v / self.ratios[level]) for v in self.size)
+
+
+def test_tissue_level_choices():
+    from monai_medcam.wsi import tissue_level
+
+    assert tissue_level(_Pyramid([1, 2, 4, 8, 16, 32, 64], (2048, 2560)), None, 0, 64) == 3  # 8 px per tile
+    assert tissue_level(_Pyramid([1, 2, 4, 8], (2048, 2560)), None, 3, 64) == 3  # the explained level is the lowest
+    assert tissue_level(_Pyramid([1, 32], (100_000, 80_000)), None, 0, 224) == 1  # none spans 8 px: the next level, not level 0
+    # 100,000 x 80,000 px, tiles of 224: level 2 (downsample 16) would do, at 31 million pixels; more than 2**26 is not read whole
+    assert tissue_level(_Pyramid([1, 4, 16, 64], (100_000, 80_000)), None, 0, 224) == 2
+    assert tissue_level(_Pyramid([1, 2, 4, 64], (100_000, 80_000)), None, 0, 224) == 3
 
 
 def test_bad_batch_size_and_tissue_fraction_are_refused_before_any_work(slide, tmp_path):
@@ -423,7 +467,8 @@ def test_the_thumbnail_of_a_large_tissue_level_is_shrunk(tmp_path):
     path = _thumbnail(rgb, mask, 0.5, tmp_path / "thumb.png", tiles, 400)
     picture = np.asarray(Image.open(path))
     assert picture.shape == (1000, 1666, 3)  # 5000 / 3 (shrunk by 3), 3000 / 3
-    red = (picture[..., 0] > 200) & (picture[..., 1] < 150)
-    ys, xs = np.nonzero(red)
     exact = (2000 / 6, 2400 / 6, 4000 / 6, 4400 / 6)  # the level's rows 2000-2399 and columns 4000-4399, shrunk by 6
-    assert np.allclose((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), exact, atol=1.0)
+    for colour in ((picture[..., 0] > 200) & (picture[..., 1] < 150),  # the evidence, tinted red
+                   (picture[..., 2] > 150) & (picture[..., 0] < 100)):  # the tile's outline, blue
+        ys, xs = np.nonzero(colour)
+        assert np.allclose((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), exact, atol=1.0)
