@@ -2,8 +2,8 @@
 
 Data flow::
 
-    MONAI WSIReader (openslide, else tifffile) -> tissue mask at the lowest level (HSV saturation
-    above Otsu's threshold) -> tile grid at ``level``, tiles with tissue kept -> fixed batches of
+    MONAI WSIReader (openslide, else tifffile) -> tissue mask at a low level, 8 px per tile (HSV
+    saturation above Otsu's threshold) -> tile grid at ``level``, tiles with tissue kept -> fixed batches of
     tiles -> MedCAM -> tile masks into an on-disk array of the level (the slide is never held in
     memory) -> one journal line per finished batch -> when every batch is done: a tiled pyramidal
     TIFF of the evidence, a per-tile CSV and a thumbnail PNG, each written atomically.
