@@ -580,6 +580,26 @@ def _functional(ds, group, sequence: str, keyword: str):
     return None
 
 
+def _modality_lut(item: ImageInput, image: MetaTensor) -> MetaTensor:
+    """Stored values ``(1, X, Y[, Z])`` -> through each file's Modality LUT Sequence (pydicom's
+    ``apply_modality_lut``), as highdicom applies it to multi-frame files."""
+    import numpy as np
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    values = image[0].as_tensor().numpy()
+    planes = [values] if values.ndim == 2 else [values[..., k] for k in range(values.shape[-1])]
+    mapped = []
+    for plane, f in zip(planes, item.files):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)  # the table lies before the pixel data
+            mapped.append(torch.from_numpy(apply_modality_lut(plane.astype(np.int64), ds).astype(np.float32)))
+        except Exception as err:  # noqa: BLE001 - a damaged table
+            raise InputError(f, f"Modality LUT that cannot be applied ({type(err).__name__}: {err}).") from err
+    data = mapped[0] if values.ndim == 2 else torch.stack(mapped, dim=-1)
+    return MetaTensor(data[None], meta=image.meta)
+
+
 def _frame_geometry(path: Path, ds, count: int):
     """A multi-frame file's frame positions ``(N, 3)``, orientation ``(6,)`` and pixel spacing ``(2,)``
     (mm, LPS) from its functional groups (enhanced CT/MR/PET, legacy-converted series), or ``None``
@@ -751,6 +771,8 @@ def load_image(item: ImageInput) -> MetaTensor:
         image.meta[PHOTOMETRIC] = str(header.get("PhotometricInterpretation", ""))
         if image.meta[PHOTOMETRIC] == "PALETTE COLOR":
             image = _palette_to_rgb(item, image)
+        elif header.get("ModalityLUTSequence") and "RescaleSlope" not in header:  # MONAI applies a rescale only
+            image = _modality_lut(item, image)
     return _checked(image, item)
 
 

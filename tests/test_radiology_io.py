@@ -749,3 +749,17 @@ def test_an_enhanced_image_of_one_frame_is_a_2d_image_with_its_geometry(tmp_path
     single, frames = load_image(find_input(tmp_path / "mono1.dcm")), load_image(find_input(tmp_path / "mono1_frames.dcm"))
     assert torch.equal(frames.as_tensor(), single.as_tensor()) and torch.equal(frames.as_tensor(), original.as_tensor())
     assert frames.meta[PHOTOMETRIC] == single.meta[PHOTOMETRIC] == "MONOCHROME1"
+
+
+def test_a_modality_lut_is_applied():
+    """``mlut_18.dcm`` maps its stored values through a Modality LUT Sequence (stored -2048..2047 to
+    0..65535): read through it, as pydicom's ``apply_modality_lut`` gives (MONAI applies a rescale only)."""
+    from pydicom.pixels import apply_modality_lut
+
+    from monai_medcam.io import find_input
+
+    path = Path(get_testdata_file("mlut_18.dcm", download=False))
+    ds = pydicom.dcmread(path)
+    image = load_image(find_input(path))
+    assert torch.equal(image[0], torch.from_numpy(apply_modality_lut(ds.pixel_array, ds).T.astype(np.float32)))
+    assert float(image.min()) == 0.0 and float(image.max()) == 65535.0  # stored: -2048 to 2047
