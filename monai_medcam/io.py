@@ -256,7 +256,7 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
     where = f"{folder} [series {series}]" if series else folder
     unplaced = sorted(f.name for f, ds in headers if "ImagePositionPatient" not in ds)
     if unplaced:
-        raise InputError(where, f"slices {', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''} have no Image Position "
+        raise InputError(where, f"slices {_listed(unplaced)} have no Image Position "
                                 "(Patient) while the others do, so they are not one volume.")
     along = _along_normal(headers)  # each file's position along the slices' normal (None: not known)
     numbers = {f: _number(f, ds, "InstanceNumber") for f, ds in headers}
@@ -286,7 +286,7 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
         shared = sorted(f.name for f, p in position.items() if at[p] > 1)
         echoes = sorted({str(ds.get("EchoNumbers", "")) for _, ds in headers} - {""})
         kind = f"echoes {', '.join(echoes)}" if len(echoes) > 1 else "echoes, time points or acquisitions"
-        raise InputError(where, f"slices {', '.join(shared[:4])}{' ...' if len(shared) > 4 else ''} share a position: several "
+        raise InputError(where, f"slices {_listed(shared)} share a position: several "
                                 f"{kind} in one series, which is not one volume; put each in a folder of its own.")
     ordered = tuple(sorted(numbers, key=numbers.get))
     if along is not None:
@@ -548,26 +548,48 @@ def _undecodable_slice(files: tuple[Path, ...]) -> Path | None:
     return None
 
 
+def _per_slice(item: ImageInput, image: MetaTensor, apply, what: str) -> MetaTensor:
+    """``image`` ``(1, X, Y[, Z])`` of stored values -> ``(C, X, Y[, Z])``, each slice through
+    ``apply(plane, header)``: its plane ``(X, Y)`` as integers and its own file's header (read up to
+    the pixel data: the lookup tables lie before it) -> ``(C, X, Y)``. A failure names the file and ``what``."""
+    import numpy as np
+    import pydicom
+
+    values = image[0].as_tensor().numpy()
+    planes = [values] if values.ndim == 2 else [values[..., k] for k in range(values.shape[-1])]
+    slices = []
+    for plane, f in zip(planes, item.files):
+        try:
+            slices.append(apply(plane.astype(np.int64), pydicom.dcmread(f, stop_before_pixels=True)))
+        except Exception as err:  # noqa: BLE001 - a damaged or missing table
+            raise InputError(f, f"{what} ({type(err).__name__}: {err}).") from err
+    return MetaTensor(slices[0] if values.ndim == 2 else torch.stack(slices, dim=-1), meta=image.meta)
+
+
 def _palette_to_rgb(item: ImageInput, image: MetaTensor) -> MetaTensor:
     """A PALETTE COLOR image ``(1, X, Y[, Z])`` of palette indices -> its colours ``(3, X, Y[, Z])``
     through each file's lookup table (pydicom's ``apply_color_lut``), in [0, 1]."""
     import numpy as np
-    import pydicom
     from pydicom.pixels import apply_color_lut
 
-    indices = image[0].as_tensor().numpy()
-    planes = [indices] if indices.ndim == 2 else [indices[..., k] for k in range(indices.shape[-1])]
-    colours = []
-    for plane, f in zip(planes, item.files):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)  # the lookup table lies before the pixel data
-            rgb = apply_color_lut(plane.T.astype(np.int64), ds)  # (rows, columns, 3); the plane is (columns, rows)
-        except Exception as err:  # noqa: BLE001 - a damaged or missing lookup table
-            raise InputError(f, f"PALETTE COLOR image whose lookup table cannot be applied ({type(err).__name__}: {err}).") from err
+    def colours(plane, ds) -> torch.Tensor:
+        rgb = apply_color_lut(plane.T, ds)  # (rows, columns, 3); the plane is (columns, rows)
         top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0  # 8- or 16-bit table entries
-        colours.append(torch.from_numpy(rgb.transpose(2, 1, 0).astype(np.float32) / top))
-    data = colours[0] if indices.ndim == 2 else torch.stack(colours, dim=-1)
-    return MetaTensor(data, meta=image.meta)
+        return torch.from_numpy(rgb.transpose(2, 1, 0).astype(np.float32) / top)
+
+    return _per_slice(item, image, colours, "PALETTE COLOR image whose lookup table cannot be applied")
+
+
+def _modality_lut(item: ImageInput, image: MetaTensor) -> MetaTensor:
+    """Stored values ``(1, X, Y[, Z])`` -> through each file's Modality LUT Sequence (pydicom's
+    ``apply_modality_lut``), as highdicom applies it to multi-frame files."""
+    import numpy as np
+    from pydicom.pixels import apply_modality_lut
+
+    def mapped(plane, ds) -> torch.Tensor:
+        return torch.from_numpy(apply_modality_lut(plane, ds).astype(np.float32))[None]
+
+    return _per_slice(item, image, mapped, "Modality LUT that cannot be applied")
 
 
 def _functional(ds, group, sequence: str, keyword: str):
@@ -578,26 +600,6 @@ def _functional(ds, group, sequence: str, keyword: str):
         if items and keyword in items[0]:
             return items[0][keyword].value
     return None
-
-
-def _modality_lut(item: ImageInput, image: MetaTensor) -> MetaTensor:
-    """Stored values ``(1, X, Y[, Z])`` -> through each file's Modality LUT Sequence (pydicom's
-    ``apply_modality_lut``), as highdicom applies it to multi-frame files."""
-    import numpy as np
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    values = image[0].as_tensor().numpy()
-    planes = [values] if values.ndim == 2 else [values[..., k] for k in range(values.shape[-1])]
-    mapped = []
-    for plane, f in zip(planes, item.files):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)  # the table lies before the pixel data
-            mapped.append(torch.from_numpy(apply_modality_lut(plane.astype(np.int64), ds).astype(np.float32)))
-        except Exception as err:  # noqa: BLE001 - a damaged table
-            raise InputError(f, f"Modality LUT that cannot be applied ({type(err).__name__}: {err}).") from err
-    data = mapped[0] if values.ndim == 2 else torch.stack(mapped, dim=-1)
-    return MetaTensor(data[None], meta=image.meta)
 
 
 def _frame_geometry(path: Path, ds, count: int):
@@ -648,8 +650,9 @@ def _thickness(ds) -> float:
         return 1.0
 
 
-def _listed(numbers: list[int], most: int = 4) -> str:
-    return ", ".join(map(str, numbers[:most])) + (" ..." if len(numbers) > most else "")
+def _listed(items: list, most: int = 4) -> str:
+    """``"a, b, c, d ..."``: the first ``most`` of ``items`` (file names, frame numbers)."""
+    return ", ".join(map(str, items[:most])) + (" ..." if len(items) > most else "")
 
 
 def _read_frames(item: ImageInput) -> MetaTensor:

@@ -28,7 +28,7 @@ from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.visualize import grad_cam, grad_cam_layer
-from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, SEG_NEEDS_POSITIONS, OutputError, atomic_path, output_formats, write_outputs
+from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem, write_outputs
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
@@ -335,8 +335,9 @@ def explain_inputs(
             continue
         try:
             image = load_image(item)
-            if set(formats) == {"seg"} and image.meta.get(NOT_A_VOLUME):  # a cine: no SEG, so no work for it
-                raise InputError(item.path, SEG_NEEDS_POSITIONS.format(image.meta[NOT_A_VOLUME]))
+            no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
+            if no_seg:  # a cine: no SEG, so no work for it
+                raise InputError(item.path, no_seg)
             pieces = to_classifier_space(image, spatial_dims, channels, size, item.path)
         except Exception as err:
             fail(item, err)

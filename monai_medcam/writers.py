@@ -33,6 +33,16 @@ logger = logging.getLogger(__name__)
 NOMINAL_SLICE_THICKNESS = 1.0
 
 
+def seg_problem(meta: Mapping) -> str | None:
+    """Why an image with this metadata cannot have a DICOM SEG (``None`` if it can): it is not DICOM,
+    or it is a multi-frame DICOM whose frames have no positions (a cine: highdicom writes no SEG on it)."""
+    if not meta.get(SOURCE_FILES):
+        return SEG_NEEDS_DICOM
+    if meta.get(NOT_A_VOLUME):
+        return SEG_NEEDS_POSITIONS.format(meta[NOT_A_VOLUME])
+    return None
+
+
 def output_formats(formats: str | Sequence[str]) -> list[str]:
     """``formats`` as a list of known formats: ``"seg,nifti"`` or ``"png"`` (one string) or a sequence."""
     names = [f.strip() for f in formats.split(",") if f.strip()] if isinstance(formats, str) else list(formats)
@@ -332,10 +342,9 @@ def write_outputs(
     """
     folder = Path(folder)
     formats = output_formats(formats)
-    if set(formats) == {"seg"} and not mask.meta.get(SOURCE_FILES):
-        raise OutputError([], SEG_NEEDS_DICOM)
-    if set(formats) == {"seg"} and mask.meta.get(NOT_A_VOLUME):
-        raise OutputError([], SEG_NEEDS_POSITIONS.format(mask.meta[NOT_A_VOLUME]))
+    no_seg = seg_problem(mask.meta)
+    if set(formats) == {"seg"} and no_seg:
+        raise OutputError([], no_seg)
     written: list[Path] = []
     problems: list[str] = []
     for fmt in formats:
@@ -343,11 +352,10 @@ def write_outputs(
             if fmt == "nifti":
                 written.append(write_nifti(mask, folder / f"{name}_evidence.nii.gz"))
             elif fmt == "seg":
-                if not mask.meta.get(SOURCE_FILES):
-                    continue  # a SEG needs DICOM sources; other inputs get the other formats
-                if mask.meta.get(NOT_A_VOLUME):  # a cine: as for a source that is not DICOM, the other formats
-                    logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
-                                   name, mask.meta[NOT_A_VOLUME])
+                if no_seg:  # not DICOM, or a cine: the other formats are written
+                    if mask.meta.get(NOT_A_VOLUME):
+                        logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
+                                       name, mask.meta[NOT_A_VOLUME])
                     continue
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
             elif fmt == "png":
