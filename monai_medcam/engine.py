@@ -15,7 +15,6 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
 from __future__ import annotations
 
 import logging
-import numbers
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ from monai_medcam.losses import (
 )
 from monai_medcam.masknet import StackedMaskNet, pad_to_multiple
 from monai_medcam.metrics import non_binary_fraction
-from monai_medcam.settings import MedCAMSettings
+from monai_medcam.settings import MedCAMSettings, is_whole_number
 
 __all__ = ["MedCAM", "MedCAMResult"]
 
@@ -289,7 +288,7 @@ class MedCAM:
         (one per image) are how the log calls the images; their indices in ``x`` by default.
         """
         data = self._check_input(x)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+        if batch_size is not None and (not is_whole_number(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
         names = [str(i) for i in range(data.shape[0])] if names is None else [str(n) for n in names]
         if len(names) != data.shape[0]:

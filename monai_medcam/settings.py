@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
 
-__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "BY_CLASSIFIER", "as_bool"]
+__all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "BY_CLASSIFIER", "as_bool", "is_whole_number"]
 
 BOOL_FIELDS = ("hard_mask", "skip_vacuous", "amp", "progress")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -32,6 +32,11 @@ def as_bool(name: str, value: object) -> bool:
     if word in _BOOL_WORDS:
         return _BOOL_WORDS[word]
     raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+def is_whole_number(value: object) -> bool:
+    """Whether ``value`` is an integer (a Python or NumPy one), not a bool, which Python counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 # defaults that differ between 2D images and 3D volumes (a setting left at None takes these);
 # tuned on the known-evidence benchmark (docs/settings.md)
@@ -224,9 +229,9 @@ class MedCAMSettings:
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
         if unknown or not self.backgrounds:
             raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {self.backgrounds!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+        if not is_whole_number(self.seed):
             raise ValueError(f"seed must be an integer (the same seed gives the same mask), got {self.seed!r}.")
-        if self.verify_seed is not None and (isinstance(self.verify_seed, bool) or not isinstance(self.verify_seed, numbers.Integral)):
+        if self.verify_seed is not None and not is_whole_number(self.verify_seed):
             raise ValueError(f"verify_seed must be an integer or None, got {self.verify_seed!r}.")
         self.seed = int(self.seed)
         self.verify_seed = None if self.verify_seed is None else int(self.verify_seed)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
 from monai_medcam.pipeline import check_classifier
-from monai_medcam.settings import as_bool
+from monai_medcam.settings import as_bool, is_whole_number
 from monai_medcam.writers import atomic_path
 
 __all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
@@ -441,7 +440,7 @@ def explain_slide(
             or has no class ``class_idx`` (one forward pass of zeros). Nothing is written then.
     """
     start = time.perf_counter()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    if not is_whole_number(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}.")
     batch_size = int(batch_size)
     if not 0.0 <= float(min_tissue) <= 1.0:
