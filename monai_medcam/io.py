@@ -171,7 +171,14 @@ def _dicom_header(path: Path):
     try:
         return pydicom.dcmread(path, defer_size=1024)  # pixel data is read later, by the reader
     except Exception as err:  # pydicom raises many kinds for damaged files
-        raise InputError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+        problem = f"not a readable DICOM file ({type(err).__name__}: {err})"
+        if isinstance(err, pydicom.errors.InvalidDicomError) and "File Meta Information" in str(err):
+            problem = (  # pydicom's message says "use force=True", which a user of medcam cannot
+                "not a readable DICOM file: it has no DICOM file header (preamble, 'DICM' and file meta "
+                "information, which say how its pixels are encoded); write it as a DICOM file first, "
+                "e.g. with DCMTK: dcmconv <file> <new file>"
+            )
+        raise InputError(path, problem) from err
 
 
 def _check_dicom_image(path: Path, ds) -> None:

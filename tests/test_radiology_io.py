@@ -213,7 +213,8 @@ def test_find_inputs_reports_bad_files(tmp_path):
     assert "a DICOM Segmentation Storage object (an annotation of an image, not an image)" in problems["seg.dcm"]
     assert "a DICOM RT Dose object (a computed dose grid, not an image)" in problems["dose.dcm"]
     assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "dose.dcm", "notes.txt")} == {"NotAnImage"}
-    assert "not a readable DICOM file" in problems["corrupt.dcm"]
+    assert "not a readable DICOM file: it has no DICOM file header" in problems["corrupt.dcm"]  # a bare data set
+    assert "dcmconv <file> <new file>" in problems["corrupt.dcm"] and "force=True" not in problems["corrupt.dcm"]
     assert "not an image file" in problems["notes.txt"]
     # two multi-slice series in one folder: each its own input, named by its Series Number (both localizers here)
     assert "differ in orientation" in problems["mixed [series 1]"] and "differ in orientation" in problems["mixed [series 2]"]
