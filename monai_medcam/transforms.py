@@ -16,8 +16,9 @@ import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from monai.config import KeysCollection
+from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
@@ -71,6 +72,11 @@ def _check_output(output: str) -> str:
     return output
 
 
+def _tensor(img):
+    """A numpy array as a tensor (MONAI's transforms take either); anything else as given."""
+    return torch.from_numpy(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
+
+
 class MedCAMExplain(Transform):
     """Med-CAM evidence for one channel-first image.
 
@@ -103,8 +109,9 @@ class MedCAMExplain(Transform):
         params = list(self.explainer.nn_module.parameters())
         return params[0].device if params else img.device
 
-    def __call__(self, img: torch.Tensor, class_idx: int | None = None) -> MetaTensor:
-        """``img`` ``(C, *spatial)`` -> evidence ``(1, *spatial)``."""
+    def __call__(self, img: NdarrayOrTensor, class_idx: int | None = None) -> MetaTensor:
+        """``img`` ``(C, *spatial)`` (a tensor or a numpy array) -> evidence ``(1, *spatial)``."""
+        img = _tensor(img)
         if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ValueError(f"MedCAMExplain takes a channel-first image (C, H, W[, D]); got {shape}.")
@@ -229,7 +236,10 @@ class ToClassifierSpace(Transform):
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be positive, got {channels!r}.")
 
-    def __call__(self, img: torch.Tensor) -> MetaTensor:
+    def __call__(self, img: NdarrayOrTensor) -> MetaTensor:
+        """``img`` ``(C, *spatial)`` (a tensor or a numpy array) -> the classifier's input ``(channels, *size)``,
+        a volume's slices stacked on the last axis for a 2D classifier."""
+        img = _tensor(img)
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)

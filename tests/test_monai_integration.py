@@ -52,6 +52,21 @@ def test_array_transform_refuses_image_without_channel():
         MedCAMExplain(RegionClassifier(), **FAST)(torch.rand(4, 1, 32, 32))  # a batch, not a volume
 
 
+def test_transforms_take_numpy_arrays_as_monais_do():
+    """A numpy image (a Dataset without EnsureType) gets the mask its tensor gets, as a MetaTensor."""
+    from monai_medcam.transforms import ToClassifierSpace
+
+    image = region_images(1, seed=0)[0]
+    array = image.numpy().astype("float64")[:, ::-1].copy()[:, ::-1]  # float64 and once flipped, as numpy gives them
+    explain = MedCAMExplaind(keys="image", nn_module=RegionClassifier(), steps=20, restarts=0, **FAST)
+    from_tensor, from_array = (explain({"image": x})["image_evidence"] for x in (image, array))
+    assert isinstance(from_array, MetaTensor) and from_array.shape == (1, 32, 32)
+    assert from_array.meta["medcam"]["label"] == 1 and torch.equal(from_array.as_tensor(), from_tensor.as_tensor())
+    resized = ToClassifierSpace(2, 3, size=16)(array)
+    assert isinstance(resized, MetaTensor) and resized.shape == (3, 16, 16)
+    assert torch.allclose(resized.as_tensor(), ToClassifierSpace(2, 3, size=16)(image).as_tensor())
+
+
 def test_dictionary_transform_in_compose():
     pipeline = Compose([EnsureTyped(keys="image"), MedCAMExplaind(keys="image", nn_module=RegionClassifier(), **FAST)])
     out = pipeline({"image": _image(), "label": 1})
