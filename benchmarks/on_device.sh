@@ -21,8 +21,9 @@ timeout --signal=INT "${BUDGET_S:-540}" "$PYTHON" benchmarks/quality.py --preset
 status=${PIPESTATUS[0]}
 [ "$status" = 124 ] && echo "on_device.sh: stopped at BUDGET_S=${BUDGET_S:-540} s; the report holds the architectures that finished" | tee -a "$OUT/quality.log"
 shopt -s nullglob
-reports=(docs/quality_"$PRESET"*.md benchmarks/results/quality_"$PRESET"*.json)
-figures=(docs/images/quality_"$PRESET"_* docs/images/quality_"$PRESET"-dry_*)
+# a real run's report and figures go to docs/, a dry run's (--dry-run) beside its JSON
+reports=(docs/quality_"$PRESET"*.md benchmarks/results/quality_"$PRESET"*.md benchmarks/results/quality_"$PRESET"*.json)
+figures=(docs/images/quality_"$PRESET"_* benchmarks/results/images/quality_"$PRESET"-dry_*)
 [ ${#reports[@]} -gt 0 ] && cp "${reports[@]}" "$OUT"/
 [ ${#figures[@]} -gt 0 ] && tar -cf "$OUT/figures.tar" "${figures[@]}"
 exit "$status"

@@ -24,8 +24,9 @@ classifiers, reported as ``quality_<preset>-<N>images``: a larger sample for the
 the targets. Each section gives Med-CAM's means with their 95% bootstrap intervals over the images.
 
 ``--dry-run`` runs a preset's image sizes and models on the CPU with a few images, one epoch and
-three Med-CAM steps (``DRY_RUN``), reported as ``quality_<preset>-dry``: every code path of a GPU
-run, checked before device time is spent on it; its numbers mean nothing.
+three Med-CAM steps (``DRY_RUN``), reported as ``quality_<preset>-dry`` under ``--results`` unless
+``--output`` is given (not ``docs/``): every code path of a GPU run, checked before device time is
+spent on it; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -513,7 +514,7 @@ def run_architecture(arch: str, p: dict, args: argparse.Namespace, device: torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs")
+    parser.add_argument("--output", type=Path, help="report and figures (default: docs/; a dry run's: --results)")
     parser.add_argument("--archs", nargs="+", choices=ARCHS, help="run only these; the report keeps the others' earlier results")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON report and classifier cache")
     parser.add_argument("--retrain", action="store_true", help="train the classifiers again instead of using the cache")
@@ -523,6 +524,7 @@ def main() -> None:
                         help="lesion images explained per architecture instead of the preset's (a larger sample for the verdict "
                              "against the targets), reported as quality_<preset>-<N>images; the preset's classifiers")
     args = parser.parse_args()
+    args.output = args.output or (args.results if args.dry_run else ROOT / "docs")
     if args.images is not None and (args.images < 2 or args.dry_run):
         parser.error(f"--images must be 2 or more and cannot go with --dry-run (got {args.images}).")
     p = {**PRESETS[args.preset], **(DRY_RUN if args.dry_run else {})}

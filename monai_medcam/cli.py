@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     print_report(report)
     for name, overlap in overlaps.items():
         print(f"  {name}: {overlap}")
-    print(f"\nwrote {output}/known_evidence (panels.png, summary.csv)")
+    print(f"\nwrote {output}/known_evidence (panels.png, summary.csv, evidence_<i>.npy)")
     print(f"wrote {output}/radiology/evidence (DICOM SEG *_seg.dcm, NIfTI *.nii.gz, PNG panels, summary.csv)")
     print(f"      from the inputs in {output}/radiology/inputs")
     return 1 if report.failures else 0

@@ -406,9 +406,14 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
     seconds each, against seconds per image for Med-CAM).
 
     Raises:
-        InputError: ``path`` holds no input that can be explained (a run would otherwise do nothing, silently).
+        InputError: ``path`` is not there or holds no input that can be explained (a run would otherwise
+            do nothing, silently); also logged, as a bundle's config evaluation buries it in a long traceback.
     """
-    inputs, errors = find_inputs(path)
+    try:
+        inputs, errors = find_inputs(path)
+    except InputError as err:
+        logger.error("%s", err)
+        raise
     if check:
         readable = []
         for item in inputs:
@@ -422,7 +427,9 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
     for err in errors:
         logger.warning("%s (left out)", err)
     if not inputs:
-        raise InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
+        err = InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
+        logger.error("%s", err)
+        raise err
     # a series beside others in its folder: its files (MONAI's loaders also take a series as a file list)
     return [{key: [str(f) for f in item.files] if item.series else str(item.path)} for item in inputs]
 

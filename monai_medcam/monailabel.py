@@ -97,7 +97,9 @@ class MedCAMInferTask(BasicInferTask):
         description: shown by ``GET /info/``.
         settings: ``target_layers``, ``output`` and any :class:`~monai_medcam.MedCAMSettings` field,
             fixed for every request, checked here; ``steps`` and ``seed`` (and ``class_idx``) set
-            this task's defaults, which a request's parameters override.
+            this task's defaults, which a request's parameters override. ``skip_vacuous`` is true
+            unless given (as in the bundle): a slice or volume whose label holds with no evidence at
+            all (typically "no lesion") gets an empty label, not a mask that says nothing.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class MedCAMInferTask(BasicInferTask):
         description: str = "Med-CAM: the minimal evidence behind the classifier's decision, as a label",
         **settings: object,
     ) -> None:
+        settings = {"skip_vacuous": True, **settings}
         defaults = self._defaults(settings)
         super().__init__(
             path=None,

@@ -92,7 +92,7 @@ def test_quality_benchmark_smoke(tmp_path):
     trained_in = report["architectures"]["mobilenet_v2"]["train_seconds"]
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "3",
-         "--output", str(tmp_path), "--results", str(tmp_path)],
+         "--results", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -141,12 +141,13 @@ def test_quality_benchmark_smoke(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_quality_dry_run_runs_a_gpu_presets_models_and_sizes_on_cpu(tmp_path):
-    """--dry-run: cuda-224's 224 px images and full-size models (small False), on the CPU, a few images, reported as cuda-224-dry."""
+    """--dry-run: cuda-224's 224 px images and full-size models (small False), on the CPU, a few images, reported as
+    cuda-224-dry beside its JSON under --results (not in docs/, as a real run's report is)."""
     pytest.importorskip("skimage")
     pytest.importorskip("torchvision")
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "cuda-224", "--dry-run", "--archs", "mobilenet_v2",
-         "--output", str(tmp_path), "--results", str(tmp_path)],
+         "--results", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]

@@ -159,14 +159,14 @@ def test_sample_data_script_rewrites_the_embedded_data(tmp_path):
 
 def test_whole_slide_config_runs_the_tiled_path(tmp_path):
     pytest.importorskip("openslide")
-    slide = tmp_path / "slide.tif"  # absent: the config writes the demo slide there first
+    slide = tmp_path / "slide.tif"  # absent: the config writes the demo slide there first (it is the sample slide)
     output = tmp_path / "eval_wsi"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "wsi_inference.json"),
-        "--meta_file", METADATA, "--bundle_root", str(BUNDLE), "--slide", str(slide), "--output_dir", str(output),
-        "--steps", "30",
+        "--meta_file", METADATA, "--bundle_root", str(BUNDLE), "--output_dir", str(output), "--steps", "30",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run(command + ["--sample_slide", str(slide)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert slide.is_file()
     assert sorted(p.name for p in output.iterdir()) == ["slide_evidence.tif", "slide_thumbnail.png", "slide_tiles.csv"]
@@ -174,3 +174,10 @@ def test_whole_slide_config_runs_the_tiled_path(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 52  # the tissue tiles of level 2 at 64 px
     assert sorted((int(r["row"]), int(r["col"])) for r in rows if r["label"] == "1") == [(1, 5), (5, 5), (6, 1)]  # the lesions
+
+    # a slide of the user's that is not there: an error naming it; no demo slide written under its name
+    absent = tmp_path / "typo" / "slide.svs"
+    done = subprocess.run(command + ["--slide", str(absent), "--sample_slide", str(slide)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode != 0 and f"{absent}: no such slide file" in done.stderr, done.stderr[-3000:]
+    assert not absent.parent.exists()

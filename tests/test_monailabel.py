@@ -139,6 +139,9 @@ def test_infer_json_holds_the_diagnostics(server):
     medcam = result["medcam"]
     assert len(medcam["label"]) == 24 and len(medcam["verified"]) == 24  # one per slice of the 24-slice volume
     assert all(0.0 <= a <= 1.0 for a in medcam["area"]) and result["evidence_voxels"] > 0
+    # slices the classifier calls "no lesion" with no evidence at all get an empty label (skip_vacuous, the task's default)
+    vacuous = [a for a, v in zip(medcam["area"], medcam["vacuous"]) if v]
+    assert 0 < len(vacuous) < 24 and vacuous == [0.0] * len(vacuous)
 
 
 def test_bad_requests_get_4xx_and_the_server_stays_up(server):

@@ -244,6 +244,12 @@ def test_input_datalist_leaves_out_inputs_that_cannot_be_loaded(tmp_path, caplog
     (tmp_path / "good.dcm").unlink()  # nothing left to explain: an error, not a run that does nothing
     with pytest.raises(InputError, match=r"no image to explain here \(2 file\(s\) or folder\(s\) left out"):
         input_datalist(tmp_path)
+    # a path that is not there (a bundle's --dataset_dir left as the README's example): an error, also logged,
+    # as MONAI's config evaluation wraps the exception in a long traceback
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="monai_medcam.io"), pytest.raises(InputError, match="no such file or folder"):
+        input_datalist(tmp_path / "studies")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"{tmp_path / 'studies'}: no such file or folder."]
 
 
 def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
