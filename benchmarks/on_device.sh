@@ -23,7 +23,7 @@ status=${PIPESTATUS[0]}
 shopt -s nullglob
 # a real run's report and figures go to docs/, a dry run's (--dry-run) beside its JSON
 reports=(docs/quality_"$PRESET"*.md benchmarks/results/quality_"$PRESET"*.md benchmarks/results/quality_"$PRESET"*.json)
-figures=(docs/images/quality_"$PRESET"_* benchmarks/results/images/quality_"$PRESET"-dry_*)
+figures=(docs/images/quality_"$PRESET"[_-]* benchmarks/results/images/quality_"$PRESET"-dry_*)
 [ ${#reports[@]} -gt 0 ] && cp "${reports[@]}" "$OUT"/
 [ ${#figures[@]} -gt 0 ] && tar -cf "$OUT/figures.tar" "${figures[@]}"
 exit "$status"

@@ -173,12 +173,24 @@ def _dicom_header(path: Path):
     except Exception as err:  # pydicom raises many kinds for damaged files
         problem = f"not a readable DICOM file ({type(err).__name__}: {err})"
         if isinstance(err, pydicom.errors.InvalidDicomError) and "File Meta Information" in str(err):
-            problem = (  # pydicom's message says "use force=True", which a user of medcam cannot
-                "not a readable DICOM file: it has no DICOM file header (preamble, 'DICM' and file meta "
-                "information, which say how its pixels are encoded); write it as a DICOM file first, "
-                "e.g. with DCMTK: dcmconv <file> <new file>"
-            )
+            problem = _without_file_header(path)  # pydicom's message says "use force=True", which a medcam user cannot
         raise InputError(path, problem) from err
+
+
+def _without_file_header(path: Path) -> str:
+    """Why a file without DICOM's file header (preamble, 'DICM', file meta) is not read: a bare data set,
+    which DCMTK can give the header, or no DICOM at all."""
+    import pydicom
+
+    try:
+        bare = "SOPClassUID" in pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    except Exception:
+        bare = False
+    if bare:
+        return ("not a readable DICOM file: a DICOM data set without the file header (preamble, 'DICM' and "
+                "file meta information, which say how its pixels are encoded); write it as a DICOM file "
+                "first, e.g. with DCMTK: dcmconv <file> <new file>")
+    return "not a readable DICOM file: no 'DICM' marker and no DICOM data set (empty, cut short, or another format?)"
 
 
 def _check_dicom_image(path: Path, ds) -> None:

@@ -72,9 +72,16 @@ def _check_output(output: str) -> str:
     return output
 
 
-def _tensor(img):
-    """A numpy array as a tensor (MONAI's transforms take either); anything else as given."""
-    return torch.from_numpy(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
+def _image(img, what: str) -> torch.Tensor:
+    """``img`` ``(C, H, W[, D])`` as a tensor: a numpy array of numbers converted, as MONAI's transforms
+    take either (a copy in native byte order, whatever its strides); anything else is a ``ValueError``."""
+    if isinstance(img, np.ndarray) and img.dtype.kind in "biuf":
+        img = torch.from_numpy(np.array(img, dtype=img.dtype.newbyteorder("="), order="C"))
+    if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
+        got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        got = f"an array of {img.dtype}" if isinstance(img, np.ndarray) else got
+        raise ValueError(f"{what} takes a channel-first image (C, H, W[, D]); got {got}.")
+    return img
 
 
 class MedCAMExplain(Transform):
@@ -111,10 +118,7 @@ class MedCAMExplain(Transform):
 
     def __call__(self, img: NdarrayOrTensor, class_idx: int | None = None) -> MetaTensor:
         """``img`` ``(C, *spatial)`` (a tensor or a numpy array) -> evidence ``(1, *spatial)``."""
-        img = _tensor(img)
-        if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
-            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"MedCAMExplain takes a channel-first image (C, H, W[, D]); got {shape}.")
+        img = _image(img, "MedCAMExplain")
         if img.ndim == 4 and min(img.shape[1:]) < MIN_SPATIAL_SIZE:
             raise ValueError(f"MedCAMExplain takes one channel-first image (C, H, W[, D]); {tuple(img.shape)} is a volume "
                              f"with a side under {MIN_SPATIAL_SIZE} or a batch of 2D images (MedCAM and MedCAMInferer take batches).")
@@ -239,7 +243,7 @@ class ToClassifierSpace(Transform):
     def __call__(self, img: NdarrayOrTensor) -> MetaTensor:
         """``img`` ``(C, *spatial)`` (a tensor or a numpy array) -> the classifier's input ``(channels, *size)``,
         a volume's slices stacked on the last axis for a 2D classifier."""
-        img = _tensor(img)
+        img = _image(img, "ToClassifierSpace")
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)

@@ -92,7 +92,7 @@ def test_quality_benchmark_smoke(tmp_path):
     trained_in = report["architectures"]["mobilenet_v2"]["train_seconds"]
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "3",
-         "--results", str(tmp_path)],
+         "--output", str(tmp_path), "--results", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]

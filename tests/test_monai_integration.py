@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -57,7 +58,7 @@ def test_transforms_take_numpy_arrays_as_monais_do():
     from monai_medcam.transforms import ToClassifierSpace
 
     image = region_images(1, seed=0)[0]
-    array = image.numpy().astype("float64")[:, ::-1].copy()[:, ::-1]  # float64 and once flipped, as numpy gives them
+    array = image.numpy().astype(">f8")[:, ::-1].copy()[:, ::-1]  # float64, big-endian, negative strides
     explain = MedCAMExplaind(keys="image", nn_module=RegionClassifier(), steps=20, restarts=0, **FAST)
     from_tensor, from_array = (explain({"image": x})["image_evidence"] for x in (image, array))
     assert isinstance(from_array, MetaTensor) and from_array.shape == (1, 32, 32)
@@ -65,6 +66,10 @@ def test_transforms_take_numpy_arrays_as_monais_do():
     resized = ToClassifierSpace(2, 3, size=16)(array)
     assert isinstance(resized, MetaTensor) and resized.shape == (3, 16, 16)
     assert torch.allclose(resized.as_tensor(), ToClassifierSpace(2, 3, size=16)(image).as_tensor())
+    for bad, got in ((np.zeros((1, 32, 32), dtype=object), "an array of object"), (np.array(1.0), r"\(\)")):
+        for transform in (ToClassifierSpace(2, 3, size=16), MedCAMExplain(RegionClassifier(), **FAST)):
+            with pytest.raises(ValueError, match=f"{type(transform).__name__} takes a channel-first image .*; got {got}"):
+                transform(bad)
 
 
 def test_dictionary_transform_in_compose():

@@ -202,3 +202,23 @@ def test_share_torch_on_another_file_system_leaves_nothing_behind():
         assert out.returncode == 0, out.stderr
         assert "could not hard-link" in out.stdout and "pip installs its own copy" in out.stdout
         assert list(Path(site).iterdir()) == []
+
+
+def test_task_skips_vacuous_images_unless_told_not_to():
+    """MedCAMInferTask's default skip_vacuous is true; the app's --conf word "false" turns it off (in the
+    MONAI Label environment, without a server)."""
+    if not MONAILABEL.exists():
+        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
+    script = (
+        "import torch\n"
+        "from monai_medcam.monailabel import MedCAMInferTask\n"
+        "from monai_medcam.settings import MedCAMSettings\n"
+        "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))\n"
+        "for given in ({}, {'skip_vacuous': 'false'}, {'skip_vacuous': 'true'}):\n"
+        "    inferer = MedCAMInferTask(net, **given).inferer({})\n"
+        "    print(MedCAMSettings.from_kwargs(**inferer.settings).skip_vacuous)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "True"]

@@ -201,6 +201,10 @@ def test_find_inputs_reports_bad_files(tmp_path):
     shutil.copy(test_files / "MR_truncated.dcm", tmp_path / "truncated.dcm")
     shutil.copy(test_files / "rtplan.dcm", tmp_path / "plan.dcm")
     shutil.copy(test_files / "no_meta.dcm", tmp_path / "corrupt.dcm")
+    (tmp_path / "page.dcm").write_text("<html>404 Not Found</html>")  # a download that failed, saved as DICOM
+    bare = pydicom.dcmread(MR_SMALL)  # a data set written without preamble and file meta (DCMTK's --write-dataset)
+    bare.preamble, bare.file_meta = None, pydicom.dataset.FileMetaDataset()
+    bare.save_as(tmp_path / "bare.dcm", enforce_file_format=False, implicit_vr=False, little_endian=True)
     shutil.copy(test_files / "liver_1frame.dcm", tmp_path / "seg.dcm")  # a DICOM SEG exported beside its series
     shutil.copy(get_testdata_file("emri_small.dcm", download=False), tmp_path / "enhanced.dcm")  # multi-frame (pydicom-data)
     shutil.copy(test_files / "rtdose.dcm", tmp_path / "dose.dcm")  # a dose grid: pixel data, not an image
@@ -213,8 +217,9 @@ def test_find_inputs_reports_bad_files(tmp_path):
     assert "a DICOM Segmentation Storage object (an annotation of an image, not an image)" in problems["seg.dcm"]
     assert "a DICOM RT Dose object (a computed dose grid, not an image)" in problems["dose.dcm"]
     assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "dose.dcm", "notes.txt")} == {"NotAnImage"}
-    assert "not a readable DICOM file: it has no DICOM file header" in problems["corrupt.dcm"]  # a bare data set
-    assert "dcmconv <file> <new file>" in problems["corrupt.dcm"] and "force=True" not in problems["corrupt.dcm"]
+    assert "no 'DICM' marker and no DICOM data set" in problems["corrupt.dcm"]  # garbage to pydicom (a stray first byte)
+    assert "no 'DICM' marker and no DICOM data set" in problems["page.dcm"] and "force=True" not in problems["page.dcm"]
+    assert "a DICOM data set without the file header" in problems["bare.dcm"] and "dcmconv <file> <new file>" in problems["bare.dcm"]
     assert "not an image file" in problems["notes.txt"]
     # two multi-slice series in one folder: each its own input, named by its Series Number (both localizers here)
     assert "differ in orientation" in problems["mixed [series 1]"] and "differ in orientation" in problems["mixed [series 2]"]

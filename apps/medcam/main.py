@@ -58,7 +58,8 @@ class MedCAMApp(MONAILabelApp):
         self.spatial_dims = int(conf.get("spatial_dims") or self.loaded.spatial_dims or 2)
         self.channels = int(conf["channels"]) if conf.get("channels") else self.loaded.channels
         self.steps = int(conf.get("steps") or 300)  # a request's "steps" overrides it
-        self.skip_vacuous = conf.get("skip_vacuous", True)  # "false" (a --conf word) is read as false
+        # the task's own default (true) unless given; "false" (a --conf word) is read as false
+        self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
         super().__init__(
             app_dir=app_dir,
@@ -87,7 +88,7 @@ class MedCAMApp(MONAILabelApp):
                 size=self.size,
                 target_layers=self.loaded.target_layers,
                 steps=self.steps,
-                skip_vacuous=self.skip_vacuous,
+                **self.task_settings,
             )
         }
 
