@@ -422,10 +422,18 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
             do nothing, silently); also logged, as a bundle's config evaluation buries it in a long traceback.
     """
     try:
-        inputs, errors = find_inputs(path)
+        inputs = _explainable_inputs(path, check)
     except InputError as err:
         logger.error("%s", err)
         raise
+    # a series beside others in its folder: its files (MONAI's loaders also take a series as a file list)
+    return [{key: [str(f) for f in item.files] if item.series else str(item.path)} for item in inputs]
+
+
+def _explainable_inputs(path: str | Path, check: bool) -> list[ImageInput]:
+    """The inputs under ``path`` (with ``check``, those that load), the others logged and left out;
+    an :class:`InputError` where ``path`` is not there or none is left."""
+    inputs, errors = find_inputs(path)
     if check:
         readable = []
         for item in inputs:
@@ -439,11 +447,8 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
     for err in errors:
         logger.warning("%s (left out)", err)
     if not inputs:
-        err = InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
-        logger.error("%s", err)
-        raise err
-    # a series beside others in its folder: its files (MONAI's loaders also take a series as a file list)
-    return [{key: [str(f) for f in item.files] if item.series else str(item.path)} for item in inputs]
+        raise InputError(path, f"no image to explain here ({len(errors)} file(s) or folder(s) left out, logged above).")
+    return inputs
 
 
 def find_input(path: str | Path | list[str | Path]) -> ImageInput:

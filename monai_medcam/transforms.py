@@ -77,11 +77,13 @@ def _image(img, what: str) -> torch.Tensor:
     take either (a copy in native byte order, whatever its strides); anything else is a ``ValueError``."""
     if isinstance(img, np.ndarray) and img.dtype.kind in "biuf":
         img = torch.from_numpy(np.array(img, dtype=img.dtype.newbyteorder("="), order="C"))
-    if not isinstance(img, torch.Tensor) or img.ndim not in (3, 4):
-        got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-        got = f"an array of {img.dtype}" if isinstance(img, np.ndarray) else got
-        raise ValueError(f"{what} takes a channel-first image (C, H, W[, D]); got {got}.")
-    return img
+    if isinstance(img, torch.Tensor) and img.ndim in (3, 4):
+        return img
+    if isinstance(img, torch.Tensor):
+        got = tuple(img.shape)
+    else:  # an array left unconverted holds no numbers (object, strings, complex)
+        got = f"an array of {img.dtype}" if isinstance(img, np.ndarray) else type(img).__name__
+    raise ValueError(f"{what} takes a channel-first image (C, H, W[, D]); got {got}.")
 
 
 class MedCAMExplain(Transform):

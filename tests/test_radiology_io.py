@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from monai_medcam.demo.studies import write_dicom_series  # noqa: E402
 from monai_medcam.io import SOURCE_FILES, InputError, find_inputs, load_image  # noqa: E402
 from monai_medcam.pipeline import explain_inputs  # noqa: E402
-from monai_medcam.writers import SEGMENT_LABEL, _display_slices, dicom_frames, write_dicom_seg, write_nifti  # noqa: E402
+from monai_medcam.writers import SEGMENT_LABEL, _display_slices, write_dicom_seg, write_nifti  # noqa: E402
 from tests.toys import RegionClassifier  # noqa: E402
 
 MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
