@@ -268,14 +268,14 @@ def explain_inputs(
         # Grad-CAM only when every piece has it (it may have failed on one of the batches)
         heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
         labels = sorted({int(r["label"]) for r in pending.rows.values()})
-        title = f"{pending.name}: class {','.join(map(str, labels))}"
+        rows = [pending.rows[k] for k in range(pending.pieces)]
         # pictures show the slices whose decision needed evidence (not vacuous) where there are any
         needed = [k for k in range(pending.pieces) if not pending.rows[k]["vacuous"]]
         bar.update(1)
         try:
             label = labels[0] if len(labels) == 1 else None
             report.written[pending.item.label] = write_outputs(
-                image, mask, output, pending.name, formats, soft, label, heat, title, fractional, needed or None
+                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, needed or None, rows
             )
         except OutputError as err:  # some formats written: their rows stay in the summary
             fail(pending, err)
@@ -284,7 +284,7 @@ def explain_inputs(
         except Exception as err:  # a writer refusing one input must not stop the others
             fail(pending, err)
             return
-        report.rows.extend(pending.rows[k] for k in range(pending.pieces))
+        report.rows.extend(rows)
         write_rows_csv(summary_csv, report.rows)  # after each input: an interrupted run's summary lists what it wrote
 
     def run_batch() -> None:

@@ -364,8 +364,9 @@ class SaveEvidenced(MapTransform):
                     name,
                     self.formats,
                     label=labels[0] if len(labels) == 1 else None,
-                    title=f"{name}: class {','.join(map(str, labels))}",
+                    title=name,
                     display_slices=(needed or None) if count > 1 else None,
+                    rows=rows,
                 )
             except OutputError as err:  # the formats that could be written were: keep them, and the run going
                 logger.error("%s: %s", source.meta.get("filename_or_obj", name), err)

@@ -18,7 +18,7 @@ from monai.utils import optional_import
 
 from monai_medcam.classifiers import FrozenClassifier, _patch_size, class_indices, is_vision_transformer, layer_name, tokens_to_grid
 
-__all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels"]
+__all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels", "evidence_caption"]
 
 plt, _HAS_MPL = optional_import("matplotlib.pyplot")
 
@@ -156,12 +156,40 @@ def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip((image - low) / max(high - low, 1e-8), 0, 1).transpose(1, 2, 0)
 
 
+def evidence_caption(row: Mapping[str, object]) -> tuple[str, str, str] | None:
+    """What a panel says about one explained image, from its summary row (:meth:`MedCAMResult.summary`).
+
+    Returns ``(decision, verdict, colour)``, e.g. ``("class 1 (p 0.97)", "verified (alone: p 0.99)",
+    "black")``: the label's probability on the image, then on the evidence alone. The verdict is red
+    where the evidence is not verified (it does not keep the label alone and under every random
+    background), orange where the mask ran out of steps before it settled, grey where no evidence
+    was needed (vacuous). ``None`` for a row without a decision.
+    """
+    if row.get("label") in (None, "") or row.get("prob_input") in (None, ""):
+        return None
+    decision = f"class {int(float(row['label']))} (p {float(row['prob_input']):.2f})"
+    alone = f"alone: p {float(row.get('prob_evidence', float('nan'))):.2f}"
+    if _flag(row.get("vacuous")):
+        return decision, "none needed: the class holds on nothing", "dimgray"
+    if not _flag(row.get("verified")):
+        return decision, f"NOT verified ({alone})", "red"
+    if not _flag(row.get("settled", True)):
+        return decision, f"verified ({alone}), unsettled", "darkorange"
+    return decision, f"verified ({alone})", "black"
+
+
+def _flag(value: object) -> bool:
+    """A summary flag as a bool (``True``, ``1.0`` or ``"True"``)."""
+    return value in ("True", "true", "1") if isinstance(value, str) else bool(value)
+
+
 def save_panels(
     path: str | Path,
     images: torch.Tensor,
     columns: Mapping[str, torch.Tensor],
     row_titles: Sequence[str] | None = None,
     heatmaps: Sequence[str] = (),
+    notes: Mapping[str, Sequence[tuple[str, str] | None]] | None = None,
 ) -> Path:
     """Save a grid: one row per image, the image then one column per mask or heatmap.
 
@@ -172,6 +200,8 @@ def save_panels(
             the image, the names in ``heatmaps`` as a colour map over the image.
         row_titles: one title per row.
         heatmaps: which columns are continuous heatmaps.
+        notes: column title -> per row ``(text, colour)`` (or ``None``): a second title line in that
+            colour, e.g. whether the evidence was verified (:func:`evidence_caption`).
     """
     if not _HAS_MPL:
         raise ImportError("saving panels needs matplotlib: pip install 'monai-medcam[plot]'.")
@@ -196,7 +226,9 @@ def save_panels(
                 ax.imshow(tint * np.where(value[..., None] > 0.5, 1.0, 0.45))
                 if value.max() > 0.5 and value.min() < 0.5:
                     ax.contour(value, levels=[0.5], colors=["lime"], linewidths=0.8)
-            ax.set_title(f"{title}" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})", fontsize=8)
+            text = f"{title}" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})"
+            note = (notes or {}).get(title, [None] * rows)[i]
+            ax.set_title(f"{text}\n{note[0]}" if note else text, fontsize=8, color=note[1] if note else "black")
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()

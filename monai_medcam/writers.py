@@ -285,6 +285,7 @@ def write_png(
     title: str = "",
     max_slices: int = 3,
     candidates: Sequence[int] | None = None,
+    rows: Sequence[Mapping[str, object]] = (),
 ) -> Path:
     """Panels for a person to look at: image | evidence (contour and tint) | each heatmap.
 
@@ -297,8 +298,11 @@ def write_png(
         max_slices: for a volume, at most this many slices with evidence are shown, one per row...
         candidates: ...the first of these that hold evidence (most wanted first; default: the
             slices with the most evidence).
+        rows: the summary rows (:meth:`MedCAMResult.summary`), one per slice of a volume explained
+            slice by slice, else one: each panel row then says the decision and whether its evidence
+            was verified (:func:`~monai_medcam.visualize.evidence_caption`; red where it was not).
     """
-    from monai_medcam.visualize import save_panels
+    from monai_medcam.visualize import evidence_caption, save_panels
 
     image = torch.as_tensor(image).detach().cpu().float()
     mask = torch.as_tensor(mask).detach().cpu().float()
@@ -307,13 +311,19 @@ def write_png(
         image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
     slices = _display_slices(image, mask, max_slices, candidates)
 
-    def rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
+    def panel_rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
         return torch.stack([volume[..., k].transpose(-1, -2) for k in slices])
 
-    columns = {SEGMENT_LABEL: rows(mask), **{k: rows(v) for k, v in maps.items()}}
+    columns = {SEGMENT_LABEL: panel_rows(mask), **{k: panel_rows(v) for k, v in maps.items()}}
     depth = image.shape[-1]
+    if len(title) > 32:  # the panel is 2.4 inches wide: a long file name keeps its start and end
+        title = f"{title[:14]}...{title[-15:]}"
     titles = [f"{title} slice {k + 1}/{depth}".strip() if depth > 1 else title or "image" for k in slices]
-    return save_panels(path, rows(image), columns, row_titles=titles, heatmaps=tuple(maps))
+    # one row per slice (a 2D classifier over a volume), or one for the whole input
+    captions = [evidence_caption(rows[k if len(rows) > 1 else 0]) if len(rows) in (1, depth) else None for k in slices]
+    titles = [f"{t}\n{c[0]}" if c else t for t, c in zip(titles, captions)]
+    notes = {SEGMENT_LABEL: [(c[1], c[2]) if c else None for c in captions]}
+    return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes)
 
 
 def write_outputs(
@@ -328,10 +338,13 @@ def write_outputs(
     title: str = "",
     fractional: bool = False,
     display_slices: Sequence[int] | None = None,
+    rows: Sequence[Mapping[str, object]] = (),
 ) -> list[Path]:
     """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``.
 
     Each format is written on its own: one that fails does not keep the others from being written.
+    ``rows`` (the summary rows: one per slice of a volume explained slice by slice, else one) caption
+    the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`).
 
     A ``seg`` is left out (logged) for a source that is not DICOM, or a multi-frame DICOM whose
     frames have no positions (a cine: highdicom writes no SEG on it).
@@ -360,7 +373,8 @@ def write_outputs(
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
-                written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title, candidates=display_slices))
+                written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title,
+                                         candidates=display_slices, rows=rows))
         except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
             problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
     if problems:

@@ -319,9 +319,11 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
 THUMBNAIL_SIDE = 2048  # the thumbnail's longest side at most (the tissue level of a large slide can be larger)
 
 
-def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tiles: Sequence[SlideTile], tile: int) -> Path:
+def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tiles: Sequence[SlideTile], tile: int,
+               unverified: set[int] = frozenset()) -> Path:
     """The tissue level ``(3, h, w)`` (``scale``: its pixels per pixel of the explained level), shrunk
-    to at most ``THUMBNAIL_SIDE``, with the evidence tinted red and the explained tiles outlined."""
+    to at most ``THUMBNAIL_SIDE``, with the evidence tinted red and the explained tiles outlined: blue,
+    or a thicker yellow for the tiles (indices in ``unverified``) whose evidence was not verified."""
     from PIL import Image, ImageDraw
 
     shrink = math.ceil(max(rgb.shape[1:]) / THUMBNAIL_SIDE)
@@ -342,9 +344,12 @@ def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tile
     picture[evidence] = 0.45 * picture[evidence] + 0.55 * np.array([255, 0, 0], np.float32)
     image = Image.fromarray(picture.astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for t in tiles:
+    for t in sorted(tiles, key=lambda t: t.index in unverified):  # the yellow outlines drawn last, on top
         box = [t.x * scale, t.y * scale, (t.x + t.width) * scale - 1, (t.y + t.height) * scale - 1]
-        draw.rectangle(box, outline=(40, 90, 200))
+        if t.index in unverified:
+            draw.rectangle(box, outline=(255, 210, 0), width=2)
+        else:
+            draw.rectangle(box, outline=(40, 90, 200))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
@@ -578,7 +583,8 @@ def explain_slide(
         writer.writeheader()
         for k in range(len(batches)):
             writer.writerows(done[k])
-    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile)
+    unverified = {int(row["tile"]) for k in range(len(batches)) for row in done[k] if not row["verified"]}
+    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified)
     del mask
     shutil.rmtree(state)
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

@@ -139,16 +139,32 @@ def test_torchscript_and_bundle_classifiers(tmp_path):
         load_classifier(tmp_path)
 
 
-def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog):
+def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog, monkeypatch):
+    import monai_medcam.visualize
     from monai_medcam.demo.studies import write_demo_studies
 
+    drawn = {}
+    real = monai_medcam.visualize.save_panels
+
+    def spy(path, images, columns, row_titles=None, heatmaps=(), notes=None):
+        drawn.update(titles=row_titles, notes=notes)
+        return real(path, images, columns, row_titles, heatmaps, notes)
+
+    monkeypatch.setattr(monai_medcam.visualize, "save_panels", spy)
     lesions = write_demo_studies(tmp_path / "studies")["mr_series"]  # (columns, rows, slices): a lesion on 3 of 12
     out = tmp_path / "o"
     with caplog.at_level("INFO", logger="monai_medcam.engine"):
         code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
-                     str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti", "--skip-vacuous", *FAST])
+                     str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti,png", "--skip-vacuous", *FAST])
     assert code == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
+    # the panels show slices that needed evidence, each with its own decision and verdict from the summary
+    shown = [int(t.split(" slice ")[1].split("/")[0]) - 1 for t in drawn["titles"]]
+    assert shown and all(rows[k]["vacuous"] == "False" for k in shown)
+    assert drawn["titles"] == [f"mr_series slice {k + 1}/12\nclass {rows[k]['label']} (p {float(rows[k]['prob_input']):.2f})" for k in shown]
+    verdicts = ["verified" if rows[k]["verified"] == "True" else "NOT verified" for k in shown]
+    assert [n[0].split(" (")[0] for n in drawn["notes"]["Med-CAM evidence"]] == verdicts
+    assert [n[0].split("p ")[1][:4] for n in drawn["notes"]["Med-CAM evidence"]] == [f"{float(rows[k]['prob_evidence']):.2f}" for k in shown]
     assert len(rows) == 12
     vacuous = [r for r in rows if r["vacuous"] == "True"]
     assert vacuous and len(vacuous) < 12  # the no-lesion slices, not the lesion ones

@@ -272,6 +272,20 @@ def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
     assert _display_slices(image, torch.zeros_like(mask), 3, None) == [3]  # no evidence, no preference: the middle
 
 
+def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
+    from monai_medcam.visualize import evidence_caption
+
+    row = dict(label=1, prob_input=0.968, prob_evidence=0.994, verified=True, settled=True, vacuous=False)
+    assert evidence_caption(row) == ("class 1 (p 0.97)", "verified (alone: p 0.99)", "black")
+    assert evidence_caption({**row, "verified": False, "prob_evidence": 0.404}) == ("class 1 (p 0.97)", "NOT verified (alone: p 0.40)", "red")
+    assert evidence_caption({**row, "settled": False}) == ("class 1 (p 0.97)", "verified (alone: p 0.99), unsettled", "darkorange")
+    assert evidence_caption({**row, "label": 0, "vacuous": True})[1:] == ("none needed: the class holds on nothing", "dimgray")
+    # as read back from summary.csv (text) or decollated (floats)
+    assert evidence_caption({k: str(v) for k, v in {**row, "verified": False}.items()})[2] == "red"
+    assert evidence_caption({**row, "label": 1.0, "verified": 1.0, "settled": 0.0})[2] == "darkorange"
+    assert evidence_caption({"label": 1}) is None and evidence_caption({}) is None  # no decision recorded: no caption
+
+
 TEST_FILES = MR_SMALL.parent
 QUICK = dict(steps=10, max_retries=0, seed=0, target_layers=[], progress=False)
 

@@ -472,3 +472,24 @@ def test_the_thumbnail_of_a_large_tissue_level_is_shrunk(tmp_path):
                    (picture[..., 2] > 150) & (picture[..., 0] < 100)):  # the tile's outline, blue
         ys, xs = np.nonzero(colour)
         assert np.allclose((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), exact, atol=1.0)
+
+
+def test_the_thumbnail_outlines_tiles_whose_evidence_is_not_verified_in_yellow(tmp_path):
+    """A pathologist must see which tiles' red is not backed by a verified mask: those tiles are
+    outlined in a thicker yellow, the others in blue."""
+    from PIL import Image
+
+    from monai_medcam.wsi import SlideTile, _thumbnail
+
+    rgb = np.full((3, 200, 300), 240, np.uint8)
+    mask = np.zeros((200, 300), np.uint8)
+    tiles = [SlideTile(0, 0, 0, 0, 0, 100, 100, 1.0), SlideTile(1, 0, 1, 0, 100, 100, 100, 1.0)]
+    picture = np.asarray(Image.open(_thumbnail(rgb, mask, 1.0, tmp_path / "thumb.png", tiles, 100, unverified={1})))
+    yellow = (picture[..., 0] > 200) & (picture[..., 1] > 180) & (picture[..., 2] < 60)
+    blue = (picture[..., 2] > 150) & (picture[..., 0] < 100)
+    ys, xs = np.nonzero(yellow)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (0, 99, 100, 199)  # tile 1's box, two pixels wide
+    assert yellow[50, 100] and yellow[50, 101] and not yellow[50, 102]
+    ys, xs = np.nonzero(blue)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (0, 99, 0, 99)  # tile 0 (its right edge under tile 1's left)
+    assert not blue[50, 100]

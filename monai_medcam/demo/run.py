@@ -49,7 +49,7 @@ def run_demo(
 
     ``settings`` go to :class:`~monai_medcam.MedCAM` (``steps``, ``area_weight``, ...).
     """
-    from monai_medcam.visualize import grad_cam, save_panels
+    from monai_medcam.visualize import evidence_caption, grad_cam, save_panels
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -68,13 +68,14 @@ def run_demo(
         with atomic_path(output / f"evidence_{i}.npy") as tmp:  # the temporary name ends in .npy too
             np.save(tmp, result.mask[i, 0].cpu().numpy().astype(np.uint8))
     write_summary_csv(output / "summary.csv", result, {"lesion_iou": [round(float(v), 4) for v in iou]})
-    titles = [f"label {int(result.label[i])}, p={float(result.prob_input[i]):.2f}" for i in range(len(chosen))]
+    captions = [evidence_caption(row) for row in result.summary()]
     save_panels(
         output / "panels.png",
         images.cpu(),
         {"known lesion": truth.cpu(), "Med-CAM evidence": result.mask.cpu(), "Grad-CAM": heatmaps.cpu()},
-        row_titles=titles,
+        row_titles=[c[0] for c in captions],
         heatmaps=("Grad-CAM",),
+        notes={"Med-CAM evidence": [c[1:] for c in captions]},
     )
     return result
 
