@@ -174,6 +174,7 @@ def _explain(args: argparse.Namespace) -> int:
             fractional=args.fractional,
             gradcam_layer=args.gradcam_layer,
             progress=not args.no_progress,
+            class_names=args.class_names if args.class_names is not None else loaded.class_names,
             **settings,
         )
     except ValueError as err:
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--output", required=True, help="folder for the evidence files and summary.csv")
     explain.add_argument("--format", default="seg,nifti,png", help="comma-separated: seg, nifti, png (default: all)")
     explain.add_argument("--class-idx", type=int, help="class to explain (default: the prediction)")
+    explain.add_argument("--class-names", help="the classes' names in class order, comma-separated, e.g. 'no lesion,lesion', "
+                                               "for the PNG panels and the SEG (default: a bundle's channel_def)")
     explain.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     explain.add_argument("--steps", type=_positive_int, help="optimisation steps per attempt (default 300, early stop)")
     explain.add_argument("--batch-size", type=_positive_int, default=8, help="images (or slices) optimised together")

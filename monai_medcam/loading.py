@@ -28,6 +28,8 @@ class LoadedClassifier:
         channels: input channels.
         size: the spatial size it was trained at (images are resized to it), or ``None`` to keep sizes.
         source: where it came from, for messages.
+        class_names: the classes' names by index, where known (a bundle's
+            ``network_data_format.outputs.pred.channel_def``).
     """
 
     network: torch.nn.Module
@@ -35,6 +37,7 @@ class LoadedClassifier:
     channels: int | None
     size: tuple[int, ...] | None
     source: str
+    class_names: dict | None = None
 
     @property
     def target_layers(self) -> str | list:
@@ -129,7 +132,11 @@ def _bundle(folder: Path) -> LoadedClassifier:
         loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
     meta_file = folder / "configs" / "metadata.json"
     if meta_file.is_file():
-        image = json.loads(meta_file.read_text()).get("network_data_format", {}).get("inputs", {}).get("image", {})
+        data_format = json.loads(meta_file.read_text()).get("network_data_format", {})
+        image = data_format.get("inputs", {}).get("image", {})
+        names = data_format.get("outputs", {}).get("pred", {}).get("channel_def")
+        if isinstance(names, dict) and names:  # keys that are not class indices are left out when used
+            loaded.class_names = names
         shape = image.get("spatial_shape")
         if shape and all(isinstance(s, int) for s in shape):
             loaded.size = tuple(shape)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
-from monai_medcam.visualize import grad_cam, grad_cam_layer
+from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
 from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem, write_outputs
 
 __all__ = [
@@ -120,12 +120,13 @@ def _sides(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
 
 def check_classifier(
     explainer: MedCAM, spatial_dims: int, channels: int | None, size: Sequence[int] | None, class_idx: int | None,
-    device: torch.device, options: str = "--spatial-dims, --size and --channels",
+    device: torch.device, options: str = "--spatial-dims, --size and --channels", class_names: Sequence[int] = (),
 ) -> None:
     """One forward pass of zeros ``(2, channels, *size)`` before any input is read: a classifier that
-    does not take ``spatial_dims``-D inputs of that shape, or a ``class_idx`` beyond its classes, is a
-    ``ValueError`` here (naming ``options`` to check) rather than a failure of every batch. Skipped
-    where the size or the channels are unknown (``size=None`` keeps each input's own size)."""
+    does not take ``spatial_dims``-D inputs of that shape, or a ``class_idx`` (or a named class, the
+    indices ``class_names``) beyond its classes, is a ``ValueError`` here (naming ``options`` to check)
+    rather than a failure of every batch. Skipped where the size or the channels are unknown
+    (``size=None`` keeps each input's own size)."""
     if size is None or channels is None:
         return
     shape = (1, channels, *_sides((size,) if isinstance(size, int) else size, spatial_dims))
@@ -137,6 +138,10 @@ def check_classifier(
                          f"check {options}.") from err
     if class_idx is not None:
         class_indices(class_idx, 1, device, "--class-idx", classes=logits.shape[1])
+    classes = max(logits.shape[1], 2)  # a single logit decides between classes 0 and 1
+    if class_names and not 0 <= min(class_names) <= max(class_names) < classes:
+        raise ValueError(f"class names are given for classes {sorted(class_names)}, but the classifier has {classes} "
+                         f"(0-{classes - 1}); check --class-names, or a bundle's metadata.json channel_def.")
 
 
 def _writable_folder(folder: Path) -> Path:
@@ -217,6 +222,7 @@ def explain_inputs(
     fractional: bool = False,
     gradcam_layer: str | None = None,
     progress: bool = True,
+    class_names: str | Sequence[str] | dict | None = None,
     **settings: object,
 ) -> ExplainReport:
     """Explain every input with ``classifier`` and write ``formats`` to ``output``.
@@ -239,6 +245,8 @@ def explain_inputs(
         fractional: write FRACTIONAL DICOM SEG of the soft mask instead of BINARY.
         gradcam_layer: add a Grad-CAM column of this layer to the PNG panels.
         progress: show a progress bar (inputs done, rate, ETA).
+        class_names: the classes' names, in class order (``("no lesion", "lesion")``) or by index
+            (a bundle's ``channel_def``): shown in the PNG panels and the SEG's descriptions.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
@@ -247,7 +255,8 @@ def explain_inputs(
     explainer = MedCAM(classifier, target_layers, **settings)
     if gradcam_layer is not None and "png" in formats:
         grad_cam_layer(classifier, gradcam_layer)  # a bad layer stops here, before any work
-    check_classifier(explainer, spatial_dims, channels, size, class_idx, device)
+    class_names = class_names_map(class_names)
+    check_classifier(explainer, spatial_dims, channels, size, class_idx, device, class_names=list(class_names))
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
     report = ExplainReport()
@@ -275,7 +284,8 @@ def explain_inputs(
         try:
             label = labels[0] if len(labels) == 1 else None
             report.written[pending.item.label] = write_outputs(
-                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, needed or None, rows
+                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, needed or None, rows,
+                class_names,
             )
         except OutputError as err:  # some formats written: their rows stay in the summary
             fail(pending, err)

@@ -26,6 +26,7 @@ from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
 from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.visualize import class_names_map
 from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 
 __all__ = [
@@ -301,6 +302,8 @@ class SaveEvidenced(MapTransform):
         output_dir: where the files go (created).
         formats: any of ``seg``, ``nifti``, ``png``: a sequence, or one string (``"png"``, ``"seg,nifti"``).
         allow_missing_keys: skip absent keys instead of raising.
+        class_names: the classes' names, in class order or by index (a bundle's ``channel_def``), for
+            the PNG panels and the SEG.
     """
 
     def __init__(
@@ -310,8 +313,10 @@ class SaveEvidenced(MapTransform):
         output_dir: str | Path = "medcam_output",
         formats: str | Sequence[str] = FORMATS,
         allow_missing_keys: bool = False,
+        class_names: str | Sequence[str] | Mapping | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.class_names = class_names_map(class_names)
         self.source_keys = [source_keys] if isinstance(source_keys, str) else list(source_keys)
         if len(self.source_keys) != len(self.keys):
             raise ValueError(f"source_keys has {len(self.source_keys)} names for {len(self.keys)} keys.")
@@ -367,6 +372,7 @@ class SaveEvidenced(MapTransform):
                     title=name,
                     display_slices=(needed or None) if count > 1 else None,
                     rows=rows,
+                    class_names=self.class_names,
                 )
             except OutputError as err:  # the formats that could be written were: keep them, and the run going
                 logger.error("%s: %s", source.meta.get("filename_or_obj", name), err)

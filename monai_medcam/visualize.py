@@ -7,6 +7,8 @@ Grad-CAM on a vision transformer's tokens (which MONAI's CAMs do not take).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +20,10 @@ from monai.utils import optional_import
 
 from monai_medcam.classifiers import FrozenClassifier, _patch_size, class_indices, is_vision_transformer, layer_name, tokens_to_grid
 
-__all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels", "evidence_caption"]
+__all__ = ["minmax_per_image", "grad_cam", "grad_cam_layer", "to_display", "save_panels", "evidence_caption", "class_names_map", "class_text"]
 
 plt, _HAS_MPL = optional_import("matplotlib.pyplot")
+logger = logging.getLogger(__name__)
 
 
 def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -156,31 +159,75 @@ def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip((image - low) / max(high - low, 1e-8), 0, 1).transpose(1, 2, 0)
 
 
-def evidence_caption(row: Mapping[str, object]) -> tuple[str, str, str] | None:
+def class_names_map(names: str | Sequence[str] | Mapping[object, str] | None) -> dict[int, str]:
+    """Class names as ``{index: name}``: from names in class order (a sequence, or one comma-separated
+    string), a mapping keyed by class index (a MONAI bundle's ``channel_def``, ``{"0": "no lesion",
+    "1": "lesion"}``), or ``None`` (no names). Empty names are left out, and so are a mapping's keys
+    that are not class indices (logged: they name no class)."""
+    if names is None:
+        return {}
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    if isinstance(names, Mapping):
+        named = {int(k): v for k, v in names.items() if str(k).strip().isdigit()}
+        if len(named) < len(names):
+            logger.warning("class names: left out %s, which are not class indices (0, 1, ...).",
+                           [k for k in names if not str(k).strip().isdigit()])
+    elif isinstance(names, Sequence):
+        named = dict(enumerate(names))
+    else:
+        raise ValueError(f"class names must be names in class order or a mapping from class index to name; got {type(names).__name__}.")
+    return {k: str(v).strip() for k, v in named.items() if v is not None and str(v).strip()}
+
+
+def class_text(label: int, names: Mapping[int, str] | None = None) -> str:
+    """``"lesion"`` where class ``label`` has a name in ``names`` (:func:`class_names_map`), else ``"class 1"``."""
+    return (names or {}).get(int(label)) or f"class {int(label)}"
+
+
+def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] | None = None, whole: str = "") -> tuple[str, str, str] | None:
     """What a panel says about one explained image, from its summary row (:meth:`MedCAMResult.summary`).
 
-    Returns ``(decision, verdict, colour)``, e.g. ``("class 1 (p 0.97)", "verified (alone: p 0.99)",
-    "black")``: the label's probability on the image, then on the evidence alone. The verdict is red
-    where the evidence is not verified (it does not keep the label alone and under every random
-    background), orange where the mask ran out of steps before it settled, grey where no evidence
-    was needed (vacuous). ``None`` for a row without a decision.
+    Returns ``(decision, verdict, colour)``, e.g. ``("class 1 (prob 0.97)", "verified (alone: prob
+    0.99)", "black")``, or ``("lesion (prob 0.97)", ...)`` where ``class_names``
+    (:func:`class_names_map`) names the class: the label's probability on the image, then on the
+    evidence alone; ``whole`` (e.g. ``"volume"``) says the decision is the whole input's. The verdict
+    is red where the evidence is not verified (it does not keep the label alone and under every random
+    background), orange where the mask ran out of steps before it settled, grey where the classifier
+    gives the label on a blank image, so that no evidence is needed (vacuous); empty where the row
+    does not say. ``None`` for a row without a decision.
     """
-    if row.get("label") in (None, "") or row.get("prob_input") in (None, ""):
+    label, prob = _number(row.get("label")), _number(row.get("prob_input"))
+    if label is None or prob is None:
         return None
-    decision = f"class {int(float(row['label']))} (p {float(row['prob_input']):.2f})"
-    alone = f"alone: p {float(row.get('prob_evidence', float('nan'))):.2f}"
-    if _flag(row.get("vacuous")):
-        return decision, "none needed: the class holds on nothing", "dimgray"
+    name = class_text(int(label), class_names)
+    name = name if len(name) <= 24 else name[:23] + "~"  # a panel is 2.4 inches wide
+    decision = f"{whole + ': ' if whole else ''}{name} (prob {prob:.2f})"
+    alone = _number(row.get("prob_evidence"))
+    alone = f" (alone: prob {alone:.2f})" if alone is not None else ""
+    if row.get("verified") in (None, ""):
+        return decision, "", "black"
     if not _flag(row.get("verified")):
-        return decision, f"NOT verified ({alone})", "red"
+        return decision, f"NOT verified{alone}", "red"
+    if _flag(row.get("vacuous")):
+        return decision, "no evidence needed: given on a blank image", "dimgray"
     if not _flag(row.get("settled", True)):
-        return decision, f"verified ({alone}), unsettled", "darkorange"
-    return decision, f"verified ({alone})", "black"
+        return decision, f"verified{alone}, unsettled", "darkorange"
+    return decision, f"verified{alone}", "black"
+
+
+def _number(value: object) -> float | None:
+    """A summary value as a float; ``None`` where it is missing, empty, not a number or NaN."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
 
 
 def _flag(value: object) -> bool:
     """A summary flag as a bool (``True``, ``1.0`` or ``"True"``)."""
-    return value in ("True", "true", "1") if isinstance(value, str) else bool(value)
+    return value.strip().lower() in ("true", "1", "1.0") if isinstance(value, str) else bool(value)
 
 
 def save_panels(
@@ -228,7 +275,10 @@ def save_panels(
                     ax.contour(value, levels=[0.5], colors=["lime"], linewidths=0.8)
             text = f"{title}" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})"
             note = (notes or {}).get(title, [None] * rows)[i]
-            ax.set_title(f"{text}\n{note[0]}" if note else text, fontsize=8, color=note[1] if note else "black")
+            if note and note[0]:
+                ax.set_title(f"{text}\n{note[0]}", fontsize=8, color=note[1])
+            else:
+                ax.set_title(text, fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def write_dicom_seg(
     label: int | None = None,
     series_number: int = 99,
     parameters: Mapping[str, str] | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> Path:
     """Write the evidence as a DICOM Segmentation that references the source instances.
 
@@ -137,6 +139,8 @@ def write_dicom_seg(
         label: the explained class, recorded in the segment's description and algorithm parameters.
         series_number: the new series' number.
         parameters: extra algorithm parameters to record (name -> value).
+        class_names: ``{index: name}`` (:func:`~monai_medcam.visualize.class_names_map`): the
+            explained class's name joins its index in the descriptions ("evidence for lesion (class 1)").
     """
     import highdicom as hd
     import pydicom
@@ -188,7 +192,8 @@ def write_dicom_seg(
     else:
         pixels = (frames > 0.5).astype(np.uint8)
         kind = hd.seg.SegmentationTypeValues.BINARY
-    what = "evidence" if label is None else f"evidence for class {label}"
+    name = _plain_text((class_names or {}).get(label, ""))[:30] if label is not None else ""
+    what = "evidence" if label is None else f"evidence for {name} (class {label})" if name else f"evidence for class {label}"
     try:
         seg = _segmentation(sources, pixels, kind, segment, series_number, what)
     except Exception as err:  # highdicom's errors say what it missed, not for which source
@@ -262,6 +267,13 @@ def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_numbe
     )
 
 
+def _plain_text(text: str) -> str:
+    """``text`` as printable ASCII for a DICOM LO value: accents dropped, a backslash (the value
+    separator) and control characters replaced."""
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
+    return "".join(c if c.isprintable() and c != "\\" else "-" for c in ascii_text).strip()
+
+
 def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
     """``count`` slices (last axis) that hold evidence, in slice order: the first of ``candidates``
     (most wanted first) that do, or without ``candidates`` those with the most evidence. With no
@@ -286,6 +298,7 @@ def write_png(
     max_slices: int = 3,
     candidates: Sequence[int] | None = None,
     rows: Sequence[Mapping[str, object]] = (),
+    class_names: Mapping[int, str] | None = None,
 ) -> Path:
     """Panels for a person to look at: image | evidence (contour and tint) | each heatmap.
 
@@ -301,6 +314,7 @@ def write_png(
         rows: the summary rows (:meth:`MedCAMResult.summary`), one per slice of a volume explained
             slice by slice, else one: each panel row then says the decision and whether its evidence
             was verified (:func:`~monai_medcam.visualize.evidence_caption`; red where it was not).
+        class_names: ``{index: name}``: the decision shown by name ("lesion (p 0.97)").
     """
     from monai_medcam.visualize import evidence_caption, save_panels
 
@@ -320,7 +334,9 @@ def write_png(
         title = f"{title[:14]}...{title[-15:]}"
     titles = [f"{title} slice {k + 1}/{depth}".strip() if depth > 1 else title or "image" for k in slices]
     # one row per slice (a 2D classifier over a volume), or one for the whole input
-    captions = [evidence_caption(rows[k if len(rows) > 1 else 0]) if len(rows) in (1, depth) else None for k in slices]
+    whole = "volume" if len(rows) == 1 and depth > 1 else ""  # one decision for the whole volume, on each row shown
+    captions = [evidence_caption(rows[k if len(rows) > 1 else 0], class_names, whole) if len(rows) in (1, depth) else None
+                for k in slices]
     titles = [f"{t}\n{c[0]}" if c else t for t, c in zip(titles, captions)]
     notes = {SEGMENT_LABEL: [(c[1], c[2]) if c else None for c in captions]}
     return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes)
@@ -339,12 +355,14 @@ def write_outputs(
     fractional: bool = False,
     display_slices: Sequence[int] | None = None,
     rows: Sequence[Mapping[str, object]] = (),
+    class_names: Mapping[int, str] | None = None,
 ) -> list[Path]:
     """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``.
 
     Each format is written on its own: one that fails does not keep the others from being written.
     ``rows`` (the summary rows: one per slice of a volume explained slice by slice, else one) caption
-    the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`).
+    the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`);
+    ``class_names`` (``{index: name}``) name the class there and in the SEG's descriptions.
 
     A ``seg`` is left out (logged) for a source that is not DICOM, or a multi-frame DICOM whose
     frames have no positions (a cine: highdicom writes no SEG on it).
@@ -370,11 +388,12 @@ def write_outputs(
                         logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
                                        name, mask.meta[NOT_A_VOLUME])
                     continue
-                written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label))
+                written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label,
+                                               class_names=class_names))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
                 written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title,
-                                         candidates=display_slices, rows=rows))
+                                         candidates=display_slices, rows=rows, class_names=class_names))
         except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
             problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
     if problems:

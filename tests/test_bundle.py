@@ -62,7 +62,26 @@ def test_network_input_output_verifies():
     verify_net_in_out(net_id="network_def", meta_file=METADATA, config_file=INFERENCE, device="cpu")
 
 
-def test_config_workflow_runs_and_writes_evidence(tmp_path):
+def test_class_names_come_from_the_metadata_where_it_has_them(tmp_path):
+    """SaveEvidenced names the classes as metadata.json's channel_def does; metadata without one
+    (or none at all) leaves them unnamed, and the bundle still builds."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    meta = json.loads(Path(METADATA).read_text())
+    del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    for meta_file, expected in ((METADATA, {0: "no lesion", 1: "lesion"}), (str(tmp_path / "metadata.json"), {}), (None, {})):
+        parser = ConfigParser()
+        parser.read_config(INFERENCE)
+        parser.read_meta(meta_file or {})
+        parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "out")})
+        (save,) = parser.get_parsed_content("postprocessing").transforms
+        assert save.class_names == expected, meta_file
+
+
+def test_config_workflow_runs_and_writes_evidence(tmp_path, drawn_panels):
     output = tmp_path / "eval"
     workflow = ConfigWorkflow(
         config_file=INFERENCE, meta_file=METADATA, logging_file=str(CONFIGS / "logging.conf"),
@@ -98,6 +117,9 @@ def test_config_workflow_runs_and_writes_evidence(tmp_path):
 
     seg = hd.seg.segread(output / "mr_series_evidence_seg.dcm")
     assert seg.number_of_frames == 12
+    # the panels name each row's class as metadata.json's channel_def does
+    titles = [t for call in drawn_panels for t in call["titles"]]
+    assert titles and all(t.split("\n")[1].split(" (prob ")[0] in ("no lesion", "lesion") for t in titles), titles
 
 
 def _small_inputs(folder: Path, count: int) -> list[str]:

@@ -130,41 +130,37 @@ def test_torchscript_and_bundle_classifiers(tmp_path):
     (bundle / "configs" / "inference.json").write_text(json.dumps(
         {"network_def": {"_target_": "monai_medcam.demo.classifier.build_radiology_network"}}))
     (bundle / "configs" / "metadata.json").write_text(json.dumps(
-        {"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": [64, 64]}}}}))
+        {"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": [64, 64]}},
+                                 "outputs": {"pred": {"channel_def": {"0": "no lesion", "1": "lesion"}}}}}))
     shutil.copy(RADIOLOGY_CHECKPOINT, bundle / "models" / "model.pt")
     loaded = load_classifier(bundle)
     assert (loaded.spatial_dims, loaded.channels, loaded.size, loaded.target_layers) == (2, 1, (64, 64), "auto")
+    assert loaded.class_names == {"0": "no lesion", "1": "lesion"}  # the panels and the SEG name the classes
     assert torch.allclose(loaded.network(x), network(x), atol=1e-5)
     with pytest.raises(ValueError, match="not a MONAI bundle"):
         load_classifier(tmp_path)
 
 
-def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog, monkeypatch):
-    import monai_medcam.visualize
+def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog, drawn_panels):
     from monai_medcam.demo.studies import write_demo_studies
 
-    drawn = {}
-    real = monai_medcam.visualize.save_panels
-
-    def spy(path, images, columns, row_titles=None, heatmaps=(), notes=None):
-        drawn.update(titles=row_titles, notes=notes)
-        return real(path, images, columns, row_titles, heatmaps, notes)
-
-    monkeypatch.setattr(monai_medcam.visualize, "save_panels", spy)
     lesions = write_demo_studies(tmp_path / "studies")["mr_series"]  # (columns, rows, slices): a lesion on 3 of 12
     out = tmp_path / "o"
     with caplog.at_level("INFO", logger="monai_medcam.engine"):
         code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
-                     str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti,png", "--skip-vacuous", *FAST])
+                     str(tmp_path / "studies" / "mr_series"), "--output", str(out), "--format", "nifti,png", "--skip-vacuous",
+                     "--class-names", "no lesion,lesion", *FAST])
     assert code == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     # the panels show slices that needed evidence, each with its own decision and verdict from the summary
+    (drawn,) = drawn_panels
     shown = [int(t.split(" slice ")[1].split("/")[0]) - 1 for t in drawn["titles"]]
-    assert shown and all(rows[k]["vacuous"] == "False" for k in shown)
-    assert drawn["titles"] == [f"mr_series slice {k + 1}/12\nclass {rows[k]['label']} (p {float(rows[k]['prob_input']):.2f})" for k in shown]
+    assert shown
+    names = {"0": "no lesion", "1": "lesion"}
+    assert drawn["titles"] == [f"mr_series slice {k + 1}/12\n{names[rows[k]['label']]} (prob {float(rows[k]['prob_input']):.2f})" for k in shown]
     verdicts = ["verified" if rows[k]["verified"] == "True" else "NOT verified" for k in shown]
     assert [n[0].split(" (")[0] for n in drawn["notes"]["Med-CAM evidence"]] == verdicts
-    assert [n[0].split("p ")[1][:4] for n in drawn["notes"]["Med-CAM evidence"]] == [f"{float(rows[k]['prob_evidence']):.2f}" for k in shown]
+    assert [n[0].split("prob ")[1][:4] for n in drawn["notes"]["Med-CAM evidence"]] == [f"{float(rows[k]['prob_evidence']):.2f}" for k in shown]
     assert len(rows) == 12
     vacuous = [r for r in rows if r["vacuous"] == "True"]
     assert vacuous and len(vacuous) < 12  # the no-lesion slices, not the lesion ones
@@ -282,6 +278,8 @@ def test_device_steps_and_batch_size_are_checked_before_any_work(tmp_path, capsy
     assert "error: --device cuda:99: this machine has" in capsys.readouterr().err
     assert main(["wsi", "--classifier", FACTORY, "--slide", "x.tif", "--output", str(tmp_path / "o"), "--device", "cuda:99"]) == 2
     assert "CUDA device(s); use --device cpu" in capsys.readouterr().err
+    assert main(["explain", *base, "--size", "64", "--class-names", "normal,benign,malignant"]) == 2  # a two-class classifier
+    assert "error: class names are given for classes [0, 1, 2], but the classifier has 2 (0-1); check --class-names" in capsys.readouterr().err
     for command, option in (("explain", "--steps"), ("explain", "--batch-size"), ("demo", "--steps")):
         arguments = base if command == "explain" else ["--output", str(tmp_path / "o")]
         with pytest.raises(SystemExit) as caught:

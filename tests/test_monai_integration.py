@@ -325,28 +325,22 @@ def test_save_evidenced_keeps_going_when_one_format_cannot_be_written(tmp_path, 
     assert len(save.rows) == 3
 
 
-def test_save_evidenced_panels_say_each_slices_decision_and_verdict(tmp_path, monkeypatch):
+def test_save_evidenced_panels_say_each_slices_decision_and_verdict(tmp_path, drawn_panels):
     """The PNG's rows name the slice, its class and probability, and whether its evidence was
     verified (red where not), from the evidence's diagnostics; vacuous slices are not shown."""
-    import monai_medcam.visualize
     from monai_medcam.transforms import SaveEvidenced
 
-    drawn = {}
-    real = monai_medcam.visualize.save_panels
-
-    def spy(path, images, columns, row_titles=None, heatmaps=(), notes=None):
-        drawn.update(titles=row_titles, notes=notes)
-        return real(path, images, columns, row_titles, heatmaps, notes)
-
-    monkeypatch.setattr(monai_medcam.visualize, "save_panels", spy)
     source = MetaTensor(torch.rand(1, 32, 32, 3), affine=torch.eye(4, dtype=torch.float64), meta={"filename_or_obj": "series"})
     diagnostics = {"label": torch.tensor([1, 0, 1]), "prob_input": torch.tensor([0.97, 0.99, 0.61]),
                    "prob_evidence": torch.tensor([0.99, 0.9, 0.40]), "verified": torch.tensor([True, True, False]),
                    "settled": torch.tensor([True, True, False]), "vacuous": torch.tensor([False, True, False])}
     evidence = MetaTensor(torch.zeros(1, 32, 32, 3), meta={"medcam": diagnostics})
     evidence[0, 8:16, 8:16, 0] = 1
+    evidence[0, 2:30, 2:30, 1] = 1  # the vacuous slice's mask (optimised all the same) is the largest: not shown
     evidence[0, 4:28, 4:28, 2] = 1
-    out = SaveEvidenced(keys="pred", output_dir=tmp_path, formats="png")({"pred": evidence, "image_source": source})
+    save = SaveEvidenced(keys="pred", output_dir=tmp_path, formats="png", class_names={"1": "lesion"})
+    out = save({"pred": evidence, "image_source": source})
     assert [Path(p).name for p in out["pred_files"]] == ["series_evidence.png"]
-    assert drawn["titles"] == ["series slice 1/3\nclass 1 (p 0.97)", "series slice 3/3\nclass 1 (p 0.61)"]
-    assert drawn["notes"] == {"Med-CAM evidence": [("verified (alone: p 0.99)", "black"), ("NOT verified (alone: p 0.40)", "red")]}
+    (drawn,) = drawn_panels
+    assert drawn["titles"] == ["series slice 1/3\nlesion (prob 0.97)", "series slice 3/3\nlesion (prob 0.61)"]
+    assert drawn["notes"] == {"Med-CAM evidence": [("verified (alone: prob 0.99)", "black"), ("NOT verified (alone: prob 0.40)", "red")]}

@@ -100,7 +100,7 @@ def test_seg_on_a_source_without_slice_thickness_validates_and_reads_back(name, 
 def test_seg_for_pydicom_mr_reads_back_and_validates(tmp_path):
     image = load_image(find_inputs(MR_SMALL)[0][0])
     mask = MetaTensor(_pattern((64, 64)), meta=image.meta)
-    path = write_dicom_seg(mask, tmp_path / "mr_seg.dcm", label=1)
+    path = write_dicom_seg(mask, tmp_path / "mr_seg.dcm", label=1, class_names={0: "no lesion", 1: "Läsion\\Herd"})
     source = pydicom.dcmread(MR_SMALL)
     frames = _seg_by_instance(path, [source])
     assert np.array_equal(frames[source.SOPInstanceUID], mask[0].numpy().T.astype(np.uint8))
@@ -110,6 +110,8 @@ def test_seg_for_pydicom_mr_reads_back_and_validates(tmp_path):
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "130401"
     assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "Med-CAM"
     assert seg.SegmentationType == "BINARY"
+    # what a PACS lists: the class by name, as plain text (no accent, no backslash: a DICOM value separator)
+    assert seg.SeriesDescription == seg.ContentDescription == "Med-CAM evidence for Lasion-Herd (class 1)"
     assert seg.PatientID == source.PatientID and seg.StudyInstanceUID == source.StudyInstanceUID
     assert seg.SeriesInstanceUID != source.SeriesInstanceUID and seg.SOPInstanceUID != source.SOPInstanceUID
     assert "InstitutionName" not in seg or seg.InstitutionName != source.get("InstitutionName")  # nothing else copied
@@ -276,14 +278,37 @@ def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
     from monai_medcam.visualize import evidence_caption
 
     row = dict(label=1, prob_input=0.968, prob_evidence=0.994, verified=True, settled=True, vacuous=False)
-    assert evidence_caption(row) == ("class 1 (p 0.97)", "verified (alone: p 0.99)", "black")
-    assert evidence_caption({**row, "verified": False, "prob_evidence": 0.404}) == ("class 1 (p 0.97)", "NOT verified (alone: p 0.40)", "red")
-    assert evidence_caption({**row, "settled": False}) == ("class 1 (p 0.97)", "verified (alone: p 0.99), unsettled", "darkorange")
-    assert evidence_caption({**row, "label": 0, "vacuous": True})[1:] == ("none needed: the class holds on nothing", "dimgray")
+    assert evidence_caption(row) == ("class 1 (prob 0.97)", "verified (alone: prob 0.99)", "black")
+    assert evidence_caption({**row, "verified": False, "prob_evidence": 0.404}) == ("class 1 (prob 0.97)", "NOT verified (alone: prob 0.40)", "red")
+    assert evidence_caption({**row, "settled": False}) == ("class 1 (prob 0.97)", "verified (alone: prob 0.99), unsettled", "darkorange")
+    assert evidence_caption({**row, "label": 0, "vacuous": True})[1:] == ("no evidence needed: given on a blank image", "dimgray")
+    # a vacuous decision whose (empty or optimised) mask fails under random backgrounds is not verified
+    assert evidence_caption({**row, "vacuous": True, "verified": False})[1:] == ("NOT verified (alone: prob 0.99)", "red")
+    assert evidence_caption(row, whole="volume")[0] == "volume: class 1 (prob 0.97)"  # a 3D classifier's one decision
     # as read back from summary.csv (text) or decollated (floats)
     assert evidence_caption({k: str(v) for k, v in {**row, "verified": False}.items()})[2] == "red"
     assert evidence_caption({**row, "label": 1.0, "verified": 1.0, "settled": 0.0})[2] == "darkorange"
-    assert evidence_caption({"label": 1}) is None and evidence_caption({}) is None  # no decision recorded: no caption
+    assert evidence_caption({**row, "prob_evidence": ""})[1] == "verified"  # no probability on the evidence: none shown
+    assert evidence_caption({**row, "verified": None}) == ("class 1 (prob 0.97)", "", "black")  # not recorded: no verdict
+    for missing in ({"label": 1}, {}, {**row, "label": ""}, {**row, "prob_input": float("nan")}):
+        assert evidence_caption(missing) is None  # no decision recorded: no caption
+
+
+def test_class_names_come_in_class_order_or_by_index():
+    from monai_medcam.visualize import class_names_map, class_text, evidence_caption
+
+    assert class_names_map("no lesion, lesion") == {0: "no lesion", 1: "lesion"}
+    assert class_names_map(["normal", "", "tumour"]) == {0: "normal", 2: "tumour"}  # an empty name is no name
+    assert class_names_map({"0": "no lesion", "1": "lesion"}) == {0: "no lesion", 1: "lesion"}  # a bundle's channel_def
+    assert class_names_map(None) == {} and class_names_map({"0": None, "1": "lesion"}) == {1: "lesion"}
+    assert class_names_map({"benign": "0", "1": "lesion"}) == {1: "lesion"}  # not a class index: left out (logged)
+    with pytest.raises(ValueError, match="names in class order or a mapping"):
+        class_names_map(3)
+    names = class_names_map("no lesion,lesion")
+    assert (class_text(1, names), class_text(2, names), class_text(1)) == ("lesion", "class 2", "class 1")
+    row = dict(label=1, prob_input=0.968, prob_evidence=0.994, verified=True, settled=True, vacuous=False)
+    assert evidence_caption(row, names)[0] == "lesion (prob 0.97)"
+    assert evidence_caption(row, {1: "a lesion that needs a second look"})[0] == "a lesion that needs a s~ (prob 0.97)"
 
 
 TEST_FILES = MR_SMALL.parent

@@ -474,6 +474,26 @@ def test_the_thumbnail_of_a_large_tissue_level_is_shrunk(tmp_path):
         assert np.allclose((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), exact, atol=1.0)
 
 
+def test_tiles_whose_evidence_is_not_verified_are_the_thumbnails_yellow_ones(slide, tmp_path, monkeypatch):
+    """Explaining "lesion" on every tile (class_idx 1): the tiles without a lesion cannot keep it, so
+    their evidence is not verified; exactly those go to the thumbnail as the yellow ones."""
+    import monai_medcam.wsi
+
+    drawn, real = {}, monai_medcam.wsi._thumbnail
+
+    def spy(*args, **kwargs):
+        drawn["unverified"] = args[6]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monai_medcam.wsi, "_thumbnail", spy)
+    report = explain_slide(LesionColourClassifier(), slide[0], tmp_path, level=3, tile=32, batch_size=16, class_idx=1,
+                           **{**FAST, "steps": 10})
+    rows = list(csv.DictReader(report.outputs["tiles"].open()))
+    unverified = {int(r["tile"]) for r in rows if r["verified"] == "False"}
+    assert unverified and len(unverified) < len(rows)  # the lesion tiles keep "lesion"
+    assert drawn["unverified"] == unverified
+
+
 def test_the_thumbnail_outlines_tiles_whose_evidence_is_not_verified_in_yellow(tmp_path):
     """A pathologist must see which tiles' red is not backed by a verified mask: those tiles are
     outlined in a thicker yellow, the others in blue."""

@@ -22,6 +22,7 @@ __all__ = [
     "RADIOLOGY_SIZE",
     "HISTOLOGY_CHECKPOINT",
     "HISTOLOGY_SIZE",
+    "CLASS_NAMES",
     "build_demo_network",
     "build_histology_network",
     "histology_classifier",
@@ -36,6 +37,7 @@ RADIOLOGY_CHECKPOINT = Path(__file__).with_name("radiology_classifier.pt")
 RADIOLOGY_SIZE = 64
 HISTOLOGY_CHECKPOINT = Path(__file__).with_name("histology_classifier.pt")
 HISTOLOGY_SIZE = 64
+CLASS_NAMES = ("no lesion", "lesion")  # every demo classifier: class 1 is "a lesion is in the image"
 
 
 def build_demo_network() -> torch.nn.Module:

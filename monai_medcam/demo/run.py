@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from monai_medcam import metrics
-from monai_medcam.demo.classifier import DEMO_SIZE, demo_classifier
+from monai_medcam.demo.classifier import CLASS_NAMES, DEMO_SIZE, demo_classifier
 from monai_medcam.demo.known_evidence import make_known_evidence
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.writers import atomic_path
@@ -68,7 +68,7 @@ def run_demo(
         with atomic_path(output / f"evidence_{i}.npy") as tmp:  # the temporary name ends in .npy too
             np.save(tmp, result.mask[i, 0].cpu().numpy().astype(np.uint8))
     write_summary_csv(output / "summary.csv", result, {"lesion_iou": [round(float(v), 4) for v in iou]})
-    captions = [evidence_caption(row) for row in result.summary()]
+    captions = [evidence_caption(row, dict(enumerate(CLASS_NAMES))) for row in result.summary()]
     save_panels(
         output / "panels.png",
         images.cpu(),
@@ -151,7 +151,7 @@ def run_radiology_demo(
     report = explain_inputs(
         radiology_classifier(), inputs, output / "evidence", FORMATS, spatial_dims=2, channels=1,
         size=(RADIOLOGY_SIZE, RADIOLOGY_SIZE), gradcam_layer="layer4", batch_size=batch_size, device=device,
-        progress=progress, **{"skip_vacuous": True, **settings},
+        progress=progress, class_names=CLASS_NAMES, **{"skip_vacuous": True, **settings},
     )
     overlaps = {}
     for item in inputs:
