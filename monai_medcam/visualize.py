@@ -207,11 +207,11 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     alone = f" (alone: prob {alone:.2f})" if alone is not None else ""
     if row.get("verified") in (None, ""):
         return decision, "", "black"
-    if not _flag(row.get("verified")):
+    if not summary_flag(row.get("verified")):
         return decision, f"NOT verified{alone}", "red"
-    if _flag(row.get("vacuous")):
+    if summary_flag(row.get("vacuous")):
         return decision, "no evidence needed: given on a blank image", "dimgray"
-    if not _flag(row.get("settled", True)):
+    if not summary_flag(row.get("settled", True)):
         return decision, f"verified{alone}, unsettled", "darkorange"
     return decision, f"verified{alone}", "black"
 
@@ -225,8 +225,8 @@ def _number(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _flag(value: object) -> bool:
-    """A summary flag as a bool (``True``, ``1.0`` or ``"True"``)."""
+def summary_flag(value: object) -> bool:
+    """A summary row's flag (``verified``, ...) as a bool, whether ``True``, ``1.0`` or ``"True"`` (read from a CSV)."""
     return value.strip().lower() in ("true", "1", "1.0") if isinstance(value, str) else bool(value)
 
 

@@ -18,6 +18,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
+from monai_medcam.visualize import summary_flag
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -121,11 +122,15 @@ def write_dicom_seg(
     series_number: int = 99,
     parameters: Mapping[str, str] | None = None,
     class_names: Mapping[int, str] | None = None,
+    verified: Sequence[bool] | None = None,
 ) -> Path:
     """Write the evidence as a DICOM Segmentation that references the source instances.
 
     One segment, "Med-CAM evidence", property type DCM 130401 "Visual explanation", algorithm
-    type AUTOMATIC with Med-CAM's name and version. Frame ``k`` is the mask on the source instance
+    type AUTOMATIC with Med-CAM's name and version. Evidence that was not verified (``verified``)
+    goes to a segment of its own, "Med-CAM evidence, NOT verified", which a viewer shows by that
+    name (the only one where no slice's evidence was verified), and the series description starts
+    with "NOT verified". Frame ``k`` is the mask on the source instance
     of slice ``k`` (``mask.meta[SOURCE_FILES]``, in slice order), for a 3D explanation of a series
     or slice-by-slice 2D explanations alike; on a multi-frame source (one file), on the frame of
     slice ``k`` (``mask.meta[SOURCE_FRAMES]``). New series and instance UIDs; patient and study
@@ -141,6 +146,8 @@ def write_dicom_seg(
         parameters: extra algorithm parameters to record (name -> value).
         class_names: ``{index: name}`` (:func:`~monai_medcam.visualize.class_names_map`): the
             explained class's name joins its index in the descriptions ("evidence for lesion (class 1)").
+        verified: whether each slice's evidence was verified (one per slice, or one for the whole
+            input); ``None``: all were.
     """
     import highdicom as hd
     import pydicom
@@ -155,7 +162,14 @@ def write_dicom_seg(
         raise ValueError(f"{path}: a DICOM SEG needs the source DICOM files (load the image with monai_medcam.io).")
     if fractional and soft_mask is None:
         raise ValueError(f"{path}: a FRACTIONAL SEG needs the soft mask.")
-    frames = dicom_frames(soft_mask if fractional else mask)
+    values = soft_mask if fractional else mask
+    depth = values.shape[-1] if values.ndim == 4 else 1
+    if verified is not None and len(verified) not in (1, depth):
+        raise ValueError(f"{path}: {len(verified)} verification flags for {depth} slices.")
+    failed = np.zeros(depth, bool) if verified is None else np.broadcast_to(~np.asarray(verified, bool), (depth,))
+    parts = {SEGMENT_LABEL: ~failed, f"{SEGMENT_LABEL}, NOT verified": failed}  # segment label -> its slices
+    parts = {name: slices for name, slices in parts.items() if slices.any()}
+    frames = np.stack([dicom_frames(values * torch.as_tensor(slices.copy()).to(values.device)) for slices in parts.values()], -1)
     if mask.meta.get(SOURCE_FRAMES) is not None:
         frames = _in_source_frames(frames, mask.meta, path)
     elif frames.shape[0] != len(files):
@@ -171,21 +185,25 @@ def write_dicom_seg(
             logger.info("%s has no Slice Thickness; its SEG records %s mm (nominal)", source.get("SOPInstanceUID"), source.SliceThickness)
     _geometry_where_highdicom_looks(sources[0])
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-    if frames.shape[1:] != (rows, columns):
-        raise ValueError(f"{path}: mask frames {frames.shape[1:]} differ from the source's {rows}x{columns} pixels.")
-    params = {"class": str(label) if label is not None else "predicted", **dict(parameters or {})}
+    if frames.shape[1:3] != (rows, columns):
+        raise ValueError(f"{path}: mask frames {frames.shape[1:3]} differ from the source's {rows}x{columns} pixels.")
+    params = {"class": str(label) if label is not None else "predicted",
+              "verified": f"{depth - int(failed.sum())} of {depth} slice(s)", **dict(parameters or {})}
     algorithm = hd.AlgorithmIdentificationSequence(
         name="Med-CAM", version=__version__, family=codes.cid7162.ArtificialIntelligence, source="monai_medcam",
         parameters=params,
     )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=Code("309825002", "SCT", "Spatial and Relational Concept"),
-        segmented_property_type=Code("130401", "DCM", "Visual explanation"),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=Code("309825002", "SCT", "Spatial and Relational Concept"),
+            segmented_property_type=Code("130401", "DCM", "Visual explanation"),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, name in enumerate(parts, start=1)
+    ]
     if fractional:
         pixels = np.clip(frames.astype(np.float32), 0.0, 1.0)
         kind = hd.seg.SegmentationTypeValues.FRACTIONAL
@@ -194,8 +212,11 @@ def write_dicom_seg(
         kind = hd.seg.SegmentationTypeValues.BINARY
     name = _plain_text((class_names or {}).get(label, ""))[:30] if label is not None else ""
     what = "evidence" if label is None else f"evidence for {name} (class {label})" if name else f"evidence for class {label}"
+    what = f"Med-CAM {what}"
+    if failed.any():  # first, where a series list shows it whole
+        what = "NOT verified: " + what if depth == 1 else f"NOT verified on {int(failed.sum())}/{depth}: {what}"
     try:
-        seg = _segmentation(sources, pixels, kind, segment, series_number, what)
+        seg = _segmentation(sources, pixels if len(parts) > 1 else pixels[..., 0], kind, segments, series_number, what)
     except Exception as err:  # highdicom's errors say what it missed, not for which source
         sop = getattr(sources[0].get("SOPClassUID"), "name", "unknown SOP class")
         raise ValueError(f"highdicom cannot build a SEG on this source ({sop}): {type(err).__name__}: {err}") from err
@@ -208,7 +229,7 @@ def write_dicom_seg(
 
 
 def _in_source_frames(frames: np.ndarray, meta: Mapping, path: Path) -> np.ndarray:
-    """A multi-frame source's mask ``(N, rows, columns)`` in slice order -> in the file's frame order."""
+    """A multi-frame source's mask ``(N, rows, columns[, segments])`` in slice order -> in the file's frame order."""
     if meta.get(NOT_A_VOLUME):  # highdicom: "Only a single frame is supported when the source image has no Frame of Reference UID"
         raise ValueError(f"{path}: {SEG_NEEDS_POSITIONS.format(meta[NOT_A_VOLUME])}")
     order = np.asarray(meta[SOURCE_FRAMES]) - 1
@@ -241,8 +262,8 @@ def _geometry_where_highdicom_looks(source) -> None:
                 delattr(group, keyword)
 
 
-def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_number: int, what: str):
-    """highdicom's Segmentation of ``pixels`` ``(frames, rows, columns)`` on ``sources``, one segment."""
+def _segmentation(sources: list, pixels: np.ndarray, kind, segments: list, series_number: int, what: str):
+    """highdicom's Segmentation of ``pixels`` ``(frames, rows, columns[, segments])`` on ``sources``."""
     import highdicom as hd
 
     from monai_medcam import __version__
@@ -251,7 +272,7 @@ def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_numbe
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=kind,
-        segment_descriptions=[segment],
+        segment_descriptions=segments,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -261,8 +282,8 @@ def _segmentation(sources: list, pixels: np.ndarray, kind, segment, series_numbe
         software_versions=__version__,
         device_serial_number="none",
         content_label="MEDCAM",
-        content_description=f"Med-CAM {what}"[:64],
-        series_description=f"Med-CAM {what}"[:64],
+        content_description=what[:64],
+        series_description=what[:64],
         omit_empty_frames=False,
     )
 
@@ -361,7 +382,8 @@ def write_outputs(
 
     Each format is written on its own: one that fails does not keep the others from being written.
     ``rows`` (the summary rows: one per slice of a volume explained slice by slice, else one) caption
-    the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`);
+    the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`),
+    and put evidence that was not verified in a segment of its own in the SEG (:func:`write_dicom_seg`);
     ``class_names`` (``{index: name}``) name the class there and in the SEG's descriptions.
 
     A ``seg`` is left out (logged) for a source that is not DICOM, or a multi-frame DICOM whose
@@ -388,8 +410,9 @@ def write_outputs(
                         logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
                                        name, mask.meta[NOT_A_VOLUME])
                     continue
+                verified = [summary_flag(r.get("verified", True)) for r in rows] if rows else None
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label,
-                                               class_names=class_names))
+                                               class_names=class_names, verified=verified))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
                 written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title,

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from monai_medcam.demo.studies import write_dicom_series  # noqa: E402
 from monai_medcam.io import SOURCE_FILES, InputError, find_inputs, load_image  # noqa: E402
 from monai_medcam.pipeline import explain_inputs  # noqa: E402
-from monai_medcam.writers import SEGMENT_LABEL, _display_slices, write_dicom_seg, write_nifti  # noqa: E402
+from monai_medcam.writers import SEGMENT_LABEL, _display_slices, write_dicom_seg, write_nifti, write_outputs  # noqa: E402
 from tests.toys import RegionClassifier  # noqa: E402
 
 MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
@@ -131,6 +131,42 @@ def test_seg_for_multislice_series_maps_frames_to_instances(shuffled_series, tmp
     fractional = write_dicom_seg(mask, tmp_path / "soft_seg.dcm", soft_mask=mask * 0.6, fractional=True)
     assert pydicom.dcmread(fractional).SegmentationType == "FRACTIONAL"
     assert dciodvfy_errors(fractional) == []
+
+
+def test_evidence_that_was_not_verified_is_a_segment_of_its_own(shuffled_series, tmp_path):
+    """A viewer shows a SEG's segments by name: slice 1's evidence, not verified, is in "Med-CAM
+    evidence, NOT verified", the others' in "Med-CAM evidence"; the series description says so first."""
+    folder, _ = shuffled_series
+    image = load_image(find_inputs(folder)[0][0])
+    mask = MetaTensor(_pattern(tuple(image.shape[1:]), seed=3), meta=image.meta)
+    verified = [True, False, True, True, True, True]
+    sources = [pydicom.dcmread(f) for f in image.meta[SOURCE_FILES]]
+    uids = [ds.SOPInstanceUID for ds in sources]
+    for fractional in (False, True):
+        path = write_dicom_seg(mask, tmp_path / f"seg_{fractional}.dcm", soft_mask=mask * 0.6, fractional=fractional, label=1,
+                               verified=verified)
+        seg = pydicom.dcmread(path)
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == [SEGMENT_LABEL, f"{SEGMENT_LABEL}, NOT verified"]
+        assert seg.SeriesDescription == "NOT verified on 1/6: Med-CAM evidence for class 1"
+        params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+        assert "verified=5 of 6 slice(s)" in params
+        pixels = hd.seg.segread(path).get_pixels_by_source_instance(uids, segment_numbers=[1, 2])
+        expected = np.stack([mask[0, ..., k].numpy().T for k in range(6)]) * (0.6 if fractional else 1)
+        for k in range(6):
+            np.testing.assert_allclose(pixels[k, ..., 0 if verified[k] else 1], expected[k], atol=0.01)
+            assert not pixels[k, ..., 1 if verified[k] else 0].any(), f"slice {k}"
+        assert dciodvfy_errors(path) == []
+    one = load_image(find_inputs(MR_SMALL)[0][0])
+    path = write_dicom_seg(MetaTensor(_pattern((64, 64)), meta=one.meta), tmp_path / "mr_seg.dcm", verified=[False])
+    seg = pydicom.dcmread(path)  # nothing verified: the one segment says so
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [f"{SEGMENT_LABEL}, NOT verified"]
+    assert seg.SeriesDescription == "NOT verified: Med-CAM evidence"
+    with pytest.raises(ValueError, match="2 verification flags for 6 slices"):
+        write_dicom_seg(mask, tmp_path / "x.dcm", verified=[True, False])
+    # write_outputs takes the flags from the summary rows (a pipeline's, or as read back from a CSV)
+    rows = [{"label": 1, "prob_input": 0.9, "verified": str(v)} for v in verified]
+    (path,) = write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)
+    assert [s.SegmentLabel for s in pydicom.dcmread(path).SegmentSequence] == [SEGMENT_LABEL, f"{SEGMENT_LABEL}, NOT verified"]
 
 
 def test_seg_writer_refuses_mismatched_mask(shuffled_series, tmp_path):
