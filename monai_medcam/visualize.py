@@ -205,13 +205,14 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     decision = f"{whole + ': ' if whole else ''}{name} (prob {prob:.2f})"
     alone = _number(row.get("prob_evidence"))
     alone = f" (alone: prob {alone:.2f})" if alone is not None else ""
-    if row.get("verified") in (None, ""):
+    verified = summary_flag(row.get("verified"))
+    if verified is None:
         return decision, "", "black"
-    if not summary_flag(row.get("verified")):
+    if not verified:
         return decision, f"NOT verified{alone}", "red"
     if summary_flag(row.get("vacuous")):
         return decision, "no evidence needed: given on a blank image", "dimgray"
-    if not summary_flag(row.get("settled", True)):
+    if summary_flag(row.get("settled", True)) is False:
         return decision, f"verified{alone}, unsettled", "darkorange"
     return decision, f"verified{alone}", "black"
 
@@ -225,9 +226,14 @@ def _number(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
-def summary_flag(value: object) -> bool:
-    """A summary row's flag (``verified``, ...) as a bool, whether ``True``, ``1.0`` or ``"True"`` (read from a CSV)."""
-    return value.strip().lower() in ("true", "1", "1.0") if isinstance(value, str) else bool(value)
+def summary_flag(value: object) -> bool | None:
+    """A summary row's flag (``verified``, ...) as a bool, whether ``True``, ``1.0`` or ``"True"`` (read
+    from a CSV); ``None`` where it is not recorded (``None``, empty or NaN)."""
+    if isinstance(value, str):
+        return None if not value.strip() else value.strip().lower() in ("true", "1", "1.0")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return bool(value)
 
 
 def save_panels(

@@ -23,6 +23,8 @@ from monai_medcam.visualize import summary_flag
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
 SEGMENT_LABEL = "Med-CAM evidence"
+NOT_VERIFIED_LABEL = "Med-CAM evidence, NOT verified"
+GREEN_LAB, RED_LAB = (87.7, -86.2, 83.2), (53.2, 80.1, 67.2)  # CIE L*a*b* of sRGB green and red
 FORMATS = ("seg", "nifti", "png")
 FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
 SEG_NEEDS_DICOM = "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png)."
@@ -126,11 +128,12 @@ def write_dicom_seg(
 ) -> Path:
     """Write the evidence as a DICOM Segmentation that references the source instances.
 
-    One segment, "Med-CAM evidence", property type DCM 130401 "Visual explanation", algorithm
-    type AUTOMATIC with Med-CAM's name and version. Evidence that was not verified (``verified``)
-    goes to a segment of its own, "Med-CAM evidence, NOT verified", which a viewer shows by that
-    name (the only one where no slice's evidence was verified), and the series description starts
-    with "NOT verified". Frame ``k`` is the mask on the source instance
+    Segment 1, "Med-CAM evidence" (green), holds the verified evidence, property type DCM 130401
+    "Visual explanation", algorithm type AUTOMATIC with Med-CAM's name and version. Evidence that
+    was not verified (``verified``) goes to segment 2, "Med-CAM evidence, NOT verified" (red), which
+    a viewer names where it draws it, and the series description then starts with "NOT verified";
+    segment 1 is then empty on those slices (on all, where nothing was verified). Each segment has
+    one frame per source frame: frame ``k`` is the mask on the source instance
     of slice ``k`` (``mask.meta[SOURCE_FILES]``, in slice order), for a 3D explanation of a series
     or slice-by-slice 2D explanations alike; on a multi-frame source (one file), on the frame of
     slice ``k`` (``mask.meta[SOURCE_FRAMES]``). New series and instance UIDs; patient and study
@@ -167,8 +170,8 @@ def write_dicom_seg(
     if verified is not None and len(verified) not in (1, depth):
         raise ValueError(f"{path}: {len(verified)} verification flags for {depth} slices.")
     failed = np.zeros(depth, bool) if verified is None else np.broadcast_to(~np.asarray(verified, bool), (depth,))
-    parts = {SEGMENT_LABEL: ~failed, f"{SEGMENT_LABEL}, NOT verified": failed}  # segment label -> its slices
-    parts = {name: slices for name, slices in parts.items() if slices.any()}
+    # segment 1 always the verified evidence (empty where none was), segment 2 the rest where there is any
+    parts = {SEGMENT_LABEL: ~failed, **({NOT_VERIFIED_LABEL: failed} if failed.any() else {})}
     frames = np.stack([dicom_frames(values * torch.as_tensor(slices.copy()).to(values.device)) for slices in parts.values()], -1)
     if mask.meta.get(SOURCE_FRAMES) is not None:
         frames = _in_source_frames(frames, mask.meta, path)
@@ -187,8 +190,10 @@ def write_dicom_seg(
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if frames.shape[1:3] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:3]} differ from the source's {rows}x{columns} pixels.")
-    params = {"class": str(label) if label is not None else "predicted",
-              "verified": f"{depth - int(failed.sum())} of {depth} slice(s)", **dict(parameters or {})}
+    params = {"class": str(label) if label is not None else "predicted"}
+    if verified is not None:  # one decision for the whole input, or one per slice
+        params["verified"] = ("no" if failed.any() else "yes") if len(verified) == 1 else f"{depth - int(failed.sum())} of {depth} slices"
+    params.update(parameters or {})
     algorithm = hd.AlgorithmIdentificationSequence(
         name="Med-CAM", version=__version__, family=codes.cid7162.ArtificialIntelligence, source="monai_medcam",
         parameters=params,
@@ -201,6 +206,7 @@ def write_dicom_seg(
             segmented_property_type=Code("130401", "DCM", "Visual explanation"),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor(*(RED_LAB if name == NOT_VERIFIED_LABEL else GREEN_LAB)),  # as the PNG panels
         )
         for number, name in enumerate(parts, start=1)
     ]
@@ -210,11 +216,9 @@ def write_dicom_seg(
     else:
         pixels = (frames > 0.5).astype(np.uint8)
         kind = hd.seg.SegmentationTypeValues.BINARY
-    name = _plain_text((class_names or {}).get(label, ""))[:30] if label is not None else ""
-    what = "evidence" if label is None else f"evidence for {name} (class {label})" if name else f"evidence for class {label}"
-    what = f"Med-CAM {what}"
-    if failed.any():  # first, where a series list shows it whole
-        what = "NOT verified: " + what if depth == 1 else f"NOT verified on {int(failed.sum())}/{depth}: {what}"
+    checks = 1 if verified is None or len(verified) == 1 else depth  # one decision for the input, or one per slice
+    what = _seg_description(label, (class_names or {}).get(label, "") if label is not None else "",
+                            0 if not failed.any() else 1 if checks == 1 else int(failed.sum()), checks)
     try:
         seg = _segmentation(sources, pixels if len(parts) > 1 else pixels[..., 0], kind, segments, series_number, what)
     except Exception as err:  # highdicom's errors say what it missed, not for which source
@@ -226,6 +230,19 @@ def write_dicom_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _seg_description(label: int | None, name: str, failed: int, checks: int) -> str:
+    """The SEG's series and content description (LO, 64 characters), e.g. "NOT verified on 2/12: Med-CAM
+    evidence for lesion (class 1)": the warning first, where a series list shows it whole (``failed``
+    of ``checks``: one per slice, or one for the input's one decision), then the class, its name
+    shortened to fit."""
+    prefix = "" if not failed else "NOT verified: " if checks == 1 else f"NOT verified on {failed}/{checks}: "
+    if label is None:
+        return f"{prefix}Med-CAM evidence"
+    tail = f" (class {label})"
+    name = _plain_text(name)[: max(0, 64 - len(prefix) - len("Med-CAM evidence for ") - len(tail))]
+    return f"{prefix}Med-CAM evidence for {name}{tail}" if name else f"{prefix}Med-CAM evidence for class {label}"
 
 
 def _in_source_frames(frames: np.ndarray, meta: Mapping, path: Path) -> np.ndarray:
@@ -410,7 +427,12 @@ def write_outputs(
                         logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
                                        name, mask.meta[NOT_A_VOLUME])
                     continue
-                verified = [summary_flag(r.get("verified", True)) for r in rows] if rows else None
+                verified = [summary_flag(r.get("verified")) for r in rows]
+                depth = mask.shape[-1] if mask.ndim == 4 else 1
+                if not verified or None in verified or len(verified) not in (1, depth):  # not recorded: not claimed
+                    if verified and None not in verified:
+                        logger.warning("%s: %d summary rows for %d slices; the SEG records no verification.", name, len(verified), depth)
+                    verified = None
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label,
                                                class_names=class_names, verified=verified))
             elif fmt == "png":

@@ -112,11 +112,11 @@ def test_config_workflow_runs_and_writes_evidence(tmp_path, drawn_panels):
     values = np.asarray(evidence.dataobj)
     assert set(np.unique(values)) == {0, 1}  # binary, and some evidence
 
-    # the DICOM SEG has one frame per source instance, referencing the series
+    # the DICOM SEG has one frame per source instance (and segment: verified or not), referencing the series
     import highdicom as hd
 
     seg = hd.seg.segread(output / "mr_series_evidence_seg.dcm")
-    assert seg.number_of_frames == 12
+    assert seg.number_of_frames == 12 * len(seg.segment_numbers)
     # the panels name each row's class as metadata.json's channel_def does
     titles = [t for call in drawn_panels for t in call["titles"]]
     assert titles and all(t.split("\n")[1].split(" (prob ")[0] in ("no lesion", "lesion") for t in titles), titles

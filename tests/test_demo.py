@@ -72,7 +72,8 @@ def test_demo_command_runs_the_whole_path(tmp_path, capsys):
         assert dciodvfy_errors(seg) == []
     series = sorted((tmp_path / "radiology" / "inputs" / "mr_series").iterdir())
     assert dciodvfy_errors(series[-1]) == []  # the demo's own sources are valid DICOM (its z 24.2 had 18 characters)
-    assert pydicom.dcmread(evidence / "mr_series_evidence_seg.dcm").NumberOfFrames == len(series) == 12
+    seg = pydicom.dcmread(evidence / "mr_series_evidence_seg.dcm")  # one frame per instance and segment (verified or not)
+    assert int(seg.NumberOfFrames) == len(seg.SegmentSequence) * len(series) == len(seg.SegmentSequence) * 12
     for name in ("mr_series", "chest_cr", "brain", "fundus"):
         assert (evidence / f"{name}_evidence.png").stat().st_size > 10_000
         assert nibabel.load(evidence / f"{name}_evidence.nii.gz").shape[:2] != (64, 64)  # source geometry, not 64 px

@@ -44,10 +44,16 @@ def _pattern(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 def _seg_by_instance(path: Path, sources: list[pydicom.Dataset]) -> dict[str, np.ndarray]:
+    """The SEG's evidence on each source instance: its segments together (verified or not)."""
     seg = hd.seg.segread(path)
     uids = [ds.SOPInstanceUID for ds in sources]
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
-    return {uid: pixels[k, ..., 0] for k, uid in enumerate(uids)}
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=seg.segment_numbers)
+    return {uid: pixels[k].max(-1) for k, uid in enumerate(uids)}
+
+
+def _frames_per_segment(path: Path) -> int:
+    seg = pydicom.dcmread(path)
+    return int(seg.NumberOfFrames) // len(seg.SegmentSequence)
 
 
 @pytest.fixture()
@@ -149,7 +155,7 @@ def test_evidence_that_was_not_verified_is_a_segment_of_its_own(shuffled_series,
         assert [s.SegmentLabel for s in seg.SegmentSequence] == [SEGMENT_LABEL, f"{SEGMENT_LABEL}, NOT verified"]
         assert seg.SeriesDescription == "NOT verified on 1/6: Med-CAM evidence for class 1"
         params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
-        assert "verified=5 of 6 slice(s)" in params
+        assert "verified=5 of 6 slices" in params
         pixels = hd.seg.segread(path).get_pixels_by_source_instance(uids, segment_numbers=[1, 2])
         expected = np.stack([mask[0, ..., k].numpy().T for k in range(6)]) * (0.6 if fractional else 1)
         for k in range(6):
@@ -157,16 +163,34 @@ def test_evidence_that_was_not_verified_is_a_segment_of_its_own(shuffled_series,
             assert not pixels[k, ..., 1 if verified[k] else 0].any(), f"slice {k}"
         assert dciodvfy_errors(path) == []
     one = load_image(find_inputs(MR_SMALL)[0][0])
-    path = write_dicom_seg(MetaTensor(_pattern((64, 64)), meta=one.meta), tmp_path / "mr_seg.dcm", verified=[False])
-    seg = pydicom.dcmread(path)  # nothing verified: the one segment says so
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == [f"{SEGMENT_LABEL}, NOT verified"]
+    path = write_dicom_seg(MetaTensor(_pattern((64, 64)), meta=one.meta), tmp_path / "mr_seg.dcm", verified=[False], label=1,
+                           class_names={1: "a lesion with a name far too long for a DICOM description"})
+    seg = pydicom.dcmread(path)  # nothing verified: segment 1 (verified evidence) is empty, segment 2 holds it
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [SEGMENT_LABEL, f"{SEGMENT_LABEL}, NOT verified"]
+    assert not hd.seg.segread(path).get_pixels_by_source_instance([pydicom.dcmread(MR_SMALL).SOPInstanceUID], segment_numbers=[1]).any()
+    assert len(seg.SeriesDescription) == 64 and seg.SeriesDescription.startswith("NOT verified: Med-CAM evidence for a lesion")
+    assert seg.SeriesDescription.endswith(" (class 1)")  # the name shortened, not the class
+    assert dciodvfy_errors(path) == []
+    # a 3D classifier's one decision over the series, not verified: one check, not six
+    path = write_dicom_seg(mask, tmp_path / "volume_seg.dcm", verified=[False])
+    seg = pydicom.dcmread(path)
     assert seg.SeriesDescription == "NOT verified: Med-CAM evidence"
+    assert "verified=no" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    # nothing recorded: one segment, no claim either way
+    path = write_dicom_seg(mask, tmp_path / "unknown_seg.dcm")
+    seg = pydicom.dcmread(path)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [SEGMENT_LABEL] and seg.SeriesDescription == "Med-CAM evidence"
+    assert "verified" not in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     with pytest.raises(ValueError, match="2 verification flags for 6 slices"):
         write_dicom_seg(mask, tmp_path / "x.dcm", verified=[True, False])
-    # write_outputs takes the flags from the summary rows (a pipeline's, or as read back from a CSV)
+    # write_outputs takes the flags from the summary rows (a pipeline's, or as read back from a CSV);
+    # where a row does not record one, the SEG claims nothing
     rows = [{"label": 1, "prob_input": 0.9, "verified": str(v)} for v in verified]
     (path,) = write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)
     assert [s.SegmentLabel for s in pydicom.dcmread(path).SegmentSequence] == [SEGMENT_LABEL, f"{SEGMENT_LABEL}, NOT verified"]
+    rows[2]["verified"] = ""
+    (path,) = write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)
+    assert pydicom.dcmread(path).SeriesDescription == "Med-CAM evidence"
 
 
 def test_seg_writer_refuses_mismatched_mask(shuffled_series, tmp_path):
@@ -417,7 +441,7 @@ def test_odd_volumes_each_get_their_own_answer(tmp_path):
     ])
     one = nibabel.load(out / "one_slice_evidence.nii.gz")
     assert one.shape == (brain.shape[0], brain.shape[1], 1) and np.allclose(one.affine, brain.affine)
-    assert pydicom.dcmread(out / "uneven_evidence_seg.dcm").NumberOfFrames == 4
+    assert _frames_per_segment(out / "uneven_evidence_seg.dcm") == 4
     inputs = sorted({Path(r["input"]).name for r in report.rows})  # rows of what was written, failures included
     assert inputs == ["grey_alpha.png", "no_study.dcm", "one_slice.nii.gz", "uneven"]
     assert len(report.rows) == 1 + 1 + 1 + 4
@@ -536,7 +560,7 @@ def test_a_study_folder_holds_several_series_and_radiographs(tmp_path):
     assert report.failures == {}
     assert sorted({(r["input"], r["evidence"]) for r in report.rows if r["input"].endswith("]")}) == [
         (f"{study} [series 3]", "study_s3"), (f"{study} [series 4]", "study_s4")]
-    assert pydicom.dcmread(tmp_path / "out" / "study_s4_evidence_seg.dcm").NumberOfFrames == 4
+    assert _frames_per_segment(tmp_path / "out" / "study_s4_evidence_seg.dcm") == 4
 
 
 def test_echoes_in_one_series_are_refused_before_any_work_and_interleaved_numbers_stack_in_space(tmp_path):
