@@ -150,7 +150,7 @@ def write_dicom_seg(
         class_names: ``{index: name}`` (:func:`~monai_medcam.visualize.class_names_map`): the
             explained class's name joins its index in the descriptions ("evidence for lesion (class 1)").
         verified: whether each slice's evidence was verified (one per slice, or one for the whole
-            input); ``None``: all were.
+            input); ``None``: not recorded (one segment, and the SEG claims nothing either way).
     """
     import highdicom as hd
     import pydicom
