@@ -1,4 +1,5 @@
-"""MONAI Label: Med-CAM evidence on demand, returned as a segmentation label ``{"evidence": 1}``.
+"""MONAI Label: Med-CAM evidence on demand, returned as a segmentation label ``{"evidence": 1}``
+(``2``, "evidence NOT verified", where an image's or a slice's evidence was not verified).
 
 MONAI Label 0.8.5 needs ``pydicom<3`` and lives in its own environment (``make venv-monailabel``);
 this module is imported there, by a MONAI Label app such as ``apps/medcam``.
@@ -35,7 +36,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "(it needs pydicom<3): run `make venv-monailabel` and use .venv-monailabel."
     ) from err
 
-__all__ = ["MedCAMInferTask", "RequestError", "ToSourceGeometryd"]
+__all__ = ["MedCAMInferTask", "RequestError", "ToSourceGeometryd", "LABELS"]
 
 PARAMETERS = {"steps": 300, "class_idx": None, "seed": 0}
 
@@ -44,9 +45,14 @@ class RequestError(ValueError):
     """A request the task cannot serve (bad parameters); the app answers it with HTTP 400."""
 
 
+LABELS = {"evidence": 1, "evidence NOT verified": 2}
+
+
 class ToSourceGeometryd:
     """``pred`` ``(1, *s)`` in classifier space -> ``(*S)`` uint8 on the source voxels, a MetaTensor with the
-    source image's affine (what MONAI Label's writer uses); the diagnostics go to ``data["result"]``."""
+    source image's affine (what MONAI Label's writer uses): 1 where the evidence was verified, 2 where
+    it was not (a client shows the two labels by their names, :data:`LABELS`); the diagnostics go to
+    ``data["result"]``."""
 
     def __init__(self, pred_key: str = "pred", source_key: str = "image_source", result_key: str = "result") -> None:
         self.pred_key, self.source_key, self.result_key = pred_key, source_key, result_key
@@ -56,10 +62,13 @@ class ToSourceGeometryd:
         pred, source = d[self.pred_key], d[self.source_key]
         mask, columns = evidence_in_source(pred, source)
         mask = mask[0]  # MONAI Label's writer takes spatial axes only
+        failed = [not v for v in columns.get("verified", [])]  # one per slice, or one for the input
+        if any(failed) and len(failed) in (1, mask.shape[-1] if mask.ndim == 3 else 1):
+            mask = mask * (1 + torch.tensor(failed, dtype=mask.dtype))  # broadcast along the slice axis
         d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
         result = dict(d.get(self.result_key) or {})
         result["medcam"] = {name: columns[name] for name in ("label", "verified", "settled", "vacuous", "area", "prob_evidence", "steps") if name in columns}
-        result["evidence_voxels"] = int(mask.sum())
+        result["evidence_voxels"] = int((mask > 0).sum())
         d[self.result_key] = result
         return d
 
@@ -84,7 +93,8 @@ def _parameters(data: Mapping[Hashable, Any], defaults: Mapping[str, Any] = PARA
 
 
 class MedCAMInferTask(BasicInferTask):
-    """Med-CAM for a frozen classifier as a MONAI Label segmentation task (label ``evidence`` = 1).
+    """Med-CAM for a frozen classifier as a MONAI Label segmentation task (label ``evidence`` = 1,
+    ``evidence NOT verified`` = 2).
 
     Args:
         network: the frozen classifier, weights loaded (e.g. :func:`monai_medcam.loading.load_classifier`);
@@ -119,7 +129,7 @@ class MedCAMInferTask(BasicInferTask):
             path=None,
             network=network,
             type=InferType.SEGMENTATION,
-            labels={"evidence": 1},
+            labels=dict(LABELS),
             dimension=dimension,
             description=description,
             config=dict(defaults),

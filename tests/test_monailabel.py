@@ -110,7 +110,7 @@ def test_info_lists_the_task(server):
     info = json.loads(body)
     assert "medcam" in info["models"]
     model = info["models"]["medcam"]
-    assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1} and model["dimension"] == 3
+    assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1, "evidence NOT verified": 2} and model["dimension"] == 3
     config = {name: model["config"].get(name, "absent") for name in ("steps", "class_idx", "seed")}
     assert config == {"steps": 40, "class_idx": None, "seed": 0}  # the server's default steps (--conf steps 40)
     assert info["datastore"]["total"] == 3  # two NIfTI files and the DICOM series folder
@@ -128,7 +128,7 @@ def test_infer_returns_evidence_in_the_source_geometry(server, image, tmp_path):
     expected = nib.load(studies / "brain.nii.gz").affine if image == "brain" else source.affine.numpy()
     np.testing.assert_allclose(label.affine, expected, atol=1e-4)
     values = np.asarray(label.dataobj)
-    assert set(np.unique(values)) <= {0, 1} and values.sum() > 0
+    assert set(np.unique(values)) <= {0, 1, 2} and values.sum() > 0  # 2: evidence that was not verified
 
 
 def test_infer_json_holds_the_diagnostics(server):
@@ -222,3 +222,25 @@ def test_task_skips_vacuous_images_unless_told_not_to():
     done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "False", "True"]
+
+
+def test_evidence_that_was_not_verified_is_label_2():
+    """A client shows MONAI Label's labels by name: slice 1's evidence, not verified, is 2 ("evidence
+    NOT verified"), the verified slices' 1; a 2D image's one flag covers it all (in the MONAI Label
+    environment, without a server)."""
+    if not MONAILABEL.exists():
+        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
+    script = (
+        "import torch\n"
+        "from monai.data import MetaTensor\n"
+        "from monai_medcam.monailabel import ToSourceGeometryd\n"
+        "for shape, verified in (((1, 8, 8, 3), [True, False, True]), ((1, 8, 8), [False])):\n"
+        "    pred = MetaTensor(torch.ones(shape), meta={'medcam': {'verified': torch.tensor([verified])}})\n"
+        "    out = ToSourceGeometryd()({'pred': pred, 'image_source': MetaTensor(torch.zeros(shape))})\n"
+        "    mask = out['pred']\n"
+        "    print(mask.dtype, [int(v) for v in mask.reshape(-1, mask.shape[-1] if mask.ndim == 3 else 1)[0]], out['result']['evidence_voxels'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["torch.uint8 [1, 2, 1] 192", "torch.uint8 [2] 64"]

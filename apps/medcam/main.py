@@ -27,7 +27,7 @@ from monailabel.interfaces.app import MONAILabelApp
 import monai_medcam
 from monai_medcam.io import InputError
 from monai_medcam.loading import load_classifier
-from monai_medcam.monailabel import MedCAMInferTask, RequestError
+from monai_medcam.monailabel import LABELS, MedCAMInferTask, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class MedCAMApp(MONAILabelApp):
             name="Med-CAM",
             description="Minimal, decision-preserving evidence masks for a frozen classifier's decisions",
             version=monai_medcam.__version__,
-            labels={"evidence": 1},
+            labels=dict(LABELS),
         )
 
     def init_datastore(self):
