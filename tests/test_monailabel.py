@@ -207,9 +207,7 @@ def test_share_torch_on_another_file_system_leaves_nothing_behind():
 def test_task_skips_vacuous_images_unless_told_not_to():
     """MedCAMInferTask's default skip_vacuous is true; the app's --conf word "false" turns it off (in the
     MONAI Label environment, without a server)."""
-    if not MONAILABEL.exists():
-        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
-    script = (
+    printed = _in_monailabel_environment(
         "import torch\n"
         "from monai_medcam.monailabel import MedCAMInferTask\n"
         "from monai_medcam.settings import MedCAMSettings\n"
@@ -218,19 +216,14 @@ def test_task_skips_vacuous_images_unless_told_not_to():
         "    inferer = MedCAMInferTask(net, **given).inferer({})\n"
         "    print(MedCAMSettings.from_kwargs(**inferer.settings).skip_vacuous)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "False", "True"]
+    assert printed.split() == ["True", "False", "True"]
 
 
 def test_evidence_that_was_not_verified_is_label_2():
     """A client shows MONAI Label's labels by name: slice 1's evidence, not verified, is 2 ("evidence
     NOT verified"), the verified slices' 1; a 2D image's one flag covers it all (in the MONAI Label
     environment, without a server)."""
-    if not MONAILABEL.exists():
-        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
-    script = (
+    printed = _in_monailabel_environment(
         "import torch\n"
         "from monai.data import MetaTensor\n"
         "from monai_medcam.monailabel import ToSourceGeometryd\n"
@@ -240,7 +233,14 @@ def test_evidence_that_was_not_verified_is_label_2():
         "    mask = out['pred']\n"
         "    print(mask.dtype, [int(v) for v in mask.reshape(-1, mask.shape[-1] if mask.ndim == 3 else 1)[0]], out['result']['evidence_voxels'])\n"
     )
+    assert printed.splitlines() == ["torch.uint8 [1, 2, 1] 192", "torch.uint8 [2] 64"]
+
+
+def _in_monailabel_environment(script: str) -> str:
+    """What ``script`` prints when run by the MONAI Label environment's Python."""
+    if not MONAILABEL.exists():
+        pytest.fail(f"{MONAILABEL} is missing: run `make venv-monailabel` (make test does it).")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["torch.uint8 [1, 2, 1] 192", "torch.uint8 [2] 64"]
+    return done.stdout
