@@ -206,7 +206,7 @@ def _wsi(args: argparse.Namespace) -> int:
             loaded.network, args.slide, args.output, level=args.level, tile=args.tile, size=size,
             batch_size=args.batch_size, device=args.device, class_idx=args.class_idx, target_layers=layers,
             min_tissue=args.min_tissue, backend=args.backend, restart=args.restart, progress=not args.no_progress,
-            **settings,
+            class_names=args.class_names if args.class_names is not None else loaded.class_names, **settings,
         )
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     wsi.add_argument("--batch-size", type=_positive_int, default=16, help="tiles optimised together")
     wsi.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
+    wsi.add_argument("--class-names", help="the classes' names in class order, comma-separated, e.g. 'no lesion,lesion', "
+                                           "for the thumbnail's caption (default: a bundle's channel_def)")
     wsi.add_argument("--steps", type=_positive_int, help="optimisation steps per attempt (default 300, early stop)")
     wsi.add_argument("--seed", type=int, help="random seed of the mask networks")
     wsi.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")

@@ -95,6 +95,7 @@ class ImageInput:
         uneven_gaps: for a DICOM series whose slice gaps differ, their range (``"1.25-202.5 mm"``).
         series: for a DICOM series that shares its folder with other series, which one it is
             (``"4"``, its Series Number; ``""`` when the folder holds only this series).
+        series_uid: a DICOM slice's or series' Series Instance UID, where it is placed in space.
     """
 
     path: Path
@@ -102,6 +103,7 @@ class ImageInput:
     files: tuple[Path, ...] = ()
     uneven_gaps: str | None = None
     series: str = ""
+    series_uid: str = ""
 
     @property
     def name(self) -> str:
@@ -244,7 +246,7 @@ def _dicom_inputs(folder: Path, files: list[Path]) -> tuple[list[ImageInput], li
     labels = _series_labels(volumes)
     for uid, headers in groups.items():
         if uid not in volumes:
-            inputs += [ImageInput(f, "dicom", (f,)) for f, _ in headers]
+            inputs += [ImageInput(f, "dicom", (f,), series_uid=uid if "ImagePositionPatient" in ds else "") for f, ds in headers]
             continue
         try:
             inputs.append(_dicom_series(folder, headers, labels[uid] if len(volumes) > 1 else ""))
@@ -286,8 +288,12 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
         numbers = dict(along)
     count = Counter(numbers.values())
     if len(count) != len(numbers) and not missing:
-        shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
-        raise InputError(where, f"slices {', '.join(shared)} share an Instance Number, so the slice order is unknown.")
+        if along is not None and len({round(z, 3) for z in along.values()}) == len(along):
+            numbers = dict(along)  # shared numbers (anonymised, converted): the positions order the slices
+        else:
+            shared = sorted(f.name for f, n in numbers.items() if count[n] > 1)
+            raise InputError(where, f"slices {', '.join(shared)} share an Instance Number and no position along the "
+                                    "slices orders them, so the slice order is unknown.")
     shapes = {(_number(f, ds, "Rows"), _number(f, ds, "Columns")) for f, ds in headers}
     if len(shapes) > 1:
         raise InputError(where, f"the series' slices differ in size {sorted(shapes)}.")
@@ -300,6 +306,8 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
         raise InputError(where, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
                                  "are not one volume; give the slices one at a time.")
     position = {f: tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for f, ds in headers}
+    if along is not None:  # the depth along the normal: also slices shifted within their plane to one depth
+        position = {f: round(along[f], 3) for f, _ in headers}
     at = Counter(position.values())
     if len(at) != len(headers):
         shared = sorted(f.name for f, p in position.items() if at[p] > 1)
@@ -314,7 +322,7 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
             # Instance Numbers that run against the positions (interleaved acquisitions): stack in space
             ordered = tuple(sorted(ordered, key=along.get))
     gaps = None if along is None else _uneven_slice_gaps(list(along.values()))
-    return ImageInput(folder, "dicom_series", ordered, gaps, series)
+    return ImageInput(folder, "dicom_series", ordered, gaps, series, str(headers[0][1].get("SeriesInstanceUID", "")))
 
 
 def _along_normal(headers: list[tuple[Path, object]]) -> dict[Path, float] | None:
@@ -341,12 +349,13 @@ def _monotonic(values: list[float]) -> bool:
 
 def _uneven_slice_gaps(positions: list[float]) -> str | None:
     """The range of gaps between a series' neighbouring slices (their positions along the normal,
-    :func:`_along_normal`), ``"1.25-202.5 mm"``, when they differ by more than 1% (a NIfTI's
-    regular grid cannot hold them), else ``None``."""
+    :func:`_along_normal`), ``"1.25-202.5 mm"``, when they differ by more than 1% and by more than
+    0.025 mm (a NIfTI's regular grid cannot hold them), else ``None``. Positions written to 0.01 mm
+    put up to 0.02 mm between the gaps of an even series (0.625 mm slices: 0.62 and 0.63 mm)."""
     import numpy as np
 
     gaps = np.diff(np.sort(positions))
-    if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01 * float(np.median(gaps)), 1e-3):
+    if len(gaps) < 2 or gaps.max() - gaps.min() <= max(0.01 * float(np.median(gaps)), 0.025):
         return None
     return f"{gaps.min():.4g}-{gaps.max():.4g} mm"
 
@@ -405,7 +414,25 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
             found, bad = _dicom_inputs(folder, dicoms)
             inputs += found
             errors += bad
-    return inputs, errors
+    return _split_series(inputs, errors)
+
+
+def _split_series(inputs: list[ImageInput], errors: list[InputError]) -> tuple[list[ImageInput], list[InputError]]:
+    """The inputs less the slices of a multi-slice DICOM series found in several folders (an export
+    that caps the files per folder, or a copy): each folder's part would be explained as a volume of
+    its own. Those become one error, naming the folders. Single slices of one series in several
+    folders (key images sorted into folders) stay 2D inputs."""
+    folders: dict[str, set[Path]] = {}
+    volumes = {item.series_uid for item in inputs if item.kind == "dicom_series"}
+    for item in inputs:
+        if item.series_uid:
+            folders.setdefault(item.series_uid, set()).add(item.files[0].parent)
+    split = {uid for uid, where in folders.items() if len(where) > 1 and uid in volumes}
+    for uid in sorted(split, key=lambda u: sorted(folders[u])):
+        where = sorted(folders[uid])
+        errors.append(InputError(where[0], f"the series {uid} is split over the folders {', '.join(map(str, where))}: "
+                                           "each part would be explained as a volume of its own; put its slices in one folder."))
+    return [i for i in inputs if i.series_uid not in split], errors
 
 
 def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> list[dict[str, str]]:
@@ -807,7 +834,30 @@ def load_image(item: ImageInput) -> MetaTensor:
             image = _palette_to_rgb(item, image)
         elif header.get("ModalityLUTSequence") and "RescaleSlope" not in header:  # MONAI applies a rescale only
             image = _modality_lut(item, image)
+        if item.kind == "dicom":
+            _slice_normal(image, header)
     return _checked(image, item)
+
+
+def _slice_normal(image: MetaTensor, header) -> None:
+    """Give a single DICOM slice's affine its third column, the slice normal times the slice thickness
+    (RAS), where it has an orientation: MONAI's reader leaves (0, 0, 1) there, which for a sagittal
+    or coronal slice lies in the slice's own plane (a singular affine: its NIfTI is misplaced)."""
+    import numpy as np
+
+    try:
+        orientation = np.array([float(v) for v in header.get("ImageOrientationPatient") or ()])
+        thickness = float(header.get("SliceThickness") or header.get("SpacingBetweenSlices") or 1.0)
+    except (TypeError, ValueError):
+        return  # a damaged orientation: the reader's affine stands
+    if orientation.shape != (6,) or not np.isfinite(orientation).all() or not np.isfinite(thickness) or thickness <= 0:
+        return
+    normal = np.cross(orientation[:3], orientation[3:])
+    if np.linalg.norm(normal) < 1e-3:
+        return
+    affine = image.affine.clone()
+    affine[:3, 2] = torch.as_tensor(np.array([-1.0, -1.0, 1.0]) * normal / np.linalg.norm(normal) * thickness)  # LPS -> RAS
+    image.affine = affine
 
 
 def _checked(image: MetaTensor, item: ImageInput) -> MetaTensor:

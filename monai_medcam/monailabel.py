@@ -1,5 +1,6 @@
 """MONAI Label: Med-CAM evidence on demand, returned as a segmentation label ``{"evidence": 1}``
-(``2``, "evidence NOT verified", where an image's or a slice's evidence was not verified).
+(``2``, "evidence NOT verified", where an image's or a slice's evidence was not verified; see
+:func:`~monai_medcam.visualize.evidence_not_verified`).
 
 MONAI Label 0.8.5 needs ``pydicom<3`` and lives in its own environment (``make venv-monailabel``);
 this module is imported there, by a MONAI Label app such as ``apps/medcam``.
@@ -26,6 +27,7 @@ from monai.data import MetaTensor
 from monai_medcam.inferer import MedCAMInferer
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
+from monai_medcam.visualize import evidence_not_verified
 
 try:
     from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -62,7 +64,8 @@ class ToSourceGeometryd:
         pred, source = d[self.pred_key], d[self.source_key]
         mask, columns = evidence_in_source(pred, source)
         mask = mask[0]  # MONAI Label's writer takes spatial axes only
-        failed = [not v for v in columns.get("verified", [])]  # one per slice, or one for the input
+        flags = {name: columns[name] for name in ("verified", "vacuous", "area") if name in columns}
+        failed = [bool(evidence_not_verified(dict(zip(flags, row)))) for row in zip(*flags.values())]  # per slice, or one
         if any(failed) and len(failed) in (1, mask.shape[-1] if mask.ndim == 3 else 1):
             mask = mask * (1 + torch.tensor(failed, dtype=mask.dtype))  # broadcast along the slice axis
         d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())

@@ -192,10 +192,10 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     0.99)", "black")``, or ``("lesion (prob 0.97)", ...)`` where ``class_names``
     (:func:`class_names_map`) names the class: the label's probability on the image, then on the
     evidence alone; ``whole`` (e.g. ``"volume"``) says the decision is the whole input's. The verdict
-    is red where the evidence is not verified (it does not keep the label alone and under every random
-    background), orange where the mask ran out of steps before it settled, grey where the classifier
-    gives the label on a blank image, so that no evidence is needed (vacuous); empty where the row
-    does not say. ``None`` for a row without a decision.
+    is red where the evidence is not verified (:func:`evidence_not_verified`: it does not keep the
+    label alone and under every random background), grey where the classifier gives the label on a
+    blank image, so that no evidence is needed (vacuous), orange where the mask ran out of steps
+    before it settled; empty where the row does not say. ``None`` for a row without a decision.
     """
     label, prob = _number(row.get("label")), _number(row.get("prob_input"))
     if label is None or prob is None:
@@ -205,10 +205,10 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     decision = f"{whole + ': ' if whole else ''}{name} (prob {prob:.2f})"
     alone = _number(row.get("prob_evidence"))
     alone = f" (alone: prob {alone:.2f})" if alone is not None else ""
-    verified = summary_flag(row.get("verified"))
-    if verified is None:
+    flagged = evidence_not_verified(row)
+    if flagged is None:
         return decision, "", "black"
-    if not verified:
+    if flagged:
         return decision, f"NOT verified{alone}", "red"
     if summary_flag(row.get("vacuous")):
         return decision, "no evidence needed: given on a blank image", "dimgray"
@@ -224,6 +224,19 @@ def _number(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(number) else number
+
+
+def evidence_not_verified(row: Mapping[str, object]) -> bool | None:
+    """Whether a summary row's evidence is to be shown as NOT verified: its ``verified`` is False and
+    its decision needed evidence. A vacuous decision left with an empty mask (the classifier gives
+    the label on a blank image; ``skip_vacuous``) is not: there is no evidence to verify, and its
+    check asks only whether random content, with nothing kept, would change the label (for "no
+    lesion" it often would); a row that does not record its area is taken to hold evidence.
+    ``None`` where the row does not record ``verified``."""
+    verified = summary_flag(row.get("verified"))
+    if verified is None or verified:
+        return None if verified is None else False
+    return not (summary_flag(row.get("vacuous")) and _number(row.get("area")) == 0)
 
 
 def summary_flag(value: object) -> bool | None:

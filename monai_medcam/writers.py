@@ -18,7 +18,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
-from monai_medcam.visualize import summary_flag
+from monai_medcam.visualize import evidence_not_verified, summary_flag
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -99,9 +99,19 @@ def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> P
         raise ValueError(f"the source's slices are unevenly spaced (gaps {gaps}), which a NIfTI's "
                          "regular grid cannot hold; the DICOM SEG keeps each slice's own position.")
     data = mask[0].detach().cpu().numpy().astype(dtype)
-    image = nibabel.Nifti1Image(data, np.asarray(mask.affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
+    affine = np.asarray(mask.affine, dtype=np.float64)
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    if (lengths < 1e-6).any() or abs(np.linalg.det(affine[:3, :3] / lengths)) < 1e-6:
+        raise ValueError(f"{path}: the source's affine is singular (its axes {affine[:3, :3].tolist()} span no volume).")
+    columns = affine[:3, :3] / lengths
+    image = nibabel.Nifti1Image(data, affine)
+    sheared = not np.allclose(columns.T @ columns, np.eye(3), atol=1e-3)  # a gantry tilt: the slices stacked obliquely
+    if sheared:
+        logger.warning("%s: the source's slices are stacked obliquely (a gantry tilt): the NIfTI holds its geometry in the "
+                       "sform alone, exact for nibabel, MONAI and FSL; ITK-based tools (3D Slicer, ITK-SNAP, SimpleITK) "
+                       "refuse such a file: use the DICOM SEG there.", path.name)
+    image.set_qform(affine, code=0 if sheared else 1)  # a qform is a rotation: it cannot hold a shear, so no qform
+    image.set_sform(affine, code=1)
     with atomic_path(path) as tmp:
         nibabel.save(image, tmp)
     return path
@@ -124,7 +134,7 @@ def write_dicom_seg(
     series_number: int = 99,
     parameters: Mapping[str, str] | None = None,
     class_names: Mapping[int, str] | None = None,
-    verified: Sequence[bool] | None = None,
+    verified: Sequence[bool | None] | None = None,
 ) -> Path:
     """Write the evidence as a DICOM Segmentation that references the source instances.
 
@@ -150,7 +160,9 @@ def write_dicom_seg(
         class_names: ``{index: name}`` (:func:`~monai_medcam.visualize.class_names_map`): the
             explained class's name joins its index in the descriptions ("evidence for lesion (class 1)").
         verified: whether each slice's evidence was verified (one per slice, or one for the whole
-            input); ``None``: not recorded (one segment, and the SEG claims nothing either way).
+            input), ``None`` in it where the decision needed no evidence (a vacuous decision left with
+            an empty mask: nothing to verify, counted neither way); ``None``: not recorded (one
+            segment, and the SEG claims nothing either way).
     """
     import highdicom as hd
     import pydicom
@@ -169,7 +181,10 @@ def write_dicom_seg(
     depth = values.shape[-1] if values.ndim == 4 else 1
     if verified is not None and len(verified) not in (1, depth):
         raise ValueError(f"{path}: {len(verified)} verification flags for {depth} slices.")
-    failed = np.zeros(depth, bool) if verified is None else np.broadcast_to(~np.asarray(verified, bool), (depth,))
+    flags = [None] if verified is None else list(verified)
+    failed = np.broadcast_to(np.array([v is False for v in flags]), (depth,))
+    needed = depth if len(flags) > 1 else 1  # decisions that needed evidence: one per slice, or the input's one
+    needed -= sum(v is None for v in flags) if verified is not None else 0
     # segment 1 always the verified evidence (empty where none was), segment 2 the rest where there is any
     parts = {SEGMENT_LABEL: ~failed, **({NOT_VERIFIED_LABEL: failed} if failed.any() else {})}
     frames = np.stack([dicom_frames(values * torch.as_tensor(slices.copy()).to(values.device)) for slices in parts.values()], -1)
@@ -191,8 +206,11 @@ def write_dicom_seg(
     if frames.shape[1:3] != (rows, columns):
         raise ValueError(f"{path}: mask frames {frames.shape[1:3]} differ from the source's {rows}x{columns} pixels.")
     params = {"class": str(label) if label is not None else "predicted"}
-    if verified is not None:  # one decision for the whole input, or one per slice
-        params["verified"] = ("no" if failed.any() else "yes") if len(verified) == 1 else f"{depth - int(failed.sum())} of {depth} slices"
+    if verified is not None and len(flags) == 1:  # one decision for the whole input
+        params["verified"] = {True: "yes", False: "no", None: "no evidence needed"}[None if flags[0] is None else bool(flags[0])]
+    elif verified is not None:  # one per slice
+        params["verified"] = f"{needed - int(failed.sum())} of {needed} slices" + (
+            f" ({depth - needed} needed no evidence)" if needed < depth else "")
     params.update(parameters or {})
     algorithm = hd.AlgorithmIdentificationSequence(
         name="Med-CAM", version=__version__, family=codes.cid7162.ArtificialIntelligence, source="monai_medcam",
@@ -216,9 +234,9 @@ def write_dicom_seg(
     else:
         pixels = (frames > 0.5).astype(np.uint8)
         kind = hd.seg.SegmentationTypeValues.BINARY
-    checks = 1 if verified is None or len(verified) == 1 else depth  # one decision for the input, or one per slice
+    checks = 1 if len(flags) == 1 else needed  # one decision for the input, or the slices that needed evidence
     what = _seg_description(label, (class_names or {}).get(label, "") if label is not None else "",
-                            0 if not failed.any() else 1 if checks == 1 else int(failed.sum()), checks)
+                            0 if not failed.any() else 1 if len(flags) == 1 else int(failed.sum()), checks)
     try:
         seg = _segmentation(sources, pixels if len(parts) > 1 else pixels[..., 0], kind, segments, series_number, what)
     except Exception as err:  # highdicom's errors say what it missed, not for which source
@@ -400,7 +418,9 @@ def write_outputs(
     Each format is written on its own: one that fails does not keep the others from being written.
     ``rows`` (the summary rows: one per slice of a volume explained slice by slice, else one) caption
     the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`),
-    and put evidence that was not verified in a segment of its own in the SEG (:func:`write_dicom_seg`);
+    and put evidence that was not verified in a segment of its own in the SEG (:func:`write_dicom_seg`;
+    a vacuous decision left with an empty mask is not counted as not verified:
+    :func:`~monai_medcam.visualize.evidence_not_verified`);
     ``class_names`` (``{index: name}``) name the class there and in the SEG's descriptions.
 
     A ``seg`` is left out (logged) for a source that is not DICOM, or a multi-frame DICOM whose
@@ -433,6 +453,8 @@ def write_outputs(
                     if verified and None not in verified:
                         logger.warning("%s: %d summary rows for %d slices; the SEG records no verification.", name, len(verified), depth)
                     verified = None
+                else:  # a vacuous decision left with an empty mask: no evidence needed, none to verify
+                    verified = [v if v or evidence_not_verified(r) else None for v, r in zip(verified, rows)]
                 written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label,
                                                class_names=class_names, verified=verified))
             elif fmt == "png":

@@ -38,6 +38,7 @@ from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
 from monai_medcam.pipeline import check_classifier
 from monai_medcam.settings import as_bool, is_whole_number
+from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified
 from monai_medcam.writers import atomic_path
 
 __all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
@@ -143,6 +144,8 @@ def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: in
     """RGB pixels ``(3, height, width)`` uint8 of ``level`` at ``(y, x)`` (level pixels)."""
     ratio = reader.get_downsample_ratio(wsi, level)
     location = (int(round(y * ratio)), int(round(x * ratio)))
+    if getattr(reader, "backend", "") == "openslide":  # MONAI's reader would make transparent areas black
+        return _openslide_rgb(wsi, level, location, height, width)
     data, _ = reader.get_data(wsi, location=location, size=(height, width), level=level)
     data = np.asarray(data)
     if data.dtype != np.uint8:  # a 16-bit slide (read by tifffile as stored): to 8 bits, a channel at a time
@@ -152,6 +155,25 @@ def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: in
             scaled[c] = (data[c].astype(np.uint32) * 255 + top // 2) // top
         data = scaled
     return data[:3] if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
+
+
+def _openslide_rgb(wsi, level: int, location: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """RGB ``(3, height, width)`` uint8 from an ``openslide.OpenSlide`` at level-0 ``location`` ``(y, x)``:
+    areas with no image data (transparent: unscanned regions of MRXS, DICOM, Philips or Leica slides)
+    take the slide's background colour (``openslide.background-color``, else white), as slide viewers
+    show them, not black."""
+    from PIL import Image
+
+    region = wsi.read_region((location[1], location[0]), level, (width, height))  # RGBA, not premultiplied
+    if region.mode == "RGBA" and region.getextrema()[3][0] < 255:
+        colour = str(wsi.properties.get("openslide.background-color") or "FFFFFF")
+        try:
+            ground = Image.new("RGB", region.size, "#" + colour)
+        except ValueError:  # not a hex colour
+            ground = Image.new("RGB", region.size, "white")
+        ground.paste(region, mask=region.getchannel("A"))
+        region = ground
+    return np.asarray(region.convert("RGB")).transpose(2, 0, 1)
 
 
 class _LevelReader:
@@ -317,13 +339,81 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
 
 
 THUMBNAIL_SIDE = 2048  # the thumbnail's longest side at most (the tissue level of a large slide can be larger)
+EVIDENCE_TINT, TILE_BLUE, UNVERIFIED_YELLOW = (255, 0, 0), (40, 90, 200), (255, 210, 0)
+THUMBNAIL_BLOCK_BYTES = 2**26  # the level's mask is pooled into the thumbnail in blocks of about this size
+LEGEND_WIDTH = 300  # the thumbnail's caption and key wrap to the picture's width, at least this
+
+
+def _caption(level: int, tile: int, rows: Sequence[dict], class_names: dict[int, str] | None = None,
+             class_idx: int | None = None) -> str:
+    """What the thumbnail shows, in words: ``"level 2, 64 px tiles; 12 tissue tiles: 9 no lesion, 3
+    lesion"`` (the most called first) from the tiles' CSV rows (their ``label``; ``class_names`` name the
+    classes), or ``"...; 12 tissue tiles, lesion explained on each"`` where ``class_idx`` was asked for."""
+    if class_idx is not None:  # every row's label is the class asked for, not the classifier's call
+        return f"level {level}, {tile} px tiles; {len(rows)} tissue tiles, {class_text(class_idx, class_names)} explained on each"
+    counts: dict[int, int] = {}
+    for row in rows:
+        counts[int(row["label"])] = counts.get(int(row["label"]), 0) + 1
+    calls = ", ".join(f"{n} {class_text(k, class_names)}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"level {level}, {tile} px tiles; {len(rows)} tissue tiles" + (f": {calls}" if calls else "")
+
+
+def _with_legend(image, caption: str, unverified: int):
+    """``image`` (PIL) above a white strip holding ``caption`` and the key to its colours, each
+    wrapped to the image's width (at least ``LEGEND_WIDTH``: a narrower image gets a white margin on
+    its right); the image keeps its pixels at the top left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=12)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or without FreeType: the bitmap font, one size
+        font = ImageFont.load_default()
+    tint = tuple(int(0.45 * 255 + 0.55 * c) for c in EVIDENCE_TINT)  # the evidence's tint on white
+    keys = [("evidence", tint, 0), ("tile explained", TILE_BLUE, 1),
+            (f"evidence NOT verified: {unverified} tile{'' if unverified == 1 else 's'}", UNVERIFIED_YELLOW, 2)]
+    line, pad, box, gap = 16, 6, 10, 14
+    parts = [(font.getlength(text), text, None) for text in _wrap(caption, font, max(image.width, LEGEND_WIDTH) - 2 * pad)]
+    width = max(image.width, LEGEND_WIDTH, *(int(w) + 2 * pad for w, _, _ in parts))
+    placed, left, row = [], pad, 0  # the keys flow left to right, wrapping to the width
+    for text, colour, outline in keys:
+        w = box + 4 + font.getlength(text)
+        if left > pad and left + w > width - pad:
+            left, row = pad, row + 1
+        placed.append((left, row, text, colour, outline))
+        left += w + gap
+    framed = Image.new("RGB", (width, image.height + (len(parts) + row + 1) * line + 2 * pad), "white")
+    framed.paste(image, (0, 0))
+    draw = ImageDraw.Draw(framed)
+    for k, (_, text, _) in enumerate(parts):
+        draw.text((pad, image.height + pad + k * line), text, fill="black", font=font)
+    for left, row, text, colour, outline in placed:
+        top = image.height + pad + (len(parts) + row) * line
+        square = [left, top + 2, left + box, top + 2 + box]
+        draw.rectangle(square, fill=None if outline else colour, outline=colour if outline else None, width=outline or 1)
+        draw.text((left + box + 4, top), text, fill="black", font=font)
+    return framed
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` where it can be, broken after its commas."""
+    lines: list[str] = []
+    for piece in text.split(", "):
+        if lines and font.getlength(f"{lines[-1]}, {piece}") <= width:
+            lines[-1] = f"{lines[-1]}, {piece}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(piece)
+    return lines if text else []
 
 
 def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tiles: Sequence[SlideTile], tile: int,
-               unverified: set[int] = frozenset()) -> Path:
+               unverified: set[int] = frozenset(), caption: str = "") -> Path:
     """The tissue level ``(3, h, w)`` (``scale``: its pixels per pixel of the explained level), shrunk
     to at most ``THUMBNAIL_SIDE``, with the evidence tinted red and the explained tiles outlined: blue,
-    or a thicker yellow for the tiles (indices in ``unverified``) whose evidence was not verified."""
+    or a thicker yellow for the tiles (indices in ``unverified``) whose evidence was not verified.
+    Below it, ``caption`` (:func:`_caption`) and the colours' key; the picture's top left ``(h, w)``
+    is the tissue level's (shrunk)."""
     from PIL import Image, ImageDraw
 
     shrink = math.ceil(max(rgb.shape[1:]) / THUMBNAIL_SIDE)
@@ -334,22 +424,25 @@ def _thumbnail(rgb: np.ndarray, mask: np.ndarray, scale: float, path: Path, tile
     height, width = rgb.shape[1:]
     factor = max(1, int(round(1 / scale)))
     small = np.zeros((math.ceil(mask.shape[0] / factor), math.ceil(mask.shape[1] / factor)), np.uint8)
-    for top in range(0, small.shape[0], 256):  # max-pool the level's mask to about the thumbnail's size
-        block = np.asarray(mask[top * factor : (top + 256) * factor])
+    step = max(1, THUMBNAIL_BLOCK_BYTES // (factor * factor * max(1, small.shape[1])))  # thumbnail rows per block
+    for top in range(0, small.shape[0], step):  # max-pool the level's mask to about the thumbnail's size
+        block = np.asarray(mask[top * factor : (top + step) * factor])
         pad = (-block.shape[0] % factor, -block.shape[1] % factor)
         block = np.pad(block, ((0, pad[0]), (0, pad[1])))
         small[top : top + block.shape[0] // factor] = block.reshape(block.shape[0] // factor, factor, -1, factor).max(axis=(1, 3))
     evidence = np.asarray(Image.fromarray(small).resize((width, height), Image.NEAREST)) > 0
     picture = rgb.transpose(1, 2, 0).astype(np.float32)
-    picture[evidence] = 0.45 * picture[evidence] + 0.55 * np.array([255, 0, 0], np.float32)
+    picture[evidence] = 0.45 * picture[evidence] + 0.55 * np.array(EVIDENCE_TINT, np.float32)
     image = Image.fromarray(picture.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for t in sorted(tiles, key=lambda t: t.index in unverified):  # the yellow outlines drawn last, on top
-        box = [t.x * scale, t.y * scale, (t.x + t.width) * scale - 1, (t.y + t.height) * scale - 1]
+        x0, y0 = int(t.x * scale), int(t.y * scale)  # an edge tile thinner than a thumbnail pixel: one pixel wide
+        box = [x0, y0, max(x0, math.ceil((t.x + t.width) * scale) - 1), max(y0, math.ceil((t.y + t.height) * scale) - 1)]
         if t.index in unverified:
-            draw.rectangle(box, outline=(255, 210, 0), width=2)
+            draw.rectangle(box, outline=UNVERIFIED_YELLOW, width=2)
         else:
-            draw.rectangle(box, outline=(40, 90, 200))
+            draw.rectangle(box, outline=TILE_BLUE)
+    image = _with_legend(image, caption, len(unverified))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
@@ -376,6 +469,28 @@ def _read_journal(path: Path) -> dict[int, list[dict[str, object]]]:
         with path.open("r+b") as handle:
             handle.truncate(good)
     return done
+
+
+def _level_mpp(reader, wsi, level: int, ratio: float) -> list[float] | None:
+    """Microns per pixel ``(y, x)`` of ``level``: its own, else level 0's times ``ratio`` (converters
+    that tag level 0 alone); ``None`` where the slide gives none that is positive and finite."""
+    for source, factor in ((level, 1.0), (0, ratio)):
+        try:
+            mpp = [float(v) * factor for v in reader.get_mpp(wsi, source)]
+        except Exception:  # noqa: BLE001 - slides without a physical resolution raise their own kinds
+            continue
+        if len(mpp) == 2 and all(math.isfinite(v) and v > 0 for v in mpp):
+            return mpp
+    return None
+
+
+def _remove_state(state: Path) -> None:
+    """Remove a working state folder: renamed first, so that one half removed (a run killed while
+    removing it) is not taken for a state to resume."""
+    trash = state.with_name(state.name + ".removed")
+    shutil.rmtree(trash, ignore_errors=True)
+    state.rename(trash)
+    shutil.rmtree(trash)
 
 
 def _fingerprint(network: torch.nn.Module) -> str:
@@ -411,6 +526,7 @@ def explain_slide(
     backend: str = "auto",
     restart: bool = False,
     progress: bool = True,
+    class_names: str | Sequence[str] | dict | None = None,
     **settings: object,
 ) -> WSIReport:
     """Explain every tissue tile of ``slide`` at ``level`` and write the slide-level evidence.
@@ -431,6 +547,8 @@ def explain_slide(
         backend: ``"auto"``, ``"openslide"`` or ``"tifffile"``.
         restart: discard the working state of an earlier, different run instead of refusing.
         progress: show a progress bar (tiles, tiles/s, ETA).
+        class_names: the classes' names, in class order (``("no lesion", "lesion")``) or by index
+            (a bundle's ``channel_def``): the thumbnail's caption counts the tiles' calls by name.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
 
     Tiles whose decision needs no evidence (``vacuous``, e.g. the classifier says "normal" for an
@@ -451,6 +569,7 @@ def explain_slide(
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue is a fraction of a tile, from 0 to 1, not {min_tissue!r}.")
     settings.setdefault("skip_vacuous", True)
+    class_names = class_names_map(class_names)
     restart = as_bool("restart", restart)  # a bundle's command line gives "false" as a string
     slide = Path(slide)
     reader, wsi = open_slide(slide, backend)
@@ -488,7 +607,8 @@ def explain_slide(
     device = torch.device(device)
     classifier.to(device).eval()  # in place: the explainer's classifier
     # a classifier that does not take RGB tiles of this size, or a class it does not have, fails here too
-    check_classifier(explainer, 2, 3, (size or tile,), class_idx, device, options="--tile and --size")
+    check_classifier(explainer, 2, 3, (size or tile,), class_idx, device, options="--tile and --size",
+                     class_names=list(class_names))
     # the settings as resolved (defaults included), so a run resumed after a default changed is a different run
     resolved = asdict(explainer.resolved_settings(2))
 
@@ -504,15 +624,20 @@ def explain_slide(
         "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
     }
     run = json.loads(json.dumps(run, default=str))
+    shutil.rmtree(state.with_name(state.name + ".removed"), ignore_errors=True)  # what a killed removal left
     if state.exists():
-        previous = json.loads((state / "run.json").read_text()) if (state / "run.json").exists() else None
-        if previous != run:
+        try:
+            previous = json.loads((state / "run.json").read_text())
+        except (OSError, ValueError):  # missing or torn (a power cut while it was written): not this run's
+            previous = None
+        if previous != run or not (state / "mask.npy").is_file():
             if not restart:
                 raise InputError(
                     slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
-                    "version of monai_medcam); use restart=True (--restart) to discard it, or remove the folder."
+                    "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
+                    "remove the folder."
                 )
-            shutil.rmtree(state)
+            _remove_state(state)
     if not state.exists():
         staging = output / f".{name}.medcam.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -573,18 +698,17 @@ def explain_slide(
         "tiles": output / f"{name}_tiles.csv",
         "thumbnail": output / f"{name}_thumbnail.png",
     }
-    try:
-        mpp = reader.get_mpp(wsi, level)
-    except Exception:  # slides without a physical resolution
-        mpp = None
+    mpp = _level_mpp(reader, wsi, level, level_ratio)
     write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
     with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
         writer.writeheader()
         for k in range(len(batches)):
             writer.writerows(done[k])
-    unverified = {int(row["tile"]) for k in range(len(batches)) for row in done[k] if not row["verified"]}
-    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified)
+    rows = [row for k in range(len(batches)) for row in done[k]]
+    unverified = {int(row["tile"]) for row in rows if evidence_not_verified(row)}  # not the vacuous tiles left empty
+    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
+               caption=_caption(level, tile, rows, class_names, class_idx))
     del mask
-    shutil.rmtree(state)
+    _remove_state(state)
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

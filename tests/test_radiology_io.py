@@ -191,6 +191,19 @@ def test_evidence_that_was_not_verified_is_a_segment_of_its_own(shuffled_series,
     rows[2]["verified"] = ""
     (path,) = write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)
     assert pydicom.dcmread(path).SeriesDescription == "Med-CAM evidence"
+    # slices whose "no lesion" needed no evidence (vacuous, left empty) fail the background check with
+    # nothing kept (verified False in the summary): nothing to verify, counted neither way
+    rows = [{"label": int(k not in (2, 3)), "prob_input": 0.9, "verified": str(k in (0, 4, 5)), "vacuous": str(k in (2, 3)),
+             "area": 0.0 if k in (2, 3) else 0.1} for k in range(6)]
+    (path,) = write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)
+    seg = pydicom.dcmread(path)
+    assert seg.SeriesDescription == "NOT verified on 1/4: Med-CAM evidence"  # slice 1 alone, of the four that needed evidence
+    assert "verified=3 of 4 slices (2 needed no evidence)" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    pixels = hd.seg.segread(path).get_pixels_by_source_instance(uids, segment_numbers=[1, 2])
+    assert pixels[1, ..., 1].any() and not pixels[[0, 2, 3, 4, 5], ..., 1].any()
+    seg = pydicom.dcmread(write_dicom_seg(mask, tmp_path / "vacuous_seg.dcm", verified=[None]))  # a whole volume's
+    assert seg.SeriesDescription == "Med-CAM evidence" and len(seg.SegmentSequence) == 1
+    assert "verified=no evidence needed" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
 
 
 def test_seg_writer_refuses_mismatched_mask(shuffled_series, tmp_path):
@@ -342,8 +355,13 @@ def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
     assert evidence_caption({**row, "verified": False, "prob_evidence": 0.404}) == ("class 1 (prob 0.97)", "NOT verified (alone: prob 0.40)", "red")
     assert evidence_caption({**row, "settled": False}) == ("class 1 (prob 0.97)", "verified (alone: prob 0.99), unsettled", "darkorange")
     assert evidence_caption({**row, "label": 0, "vacuous": True})[1:] == ("no evidence needed: given on a blank image", "dimgray")
-    # a vacuous decision whose (empty or optimised) mask fails under random backgrounds is not verified
-    assert evidence_caption({**row, "vacuous": True, "verified": False})[1:] == ("NOT verified (alone: prob 0.99)", "red")
+    # a vacuous decision whose optimised mask fails under random backgrounds is not verified; one left
+    # empty (skip_vacuous) has no evidence to verify, whatever random content around nothing gives
+    assert evidence_caption({**row, "vacuous": True, "verified": False, "area": 0.05})[1:] == ("NOT verified (alone: prob 0.99)", "red")
+    assert evidence_caption({**row, "vacuous": True, "verified": False, "area": 0.0})[1:] == ("no evidence needed: given on a blank image", "dimgray")
+    assert evidence_caption({**row, "vacuous": "True", "verified": "False", "area": "0.0"})[2] == "dimgray"  # read from a CSV
+    assert evidence_caption({**row, "vacuous": False, "verified": False, "area": 0.0})[2] == "red"  # evidence needed, none verified
+    assert evidence_caption({**row, "vacuous": True, "verified": False})[2] == "red"  # no area recorded: taken to hold evidence
     assert evidence_caption(row, whole="volume")[0] == "volume: class 1 (prob 0.97)"  # a 3D classifier's one decision
     # as read back from summary.csv (text) or decollated (floats)
     assert evidence_caption({k: str(v) for k, v in {**row, "verified": False}.items()})[2] == "red"
@@ -371,6 +389,77 @@ def test_class_names_come_in_class_order_or_by_index():
     assert evidence_caption(row, {1: "a lesion that needs a second look"})[0] == "a lesion that needs a s~ (prob 0.97)"
 
 
+def test_series_geometry_from_positions_single_slices_and_tilts(tmp_path):
+    """Shared Instance Numbers (anonymised or converted series) are ordered by the slices' positions;
+    two stacks at the same depths, shifted within their plane, are not one volume; a single sagittal
+    slice's affine has the slice normal as its third axis (MONAI's reader leaves (0, 0, 1) there,
+    in the slice's own plane: a singular affine); a gantry tilt's sheared affine goes to the NIfTI as
+    its sform alone (a qform, a rotation, would misplace the last slices by centimetres); a series
+    split over two folders is refused, not explained as two volumes (single slices of a series
+    sorted into folders stay 2D inputs)."""
+    import nibabel
+
+    from monai_medcam.io import find_input
+
+    def series(name, edit):
+        files = write_dicom_series(tmp_path / name, np.arange(4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8), name)
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            edit(k, ds)
+            ds.save_as(f)
+        return files
+
+    files = series("shared", lambda k, ds: setattr(ds, "InstanceNumber", 1 if k < 2 else 7 - k))  # 1, 1, 5, 4
+    (item,), errors = find_inputs(tmp_path / "shared")
+    assert not errors and item.files == tuple(files)  # in space, as the positions run
+    shifted = series("shifted", lambda k, ds: setattr(ds, "ImagePositionPatient", [-8.0 + 10 * (k % 2), -6.0, 2.2 * (k // 2)]))
+    items, errors = find_inputs(tmp_path / "shifted")
+    assert not items and "share a position" in errors[0].problem and shifted[0].name in errors[0].problem
+
+    def sagittal(k, ds):
+        ds.ImageOrientationPatient, ds.ImagePositionPatient, ds.SliceThickness = [0, 1, 0, 0, 0, -1], [30.0, -6.0, 8.0], 3.0
+
+    single = series("sagittal", sagittal)[0]
+    image = load_image(find_input(single))
+    affine = image.affine.numpy()
+    assert np.allclose(affine[:3, 2], [3.0, 0, 0])  # the normal (-1, 0, 0) in LPS, times the thickness, in RAS
+    nifti = nibabel.load(write_nifti(MetaTensor(torch.ones_like(image), meta=dict(image.meta)), tmp_path / "sag.nii.gz"))
+    voxel = np.array([5, 3, 0, 1])  # column 5, row 3: LPS (30, -6 + 5 * 2, 8 - 3 * 2)
+    assert np.allclose(nifti.get_sform() @ voxel, [-30, 6 - 10, 2, 1]) and np.allclose(nifti.get_qform() @ voxel, [-30, -4, 2, 1])
+
+    def tilted(k, ds):
+        ds.ImagePositionPatient = [-8.0, -6.0 + 2.2 * k * np.tan(np.radians(20)), 2.2 * k]  # 20 degrees of gantry tilt
+
+    series("tilted", tilted)
+    volume = load_image(find_input(tmp_path / "tilted"))
+    nifti = nibabel.load(write_nifti(MetaTensor(torch.ones_like(volume), meta=dict(volume.meta)), tmp_path / "tilt.nii.gz"))
+    assert int(nifti.header["qform_code"]) == 0 and int(nifti.header["sform_code"]) == 1
+    assert np.allclose(nifti.get_sform() @ [0, 0, 3, 1], [8.0, 6.0 - 3 * 2.2 * np.tan(np.radians(20)), 6.6, 1])
+    axial = nibabel.load(write_nifti(MetaTensor(torch.ones_like(image), meta=dict(load_image(find_input(tmp_path / "shared")).meta)),
+                                     tmp_path / "axial.nii.gz"))
+    assert int(axial.header["qform_code"]) == 1  # no tilt: both
+    from monai_medcam.io import _uneven_slice_gaps
+
+    assert _uneven_slice_gaps([round(0.625 * k, 2) for k in range(40)]) is None  # 0.62 and 0.63 mm: positions to 0.01 mm
+    assert _uneven_slice_gaps([0.0, 0.625, 1.25, 1.95, 2.5]) == "0.55-0.7 mm"
+    assert _uneven_slice_gaps([-99.5, 103, 104.3, 105.5]) == "1.2-202.5 mm"  # 77654033/CT2
+    split = series("split", lambda k, ds: None)  # one series whose files an export put in two folders
+    for k, f in enumerate(split):
+        (tmp_path / "split" / "ab"[k % 2]).mkdir(exist_ok=True)
+        f.rename(tmp_path / "split" / "ab"[k % 2] / f.name)
+    items, errors = find_inputs(tmp_path / "split")
+    assert not items and len(errors) == 1 and "is split over the folders" in errors[0].problem
+    assert str(tmp_path / "split" / "a") in errors[0].problem and str(tmp_path / "split" / "b") in errors[0].problem
+    keys = series("keys", lambda k, ds: None)[:2]  # single slices of one series sorted into folders: 2D inputs each
+    for k, f in enumerate(keys):
+        (tmp_path / "keys" / f"k{k}").mkdir()
+        f.rename(tmp_path / "keys" / f"k{k}" / f.name)
+    for f in (tmp_path / "keys").glob("*.dcm"):
+        f.unlink()
+    items, errors = find_inputs(tmp_path / "keys")
+    assert not errors and [i.kind for i in items] == ["dicom", "dicom"]
+
+
 TEST_FILES = MR_SMALL.parent
 QUICK = dict(steps=10, max_retries=0, seed=0, target_layers=[], progress=False)
 
@@ -389,16 +478,18 @@ def test_damaged_headers_and_non_volume_series_are_reported_by_name(tmp_path):
     shutil.copy(MR_SMALL, tmp_path / "good.dcm")
     shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT2N", tmp_path / "localizers")
     write_dicom_series(tmp_path / "twins", np.zeros((3, 8, 8), np.uint16), "twins")
-    twin = pydicom.dcmread(tmp_path / "twins" / "slice_002.dcm")
-    twin.InstanceNumber = 1
-    twin.save_as(tmp_path / "twins" / "slice_002.dcm")
+    for k in (1, 2, 3):  # no orientation, so no position along the slices to order them by
+        twin = pydicom.dcmread(tmp_path / "twins" / f"slice_00{k}.dcm")
+        del twin.ImageOrientationPatient
+        twin.InstanceNumber = min(k, 2) - (k == 2)  # 1, 1, 2
+        twin.save_as(tmp_path / "twins" / f"slice_00{k}.dcm")
     (tmp_path / "out").mkdir()
     shutil.copy(NIFTI, tmp_path / "out" / "brain_evidence.nii")
     items, errors = find_inputs(tmp_path, exclude=tmp_path / "out")
     problems = {e.path.name: e.problem for e in errors}
     assert problems["bad.dcm"] == "damaged DICOM header: NumberOfFrames is '1A', not a number."
     assert "differ in orientation (a localizer or a radial acquisition)" in problems["localizers"]
-    assert "slices slice_001.dcm, slice_002.dcm share an Instance Number" in problems["twins"]
+    assert "slices slice_001.dcm, slice_002.dcm share an Instance Number and no position" in problems["twins"]
     assert [i.path.name for i in items] == ["good.dcm"]
     assert "brain_evidence.nii" in [i.path.name for i in find_inputs(tmp_path)[0]]  # without exclude it is an input
     shutil.copy(NIFTI, tmp_path / "good_evidence.nii.gz")  # an output beside its input (--output = --input)

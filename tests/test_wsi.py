@@ -110,7 +110,21 @@ def test_slide_map_puts_each_tile_mask_at_its_place(explained):
     thumbnail = report.outputs["thumbnail"]
     from PIL import Image
 
-    assert Image.open(thumbnail).size == (320, 256)
+    picture = np.asarray(Image.open(thumbnail))
+    assert picture.shape[1] == 320 and picture.shape[0] > 256  # level 3 (320 x 256), then the caption and key below
+    assert (picture[256:] == 255).mean() > 0.8  # a white strip with some text
+    # the "no lesion" tiles need no evidence (vacuous) and are left empty; random content around nothing
+    # makes the classifier call "lesion", so their empty masks fail the background check (verified False),
+    # but there is no evidence to verify: they are not yellow. Only a tile whose call needed evidence can be.
+    empty_vacuous = [r for r in rows if r["vacuous"] == "True" and r["verified"] == "False" and float(r["area"]) == 0]
+    assert len(empty_vacuous) > len(rows) // 2
+    needed = [r for r in rows if r["vacuous"] == "False" and r["verified"] == "False"]
+    yellow = (picture[:256, :, 0] > 200) & (picture[:256, :, 1] > 180) & (picture[:256, :, 2] < 60)
+    boxes = np.zeros_like(yellow)
+    for r in needed:  # level 2 -> the level-3 thumbnail: half the pixels
+        x, y = int(r["x"]) // 2, int(r["y"]) // 2
+        boxes[y : y + TILE // 2, x : x + TILE // 2] = True
+    assert yellow.any() == bool(needed) and not (yellow & ~boxes).any()
     assert sorted(p.name for p in out.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv"]
 
 
@@ -235,6 +249,72 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
     assert report.outputs["evidence"].is_file() and not state.exists()
 
 
+def test_a_damaged_state_is_refused_unless_restarted(slide, tmp_path, monkeypatch):
+    """A torn run.json (a power cut as it was written) or a state whose mask is gone is not resumed:
+    refused with the folder named (not a JSON traceback), discarded with restart=True; the state of a
+    finished run is renamed before it is removed, so a removal cut short leaves nothing to resume."""
+    import monai_medcam.wsi
+
+    path, _ = slide
+    state, half_removed = tmp_path / ".ihc.medcam", tmp_path / ".ihc.medcam.removed"
+    removed = []
+    monkeypatch.setattr(monai_medcam.wsi, "_remove_state", removed.append)  # the finished run's state kept
+    explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
+    assert removed == [state] and (state / "mask.npy").is_file()
+    monkeypatch.undo()
+    run = (state / "run.json").read_text()
+    for damage in ("torn run.json", "no mask"):
+        if damage == "torn run.json":
+            (state / "run.json").write_text(run[: len(run) // 2])
+        else:
+            (state / "run.json").write_text(run)
+            (state / "mask.npy").unlink()
+        with pytest.raises(InputError, match=r"\.ihc\.medcam holds the state of a different run .* or a damaged one"):
+            explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
+    half_removed.mkdir()  # and what a removal killed part way left
+    report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+    assert report.explained == report.tiles and not state.exists() and not half_removed.exists()
+
+
+def test_transparent_openslide_areas_take_the_slide_background(slide):
+    """Unscanned areas (transparent in openslide's RGBA) reach the classifier and the thumbnail in the
+    slide's background colour, not black; the resolution of a level without its own comes from level 0."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from monai_medcam.wsi import _level_mpp, _read_region
+
+    class Slide:
+        properties = {"openslide.background-color": "F0E0D0"}
+
+        def read_region(self, location, level, size):
+            region = Image.new("RGBA", size, (120, 60, 90, 255))
+            region.paste((0, 0, 0, 0), (0, 0, size[0] // 2, size[1]))  # the left half not scanned
+            return region
+
+    reader = SimpleNamespace(backend="openslide", get_downsample_ratio=lambda wsi, level: 4.0)
+    rgb = _read_region(reader, Slide(), 2, 0, 0, 8, 10)
+    assert rgb.shape == (3, 8, 10) and rgb.dtype == np.uint8
+    assert (rgb[:, :, :5] == np.array([240, 224, 208])[:, None, None]).all() and (rgb[:, :, 5:] == np.array([120, 60, 90])[:, None, None]).all()
+    Slide.properties = {}
+    assert (_read_region(reader, Slide(), 2, 0, 0, 8, 10)[:, :, :5] == 255).all()  # no background colour given: white
+
+    def mpp(per_level):
+        def get_mpp(wsi, level):
+            if per_level[level] is None:
+                raise ValueError("no resolution")
+            return per_level[level]
+        return SimpleNamespace(get_mpp=get_mpp)
+
+    assert _level_mpp(mpp({2: (1.0, 1.0), 0: (0.25, 0.25)}), None, 2, 4.0) == [1.0, 1.0]
+    assert _level_mpp(mpp({2: None, 0: (0.25, 0.5)}), None, 2, 4.0) == [1.0, 2.0]  # level 0's, times the downsample
+    assert _level_mpp(mpp({2: (0.0, 0.0), 0: None}), None, 2, 4.0) is None  # zero: no resolution (not a division by it)
+    path, _ = slide
+    reader, wsi = open_slide(path, "openslide")
+    assert _level_mpp(reader, wsi, 2, 4.0) == pytest.approx([2.0, 2.0])  # the demo slide: 0.5 um at level 0
+
+
 def test_a_run_resumed_after_a_default_changed_is_a_different_run(slide, tmp_path, monkeypatch):
     # the state records the settings as resolved, defaults included (not only those passed), so
     # tiles explained under one default are never stitched with tiles explained under another
@@ -269,6 +349,14 @@ def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 1
     assert str(bad) in done.stderr and "cannot read the slide" in done.stderr
+
+
+def test_cli_refuses_class_names_the_classifier_lacks_before_any_work(slide, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(_cli(slide[0], out, "--class-names", "normal,benign,malignant"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and "class names are given for classes [0, 1, 2], but the classifier has 2" in done.stderr
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_torn_journal_line_is_cut_before_new_entries(tmp_path):
@@ -466,7 +554,8 @@ def test_the_thumbnail_of_a_large_tissue_level_is_shrunk(tmp_path):
     tiles = [SlideTile(0, 5, 10, 2000, 4000, 400, 400, 1.0)]
     path = _thumbnail(rgb, mask, 0.5, tmp_path / "thumb.png", tiles, 400)
     picture = np.asarray(Image.open(path))
-    assert picture.shape == (1000, 1666, 3)  # 5000 / 3 (shrunk by 3), 3000 / 3
+    assert picture.shape[1] == 1666 and picture.shape[0] > 1000  # 5000 / 3 (shrunk by 3), 3000 / 3; the key below
+    picture = picture[:1000]
     exact = (2000 / 6, 2400 / 6, 4000 / 6, 4400 / 6)  # the level's rows 2000-2399 and columns 4000-4399, shrunk by 6
     for colour in ((picture[..., 0] > 200) & (picture[..., 1] < 150),  # the evidence, tinted red
                    (picture[..., 2] > 150) & (picture[..., 0] < 100)):  # the tile's outline, blue
@@ -482,7 +571,7 @@ def test_tiles_whose_evidence_is_not_verified_are_the_thumbnails_yellow_ones(sli
     drawn, real = {}, monai_medcam.wsi._thumbnail
 
     def spy(*args, **kwargs):
-        drawn["unverified"] = args[6]
+        drawn.update(unverified=args[6], caption=kwargs["caption"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(monai_medcam.wsi, "_thumbnail", spy)
@@ -492,6 +581,70 @@ def test_tiles_whose_evidence_is_not_verified_are_the_thumbnails_yellow_ones(sli
     unverified = {int(r["tile"]) for r in rows if r["verified"] == "False"}
     assert unverified and len(unverified) < len(rows)  # the lesion tiles keep "lesion"
     assert drawn["unverified"] == unverified
+    assert drawn["caption"] == f"level 3, 32 px tiles; {len(rows)} tissue tiles, class 1 explained on each"
+
+
+def test_partial_edge_tiles_are_stitched_in_place_and_outlined(tmp_path, monkeypatch):
+    """A level whose sides are not whole numbers of tiles (1026 x 1541 px, 64 px tiles): the edge
+    tiles, down to a row two pixels high, are padded for the classifier and cut back into their
+    place in the slide map, and the thumbnail outlines them (a tile thinner than a thumbnail pixel
+    once crashed the run at its end, and every resume with it). A stand-in explainer marks the
+    slide's pure red pixels, so the slide map must be exactly the slide's red."""
+    import types
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, (1026, 1541, 3), dtype=np.uint8)
+    image[1016:1026, 200:260] = (255, 0, 0)  # in the last full row of tiles and the 2 px row
+    image[300:340, 1500:1541] = (255, 0, 0)  # in the last full column of tiles and the 5 px column
+    path = write_pyramidal_tiff(image, tmp_path / "odd.tif", levels=3)
+    red = (image[..., 0] == 255) & (image[..., 1] == 0) & (image[..., 2] == 0)
+
+    def explain(self, x, class_idx=None, names=None):
+        marks = ((x[:, 0] > 0.98) & (x[:, 1] < 0.02) & (x[:, 2] < 0.02))[:, None].float()
+        rows = [dict(label=1, prob_input=0.9, prob_evidence=0.9, prob_background=0.9, area=float(m.mean()), verified=True,
+                     settled=True, vacuous=False, steps=1, retries=0) for m in marks]
+        return types.SimpleNamespace(mask=types.SimpleNamespace(as_tensor=lambda: marks), summary=lambda: rows)
+
+    monkeypatch.setattr(MedCAM, "explain", explain)
+    report = explain_slide(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                           path, tmp_path / "out", level=0, tile=64, min_tissue=0.0, target_layers=[], progress=False)
+    rows = list(csv.DictReader(report.outputs["tiles"].open()))
+    assert len(rows) == 17 * 25 and {(r["height"], r["width"]) for r in rows if r["row"] == "16"} == {("2", "64"), ("2", "5")}
+    evidence = tifffile.imread(report.outputs["evidence"], key=0)
+    assert evidence.shape == (1026, 1541) and ((evidence > 0) == red).all()
+    picture = np.asarray(Image.open(report.outputs["thumbnail"]))  # level 2, 257 x 386: a quarter of the pixels
+    blue = (picture[..., 2] > 150) & (picture[..., 0] < 100)
+    assert picture.shape[1] == 386 and blue[256, :380].mean() > 0.9  # the 2 px row's outlines, on the thumbnail's last row
+
+
+def test_the_thumbnail_caption_and_key_wrap_below_the_picture(tmp_path):
+    """Below the slide, the caption (wrapped after its commas) and the colours' key: the picture keeps
+    its pixels, and a narrow slide gets a white margin wide enough for the key."""
+    from PIL import Image
+
+    from monai_medcam.wsi import LEGEND_WIDTH, SlideTile, _caption, _thumbnail
+
+    rows = [{"label": 0}, {"label": 1}, {"label": 0}, {"label": 2}]
+    assert _caption(2, 64, rows, {0: "no lesion", 1: "lesion"}) == "level 2, 64 px tiles; 4 tissue tiles: 2 no lesion, 1 lesion, 1 class 2"
+    assert _caption(0, 224, []) == "level 0, 224 px tiles; 0 tissue tiles"
+    # a class asked for (--class-idx): each tile's label is that class, not the classifier's call
+    assert _caption(2, 64, rows, {1: "lesion"}, class_idx=1) == "level 2, 64 px tiles; 4 tissue tiles, lesion explained on each"
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 80, 120), dtype=np.uint8)
+    tiles = [SlideTile(0, 0, 0, 0, 0, 40, 40, 1.0)]
+    short = np.asarray(Image.open(_thumbnail(rgb, np.zeros((80, 120), np.uint8), 1.0, tmp_path / "a.png", tiles, 40, caption="x")))
+    long = np.asarray(Image.open(_thumbnail(rgb, np.zeros((80, 120), np.uint8), 1.0, tmp_path / "b.png", tiles, 40, unverified={0},
+                                            caption=", ".join(["many words in a long caption"] * 6))))
+    for picture in (short, long):
+        assert picture.shape[1] == LEGEND_WIDTH and picture.shape[0] > 80
+        assert (picture[2:38, 2:38] == rgb.transpose(1, 2, 0)[2:38, 2:38]).all()  # inside the tile's outline: the slide's pixels
+        assert (picture[:80, 120:] == 255).all()  # the margin beside the slide is white
+        strip = picture[80:]
+        yellow = (strip[..., 0] > 200) & (strip[..., 1] > 180) & (strip[..., 2] < 60)
+        blue = (strip[..., 2] > 150) & (strip[..., 0] < 100)
+        assert yellow.sum() >= 20 and blue.sum() >= 20  # the key's outlined squares
+    assert long.shape[0] >= short.shape[0] + 2 * 16  # the long caption wraps onto more lines
 
 
 def test_the_thumbnail_outlines_tiles_whose_evidence_is_not_verified_in_yellow(tmp_path):
@@ -504,7 +657,7 @@ def test_the_thumbnail_outlines_tiles_whose_evidence_is_not_verified_in_yellow(t
     rgb = np.full((3, 200, 300), 240, np.uint8)
     mask = np.zeros((200, 300), np.uint8)
     tiles = [SlideTile(0, 0, 0, 0, 0, 100, 100, 1.0), SlideTile(1, 0, 1, 0, 100, 100, 100, 1.0)]
-    picture = np.asarray(Image.open(_thumbnail(rgb, mask, 1.0, tmp_path / "thumb.png", tiles, 100, unverified={1})))
+    picture = np.asarray(Image.open(_thumbnail(rgb, mask, 1.0, tmp_path / "thumb.png", tiles, 100, unverified={1})))[:200]
     yellow = (picture[..., 0] > 200) & (picture[..., 1] > 180) & (picture[..., 2] < 60)
     blue = (picture[..., 2] > 150) & (picture[..., 0] < 100)
     ys, xs = np.nonzero(yellow)
