@@ -18,14 +18,17 @@ the outputs are written.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -484,6 +487,50 @@ def _level_mpp(reader, wsi, level: int, ratio: float) -> list[float] | None:
     return None
 
 
+@contextmanager
+def _only_run(output: Path, name: str, slide: Path) -> Iterator[None]:
+    """Hold ``output/.<name>.medcam.lock`` (an exclusive ``flock``) while a run writes the slide's
+    state and outputs: a second run on them is refused, not left to interleave its journal and
+    remove the state under the first. Holding it, the temporary files of an earlier run killed
+    during its final writes are removed. The lock file is removed at the end, while held; a run
+    that locked a file so removed (it opened it just before) tries again on the new one. Without
+    ``fcntl`` (Windows), or on a file system without locks (logged), no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = output / f".{name}.medcam.lock"
+    while True:
+        handle = lock.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.close()
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise InputError(slide, f"another run is writing this slide's outputs in {output} (it holds {lock}); "
+                                        "wait for it to finish, or give another output folder.") from err
+            logger.warning("%s: cannot lock %s (%s); a second run on these outputs would not be stopped.", slide.name, lock, err)
+            yield
+            return
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the file of a run that finished between this run's open and its lock
+    try:
+        pattern = re.compile(r"\.tmp-\d+-" + re.escape(name) + r"_(evidence\.tif|tiles\.csv|thumbnail\.png)")
+        for left in output.glob(".tmp-*"):  # what a run killed while writing its outputs left (its pid, exactly)
+            if pattern.fullmatch(left.name) and left.is_file():
+                left.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and tries again
+        handle.close()
+
+
 def _remove_state(state: Path) -> None:
     """Remove a working state folder: renamed first, so that one half removed (a run killed while
     removing it) is not taken for a state to resume."""
@@ -491,6 +538,18 @@ def _remove_state(state: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     state.rename(trash)
     shutil.rmtree(trash)
+
+
+def _file_ends(path: Path, size: int = 2**20) -> str:
+    """SHA-256 of a file's first and last ``size`` bytes: which slide a working state belongs to, the
+    same for a copy of it elsewhere (a job that copies slides to node-local scratch) and different
+    for another slide or one written again (a slide file's header and last tiles differ)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(size))
+        handle.seek(max(0, path.stat().st_size - size))
+        digest.update(handle.read(size))
+    return digest.hexdigest()
 
 
 def _fingerprint(network: torch.nn.Module) -> str:
@@ -614,101 +673,102 @@ def explain_slide(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    state = output / f".{name}.medcam"
-    stat = slide.stat()
-    run = {
-        "slide": str(slide.resolve()), "slide_bytes": stat.st_size, "slide_mtime_ns": stat.st_mtime_ns,
-        "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
-        "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
-        "tiles": len(tiles), "tissue_level": low, "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
-        "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
-    }
-    run = json.loads(json.dumps(run, default=str))
-    shutil.rmtree(state.with_name(state.name + ".removed"), ignore_errors=True)  # what a killed removal left
-    if state.exists():
-        try:
-            previous = json.loads((state / "run.json").read_text())
-        except (OSError, ValueError):  # missing or torn (a power cut while it was written): not this run's
-            previous = None
-        if previous != run or not (state / "mask.npy").is_file():
-            if not restart:
-                raise InputError(
-                    slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
-                    "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
-                    "remove the folder."
-                )
-            _remove_state(state)
-    if not state.exists():
-        staging = output / f".{name}.medcam.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
-        (staging / "run.json").write_text(json.dumps(run, indent=1))
-        staging.rename(state)  # the state appears whole or not at all
-    mask = np.lib.format.open_memmap(state / "mask.npy", mode="r+")
-    journal_path = state / "journal.jsonl"
-    done = _read_journal(journal_path)
-    batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
-    resumed = sum(len(batches[k]) for k in done)
-    if done:
-        logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
-
-    skip = explainer.settings.skip_vacuous
-    bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
-    with journal_path.open("a") as journal:
-        for k, batch in enumerate(batches):
-            if k in done:
-                continue
-            pixels = np.full((len(batch), 3, tile, tile), 255, np.uint8)  # edge tiles padded with white
-            for j, t in enumerate(batch):
-                try:
-                    pixels[j, :, : t.height, : t.width] = read(t.y, t.x, t.height, t.width)
-                except Exception as err:  # a damaged tile in an otherwise readable slide
-                    raise InputError(slide, f"cannot read tile {t.index} (row {t.row}, column {t.col}) at level {level}: "
-                                     f"{type(err).__name__}: {err}") from err
-            x = torch.from_numpy(pixels).float().div_(255).to(device)
-            if size is not None and size != tile:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    with _only_run(output, name, slide):  # one run at a time on these outputs (a requeued job array, say)
+        state = output / f".{name}.medcam"
+        stat = slide.stat()
+        run = {
+            "slide_bytes": stat.st_size, "slide_ends": _file_ends(slide),  # not its path: a copy (node scratch) resumes
+            "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
+            "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
+            "tiles": len(tiles), "tissue_level": low, "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
+            "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
+        }
+        run = json.loads(json.dumps(run, default=str))
+        shutil.rmtree(state.with_name(state.name + ".removed"), ignore_errors=True)  # what a killed removal left
+        if state.exists():
             try:
-                result = explainer.explain(x, class_idx, names=[f"tile {t.index}" for t in batch])
-            except ValueError as err:  # e.g. a class index the classifier does not have
-                raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
-            masks = result.mask.as_tensor().detach().float()
-            if masks.shape[-1] != tile:
-                masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
-            masks = masks.cpu().numpy()
-            rows = []
-            for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
-                keep = 0 if diagnostics["vacuous"] and skip else EVIDENCE_VALUE
-                mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
-                row = {**asdict(t), "x0": int(round(t.x * level_ratio)), "y0": int(round(t.y * level_ratio))}
-                row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
-                row["tile"] = row.pop("index")
-                rows.append(row)
-            mask.flush()  # the tile masks are on disk before the journal says the batch is done
-            journal.write(json.dumps({"batch": k, "rows": rows}) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-            done[k] = rows
-            bar.update(len(batch))
-    bar.close()
+                previous = json.loads((state / "run.json").read_text())
+            except (OSError, ValueError):  # missing or torn (a power cut while it was written): not this run's
+                previous = None
+            if previous != run or not (state / "mask.npy").is_file():
+                if not restart:
+                    raise InputError(
+                        slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
+                        "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
+                        "remove the folder."
+                    )
+                _remove_state(state)
+        if not state.exists():
+            staging = output / f".{name}.medcam.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
+            (staging / "run.json").write_text(json.dumps(run, indent=1))
+            staging.rename(state)  # the state appears whole or not at all
+        mask = np.lib.format.open_memmap(state / "mask.npy", mode="r+")
+        journal_path = state / "journal.jsonl"
+        done = _read_journal(journal_path)
+        batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
+        resumed = sum(len(batches[k]) for k in done)
+        if done:
+            logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
 
-    outputs = {
-        "evidence": output / f"{name}_evidence.tif",
-        "tiles": output / f"{name}_tiles.csv",
-        "thumbnail": output / f"{name}_thumbnail.png",
-    }
-    mpp = _level_mpp(reader, wsi, level, level_ratio)
-    write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
-    with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
-        writer.writeheader()
-        for k in range(len(batches)):
-            writer.writerows(done[k])
-    rows = [row for k in range(len(batches)) for row in done[k]]
-    unverified = {int(row["tile"]) for row in rows if evidence_not_verified(row)}  # not the vacuous tiles left empty
-    _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
-               caption=_caption(level, tile, rows, class_names, class_idx))
-    del mask
-    _remove_state(state)
-    return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)
+        skip = explainer.settings.skip_vacuous
+        bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
+        with journal_path.open("a") as journal:
+            for k, batch in enumerate(batches):
+                if k in done:
+                    continue
+                pixels = np.full((len(batch), 3, tile, tile), 255, np.uint8)  # edge tiles padded with white
+                for j, t in enumerate(batch):
+                    try:
+                        pixels[j, :, : t.height, : t.width] = read(t.y, t.x, t.height, t.width)
+                    except Exception as err:  # a damaged tile in an otherwise readable slide
+                        raise InputError(slide, f"cannot read tile {t.index} (row {t.row}, column {t.col}) at level {level}: "
+                                         f"{type(err).__name__}: {err}") from err
+                x = torch.from_numpy(pixels).float().div_(255).to(device)
+                if size is not None and size != tile:
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                try:
+                    result = explainer.explain(x, class_idx, names=[f"tile {t.index}" for t in batch])
+                except ValueError as err:  # e.g. a class index the classifier does not have
+                    raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
+                masks = result.mask.as_tensor().detach().float()
+                if masks.shape[-1] != tile:
+                    masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
+                masks = masks.cpu().numpy()
+                rows = []
+                for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
+                    keep = 0 if diagnostics["vacuous"] and skip else EVIDENCE_VALUE
+                    mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
+                    row = {**asdict(t), "x0": int(round(t.x * level_ratio)), "y0": int(round(t.y * level_ratio))}
+                    row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
+                    row["tile"] = row.pop("index")
+                    rows.append(row)
+                mask.flush()  # the tile masks are on disk before the journal says the batch is done
+                journal.write(json.dumps({"batch": k, "rows": rows}) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+                done[k] = rows
+                bar.update(len(batch))
+        bar.close()
+
+        outputs = {
+            "evidence": output / f"{name}_evidence.tif",
+            "tiles": output / f"{name}_tiles.csv",
+            "thumbnail": output / f"{name}_thumbnail.png",
+        }
+        mpp = _level_mpp(reader, wsi, level, level_ratio)
+        write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
+        with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
+            writer.writeheader()
+            for k in range(len(batches)):
+                writer.writerows(done[k])
+        rows = [row for k in range(len(batches)) for row in done[k]]
+        unverified = {int(row["tile"]) for row in rows if evidence_not_verified(row)}  # not the vacuous tiles left empty
+        _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
+                   caption=_caption(level, tile, rows, class_names, class_idx))
+        del mask
+        _remove_state(state)
+        return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

@@ -7,6 +7,7 @@ levels) with lesions at known places; ``LesionColourClassifier`` decides from le
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -252,15 +253,27 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
 def test_a_damaged_state_is_refused_unless_restarted(slide, tmp_path, monkeypatch):
     """A torn run.json (a power cut as it was written) or a state whose mask is gone is not resumed:
     refused with the folder named (not a JSON traceback), discarded with restart=True; the state of a
-    finished run is renamed before it is removed, so a removal cut short leaves nothing to resume."""
+    finished run is renamed before it is removed, so a removal cut short leaves nothing to resume. A
+    second run on the same outputs is refused while the first holds them; the next run removes the
+    temporary files of one killed while writing its outputs. A copy of the slide elsewhere resumes
+    the state of the original (a state is the slide's by its size and the hash of its ends)."""
     import monai_medcam.wsi
 
     path, _ = slide
     state, half_removed = tmp_path / ".ihc.medcam", tmp_path / ".ihc.medcam.removed"
     removed = []
     monkeypatch.setattr(monai_medcam.wsi, "_remove_state", removed.append)  # the finished run's state kept
-    explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
+    first = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
     assert removed == [state] and (state / "mask.npy").is_file()
+    for written in first.outputs.values():  # as if killed before its final writes
+        written.unlink()
+    copy = tmp_path / "scratch" / path.name  # the same slide copied elsewhere (a job's node-local scratch), newer
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    again = explain_slide(LesionColourClassifier(), copy, tmp_path, level=3, tile=64, **FAST)
+    assert (again.resumed, again.explained) == (first.tiles, 0)  # the copy's state: every tile already done
+    for written in again.outputs.values():
+        written.unlink()
     monkeypatch.undo()
     run = (state / "run.json").read_text()
     for damage in ("torn run.json", "no mask"):
@@ -272,8 +285,55 @@ def test_a_damaged_state_is_refused_unless_restarted(slide, tmp_path, monkeypatc
         with pytest.raises(InputError, match=r"\.ihc\.medcam holds the state of a different run .* or a damaged one"):
             explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
     half_removed.mkdir()  # and what a removal killed part way left
-    report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+    torn = tmp_path / ".tmp-4242-ihc_evidence.tif"  # and a run killed while writing its outputs
+    torn.write_bytes(b"II*\x00")
+    others = tmp_path / ".tmp-4243-case-ihc_tiles.csv"  # another slide's ("case-ihc"), being written now
+    others.write_text("tile\n")
+    fcntl = pytest.importorskip("fcntl")
+    with (tmp_path / ".ihc.medcam.lock").open("a") as held:  # another run, writing these outputs now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another run is writing this slide's outputs"):
+            explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+        assert torn.exists() and half_removed.exists()  # nothing of the other run's touched
+
+    def no_flock(handle, how):  # a file system without locks (Lustre mounted noflock): run, with a warning
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fcntl, "flock", no_flock)
+        report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
     assert report.explained == report.tiles and not state.exists() and not half_removed.exists()
+    assert torn.exists()  # unlocked, a run cannot know whether another is writing it
+    explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+    assert not torn.exists() and others.exists()  # this slide's left by a killed run removed, another slide's not
+    others.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv", "scratch"]
+
+
+def test_a_run_that_locks_a_lock_file_just_removed_tries_again(tmp_path, monkeypatch):
+    """A run that opened the lock file just before the run holding it finished (and removed it)
+    would lock a file no longer there, beside a third run locking the new one: it tries again on the
+    file at the path. Without fcntl (Windows) no lock file is made."""
+    fcntl = pytest.importorskip("fcntl")
+    from monai_medcam.wsi import _only_run
+
+    lock, real, calls = tmp_path / ".s.medcam.lock", fcntl.flock, []
+
+    def flock(handle, how):
+        calls.append(how)
+        if len(calls) == 1:
+            lock.unlink()  # the run before finishes between this run's open and its lock
+        return real(handle, how)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with _only_run(tmp_path, "s", tmp_path / "s.tif"):
+        assert len(calls) == 2 and lock.exists()
+        with lock.open("a") as third, pytest.raises(OSError):
+            real(third, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the file at the path is the one held
+    assert not lock.exists()
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError, as on Windows
+    with _only_run(tmp_path, "s", tmp_path / "s.tif"):
+        assert not lock.exists()
 
 
 def test_transparent_openslide_areas_take_the_slide_background(slide):
