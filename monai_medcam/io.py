@@ -305,9 +305,10 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
            for o in orientations):
         raise InputError(where, "the series' slices differ in orientation (a localizer or a radial acquisition), so they "
                                  "are not one volume; give the slices one at a time.")
-    position = {f: tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for f, ds in headers}
     if along is not None:  # the depth along the normal: also slices shifted within their plane to one depth
         position = {f: round(along[f], 3) for f, _ in headers}
+    else:
+        position = {f: tuple(round(float(v), 3) for v in ds.ImagePositionPatient) for f, ds in headers}
     at = Counter(position.values())
     if len(at) != len(headers):
         shared = sorted(f.name for f, p in position.items() if at[p] > 1)

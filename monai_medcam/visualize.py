@@ -234,8 +234,10 @@ def evidence_not_verified(row: Mapping[str, object]) -> bool | None:
     lesion" it often would); a row that does not record its area is taken to hold evidence.
     ``None`` where the row does not record ``verified``."""
     verified = summary_flag(row.get("verified"))
-    if verified is None or verified:
-        return None if verified is None else False
+    if verified is None:
+        return None
+    if verified:
+        return False
     return not (summary_flag(row.get("vacuous")) and _number(row.get("area")) == 0)
 
 

@@ -183,8 +183,7 @@ def write_dicom_seg(
         raise ValueError(f"{path}: {len(verified)} verification flags for {depth} slices.")
     flags = [None] if verified is None else list(verified)
     failed = np.broadcast_to(np.array([v is False for v in flags]), (depth,))
-    needed = depth if len(flags) > 1 else 1  # decisions that needed evidence: one per slice, or the input's one
-    needed -= sum(v is None for v in flags) if verified is not None else 0
+    needed = sum(v is not None for v in flags)  # the decisions that needed evidence (of one per slice, or the input's one)
     # segment 1 always the verified evidence (empty where none was), segment 2 the rest where there is any
     parts = {SEGMENT_LABEL: ~failed, **({NOT_VERIFIED_LABEL: failed} if failed.any() else {})}
     frames = np.stack([dicom_frames(values * torch.as_tensor(slices.copy()).to(values.device)) for slices in parts.values()], -1)
@@ -207,7 +206,7 @@ def write_dicom_seg(
         raise ValueError(f"{path}: mask frames {frames.shape[1:3]} differ from the source's {rows}x{columns} pixels.")
     params = {"class": str(label) if label is not None else "predicted"}
     if verified is not None and len(flags) == 1:  # one decision for the whole input
-        params["verified"] = {True: "yes", False: "no", None: "no evidence needed"}[None if flags[0] is None else bool(flags[0])]
+        params["verified"] = "no evidence needed" if flags[0] is None else "yes" if flags[0] else "no"
     elif verified is not None:  # one per slice
         params["verified"] = f"{needed - int(failed.sum())} of {needed} slices" + (
             f" ({depth - needed} needed no evidence)" if needed < depth else "")
@@ -236,7 +235,7 @@ def write_dicom_seg(
         kind = hd.seg.SegmentationTypeValues.BINARY
     checks = 1 if len(flags) == 1 else needed  # one decision for the input, or the slices that needed evidence
     what = _seg_description(label, (class_names or {}).get(label, "") if label is not None else "",
-                            0 if not failed.any() else 1 if len(flags) == 1 else int(failed.sum()), checks)
+                            int(failed.any()) if len(flags) == 1 else int(failed.sum()), checks)
     try:
         seg = _segmentation(sources, pixels if len(parts) > 1 else pixels[..., 0], kind, segments, series_number, what)
     except Exception as err:  # highdicom's errors say what it missed, not for which source

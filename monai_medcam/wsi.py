@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -354,9 +355,7 @@ def _caption(level: int, tile: int, rows: Sequence[dict], class_names: dict[int,
     classes), or ``"...; 12 tissue tiles, lesion explained on each"`` where ``class_idx`` was asked for."""
     if class_idx is not None:  # every row's label is the class asked for, not the classifier's call
         return f"level {level}, {tile} px tiles; {len(rows)} tissue tiles, {class_text(class_idx, class_names)} explained on each"
-    counts: dict[int, int] = {}
-    for row in rows:
-        counts[int(row["label"])] = counts.get(int(row["label"]), 0) + 1
+    counts = Counter(int(row["label"]) for row in rows)
     calls = ", ".join(f"{n} {class_text(k, class_names)}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"level {level}, {tile} px tiles; {len(rows)} tissue tiles" + (f": {calls}" if calls else "")
 
@@ -375,8 +374,8 @@ def _with_legend(image, caption: str, unverified: int):
     keys = [("evidence", tint, 0), ("tile explained", TILE_BLUE, 1),
             (f"evidence NOT verified: {unverified} tile{'' if unverified == 1 else 's'}", UNVERIFIED_YELLOW, 2)]
     line, pad, box, gap = 16, 6, 10, 14
-    parts = [(font.getlength(text), text, None) for text in _wrap(caption, font, max(image.width, LEGEND_WIDTH) - 2 * pad)]
-    width = max(image.width, LEGEND_WIDTH, *(int(w) + 2 * pad for w, _, _ in parts))
+    lines = _wrap(caption, font, max(image.width, LEGEND_WIDTH) - 2 * pad)
+    width = max(image.width, LEGEND_WIDTH, *(int(font.getlength(text)) + 2 * pad for text in lines))
     placed, left, row = [], pad, 0  # the keys flow left to right, wrapping to the width
     for text, colour, outline in keys:
         w = box + 4 + font.getlength(text)
@@ -384,13 +383,13 @@ def _with_legend(image, caption: str, unverified: int):
             left, row = pad, row + 1
         placed.append((left, row, text, colour, outline))
         left += w + gap
-    framed = Image.new("RGB", (width, image.height + (len(parts) + row + 1) * line + 2 * pad), "white")
+    framed = Image.new("RGB", (width, image.height + (len(lines) + row + 1) * line + 2 * pad), "white")
     framed.paste(image, (0, 0))
     draw = ImageDraw.Draw(framed)
-    for k, (_, text, _) in enumerate(parts):
+    for k, text in enumerate(lines):
         draw.text((pad, image.height + pad + k * line), text, fill="black", font=font)
     for left, row, text, colour, outline in placed:
-        top = image.height + pad + (len(parts) + row) * line
+        top = image.height + pad + (len(lines) + row) * line
         square = [left, top + 2, left + box, top + 2 + box]
         draw.rectangle(square, fill=None if outline else colour, outline=colour if outline else None, width=outline or 1)
         draw.text((left + box + 4, top), text, fill="black", font=font)
@@ -531,10 +530,15 @@ def _only_run(output: Path, name: str, slide: Path) -> Iterator[None]:
         handle.close()
 
 
+def _removed(state: Path) -> Path:
+    """Where :func:`_remove_state` renames a state folder before removing it."""
+    return state.with_name(state.name + ".removed")
+
+
 def _remove_state(state: Path) -> None:
     """Remove a working state folder: renamed first, so that one half removed (a run killed while
     removing it) is not taken for a state to resume."""
-    trash = state.with_name(state.name + ".removed")
+    trash = _removed(state)
     shutil.rmtree(trash, ignore_errors=True)
     state.rename(trash)
     shutil.rmtree(trash)
@@ -684,7 +688,7 @@ def explain_slide(
             "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
         }
         run = json.loads(json.dumps(run, default=str))
-        shutil.rmtree(state.with_name(state.name + ".removed"), ignore_errors=True)  # what a killed removal left
+        shutil.rmtree(_removed(state), ignore_errors=True)  # what a killed removal left
         if state.exists():
             try:
                 previous = json.loads((state / "run.json").read_text())
@@ -760,12 +764,11 @@ def explain_slide(
         }
         mpp = _level_mpp(reader, wsi, level, level_ratio)
         write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
+        rows = [row for k in range(len(batches)) for row in done[k]]  # in grid order
         with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(TILE_FIELDS))
             writer.writeheader()
-            for k in range(len(batches)):
-                writer.writerows(done[k])
-        rows = [row for k in range(len(batches)) for row in done[k]]
+            writer.writerows(rows)
         unverified = {int(row["tile"]) for row in rows if evidence_not_verified(row)}  # not the vacuous tiles left empty
         _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
                    caption=_caption(level, tile, rows, class_names, class_idx))
