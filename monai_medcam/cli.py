@@ -175,6 +175,7 @@ def _explain(args: argparse.Namespace) -> int:
             gradcam_layer=args.gradcam_layer,
             progress=not args.no_progress,
             class_names=args.class_names if args.class_names is not None else loaded.class_names,
+            orientation=args.orientation if args.orientation is not None else loaded.orientation,
             **settings,
         )
     except ValueError as err:
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--size", type=_int_list, help="classifier input size, e.g. 96 or 96,96 (default: as read)")
     explain.add_argument("--spatial-dims", type=int, choices=(2, 3), help="classifier dims (default: from its weights)")
     explain.add_argument("--channels", type=int, help="classifier input channels (default: from its weights)")
+    explain.add_argument("--orientation", help="axis codes volumes are reoriented to for the classifier, as in its training, "
+                                               "e.g. RAS; the evidence keeps the source's geometry (default: a bundle's "
+                                               "Orientationd, else as read; 'none': as read)")
     explain.add_argument("--fractional", action="store_true", help="FRACTIONAL SEG of the soft mask instead of BINARY")
     explain.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     explain.add_argument("--gradcam-layer", help="add a Grad-CAM column of this layer to the PNG panels")

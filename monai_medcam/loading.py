@@ -30,6 +30,8 @@ class LoadedClassifier:
         source: where it came from, for messages.
         class_names: the classes' names by index, where known (a bundle's
             ``network_data_format.outputs.pred.channel_def``).
+        orientation: the axis codes volumes are reoriented to for it, where known (a bundle's
+            ``Orientationd`` in its preprocessing), else ``None`` (volumes as read).
     """
 
     network: torch.nn.Module
@@ -38,6 +40,7 @@ class LoadedClassifier:
     size: tuple[int, ...] | None
     source: str
     class_names: dict | None = None
+    orientation: str | None = None
 
     @property
     def target_layers(self) -> str | list:
@@ -106,6 +109,37 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
     return LoadedClassifier(network.eval(), dims, channels, None, spec)
 
 
+# transforms that reorient a bundle's volumes, and the argument holding their axis codes
+_ORIENTING = {"Orientation": "axcodes", "Orientationd": "axcodes", "ToClassifierSpace": "orientation", "ToClassifierSpaced": "orientation"}
+
+
+def _bundle_orientation(parser, config: Path) -> str | None:
+    """The axis codes of the first ``Orientation(d)`` (or Med-CAM's ``ToClassifierSpace(d)``) in the
+    bundle's ``preprocessing``: how its classifier saw volumes. ``None`` where there is none."""
+    from monai_medcam.pipeline import check_orientation
+
+    def find(node, where: str):
+        if isinstance(node, dict):
+            name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+            if name in _ORIENTING and _ORIENTING[name] in node:
+                return f"{where}#{_ORIENTING[name]}"
+            children = node.items()
+        else:
+            children = enumerate(node) if isinstance(node, list) else ()
+        return next((found for key, child in children if (found := find(child, f"{where}#{key}"))), None)
+
+    if "preprocessing" not in parser:
+        return None
+    where = find(parser.get("preprocessing"), "preprocessing")
+    if where is None:
+        return None
+    try:
+        axcodes = parser.get_parsed_content(where)
+    except Exception as err:
+        raise ValueError(f"{config}: cannot read the orientation {where} ({type(err).__name__}: {err}).") from err
+    return check_orientation(axcodes, f"{config}: {where}")
+
+
 def _bundle(folder: Path) -> LoadedClassifier:
     """``network_def`` of ``configs/inference.json`` with ``models/model.pt`` (or ``models/model.ts``)."""
     from monai.bundle import ConfigParser
@@ -115,12 +149,12 @@ def _bundle(folder: Path) -> LoadedClassifier:
         raise ValueError(f"{folder}: not a MONAI bundle (no configs/inference.json).")
     scripted = folder / "models" / "model.ts"
     weights = folder / "models" / "model.pt"
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(folder)
     if scripted.is_file() and not weights.is_file():
         loaded = _torchscript(scripted)
     else:
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        parser["bundle_root"] = str(folder)
         try:
             network = parser.get_parsed_content("network_def", instantiate=True)
         except Exception as err:
@@ -130,6 +164,7 @@ def _bundle(folder: Path) -> LoadedClassifier:
         network.load_state_dict(load_state_dict(weights))
         dims, channels = input_format(network)
         loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
+    loaded.orientation = _bundle_orientation(parser, config)
     meta_file = folder / "configs" / "metadata.json"
     if meta_file.is_file():
         data_format = json.loads(meta_file.read_text()).get("network_data_format", {})

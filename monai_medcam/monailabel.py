@@ -25,6 +25,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.inferer import MedCAMInferer
+from monai_medcam.pipeline import check_orientation
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
 from monai_medcam.visualize import evidence_not_verified
@@ -105,6 +106,8 @@ class MedCAMInferTask(BasicInferTask):
         spatial_dims: the classifier's; a 2D classifier explains a volume slice by slice.
         channels: the classifier's input channels (images are converted); ``None`` keeps them.
         size: the classifier's input size (images resized to it, evidence resized back).
+        orientation: axis codes (``"RAS"``) volumes are reoriented to for the classifier, as in its
+            training; the label is reoriented back onto the image's voxels. ``None``: as read.
         dimension: what MONAI Label clients are told (3 for volumes).
         batch_size: slices optimised together.
         description: shown by ``GET /info/``.
@@ -124,8 +127,10 @@ class MedCAMInferTask(BasicInferTask):
         dimension: int = 3,
         batch_size: int = 32,
         description: str = "Med-CAM: the minimal evidence behind the classifier's decision, as a label",
+        orientation: str | None = None,
         **settings: object,
     ) -> None:
+        self.orientation = check_orientation(orientation)
         settings = {"skip_vacuous": True, **settings}
         defaults = self._defaults(settings)
         super().__init__(
@@ -160,7 +165,9 @@ class MedCAMInferTask(BasicInferTask):
     def pre_transforms(self, data: Mapping[Hashable, Any] | None = None) -> Sequence[Callable]:
         if data is not None:
             _parameters(data, self.defaults)  # bad parameters fail before the image is read
-        return [LoadInputd(keys="image"), ToClassifierSpaced(keys="image", spatial_dims=self.spatial_dims, channels=self.channels, size=self.size)]
+        to_classifier = ToClassifierSpaced(keys="image", spatial_dims=self.spatial_dims, channels=self.channels, size=self.size,
+                                           orientation=self.orientation)
+        return [LoadInputd(keys="image"), to_classifier]
 
     def inferer(self, data: Mapping[Hashable, Any] | None = None) -> MedCAMInferer:
         params = _parameters(data or {}, self.defaults)

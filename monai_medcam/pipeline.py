@@ -2,10 +2,12 @@
 
 Data flow, one input at a time::
 
-    io.find_inputs -> io.load_image (C, *S) -> classifier space: intensities to [0, 1], channels
-    matched, 2D slices of a volume for a 2D classifier, resized to the classifier's size
+    io.find_inputs -> io.load_image (C, *S) -> classifier space: intensities to [0, 1], a volume
+    reoriented to the classifier's axis codes (if given), channels matched, 2D slices of a volume
+    for a 2D classifier, resized to the classifier's size
     -> batches of same-shaped images (across inputs) -> MedCAM.explain
-    -> masks resized back to the source geometry (nearest) -> writers (SEG, NIfTI, PNG) -> rows
+    -> masks resized back (nearest) and reoriented back to the source geometry
+    -> writers (SEG, NIfTI, PNG) -> rows
 
 An input that cannot be read or explained is reported with its path and the problem; the others
 go on. Outputs are written atomically as soon as an input is complete.
@@ -19,9 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
 from monai_medcam.classifiers import class_indices
@@ -33,6 +37,7 @@ from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_p
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
     "ROW_FIELDS", "check_classifier",
+    "check_orientation", "reorientation", "reorient", "oriented_shape", "source_slice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,12 +85,71 @@ def _fit_channels(image: torch.Tensor, channels: int | None, path: Path, kind: s
     raise InputError(path, f"the image has {have} channels but the classifier takes {channels}.")
 
 
+def check_orientation(axcodes: str | None, what: str = "orientation") -> str | None:
+    """``axcodes`` (``"RAS"``, ``"las"``) as three upper-case codes, or ``None`` for ``None``, ``""`` or
+    ``"none"``; anything else is a ``ValueError`` naming ``what``."""
+    if axcodes is None:
+        return None
+    text = str(axcodes).strip().upper() if isinstance(axcodes, str) else None
+    if text in ("", "NONE"):
+        return None
+    axes = sorted("LRAPSI".index(c) // 2 for c in text if c in "LRAPSI") if text else []  # 0: L/R, 1: A/P, 2: S/I
+    if text is None or len(text) != 3 or axes != [0, 1, 2]:
+        raise ValueError(f"{what} {axcodes!r}: give three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LPS), or none.")
+    return text
+
+
+def reorientation(image: torch.Tensor, axcodes: str | None) -> np.ndarray | None:
+    """The nibabel orientation transform ``(3, 2)`` that takes the voxel axes of ``image`` ``(C, X, Y, Z)``
+    to ``axcodes`` (read in RAS world coordinates from its affine, as MONAI's ``Orientation`` does), or
+    ``None`` where there is nothing to do: no axis codes, a 2D image, a cine's frames (not a spatial
+    axis), or a volume already so oriented."""
+    if axcodes is None or not isinstance(image, MetaTensor) or image.ndim != 4 or image.meta.get(NOT_A_VOLUME):
+        return None
+    affine = np.asarray(image.affine, dtype=float)
+    if str(image.meta.get("space", "RAS")).upper() == "LPS":  # e.g. MONAI's readers with affine_lps_to_ras=False
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(axcodes))
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return None
+    return ornt
+
+
+def oriented_shape(shape: Sequence[int], ornt: np.ndarray | None) -> tuple[int, ...]:
+    """The spatial ``shape`` of a volume after :func:`reorient` by ``ornt``."""
+    return tuple(int(n) for n in shape) if ornt is None else tuple(int(shape[int(a)]) for a in np.argsort(ornt[:, 0]))
+
+
+def reorient(data: torch.Tensor, ornt: np.ndarray | None, inverse: bool = False) -> torch.Tensor:
+    """``data`` ``(C, X, Y, Z)`` with its spatial axes flipped and permuted by ``ornt`` (from
+    :func:`reorientation`), or back with ``inverse``: exact, no resampling (``None``: unchanged)."""
+    if ornt is None:
+        return data
+    if inverse:  # input axis i went to output axis ornt[i, 0], flipped where ornt[i, 1] < 0
+        back = np.zeros_like(ornt)
+        for i, (axis, flip) in enumerate(ornt):
+            back[int(axis)] = (i, flip)
+        ornt = back
+    flips = [i + 1 for i, flip in enumerate(ornt[:, 1]) if flip < 0]
+    data = data.flip(flips) if flips else data
+    return data.permute(0, *(int(a) + 1 for a in np.argsort(ornt[:, 0])))
+
+
+def source_slice(k: int, count: int, ornt: np.ndarray | None) -> int:
+    """The source's index of slice ``k`` of ``count`` that a 2D classifier explains in a volume reoriented
+    by ``ornt``: the same axis (:func:`to_classifier_space` refuses another), reversed where it was flipped."""
+    return count - 1 - k if ornt is not None and ornt[2, 1] < 0 else k
+
+
 def to_classifier_space(
-    image: torch.Tensor, spatial_dims: int, channels: int | None, size: Sequence[int] | None, path: Path
+    image: torch.Tensor, spatial_dims: int, channels: int | None, size: Sequence[int] | None, path: Path,
+    orientation: str | None = None,
 ) -> list[torch.Tensor]:
     """The classifier's inputs for ``image`` ``(C, *S)``: one ``(C', *size)`` tensor, or one per slice.
 
     Intensities are stretched to [0, 1] over the whole input (MONOCHROME1 DICOM is inverted first).
+    A volume is reoriented to ``orientation`` (axis codes such as ``"RAS"``, as the classifier saw
+    volumes in training, e.g. through MONAI's ``Orientationd``) before it is sliced or resized.
     """
     data = image.as_tensor() if isinstance(image, MetaTensor) else image
     data = data.float()
@@ -93,6 +157,13 @@ def to_classifier_space(
         data = data.max() - data
     low, high = data.min(), data.max()
     data = (data - low) / (high - low).clamp_min(1e-8)
+    ornt = reorientation(image, orientation)
+    if ornt is not None and spatial_dims == 2 and int(np.argsort(ornt[:, 0])[2]) != 2:
+        axis = int(np.argsort(ornt[:, 0])[2])
+        raise InputError(path, f"reoriented to {orientation}, the volume would be sliced along its axis {axis}, across its own "
+                               f"slices (axis 2): a 2D classifier's evidence per slice would not be the source's slices. Give an "
+                               f"orientation that keeps the slice axis last (or none), or reformat the volume.")
+    data = reorient(data, ornt)
     data = _fit_channels(data, channels, path, image.meta.get(INPUT_KIND) if isinstance(image, MetaTensor) else None)
     dims = data.ndim - 1
     if spatial_dims == 2 and dims == 3:
@@ -184,6 +255,7 @@ class _Pending:
     image: MetaTensor
     pieces: int
     sliced: bool  # a volume explained slice by slice by a 2D classifier (one piece per slice, even if just one)
+    ornt: np.ndarray | None = None  # how the volume was reoriented for the classifier (see reorient)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     softs: dict[int, torch.Tensor] = field(default_factory=dict)
     heat: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -191,11 +263,11 @@ class _Pending:
 
 
 def _assemble(parts: dict[int, torch.Tensor], pending: _Pending) -> torch.Tensor:
-    """Per-piece maps ``(1, *s)`` in source geometry -> ``(1, *S)`` for the whole input."""
+    """Per-piece maps ``(1, *s)`` at the source's size (reoriented as for the classifier) -> ``(1, *S)``
+    for the whole input, in the source's geometry."""
     ordered = [parts[k] for k in range(pending.pieces)]
-    if not pending.sliced:
-        return ordered[0]
-    return torch.stack(ordered, dim=-1)
+    whole = torch.stack(ordered, dim=-1) if pending.sliced else ordered[0]
+    return reorient(whole, pending.ornt, inverse=True).contiguous()
 
 
 def write_rows_csv(path: Path, rows: Sequence[dict[str, object]]) -> Path:
@@ -223,6 +295,7 @@ def explain_inputs(
     gradcam_layer: str | None = None,
     progress: bool = True,
     class_names: str | Sequence[str] | dict | None = None,
+    orientation: str | None = None,
     **settings: object,
 ) -> ExplainReport:
     """Explain every input with ``classifier`` and write ``formats`` to ``output``.
@@ -247,9 +320,13 @@ def explain_inputs(
         progress: show a progress bar (inputs done, rate, ETA).
         class_names: the classes' names, in class order (``("no lesion", "lesion")``) or by index
             (a bundle's ``channel_def``): shown in the PNG panels and the SEG's descriptions.
+        orientation: axis codes (``"RAS"``) volumes are reoriented to for the classifier, as in its
+            training (MONAI's ``Orientationd``); the evidence is reoriented back, so the outputs keep
+            the source's geometry. ``None`` gives the classifier volumes as read. 2D images are as read.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
+    orientation = check_orientation(orientation)
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     explainer = MedCAM(classifier, target_layers, **settings)
@@ -277,9 +354,9 @@ def explain_inputs(
         # Grad-CAM only when every piece has it (it may have failed on one of the batches)
         heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
         labels = sorted({int(r["label"]) for r in pending.rows.values()})
-        rows = [pending.rows[k] for k in range(pending.pieces)]
+        rows = sorted(pending.rows.values(), key=lambda r: r["slice"] or 0)  # in the source's slice order
         # pictures show the slices whose decision needed evidence (not vacuous) where there are any
-        needed = [k for k in range(pending.pieces) if not pending.rows[k]["vacuous"]]
+        needed = [k for k, r in enumerate(rows) if not r["vacuous"]]
         bar.update(1)
         try:
             label = labels[0] if len(labels) == 1 else None
@@ -323,12 +400,14 @@ def explain_inputs(
             if pending.item.label in report.failures:
                 continue
             try:  # one input's problem here must not stop the others
-                shape = pending.image.shape[1:-1] if pending.sliced else pending.image.shape[1:]
+                shape = oriented_shape(pending.image.shape[1:], pending.ornt)
+                shape = shape[:-1] if pending.sliced else shape
                 pending.masks[k] = back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
                 pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
                 if heat is not None:
                     pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
-                row = {"input": pending.item.label, "slice": k if pending.sliced else "", "evidence": pending.name}
+                number = source_slice(k, pending.pieces, pending.ornt) if pending.sliced else ""
+                row = {"input": pending.item.label, "slice": number, "evidence": pending.name}
                 row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
                 pending.rows[k] = row
                 if len(pending.masks) == pending.pieces:
@@ -348,12 +427,13 @@ def explain_inputs(
             no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
             if no_seg:  # a cine: no SEG, so no work for it
                 raise InputError(item.path, no_seg)
-            pieces = to_classifier_space(image, spatial_dims, channels, size, item.path)
+            pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
         except Exception as err:
             fail(item, err)
             bar.update(1)
             continue
-        pending = _Pending(item, name, image, len(pieces), sliced=spatial_dims == 2 and image.ndim == 4)
+        pending = _Pending(item, name, image, len(pieces), sliced=spatial_dims == 2 and image.ndim == 4,
+                           ornt=reorientation(image, orientation))
         for k, piece in enumerate(pieces):
             if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
                 run_batch()

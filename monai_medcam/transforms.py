@@ -21,11 +21,14 @@ import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+from nibabel.orientations import inv_ornt_aff
 
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
-from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.pipeline import (
+    ROW_FIELDS, back_to_source, check_orientation, oriented_shape, reorient, reorientation, source_slice, to_classifier_space, write_rows_csv,
+)
 from monai_medcam.visualize import class_names_map
 from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 
@@ -38,6 +41,7 @@ __all__ = [
     "MedCAMExplaind",
     "SaveEvidenced",
     "DIAGNOSTICS_KEY",
+    "ORIENTATION_KEY",
     "evidence_from_result",
     "evidence_in_source",
 ]
@@ -45,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DIAGNOSTICS_KEY = "medcam"
+ORIENTATION_KEY = "medcam_orientation"  # meta of a volume ToClassifierSpace reoriented: the axis codes
 OUTPUTS = ("mask", "soft_mask")
 
 
@@ -59,12 +64,21 @@ def evidence_from_result(result: MedCAMResult, index: int, like: torch.Tensor, o
 
 def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, dict[str, list]]:
     """Evidence ``(1, *s)`` in classifier space (as an inferer gives it) -> ``(1, *S)`` float on the
-    source's voxels (:func:`~monai_medcam.pipeline.back_to_source`, on CPU), and its diagnostics as one list per name (one value per
-    image, or per slice for a 2D classifier over a volume)."""
+    source's voxels (:func:`~monai_medcam.pipeline.back_to_source`, on CPU; reoriented back where
+    :class:`ToClassifierSpace` reoriented the volume), and its diagnostics as one list per name (one
+    value per image, or per slice of the source for a 2D classifier over a volume)."""
     values = evidence.as_tensor() if isinstance(evidence, MetaTensor) else torch.as_tensor(evidence)
-    mask = back_to_source(values.detach().float().cpu()[None], source.shape[1:], soft=False)[0]
-    diagnostics = evidence.meta.get(DIAGNOSTICS_KEY, {}) if isinstance(evidence, MetaTensor) else {}
-    return mask, {name: torch.as_tensor(column).flatten().tolist() for name, column in diagnostics.items()}
+    meta = evidence.meta if isinstance(evidence, MetaTensor) else {}
+    axcodes = meta.get(ORIENTATION_KEY)
+    axcodes = axcodes[0] if isinstance(axcodes, (list, tuple)) and len(axcodes) == 1 else axcodes  # still collated
+    ornt = reorientation(source, check_orientation(axcodes, f"meta[{ORIENTATION_KEY!r}]"))
+    mask = back_to_source(values.detach().float().cpu()[None], oriented_shape(source.shape[1:], ornt), soft=False)[0]
+    columns = {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
+    count = len(next(iter(columns.values()), []))
+    if count > 1:  # one value per classifier slice: in the source's slice order
+        order = sorted(range(count), key=lambda k: source_slice(k, count, ornt))
+        columns = {name: [column[k] for k in order] for name, column in columns.items()}
+    return reorient(mask, ornt, inverse=True).contiguous(), columns
 
 
 def _check_output(output: str) -> str:
@@ -230,9 +244,15 @@ class ToClassifierSpace(Transform):
         spatial_dims: the classifier's, 2 or 3.
         channels: the classifier's input channels; ``None`` keeps the image's.
         size: the classifier's input size (an int for all sides); ``None`` keeps the image's.
+        orientation: axis codes (``"RAS"``) a volume is reoriented to first, as the classifier saw
+            volumes in training (MONAI's ``Orientationd``); recorded in ``meta["medcam_orientation"]``
+            for :class:`SaveEvidenced` to reorient the evidence back. ``None``: as read.
     """
 
-    def __init__(self, spatial_dims: int, channels: int | None = None, size: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int | None = None, size: int | Sequence[int] | None = None, orientation: str | None = None
+    ) -> None:
+        self.orientation = check_orientation(orientation)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
         self.spatial_dims = spatial_dims
@@ -248,12 +268,17 @@ class ToClassifierSpace(Transform):
         a volume's slices stacked on the last axis for a 2D classifier."""
         img = _image(img, "ToClassifierSpace")
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
-        pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path)
+        pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path, self.orientation)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
         if not isinstance(img, MetaTensor):
             return MetaTensor(out)
         meta = dict(img.meta)
-        meta["affine"] = _resized_affine(img.affine, img.shape[1:], out.shape[1:])
+        ornt = reorientation(img, self.orientation)
+        affine = img.affine
+        if ornt is not None:
+            affine = affine @ torch.as_tensor(inv_ornt_aff(ornt, tuple(img.shape[1:])), dtype=affine.dtype)
+            meta[ORIENTATION_KEY] = self.orientation
+        meta["affine"] = _resized_affine(affine, oriented_shape(img.shape[1:], ornt), out.shape[1:])
         meta["spatial_shape"] = list(out.shape[1:])
         return MetaTensor(out, meta=meta)
 
@@ -270,9 +295,10 @@ class ToClassifierSpaced(MapTransform):
         size: int | Sequence[int] | None = None,
         source_postfix: str = "source",
         allow_missing_keys: bool = False,
+        orientation: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = ToClassifierSpace(spatial_dims, channels, size)
+        self.converter = ToClassifierSpace(spatial_dims, channels, size, orientation)
         self.source_postfix = source_postfix
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:

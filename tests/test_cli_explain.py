@@ -192,6 +192,39 @@ def test_bad_gradcam_layer_stops_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp_path, capsys, monkeypatch):
+    """A bundle whose preprocessing reorients volumes (``Orientationd``, here through a reference) gives
+    its axis codes to ``medcam explain``; ``--orientation`` overrides them (``none``: as read), and
+    bad codes in either stop before any work, naming where they came from."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    config = {"axcodes": "ras", "network_def": {"_target_": "monai_medcam.demo.classifier.build_radiology_network"},
+              "preprocessing": {"_target_": "Compose", "transforms": [{"_target_": "LoadImaged", "keys": "image"},
+                                                                      {"_target_": "Orientationd", "keys": "image", "axcodes": "@axcodes"}]}}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    shutil.copy(RADIOLOGY_CHECKPOINT, bundle / "models" / "model.pt")
+    assert load_classifier(bundle).orientation == "RAS"
+    assert load_classifier(Path(__file__).parents[1] / "bundles" / "medcam_explain").orientation is None  # its "orientation": null
+
+    import monai_medcam.pipeline
+
+    given = {}
+    monkeypatch.setattr(monai_medcam.pipeline, "explain_inputs", lambda *a, **k: given.update(k) or monai_medcam.pipeline.ExplainReport())
+    args = ["explain", "--classifier", str(bundle), "--input", str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), *FAST]
+    main(args)
+    assert given["orientation"] == "RAS"
+    main([*args, "--orientation", "none"])
+    assert given["orientation"] == "none"  # explain_inputs reads it as "as read"
+    monkeypatch.undo()
+    assert main([*args, "--orientation", "RAX"]) == 2
+    assert "orientation 'RAX': give three axis codes" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    config["axcodes"] = "up"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert main(args) == 2
+    assert "inference.json: preprocessing#transforms#1#axcodes 'up': give three axis codes" in capsys.readouterr().err
+
+
 def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):
     """A class index beyond the classifier's classes, or a 2D classifier run as 3D, is found by one
     forward pass before any input is read (exit status 2, no output folder), not by every batch."""

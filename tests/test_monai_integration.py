@@ -344,3 +344,61 @@ def test_save_evidenced_panels_say_each_slices_decision_and_verdict(tmp_path, dr
     (drawn,) = drawn_panels
     assert drawn["titles"] == ["series slice 1/3\nlesion (prob 0.97)", "series slice 3/3\nlesion (prob 0.61)"]
     assert drawn["notes"] == {"Med-CAM evidence": [("verified (alone: prob 0.99)", "black"), ("NOT verified (alone: prob 0.40)", "red")]}
+
+
+def test_volumes_are_reoriented_as_monais_orientation_does_and_their_evidence_comes_back(tmp_path):
+    """Reorienting for the classifier is MONAI's ``Orientation`` (array and affine), exactly undone for
+    the evidence: a voxel marked in classifier space lands on the source voxel at the same place in
+    the world, and per-slice diagnostics follow the source's slice order where the slice axis flips."""
+    from monai.transforms import Orientation
+
+    from monai_medcam.io import InputError
+    from monai_medcam.pipeline import check_orientation, oriented_shape, reorient, reorientation
+    from monai_medcam.transforms import SaveEvidenced, ToClassifierSpace, evidence_in_source
+
+    affine = np.array([[0, 0, -2.0, 10], [0.1, -0.8, 0, 5], [1.2, 0, 0.05, -3], [0, 0, 0, 1]])  # axes permuted, flipped, oblique
+    image = MetaTensor(torch.rand(1, 5, 6, 7), affine=torch.as_tensor(affine), meta={"filename_or_obj": "vol.nii.gz"})
+    for codes in ("RAS", "LPS", "PIL", "SAR"):
+        ornt = reorientation(image, codes)
+        theirs = Orientation(axcodes=codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image.clone())
+        assert torch.equal(reorient(image.as_tensor(), ornt), theirs.as_tensor()), codes
+        assert oriented_shape(image.shape[1:], ornt) == tuple(theirs.shape[1:])
+        assert torch.equal(reorient(reorient(image.as_tensor(), ornt), ornt, inverse=True), image.as_tensor())
+        converted = ToClassifierSpace(3, orientation=codes)(image)
+        np.testing.assert_allclose(converted.affine.numpy(), theirs.affine.numpy(), atol=1e-9)
+        evidence = MetaTensor(torch.zeros(1, *converted.shape[1:]), meta=dict(converted.meta))
+        evidence[0, 1, 2, 3] = 1
+        mask, _ = evidence_in_source(evidence, image)
+        assert int(mask.sum()) == 1 and mask.shape == image.shape
+        voxel = np.argwhere(mask[0].numpy())[0]
+        np.testing.assert_allclose(affine @ np.r_[voxel, 1], converted.affine.numpy() @ np.array([1, 2, 3, 1.0]), atol=1e-9)
+    assert reorientation(MetaTensor(torch.rand(1, 8, 8), affine=torch.eye(3)), "RAS") is None  # 2D images as read
+    assert check_orientation(" las ") == "LAS" and check_orientation("none") is None
+    for bad in ("RAX", "RRS", "RA", 3):
+        with pytest.raises(ValueError, match="three axis codes"):
+            ToClassifierSpace(3, orientation=bad)
+
+    # a 2D classifier over an axial volume reoriented to R-A-I: its slices run the other way
+    volume = MetaTensor(torch.rand(1, 16, 12, 4), affine=torch.diag(torch.tensor([-1.0, -1.0, 2.0, 1.0], dtype=torch.float64)),
+                        meta={"filename_or_obj": str(tmp_path / "axial")})
+    converted = ToClassifierSpace(2, 1, size=8, orientation="RAI")(volume)
+    assert converted.shape == (1, 8, 8, 4)
+    first = torch.nn.functional.interpolate(volume[None, :, :, :, 0].as_tensor().flip(2, 3), size=(8, 8), mode="bilinear",
+                                            align_corners=False, antialias=True)[0]
+    low, high = volume.min(), volume.max()
+    torch.testing.assert_close(converted[..., 3].as_tensor(), (first - low) / (high - low))  # source slice 0 is the last
+    evidence = torch.zeros(1, 8, 8, 4)
+    evidence[0, :2, :2, 0] = 1  # the classifier's slice 0: the source's slice 3, its far corner
+    diagnostics = {"label": torch.tensor([1, 0, 0, 0]), "area": torch.tensor([1 / 16, 0, 0, 0]), "vacuous": torch.tensor([False, True, True, True])}
+    data = {"pred": MetaTensor(evidence, meta={**converted.meta, "medcam": diagnostics}), "image_source": volume}
+    SaveEvidenced(output_dir=tmp_path / "out", formats=["nifti"])(data)
+    import nibabel as nib
+
+    mask = np.asarray(nib.load(tmp_path / "out" / "axial_evidence.nii.gz").dataobj)
+    expected = np.zeros((16, 12, 4), np.uint8)
+    expected[-4:, -3:, 3] = 1
+    np.testing.assert_array_equal(mask, expected)
+    rows = [line.split(",") for line in (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]]
+    assert [(r[1], r[3]) for r in rows] == [("0", "0"), ("1", "0"), ("2", "0"), ("3", "1")]  # slice, label
+    with pytest.raises(InputError, match="sliced along its axis 1"):  # slices across the source's own: refused
+        ToClassifierSpace(2, 1, size=8, orientation="RSA")(volume)

@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file  # noqa: E402
 
 from monai_medcam.demo.studies import write_dicom_series  # noqa: E402
 from monai_medcam.io import SOURCE_FILES, InputError, find_inputs, load_image  # noqa: E402
-from monai_medcam.pipeline import explain_inputs  # noqa: E402
+from monai_medcam.pipeline import explain_inputs, to_classifier_space  # noqa: E402
 from monai_medcam.writers import SEGMENT_LABEL, _display_slices, write_dicom_seg, write_nifti, write_outputs  # noqa: E402
 from tests.toys import RegionClassifier  # noqa: E402
 
@@ -269,6 +269,41 @@ def test_explain_job_puts_evidence_on_the_right_instances(dims, tmp_path):
         box_share = (mask[..., 3:6].astype(bool) & box[..., 3:6]).sum() / max(mask[..., 3:6].sum(), 1)
         assert box_share > 0.6
     assert (tmp_path / "out" / "summary.csv").is_file()
+
+
+def test_a_series_is_reoriented_for_the_classifier_and_its_evidence_written_back(tmp_path):
+    """A 2D classifier that looks where RAS slices put the box, not where the series stores it (LPS):
+    given ``orientation``, the box's slices are called class 1 and the evidence is on the box in the
+    series' own geometry (NIfTI and SEG); R-A-I also reverses the slices, and the rows follow the
+    series' slice numbers."""
+    rng = np.random.default_rng(1)
+    volume = rng.uniform(0, 900, (12, 48, 64))
+    volume[6:9, 24:36, 32:48] += 2600  # slices 6-8; flipped in-plane (LPS -> RAS): rows 12-23, columns 16-31
+    write_dicom_series(tmp_path / "box", volume.astype(np.uint16), "box")
+    items, _ = find_inputs(tmp_path / "box")
+    net = RegionClassifier(size=32, spatial_dims=2, threshold=0.6)
+    as_read = torch.stack(to_classifier_space(load_image(items[0]), 2, 1, (32, 32), items[0].path))
+    assert not net(as_read).argmax(1).any()  # as read, the classifier does not see the box
+    options = dict(spatial_dims=2, channels=1, size=(32, 32), target_layers=[], progress=False, max_retries=0, seed=0)
+    report = explain_inputs(net, items, tmp_path / "out", ("seg", "nifti"), orientation="rai", **options)
+    assert report.failures == {}
+    assert [int(r["slice"]) for r in report.rows] == list(range(12))
+    assert [int(r["slice"]) for r in report.rows if r["label"] == 1] == [6, 7, 8]
+    mask = np.asarray(nibabel.load(tmp_path / "out" / "box_evidence.nii.gz").dataobj)  # (columns, rows, slices)
+    box = np.zeros_like(mask, dtype=bool)
+    box[32:48, 24:36, 6:9] = True
+    share = (mask[..., 6:9].astype(bool) & box[..., 6:9]).sum() / max(mask[..., 6:9].sum(), 1)
+    assert share > 0.6, f"{share:.2f} of the box slices' evidence on the box"
+    sources = [pydicom.dcmread(f) for f in load_image(items[0]).meta[SOURCE_FILES]]
+    frames = _seg_by_instance(tmp_path / "out" / "box_evidence_seg.dcm", sources)
+    for k, ds in enumerate(sources):
+        assert np.array_equal(frames[ds.SOPInstanceUID], mask[..., k].T), f"instance {ds.InstanceNumber}"
+
+    report = explain_inputs(net, items, tmp_path / "across", ("nifti",), orientation="RSA", **options)
+    assert "sliced along its axis 1" in report.failures[items[0].label] and not report.rows
+    with pytest.raises(ValueError, match="orientation 'RAX': give three axis codes"):
+        explain_inputs(net, items, tmp_path / "bad", ("nifti",), orientation="RAX", **options)
+    assert not (tmp_path / "bad").exists()  # refused before any work
 
 
 def test_find_inputs_reports_bad_files(tmp_path):

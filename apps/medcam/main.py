@@ -6,7 +6,9 @@
 ``classifier`` is what ``medcam explain --classifier`` takes (TorchScript file, MONAI bundle folder,
 ``python:module:factory`` with ``weights``); by default the repository's bundle
 ``bundles/medcam_explain`` (the grayscale demo classifier, 64 px, slice by slice). ``size``,
-``spatial_dims`` and ``channels`` override what the classifier says about its input.
+``spatial_dims`` and ``channels`` override what the classifier says about its input, and
+``orientation`` (axis codes such as ``RAS``, or ``none``) how volumes are reoriented for it (by
+default a bundle's ``Orientationd``, else as read).
 
 The studies folder may hold NIfTI files and DICOM series, one series per sub-folder (its name is
 the image id). See README.md in this folder.
@@ -58,6 +60,7 @@ class MedCAMApp(MONAILabelApp):
         self.spatial_dims = int(conf.get("spatial_dims") or self.loaded.spatial_dims or 2)
         self.channels = int(conf["channels"]) if conf.get("channels") else self.loaded.channels
         self.steps = int(conf.get("steps") or 300)  # a request's "steps" overrides it
+        self.orientation = conf["orientation"] if "orientation" in conf else self.loaded.orientation  # "none": as read
         # the task's own default (true) unless given; "false" (a --conf word) is read as false
         self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
@@ -86,6 +89,7 @@ class MedCAMApp(MONAILabelApp):
                 spatial_dims=self.spatial_dims,
                 channels=self.channels,
                 size=self.size,
+                orientation=self.orientation,
                 target_layers=self.loaded.target_layers,
                 steps=self.steps,
                 **self.task_settings,
