@@ -30,8 +30,9 @@ class LoadedClassifier:
         source: where it came from, for messages.
         class_names: the classes' names by index, where known (a bundle's
             ``network_data_format.outputs.pred.channel_def``).
-        orientation: the axis codes volumes are reoriented to for it, where known (a bundle's
+        orientation_codes: the axis codes volumes were reoriented to for it, as found (a bundle's
             ``Orientationd`` in its preprocessing), else ``None`` (volumes as read).
+        orientation_source: where they were found, for messages.
     """
 
     network: torch.nn.Module
@@ -40,7 +41,21 @@ class LoadedClassifier:
     size: tuple[int, ...] | None
     source: str
     class_names: dict | None = None
-    orientation: str | None = None
+    orientation_codes: object = None
+    orientation_source: str = "orientation"
+
+    @property
+    def orientation(self) -> str | None:
+        """``orientation_codes`` checked: three axis codes, or ``None``. Checked here, when used, so
+        that codes a bundle's own transforms take but Med-CAM does not (``"RA"`` of a 2D bundle) can
+        be overridden (``--orientation none``) rather than stop the loading.
+
+        Raises:
+            ValueError: the codes are not three axis codes; the message says where they came from.
+        """
+        from monai_medcam.pipeline import check_orientation
+
+        return check_orientation(self.orientation_codes, self.orientation_source)
 
     @property
     def target_layers(self) -> str | list:
@@ -113,14 +128,16 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
 _ORIENTING = {"Orientation": "axcodes", "Orientationd": "axcodes", "ToClassifierSpace": "orientation", "ToClassifierSpaced": "orientation"}
 
 
-def _bundle_orientation(parser, config: Path) -> str | None:
+def _bundle_orientation(parser, config: Path) -> tuple[object, str]:
     """The axis codes of the first ``Orientation(d)`` (or Med-CAM's ``ToClassifierSpace(d)``) in the
-    bundle's ``preprocessing``: how its classifier saw volumes. ``None`` where there is none."""
-    from monai_medcam.pipeline import check_orientation
+    bundle's ``preprocessing`` (how its classifier saw volumes; ``"RAS"`` for ``as_closest_canonical``),
+    references resolved, unchecked, and where they are; ``None`` where there is none."""
 
     def find(node, where: str):
         if isinstance(node, dict):
             name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+            if name in ("Orientation", "Orientationd") and node.get("as_closest_canonical") is True:
+                return f"{where}#as_closest_canonical"
             if name in _ORIENTING and _ORIENTING[name] in node:
                 return f"{where}#{_ORIENTING[name]}"
             children = node.items()
@@ -128,16 +145,16 @@ def _bundle_orientation(parser, config: Path) -> str | None:
             children = enumerate(node) if isinstance(node, list) else ()
         return next((found for key, child in children if (found := find(child, f"{where}#{key}"))), None)
 
-    if "preprocessing" not in parser:
-        return None
-    where = find(parser.get("preprocessing"), "preprocessing")
+    where = find(parser.get("preprocessing"), "preprocessing") if "preprocessing" in parser else None
     if where is None:
-        return None
+        return None, "orientation"
+    if where.endswith("#as_closest_canonical"):
+        return "RAS", f"{config}: {where}"
     try:
         axcodes = parser.get_parsed_content(where)
-    except Exception as err:
-        raise ValueError(f"{config}: cannot read the orientation {where} ({type(err).__name__}: {err}).") from err
-    return check_orientation(axcodes, f"{config}: {where}")
+    except Exception:  # a reference that does not resolve: its text, refused when used
+        axcodes = parser.get(where)
+    return axcodes, f"{config}: {where}"
 
 
 def _bundle(folder: Path) -> LoadedClassifier:
@@ -164,7 +181,7 @@ def _bundle(folder: Path) -> LoadedClassifier:
         network.load_state_dict(load_state_dict(weights))
         dims, channels = input_format(network)
         loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
-    loaded.orientation = _bundle_orientation(parser, config)
+    loaded.orientation_codes, loaded.orientation_source = _bundle_orientation(parser, config)
     meta_file = folder / "configs" / "metadata.json"
     if meta_file.is_file():
         data_format = json.loads(meta_file.read_text()).get("network_data_format", {})

@@ -380,7 +380,8 @@ def explain_inputs(
         batch = torch.stack([piece for _, _, piece in queue]).to(device)
         owners = {id(p): p for p, _, _ in queue}
         try:
-            names = [f"{p.name} slice {k}" if p.sliced else p.name for p, k, _ in queue]  # the log names inputs
+            # the log names inputs, and a volume's slices by the source's numbers
+            names = [f"{p.name} slice {source_slice(k, p.pieces, p.ornt)}" if p.sliced else p.name for p, k, _ in queue]
             result = explainer.explain(batch, class_idx, names=names)
         except Exception as err:
             for pending in owners.values():

@@ -2,12 +2,13 @@
 
 - ``LoadInput`` / ``LoadInputd``: a path (image file, or folder of one DICOM series) -> ``(C, *S)``.
 - ``ToClassifierSpace`` / ``ToClassifierSpaced``: ``(C, *S)`` -> what the classifier takes
-  (intensities in [0, 1], channels, size; a volume's slices on the last axis for a 2D classifier).
+  (intensities in [0, 1], a volume reoriented to its axis codes if given, channels, size; a
+  volume's slices on the last axis for a 2D classifier).
 - ``MedCAMExplain`` / ``MedCAMExplaind``: ``(C, *spatial)`` -> binary evidence ``(1, *spatial)``,
   a MetaTensor with the image's metadata and Med-CAM's diagnostics under ``meta["medcam"]``
   (label, probabilities, area, verified, steps). In an evaluator, ``MedCAMInferer`` does this step.
-- ``SaveEvidenced``: evidence back in the source geometry, written as DICOM SEG / NIfTI / PNG
-  with a summary CSV.
+- ``SaveEvidenced``: evidence back in the source geometry (resized and reoriented back), written
+  as DICOM SEG / NIfTI / PNG with a summary CSV.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[to
     values = evidence.as_tensor() if isinstance(evidence, MetaTensor) else torch.as_tensor(evidence)
     meta = evidence.meta if isinstance(evidence, MetaTensor) else {}
     axcodes = meta.get(ORIENTATION_KEY)
-    axcodes = axcodes[0] if isinstance(axcodes, (list, tuple)) and len(axcodes) == 1 else axcodes  # still collated
+    if isinstance(axcodes, (list, tuple)) and len(set(axcodes)) == 1:  # still collated: one per image of the batch
+        axcodes = axcodes[0]
     ornt = reorientation(source, check_orientation(axcodes, f"meta[{ORIENTATION_KEY!r}]"))
     mask = back_to_source(values.detach().float().cpu()[None], oriented_shape(source.shape[1:], ornt), soft=False)[0]
     columns = {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
@@ -268,6 +270,9 @@ class ToClassifierSpace(Transform):
         a volume's slices stacked on the last axis for a 2D classifier."""
         img = _image(img, "ToClassifierSpace")
         path = Path(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else Path("image")
+        if self.orientation is not None and img.ndim == 4 and not isinstance(img, MetaTensor):
+            raise ValueError(f"ToClassifierSpace(orientation={self.orientation!r}) needs the volume's affine: give a MetaTensor "
+                             "(as LoadInputd or MONAI's LoadImaged give), not a plain tensor or array.")
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path, self.orientation)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
         if not isinstance(img, MetaTensor):
@@ -277,6 +282,7 @@ class ToClassifierSpace(Transform):
         affine = img.affine
         if ornt is not None:
             affine = affine @ torch.as_tensor(inv_ornt_aff(ornt, tuple(img.shape[1:])), dtype=affine.dtype)
+        if self.orientation is not None:  # on every image, so a batch that collates several keeps it
             meta[ORIENTATION_KEY] = self.orientation
         meta["affine"] = _resized_affine(affine, oriented_shape(img.shape[1:], ornt), out.shape[1:])
         meta["spatial_shape"] = list(out.shape[1:])
@@ -312,7 +318,8 @@ class ToClassifierSpaced(MapTransform):
 class SaveEvidenced(MapTransform):
     """Write each evidence mask under ``keys`` for its source image and add a row to a summary CSV.
 
-    The mask ``(1, *s)`` (classifier space, as the inferer gives it) is resized back (nearest) to
+    The mask ``(1, *s)`` (classifier space, as the inferer gives it) is resized (nearest) and
+    reoriented (where :class:`ToClassifierSpaced` reoriented the volume) back to
     the source image ``(C, *S)`` kept by :class:`ToClassifierSpaced`, then written with
     :func:`monai_medcam.writers.write_outputs` as ``<name>_evidence_seg.dcm`` (DICOM sources),
     ``<name>_evidence.nii.gz`` and ``<name>_evidence.png``. The summary (one row per image, or per

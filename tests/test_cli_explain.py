@@ -195,7 +195,8 @@ def test_bad_gradcam_layer_stops_before_any_work(tmp_path, capsys):
 def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp_path, capsys, monkeypatch):
     """A bundle whose preprocessing reorients volumes (``Orientationd``, here through a reference) gives
     its axis codes to ``medcam explain``; ``--orientation`` overrides them (``none``: as read), and
-    bad codes in either stop before any work, naming where they came from."""
+    bad codes in either stop before any work, naming where they came from; a bundle's codes that
+    Med-CAM does not take (a 2D bundle's ``RA``) load, and ``--orientation none`` overrides them."""
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
@@ -219,10 +220,17 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     monkeypatch.undo()
     assert main([*args, "--orientation", "RAX"]) == 2
     assert "orientation 'RAX': give three axis codes" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    config["axcodes"] = "up"
+    config["axcodes"] = "RA"
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert main(args) == 2
-    assert "inference.json: preprocessing#transforms#1#axcodes 'up': give three axis codes" in capsys.readouterr().err
+    assert "inference.json: preprocessing#transforms#1#axcodes 'RA': give three axis codes" in capsys.readouterr().err
+    monkeypatch.setattr(monai_medcam.pipeline, "explain_inputs", lambda *a, **k: given.update(k) or monai_medcam.pipeline.ExplainReport())
+    given.clear()
+    main([*args, "--orientation", "none"])
+    assert given["orientation"] == "none"
+    config["preprocessing"]["transforms"][1] = {"_target_": "Orientationd", "keys": "image", "as_closest_canonical": True}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert load_classifier(bundle).orientation == "RAS"
 
 
 def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):

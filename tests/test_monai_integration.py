@@ -402,3 +402,23 @@ def test_volumes_are_reoriented_as_monais_orientation_does_and_their_evidence_co
     assert [(r[1], r[3]) for r in rows] == [("0", "0"), ("1", "0"), ("2", "0"), ("3", "1")]  # slice, label
     with pytest.raises(InputError, match="sliced along its axis 1"):  # slices across the source's own: refused
         ToClassifierSpace(2, 1, size=8, orientation="RSA")(volume)
+    with pytest.raises(ValueError, match="needs the volume's affine"):
+        ToClassifierSpace(2, 1, size=8, orientation="RAS")(volume.as_tensor())
+
+    # a DataLoader batch of a volume already R-A-S and one that is not: each one's evidence comes back to it
+    from monai.data import decollate_batch, list_data_collate
+
+    from monai_medcam.transforms import ToClassifierSpaced
+
+    ras = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.eye(4, dtype=torch.float64))
+    lps = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)))
+    convert = ToClassifierSpaced("image", spatial_dims=3, size=8, orientation="RAS")
+    for order in ((ras, lps), (lps, ras)):
+        batch = list_data_collate([convert({"image": v}) for v in order])
+        evidence = torch.zeros(2, 1, 8, 8, 8)
+        evidence[:, 0, 0, 0, 0] = 1
+        pred = MetaTensor(evidence, meta=batch["image"].meta)
+        pred.is_batch = True
+        for item, source in zip(decollate_batch({"pred": pred, "image_source": batch["image_source"]}), order):
+            mask, _ = evidence_in_source(item["pred"], source)
+            assert mask[0, 7, 7, 0] == 1 if source is lps else mask[0, 0, 0, 0] == 1
