@@ -236,6 +236,35 @@ def test_evidence_that_was_not_verified_is_label_2():
     assert printed.splitlines() == ["torch.uint8 [1, 2, 1] 192", "torch.uint8 [2] 64"]
 
 
+def test_a_reoriented_volumes_label_comes_back_to_its_voxels():
+    """With ``orientation``, the task gives the classifier the volume reoriented (here R-A-I: in-plane
+    flips and the slices reversed) and the label comes back to the source's voxels: the classifier's
+    slice 0, not verified, is the source's slice 3, its far corner, label 2 (in the MONAI Label
+    environment, without a server); codes that are not axis codes are refused when the task is made."""
+    printed = _in_monailabel_environment(
+        "import torch\n"
+        "from monai.data import MetaTensor\n"
+        "from monai_medcam.monailabel import MedCAMInferTask, ToSourceGeometryd\n"
+        "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))\n"
+        "task = MedCAMInferTask(net, spatial_dims=2, channels=1, size=8, orientation='rai')\n"
+        "affine = torch.diag(torch.tensor([-1.0, -1.0, 2.0, 1.0], dtype=torch.float64))\n"
+        "volume = MetaTensor(torch.rand(1, 16, 12, 4), affine=affine, meta={'filename_or_obj': 'v'})\n"
+        "data = task.pre_transforms({})[1]({'image': volume})\n"
+        "pred = torch.zeros(1, 8, 8, 4)\n"
+        "pred[0, :2, :2, 0] = 1\n"
+        "flags = {'verified': torch.tensor([[False, True, True, True]])}\n"
+        "out = ToSourceGeometryd()({'pred': MetaTensor(pred, meta={**data['image'].meta, 'medcam': flags}), 'image_source': volume})\n"
+        "label = out['pred']\n"
+        "print(tuple(label.shape), sorted({tuple(int(i) for i in ix[:2]) for ix in label.nonzero()})[::11], label.nonzero()[:, 2].unique().tolist(), int(label.max()))\n"
+        "try:\n"
+        "    MedCAMInferTask(net, orientation='up')\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+    )
+    assert printed.splitlines() == ["(16, 12, 4) [(12, 9), (15, 11)] [3] 2",
+                                    "orientation 'up': give three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LPS), or none."]
+
+
 def _in_monailabel_environment(script: str) -> str:
     """What ``script`` prints when run by the MONAI Label environment's Python."""
     if not MONAILABEL.exists():
