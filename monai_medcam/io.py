@@ -437,9 +437,12 @@ def _split_series(inputs: list[ImageInput], errors: list[InputError]) -> tuple[l
 
 
 def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> list[dict[str, str]]:
-    """``[{key: input path}, ...]`` for a MONAI ``Dataset``: each input under ``path`` (a DICOM
-    series as its folder, or as the list of its files where it shares the folder with other
-    series; :class:`~monai_medcam.transforms.LoadInput` reads either). Files that are not images are logged and left out; with ``check``, so
+    """``[{key: input path, f"{key}_name": output name}, ...]`` for a MONAI ``Dataset``: each input
+    under ``path`` (a DICOM series as its folder, or as the list of its files where it shares the
+    folder with other series; :class:`~monai_medcam.transforms.LoadInput` reads either), and its
+    output name (:func:`output_names`: distinct over all the inputs, so processes that share them out
+    under ``torch.distributed`` never write one name; :class:`~monai_medcam.transforms.LoadInputd`
+    puts it in the image's metadata). Files that are not images are logged and left out; with ``check``, so
     is every input that cannot be loaded (a truncated DICOM, undecodable pixel data, ...), each
     logged with its path and the problem: one bad file would otherwise stop a whole evaluator run
     when the ``Dataset`` reaches it. Checking loads every input once more (milliseconds to
@@ -455,7 +458,8 @@ def input_datalist(path: str | Path, key: str = "image", check: bool = True) -> 
         logger.error("%s", err)
         raise
     # a series beside others in its folder: its files (MONAI's loaders also take a series as a file list)
-    return [{key: [str(f) for f in item.files] if item.series else str(item.path)} for item in inputs]
+    return [{key: [str(f) for f in item.files] if item.series else str(item.path), f"{key}_name": name}
+            for item, name in zip(inputs, output_names(inputs))]
 
 
 def _explainable_inputs(path: str | Path, check: bool) -> list[ImageInput]:

@@ -209,16 +209,22 @@ class LoadInput(Transform):
 
 
 class LoadInputd(MapTransform):
-    """Dictionary twin of :class:`LoadInput`: replaces each path under ``keys`` by its image."""
+    """Dictionary twin of :class:`LoadInput`: replaces each path under ``keys`` by its image. An
+    output name beside it (``data[f"{key}_{name_postfix}"]``, as :func:`~monai_medcam.io.input_datalist`
+    gives) goes to the image's metadata, for :class:`SaveEvidenced` to name its files."""
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, name_postfix: str = "name") -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadInput()
+        self.name_postfix = name_postfix
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.loader(d[key])
+            name = d.get(f"{key}_{self.name_postfix}")
+            if isinstance(name, str) and name:
+                d[key].meta[INPUT_NAME] = name
         return d
 
 

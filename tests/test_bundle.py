@@ -138,7 +138,12 @@ def _small_inputs(folder: Path, count: int) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_torchrun_two_processes_split_inputs_exactly_once(tmp_path):
+    """Each input explained once by one of two processes; two inputs named alike (``case0.png`` and
+    ``other/case0.png``) keep an output each, named by their paths whichever ranks they fall on."""
     names = _small_inputs(tmp_path / "data", 5)  # 5 over 2 ranks: not evenly divisible
+    (tmp_path / "data" / "other").mkdir()
+    (tmp_path / "data" / names[4]).rename(tmp_path / "data" / "other" / names[0])
+    names[4] = names[0]
     output = tmp_path / "eval"
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [
@@ -156,8 +161,10 @@ def test_torchrun_two_processes_split_inputs_exactly_once(tmp_path):
     assert explained == sorted(names)  # each input exactly once: none lost, none duplicated
     per_rank = sorted(sum(r["file"] == f"summary_rank{k}.csv" for r in rows) for k in (0, 1))
     assert per_rank == [2, 3]
-    for name in names:
-        assert (output / name.replace(".png", "_evidence.png")).is_file()
+    outputs = sorted(p.name for p in output.glob("*_evidence.png"))
+    assert outputs == sorted(["data_case0_evidence.png", "other_case0_evidence.png", "case1_evidence.png", "case2_evidence.png",
+                              "case3_evidence.png"])
+    assert sorted(r["evidence"] for r in rows) == sorted(name[: -len("_evidence.png")] for name in outputs)
     assert not list(output.glob("*.nii.gz"))  # png only
 
 

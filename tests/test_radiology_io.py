@@ -352,7 +352,7 @@ def test_input_datalist_leaves_out_inputs_that_cannot_be_loaded(tmp_path, caplog
     (tmp_path / "notes.txt").write_text("not an image")
     with caplog.at_level("WARNING", logger="monai_medcam.io"):
         datalist = input_datalist(tmp_path)
-    assert datalist == [{"image": str(tmp_path / "good.dcm")}]
+    assert datalist == [{"image": str(tmp_path / "good.dcm"), "image_name": "good"}]  # the name its outputs take
     assert "truncated.dcm: cannot read the image" in caplog.text and "notes.txt: not an image file" in caplog.text
     unchecked = input_datalist(tmp_path, key="img", check=False)  # listing only: the truncated file passes
     assert sorted(Path(d["img"]).name for d in unchecked) == ["good.dcm", "truncated.dcm"]
