@@ -677,84 +677,32 @@ def explain_slide(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    background = _background_colour(thumb_rgb, tissue)
+    run = {
+        "slide_bytes": slide.stat().st_size, "slide_ends": _file_ends(slide),  # not its path: a copy (node scratch) resumes
+        "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
+        "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
+        "tiles": len(tiles), "tissue_level": low, "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
+        "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
+        "edge_padding": background.tolist(),  # a state from a version that padded with white is not resumed
+    }
+    run = json.loads(json.dumps(run, default=str))
     with _only_run(output, name, slide):  # one run at a time on these outputs (a requeued job array, say)
-        state = output / f".{name}.medcam"
-        stat = slide.stat()
-        run = {
-            "slide_bytes": stat.st_size, "slide_ends": _file_ends(slide),  # not its path: a copy (node scratch) resumes
-            "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
-            "tile": tile, "size": size, "batch_size": batch_size, "class_idx": class_idx, "min_tissue": min_tissue,
-            "tiles": len(tiles), "tissue_level": low, "target_layers": target_layers if isinstance(target_layers, str) else [str(t) for t in target_layers],
-            "settings": {k: resolved[k] for k in sorted(resolved) if k != "progress"}, "classifier": _fingerprint(classifier),
-        }
-        run = json.loads(json.dumps(run, default=str))
-        shutil.rmtree(_removed(state), ignore_errors=True)  # what a killed removal left
-        if state.exists():
-            try:
-                previous = json.loads((state / "run.json").read_text())
-            except (OSError, ValueError):  # missing or torn (a power cut while it was written): not this run's
-                previous = None
-            if previous != run or not (state / "mask.npy").is_file():
-                if not restart:
-                    raise InputError(
-                        slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
-                        "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
-                        "remove the folder."
-                    )
-                _remove_state(state)
-        if not state.exists():
-            staging = output / f".{name}.medcam.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
-            (staging / "run.json").write_text(json.dumps(run, indent=1))
-            staging.rename(state)  # the state appears whole or not at all
+        state = _working_state(output / f".{name}.medcam", run, level_size, slide, restart)
         mask = np.lib.format.open_memmap(state / "mask.npy", mode="r+")
-        journal_path = state / "journal.jsonl"
-        done = _read_journal(journal_path)
         batches = [tiles[k : k + batch_size] for k in range(0, len(tiles), batch_size)]
+        done = _read_journal(state / "journal.jsonl")
         resumed = sum(len(batches[k]) for k in done)
         if done:
             logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
-
-        skip = explainer.settings.skip_vacuous
         bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
-        with journal_path.open("a") as journal:
+        with (state / "journal.jsonl").open("a") as journal:
             for k, batch in enumerate(batches):
-                if k in done:
-                    continue
-                pixels = np.full((len(batch), 3, tile, tile), 255, np.uint8)  # edge tiles padded with white
-                for j, t in enumerate(batch):
-                    try:
-                        pixels[j, :, : t.height, : t.width] = read(t.y, t.x, t.height, t.width)
-                    except Exception as err:  # a damaged tile in an otherwise readable slide
-                        raise InputError(slide, f"cannot read tile {t.index} (row {t.row}, column {t.col}) at level {level}: "
-                                         f"{type(err).__name__}: {err}") from err
-                x = torch.from_numpy(pixels).float().div_(255).to(device)
-                if size is not None and size != tile:
-                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-                try:
-                    result = explainer.explain(x, class_idx, names=[f"tile {t.index}" for t in batch])
-                except ValueError as err:  # e.g. a class index the classifier does not have
-                    raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
-                masks = result.mask.as_tensor().detach().float()
-                if masks.shape[-1] != tile:
-                    masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
-                masks = masks.cpu().numpy()
-                rows = []
-                for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
-                    keep = 0 if diagnostics["vacuous"] and skip else EVIDENCE_VALUE
-                    mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
-                    row = {**asdict(t), "x0": int(round(t.x * level_ratio)), "y0": int(round(t.y * level_ratio))}
-                    row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
-                    row["tile"] = row.pop("index")
-                    rows.append(row)
-                mask.flush()  # the tile masks are on disk before the journal says the batch is done
-                journal.write(json.dumps({"batch": k, "rows": rows}) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                done[k] = rows
-                bar.update(len(batch))
+                if k not in done:
+                    done[k] = _explain_batch(explainer, read, batch, mask, tile=tile, size=size, class_idx=class_idx,
+                                             device=device, background=background, level_ratio=level_ratio, slide=slide, level=level)
+                    _record(journal, k, done[k])
+                    bar.update(len(batch))
         bar.close()
 
         outputs = {
@@ -774,4 +722,88 @@ def explain_slide(
                    caption=_caption(level, tile, rows, class_names, class_idx))
         del mask
         _remove_state(state)
-        return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)
+    return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)
+
+
+def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: Path, restart: bool) -> Path:
+    """The folder ``state`` holding this run's slide map ``mask.npy`` (``level_size``, uint8, on disk),
+    ``run.json`` and the journal of explained batches: an earlier run's to resume where ``run`` is
+    the same, else a new one (an earlier, different or damaged one discarded with ``restart``,
+    refused without)."""
+    shutil.rmtree(_removed(state), ignore_errors=True)  # what a killed removal left
+    if state.exists():
+        try:
+            previous = json.loads((state / "run.json").read_text())
+        except (OSError, ValueError):  # missing or torn (a power cut while it was written): not this run's
+            previous = None
+        if previous != run or not (state / "mask.npy").is_file():
+            if not restart:
+                raise InputError(
+                    slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
+                    "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
+                    "remove the folder."
+                )
+            _remove_state(state)
+    if not state.exists():
+        staging = state.with_name(state.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
+        (staging / "run.json").write_text(json.dumps(run, indent=1))
+        staging.rename(state)  # the state appears whole or not at all
+    return state
+
+
+def _background_colour(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """The slide's background ``(3,)`` uint8: the median colour of the thumbnail ``rgb`` ``(3, h, w)``
+    outside ``tissue`` (glass on a brightfield slide, near black on a fluorescence one), white where
+    it is all tissue (about a million pixels sampled). Edge tiles are padded with it."""
+    step = max(1, math.isqrt(tissue.size >> 20))
+    outside = rgb[:, ::step, ::step][:, ~tissue[::step, ::step]]
+    if outside.shape[1] == 0:
+        return np.full(3, 255, np.uint8)
+    return np.median(outside, axis=1).astype(np.uint8)
+
+
+def _explain_batch(explainer: MedCAM, read: _LevelReader, batch: Sequence[SlideTile], mask: np.ndarray, *, tile: int,
+                   size: int | None, class_idx: int | None, device: torch.device, background: np.ndarray,
+                   level_ratio: float, slide: Path, level: int) -> list[dict[str, object]]:
+    """Explain one batch of tiles of ``level``, write their masks into the slide map ``mask`` (flushed
+    to disk) and return their rows. Edge tiles are padded with ``background``; masks of vacuous
+    tiles are left out where ``skip_vacuous``."""
+    pixels = np.empty((len(batch), 3, tile, tile), np.uint8)
+    pixels[:] = background[None, :, None, None]
+    for j, t in enumerate(batch):
+        try:
+            pixels[j, :, : t.height, : t.width] = read(t.y, t.x, t.height, t.width)
+        except Exception as err:  # a damaged tile in an otherwise readable slide
+            raise InputError(slide, f"cannot read tile {t.index} (row {t.row}, column {t.col}) at level {level}: "
+                             f"{type(err).__name__}: {err}") from err
+    x = torch.from_numpy(pixels).float().div_(255).to(device)
+    if size is not None and size != tile:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    try:
+        result = explainer.explain(x, class_idx, names=[f"tile {t.index}" for t in batch])
+    except ValueError as err:  # e.g. a class index the classifier does not have
+        raise InputError(slide, f"cannot explain tiles {batch[0].index}-{batch[-1].index}: {err}") from err
+    masks = result.mask.as_tensor().detach().float()
+    if masks.shape[-1] != tile:
+        masks = F.interpolate(masks, size=(tile, tile), mode="nearest-exact")
+    masks = masks.cpu().numpy()
+    rows = []
+    for j, (t, diagnostics) in enumerate(zip(batch, result.summary())):
+        keep = 0 if diagnostics["vacuous"] and explainer.settings.skip_vacuous else EVIDENCE_VALUE
+        mask[t.y : t.y + t.height, t.x : t.x + t.width] = (masks[j, 0, : t.height, : t.width] > 0.5) * keep
+        row = {**asdict(t), "x0": int(round(t.x * level_ratio)), "y0": int(round(t.y * level_ratio))}
+        row.update({f: diagnostics[f] for f in TILE_FIELDS if f in diagnostics})
+        row["tile"] = row.pop("index")
+        rows.append(row)
+    mask.flush()  # the tile masks are on disk before the journal says the batch is done
+    return rows
+
+
+def _record(journal, k: int, rows: list[dict[str, object]]) -> None:
+    """Batch ``k`` done, with its rows: a line of the journal, on disk before the next batch starts."""
+    journal.write(json.dumps({"batch": k, "rows": rows}) + "\n")
+    journal.flush()
+    os.fsync(journal.fileno())

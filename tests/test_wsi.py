@@ -679,7 +679,33 @@ def test_partial_edge_tiles_are_stitched_in_place_and_outlined(tmp_path, monkeyp
     assert picture.shape[1] == 386 and blue[256, :380].mean() > 0.9  # the 2 px row's outlines, on the thumbnail's last row
 
 
-def test_the_thumbnail_caption_and_key_wrap_below_the_picture(tmp_path):
+def test_edge_tiles_are_padded_with_the_slides_background(tmp_path, monkeypatch):
+    """On a dark (fluorescence-like) slide, the part of an edge tile beyond the slide is the slide's
+    background for the classifier, not white (a bright band the classifier never saw in training)."""
+    import types
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 12, (300, 330, 3), dtype=np.uint8)  # near-black background
+    image[100:200, 100:250] = (40, 200, 90)  # a green-fluorescent patch of tissue
+    path = write_pyramidal_tiff(image, tmp_path / "dark.tif", levels=2)
+    seen = []
+
+    def explain(self, x, class_idx=None, names=None):
+        seen.append(x.clone())
+        marks = torch.zeros(x.shape[0], 1, *x.shape[2:])
+        rows = [dict(label=0, prob_input=0.9, prob_evidence=0.9, prob_background=0.9, area=0.0, verified=True,
+                     settled=True, vacuous=True, steps=0, retries=0)] * x.shape[0]
+        return types.SimpleNamespace(mask=types.SimpleNamespace(as_tensor=lambda: marks), summary=lambda: rows)
+
+    monkeypatch.setattr(MedCAM, "explain", explain)
+    explain_slide(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                  path, tmp_path / "out", level=0, tile=64, min_tissue=0.0, target_layers=[], progress=False)
+    tiles = torch.cat(seen)  # 5 x 6 tiles of 64 px, in grid order; the last row is 44 px high, the last column 10 px wide
+    assert tiles.shape == (30, 3, 64, 64)
+    padding = torch.cat([tiles[-6:, :, 44:].flatten(), tiles[5::6, :, :, 10:].flatten()])
+    assert float(padding.max()) <= 12 / 255, "edge tiles padded with something brighter than the slide's background"
+    assert round(float(tiles[:, 1].max()) * 255) == 200  # the tissue itself is read as it is
+
     """Below the slide, the caption (wrapped after its commas) and the colours' key: the picture keeps
     its pixels, and a narrow slide gets a white margin wide enough for the key."""
     from PIL import Image
