@@ -65,7 +65,7 @@ class SlideTile:
         row, col: grid position.
         y, x: top-left corner in pixels of the level.
         height, width: the part inside the level (edge tiles are smaller; they are padded with
-            white to the full tile for the classifier).
+            the slide's background to the full tile for the classifier).
         tissue: fraction of the tile's footprint that is tissue.
     """
 
@@ -677,7 +677,7 @@ def explain_slide(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    background = _background_colour(thumb_rgb, tissue)
+    background = _background_colour(thumb_rgb)
     run = {
         "slide_bytes": slide.stat().st_size, "slide_ends": _file_ends(slide),  # not its path: a copy (node scratch) resumes
         "backend": getattr(reader, "backend", backend), "device": str(torch.device(device)), "level": level,
@@ -754,15 +754,16 @@ def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: P
     return state
 
 
-def _background_colour(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-    """The slide's background ``(3,)`` uint8: the median colour of the thumbnail ``rgb`` ``(3, h, w)``
-    outside ``tissue`` (glass on a brightfield slide, near black on a fluorescence one), white where
-    it is all tissue (about a million pixels sampled). Edge tiles are padded with it."""
-    step = max(1, math.isqrt(tissue.size >> 20))
-    outside = rgb[:, ::step, ::step][:, ~tissue[::step, ::step]]
-    if outside.shape[1] == 0:
-        return np.full(3, 255, np.uint8)
-    return np.median(outside, axis=1).astype(np.uint8)
+def _background_colour(rgb: np.ndarray) -> np.ndarray:
+    """The slide's background ``(3,)`` uint8, what edge tiles are padded with: the median colour of
+    the thumbnail ``rgb`` ``(3, h, w)`` along its border (a band of 2% of its side, at least a pixel),
+    where a scan shows glass on a brightfield slide and black on a fluorescence one, and where the
+    padding continues the slide. Not the tissue mask's outside: on a grey or dark slide that mask
+    is empty or noise."""
+    band = max(1, min(rgb.shape[1:]) // 50)
+    border = np.concatenate([rgb[:, :band].reshape(3, -1), rgb[:, -band:].reshape(3, -1),
+                             rgb[:, band:-band, :band].reshape(3, -1), rgb[:, band:-band, -band:].reshape(3, -1)], axis=1)
+    return np.median(border, axis=1).astype(np.uint8)
 
 
 def _explain_batch(explainer: MedCAM, read: _LevelReader, batch: Sequence[SlideTile], mask: np.ndarray, *, tile: int,

@@ -687,7 +687,10 @@ def test_edge_tiles_are_padded_with_the_slides_background(tmp_path, monkeypatch)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 12, (300, 330, 3), dtype=np.uint8)  # near-black background
     image[100:200, 100:250] = (40, 200, 90)  # a green-fluorescent patch of tissue
-    path = write_pyramidal_tiff(image, tmp_path / "dark.tif", levels=2)
+    write_pyramidal_tiff(image, tmp_path / "dark.tif", levels=2)
+    grey = np.repeat(image[..., 1:2], 3, axis=2)
+    grey[40:280, 20:330] = 150  # one channel, tissue over most of the slide and to its right edge: no colour to find it by
+    write_pyramidal_tiff(grey, tmp_path / "grey.tif", levels=2)
     seen = []
 
     def explain(self, x, class_idx=None, names=None):
@@ -698,14 +701,18 @@ def test_edge_tiles_are_padded_with_the_slides_background(tmp_path, monkeypatch)
         return types.SimpleNamespace(mask=types.SimpleNamespace(as_tensor=lambda: marks), summary=lambda: rows)
 
     monkeypatch.setattr(MedCAM, "explain", explain)
-    explain_slide(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
-                  path, tmp_path / "out", level=0, tile=64, min_tissue=0.0, target_layers=[], progress=False)
-    tiles = torch.cat(seen)  # 5 x 6 tiles of 64 px, in grid order; the last row is 44 px high, the last column 10 px wide
-    assert tiles.shape == (30, 3, 64, 64)
-    padding = torch.cat([tiles[-6:, :, 44:].flatten(), tiles[5::6, :, :, 10:].flatten()])
-    assert float(padding.max()) <= 12 / 255, "edge tiles padded with something brighter than the slide's background"
-    assert round(float(tiles[:, 1].max()) * 255) == 200  # the tissue itself is read as it is
+    for name, tissue in (("dark.tif", 200), ("grey.tif", 150)):
+        seen.clear()
+        explain_slide(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                      tmp_path / name, tmp_path / "out", level=0, tile=64, min_tissue=0.0, target_layers=[], progress=False)
+        tiles = torch.cat(seen)  # 5 x 6 tiles of 64 px, in grid order; the last row is 44 px high, the last column 10 px wide
+        assert tiles.shape == (30, 3, 64, 64)
+        padding = torch.cat([tiles[-6:, :, 44:].flatten(), tiles[5::6, :, :, 10:].flatten()])
+        assert float(padding.max()) <= 12 / 255, f"{name}: edge tiles padded brighter than the slide's background"
+        assert round(float(tiles[:, 1].max()) * 255) == tissue  # the tissue itself is read as it is
 
+
+def test_the_thumbnail_caption_and_key_wrap_below_the_picture(tmp_path):
     """Below the slide, the caption (wrapped after its commas) and the colours' key: the picture keeps
     its pixels, and a narrow slide gets a white margin wide enough for the key."""
     from PIL import Image
