@@ -153,6 +153,14 @@ def _explain(args: argparse.Namespace) -> int:
     if args.target_layers is None and layers == []:
         print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
               "for it, give the classifier as a bundle or python:module:factory.", file=sys.stderr)
+    try:  # a bundle's own codes, checked here (--orientation overrides them)
+        orientation = args.orientation if args.orientation is not None else loaded.orientation
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.orientation is None and orientation:
+        print(f"note: volumes are reoriented to {orientation} for the classifier, as {loaded.orientation_source} says "
+              "(--orientation none: as read).", file=sys.stderr)
     settings = _settings(args)
     if not inputs and not failures:
         print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",
@@ -175,7 +183,7 @@ def _explain(args: argparse.Namespace) -> int:
             gradcam_layer=args.gradcam_layer,
             progress=not args.no_progress,
             class_names=args.class_names if args.class_names is not None else loaded.class_names,
-            orientation=args.orientation if args.orientation is not None else loaded.orientation,
+            orientation=orientation,
             **settings,
         )
     except ValueError as err:

@@ -215,6 +215,7 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     args = ["explain", "--classifier", str(bundle), "--input", str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), *FAST]
     main(args)
     assert given["orientation"] == "RAS"
+    assert "note: volumes are reoriented to RAS for the classifier, as " in capsys.readouterr().err  # where it came from
     main([*args, "--orientation", "none"])
     assert given["orientation"] == "none"  # explain_inputs reads it as "as read"
     monkeypatch.undo()
