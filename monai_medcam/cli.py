@@ -161,6 +161,11 @@ def _explain(args: argparse.Namespace) -> int:
     if args.orientation is None and orientation:
         print(f"note: volumes are reoriented to {orientation} for the classifier, as {loaded.orientation_source} says "
               "(--orientation none: as read).", file=sys.stderr)
+    if loaded.unapplied:
+        print(f"warning: the bundle's preprocessing also has {', '.join(loaded.unapplied)}, which medcam explain does not do: "
+              "it stretches each input's intensities to [0, 1] and resizes it to the classifier's size. If the classifier "
+              "needs them, explain with its own preprocessing and MONAI's Invertd (README, \"With the classifier's own "
+              "preprocessing\").", file=sys.stderr)
     settings = _settings(args)
     if not inputs and not failures:
         print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",

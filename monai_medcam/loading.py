@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ class LoadedClassifier:
         orientation_codes: the axis codes volumes were reoriented to for it, as found (a bundle's
             ``Orientationd`` in its preprocessing), else ``None`` (volumes as read).
         orientation_source: where they were found, for messages.
+        unapplied: transforms of a bundle's preprocessing that ``medcam explain`` does not do the
+            same way (``Spacingd``, an intensity window, a crop, ...), by name, for a warning.
     """
 
     network: torch.nn.Module
@@ -43,6 +45,7 @@ class LoadedClassifier:
     class_names: dict | None = None
     orientation_codes: object = None
     orientation_source: str = "orientation"
+    unapplied: list[str] = field(default_factory=list)
 
     @property
     def orientation(self) -> str | None:
@@ -128,6 +131,37 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
 _ORIENTING = {"Orientation": "axcodes", "Orientationd": "axcodes", "ToClassifierSpace": "orientation", "ToClassifierSpaced": "orientation"}
 
 
+# a bundle's preprocessing transforms that medcam explain does as they do, or that change nothing it
+# depends on: loading, channels first, types, orientation (--orientation), a min-max scaling to
+# [0, 1] and a resize to the classifier's size
+_APPLIED = {
+    "Compose", "LoadImage", "LoadImaged", "LoadInput", "LoadInputd", "EnsureChannelFirst", "EnsureChannelFirstd",
+    "AddChannel", "AddChanneld", "EnsureType", "EnsureTyped", "ToTensor", "ToTensord", "CastToType", "CastToTyped",
+    "Orientation", "Orientationd", "ScaleIntensity", "ScaleIntensityd", "Resize", "Resized", "ToClassifierSpace",
+    "ToClassifierSpaced", "Identity", "Identityd",
+}
+
+
+def _unapplied(config) -> list[str]:
+    """The names of the transforms in ``config`` (a bundle's raw ``preprocessing``) that are not in
+    ``_APPLIED``, in order, each once."""
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+            if name and name not in _APPLIED and name not in found:
+                found.append(name)
+            nodes = node.values()
+        else:
+            nodes = node if isinstance(node, list) else ()
+        for child in nodes:
+            walk(child)
+
+    walk(config)
+    return found
+
+
 def _bundle_orientation(parser, config: Path) -> tuple[object, str]:
     """The axis codes of the first ``Orientation(d)`` (or Med-CAM's ``ToClassifierSpace(d)``) in the
     bundle's ``preprocessing`` (how its classifier saw volumes; ``"RAS"`` for ``as_closest_canonical``),
@@ -182,6 +216,7 @@ def _bundle(folder: Path) -> LoadedClassifier:
         dims, channels = input_format(network)
         loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
     loaded.orientation_codes, loaded.orientation_source = _bundle_orientation(parser, config)
+    loaded.unapplied = _unapplied(parser.get("preprocessing")) if "preprocessing" in parser else []
     meta_file = folder / "configs" / "metadata.json"
     if meta_file.is_file():
         data_format = json.loads(meta_file.read_text()).get("network_data_format", {})

@@ -231,7 +231,18 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     assert given["orientation"] == "none"
     config["preprocessing"]["transforms"][1] = {"_target_": "Orientationd", "keys": "image", "as_closest_canonical": True}
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
-    assert load_classifier(bundle).orientation == "RAS"
+    assert load_classifier(bundle).orientation == "RAS" and load_classifier(bundle).unapplied == []
+
+    # what medcam explain does not do as the bundle does is named before any work
+    config["preprocessing"]["transforms"] += [
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
+        {"_target_": "monai.transforms.ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1},
+        {"_target_": "Resized", "keys": "image", "spatial_size": [64, 64]},
+    ]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    main(args)
+    assert "warning: the bundle's preprocessing also has Spacingd, ScaleIntensityRanged, which medcam explain does not do" \
+        in capsys.readouterr().err
 
 
 def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):

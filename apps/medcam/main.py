@@ -64,6 +64,9 @@ class MedCAMApp(MONAILabelApp):
         # the task's own default (true) unless given; "false" (a --conf word) is read as false
         self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
+        if self.loaded.unapplied:
+            logger.warning("the bundle's preprocessing also has %s, which this app does not do (intensities are stretched to "
+                           "[0, 1], images resized to the classifier's size)", ", ".join(self.loaded.unapplied))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
