@@ -150,7 +150,9 @@ def _unapplied(config) -> list[str]:
     def walk(node) -> None:
         if isinstance(node, dict):
             name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
-            if name and name not in _APPLIED and name not in found:
+            other_range = name in ("ScaleIntensity", "ScaleIntensityd") and (
+                node.get("minv", 0.0) != 0 or node.get("maxv", 1.0) != 1 or node.get("factor") is not None)  # not to [0, 1]
+            if name and (name not in _APPLIED or other_range) and name not in found:
                 found.append(name)
             nodes = node.values()
         else:
