@@ -156,16 +156,16 @@ def _explain(args: argparse.Namespace) -> int:
     try:  # a bundle's own codes, checked here (--orientation overrides them)
         orientation = args.orientation if args.orientation is not None else loaded.orientation
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err} (--orientation overrides a bundle's codes: RAS, say, or none)", file=sys.stderr)
         return 2
     if args.orientation is None and orientation:
         print(f"note: volumes are reoriented to {orientation} for the classifier, as {loaded.orientation_source} says "
               "(--orientation none: as read).", file=sys.stderr)
     if loaded.unapplied:
-        print(f"warning: the bundle's preprocessing also has {', '.join(loaded.unapplied)}, which medcam explain does not do: "
-              "it stretches each input's intensities to [0, 1] and resizes it to the classifier's size. If the classifier "
-              "needs them, explain with its own preprocessing and MONAI's Invertd (README, \"With the classifier's own "
-              "preprocessing\").", file=sys.stderr)
+        print(f"warning: the bundle's preprocessing has {'; '.join(loaded.unapplied)}, which medcam explain does not do the "
+              "same way: it stretches each input's intensities to [0, 1] and resizes it to the classifier's size (--size, "
+              "or the bundle's metadata). If the classifier needs them, explain with its own preprocessing and MONAI's "
+              "Invertd (README, \"With the classifier's own preprocessing\").", file=sys.stderr)
     settings = _settings(args)
     if not inputs and not failures:
         print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",

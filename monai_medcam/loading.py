@@ -127,70 +127,90 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
     return LoadedClassifier(network.eval(), dims, channels, None, spec)
 
 
-# transforms that reorient a bundle's volumes, and the argument holding their axis codes
-_ORIENTING = {"Orientation": "axcodes", "Orientationd": "axcodes", "ToClassifierSpace": "orientation", "ToClassifierSpaced": "orientation"}
-
-
-# a bundle's preprocessing transforms that medcam explain does as they do, or that change nothing it
-# depends on: loading, channels first, types, orientation (--orientation), a min-max scaling to
-# [0, 1] and a resize to the classifier's size
-_APPLIED = {
-    "Compose", "LoadImage", "LoadImaged", "LoadInput", "LoadInputd", "EnsureChannelFirst", "EnsureChannelFirstd",
-    "AddChannel", "AddChanneld", "EnsureType", "EnsureTyped", "ToTensor", "ToTensord", "CastToType", "CastToTyped",
-    "Orientation", "Orientationd", "ScaleIntensity", "ScaleIntensityd", "Resize", "Resized", "ToClassifierSpace",
-    "ToClassifierSpaced", "Identity", "Identityd",
+# transforms of a bundle's preprocessing that change nothing medcam explain depends on (loading,
+# channels first, types, devices, copies); Orientation(d), LoadImage(d), ScaleIntensity(d) and
+# Resize(d) are judged by their arguments (_bundle_preprocessing), any other is named in a warning
+_HARMLESS = {
+    "LoadInput", "LoadInputd", "ToClassifierSpace", "ToClassifierSpaced", "EnsureChannelFirst", "EnsureChannelFirstd",
+    "AddChannel", "AddChanneld", "AsChannelFirst", "AsChannelFirstd", "EnsureType", "EnsureTyped", "ToTensor", "ToTensord",
+    "ToNumpy", "ToNumpyd", "ToDevice", "ToDeviced", "CastToType", "CastToTyped", "Identity", "Identityd", "CopyItemsd",
+    "DeleteItemsd", "SelectItemsd",
+}
+# a loader's arguments that change neither the image's values nor its geometry
+_LOADER_ARGS = {
+    "keys", "image_only", "ensure_channel_first", "reader", "dtype", "allow_missing_keys", "simple_keys", "meta_keys",
+    "meta_key_postfix", "overwriting", "prune_meta_pattern", "prune_meta_sep", "expanduser", "as_closest_canonical",
 }
 
 
-def _unapplied(config) -> list[str]:
-    """The names of the transforms in ``config`` (a bundle's raw ``preprocessing``) that are not in
-    ``_APPLIED``, in order, each once."""
-    found: list[str] = []
+def _transforms(node) -> list[dict]:
+    """The transforms (``{"_target_": ...}``) of a bundle's resolved ``preprocessing``, in order: a
+    ``Compose``'s ``transforms`` are followed, other arguments (a loader's ``reader``) are not;
+    disabled ones (``"_disabled_": true``) are left out."""
+    from monai.bundle import ConfigItem
 
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
-            other_range = name in ("ScaleIntensity", "ScaleIntensityd") and (
-                node.get("minv", 0.0) != 0 or node.get("maxv", 1.0) != 1 or node.get("factor") is not None)  # not to [0, 1]
-            if name and (name not in _APPLIED or other_range) and name not in found:
-                found.append(name)
-            nodes = node.values()
-        else:
-            nodes = node if isinstance(node, list) else ()
-        for child in nodes:
-            walk(child)
-
-    walk(config)
-    return found
+    if isinstance(node, ConfigItem):
+        node = node.get_config()
+    if isinstance(node, (list, tuple)):
+        return [t for child in node for t in _transforms(child)]
+    if not isinstance(node, dict) or str(node.get("_disabled_", "")).lower() == "true":
+        return []
+    if "_target_" not in node:
+        return [t for child in node.values() for t in _transforms(child)]
+    return [node, *_transforms(node.get("transforms"))]
 
 
-def _bundle_orientation(parser, config: Path) -> tuple[object, str]:
-    """The axis codes of the first ``Orientation(d)`` (or Med-CAM's ``ToClassifierSpace(d)``) in the
-    bundle's ``preprocessing`` (how its classifier saw volumes; ``"RAS"`` for ``as_closest_canonical``),
-    references resolved, unchecked, and where they are; ``None`` where there is none."""
+def _resized_like_medcam(node: dict, size: tuple[int, ...] | None) -> bool:
+    """Whether a ``Resize(d)`` does what medcam explain does: stretch to the classifier's ``size``
+    (a 2D classifier's ``(H, W, -1)`` too: slices resized, their count kept)."""
+    wanted = node.get("spatial_size")
+    wanted = list(wanted) if isinstance(wanted, (list, tuple)) else [wanted] * len(size or ())
+    if size and len(wanted) == len(size) + 1 and wanted[-1] == -1:
+        wanted = wanted[:-1]
+    return bool(size) and node.get("size_mode", "all") == "all" and tuple(wanted) == tuple(size)
 
-    def find(node, where: str):
-        if isinstance(node, dict):
-            name = str(node.get("_target_", "")).rsplit(".", 1)[-1]
-            if name in ("Orientation", "Orientationd") and node.get("as_closest_canonical") is True:
-                return f"{where}#as_closest_canonical"
-            if name in _ORIENTING and _ORIENTING[name] in node:
-                return f"{where}#{_ORIENTING[name]}"
-            children = node.items()
-        else:
-            children = enumerate(node) if isinstance(node, list) else ()
-        return next((found for key, child in children if (found := find(child, f"{where}#{key}"))), None)
 
-    where = find(parser.get("preprocessing"), "preprocessing") if "preprocessing" in parser else None
-    if where is None:
-        return None, "orientation"
-    if where.endswith("#as_closest_canonical"):
-        return "RAS", f"{config}: {where}"
+def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) -> tuple[object, str, list[str]]:
+    """What a bundle's ``preprocessing`` (references and expressions resolved, nothing instantiated)
+    says about how its classifier saw images: the axis codes of its first ``Orientation(d)`` (``RAS``
+    for ``as_closest_canonical``, also a loader's; Med-CAM's ``ToClassifierSpace(d)`` orientation),
+    unchecked, and where they are; and the transforms medcam explain does not do the same way."""
+    if "preprocessing" not in parser:
+        return None, "orientation", []
     try:
-        axcodes = parser.get_parsed_content(where)
-    except Exception:  # a reference that does not resolve: its text, refused when used
-        axcodes = parser.get(where)
-    return axcodes, f"{config}: {where}"
+        tree = parser.get_parsed_content("preprocessing", instantiate=False)
+    except Exception as err:  # an expression that does not evaluate without instantiating, say
+        return None, "orientation", [f"a part that could not be read ({type(err).__name__}: {err})"]
+    codes, where, unapplied = None, "orientation", []
+    for node in _transforms(tree):
+        name = str(node["_target_"]).rsplit(".", 1)[-1]
+        found = None
+        if name in ("Orientation", "Orientationd", "LoadImage", "LoadImaged") and node.get("as_closest_canonical") is True:
+            found = "RAS"
+        elif name in ("Orientation", "Orientationd"):
+            found = node.get("axcodes")
+        elif name in ("ToClassifierSpace", "ToClassifierSpaced"):
+            found = node.get("orientation")
+        if found is not None:
+            if codes is None:
+                codes, where = found, f"{config}: preprocessing {name}"
+            elif found != codes:
+                unapplied.append(f"{name}({found}) after {codes}")
+            continue
+        if name in ("LoadImage", "LoadImaged"):
+            extra = sorted(set(node) - _LOADER_ARGS - {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"})
+            label = f"{name}({', '.join(extra)})" if extra else None
+        elif name in ("ScaleIntensity", "ScaleIntensityd"):  # medcam explain scales the whole input to [0, 1]
+            same = (node.get("minv", 0.0) == 0 and node.get("maxv", 1.0) == 1 and node.get("factor") is None
+                    and not node.get("channel_wise", False))
+            label = None if same else name
+        elif name in ("Resize", "Resized"):
+            label = None if _resized_like_medcam(node, size) else f"{name}({node.get('spatial_size')})"
+        else:
+            label = None if name in _HARMLESS or name in ("Compose", "Orientation", "Orientationd") else name
+        if label and label not in unapplied:
+            unapplied.append(label)
+    return codes, where, unapplied
 
 
 def _bundle(folder: Path) -> LoadedClassifier:
@@ -217,8 +237,6 @@ def _bundle(folder: Path) -> LoadedClassifier:
         network.load_state_dict(load_state_dict(weights))
         dims, channels = input_format(network)
         loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
-    loaded.orientation_codes, loaded.orientation_source = _bundle_orientation(parser, config)
-    loaded.unapplied = _unapplied(parser.get("preprocessing")) if "preprocessing" in parser else []
     meta_file = folder / "configs" / "metadata.json"
     if meta_file.is_file():
         data_format = json.loads(meta_file.read_text()).get("network_data_format", {})
@@ -231,6 +249,7 @@ def _bundle(folder: Path) -> LoadedClassifier:
             loaded.size = tuple(shape)
             loaded.spatial_dims = len(shape)
         loaded.channels = image.get("num_channels", loaded.channels)
+    loaded.orientation_codes, loaded.orientation_source, loaded.unapplied = _bundle_preprocessing(parser, config, loaded.size)
     return loaded
 
 

@@ -224,7 +224,8 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     config["axcodes"] = "RA"
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert main(args) == 2
-    assert "inference.json: preprocessing#transforms#1#axcodes 'RA': give three axis codes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "inference.json: preprocessing Orientationd 'RA': give three axis codes" in err and "--orientation overrides" in err
     monkeypatch.setattr(monai_medcam.pipeline, "explain_inputs", lambda *a, **k: given.update(k) or monai_medcam.pipeline.ExplainReport())
     given.clear()
     main([*args, "--orientation", "none"])
@@ -233,16 +234,30 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert load_classifier(bundle).orientation == "RAS" and load_classifier(bundle).unapplied == []
 
-    # what medcam explain does not do as the bundle does is named before any work
-    config["preprocessing"]["transforms"] += [
-        {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
-        {"_target_": "monai.transforms.ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1},
-        {"_target_": "Resized", "keys": "image", "spatial_size": [64, 64]},
-    ]
+    # what medcam explain does not do as the bundle does is named before any work; references and
+    # expressions are followed, a loader's reader and disabled transforms are not transforms of their own
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"network_data_format": {"inputs": {"image": {"spatial_shape": [64, 64]}}}}))
+    config["spacing"] = {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]}
+    config["window"] = [{"_target_": "monai.transforms.ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164,
+                         "b_min": 0, "b_max": 1}]
+    config["preprocessing"]["transforms"] = "$" + repr([
+        {"_target_": "LoadImaged", "keys": "image", "reader": {"_target_": "ITKReader"}},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"}, "@spacing",
+        {"_target_": "Resized", "keys": "image", "spatial_size": [64, 64, -1]},
+        {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "_disabled_": True},
+        {"_target_": "ScaleIntensityd", "keys": "image"},
+    ]).replace("'@spacing'", "@spacing") + " + @window"
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    loaded = load_classifier(bundle)
+    assert (loaded.orientation, loaded.unapplied) == ("LPS", ["Spacingd", "ScaleIntensityRanged"])
     main(args)
-    assert "warning: the bundle's preprocessing also has Spacingd, ScaleIntensityRanged, which medcam explain does not do" \
+    assert "warning: the bundle's preprocessing has Spacingd; ScaleIntensityRanged, which medcam explain does not do" \
         in capsys.readouterr().err
+    config["preprocessing"]["transforms"] = [{"_target_": "LoadImaged", "keys": "image", "reverse_indexing": False},
+                                             {"_target_": "Resized", "keys": "image", "spatial_size": [32, 32]},
+                                             {"_target_": "ScaleIntensityd", "keys": "image", "minv": -1}]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert load_classifier(bundle).unapplied == ["LoadImaged(reverse_indexing)", "Resized([32, 32])", "ScaleIntensityd"]
 
 
 def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):

@@ -65,8 +65,8 @@ class MedCAMApp(MONAILabelApp):
         self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
         if self.loaded.unapplied:
-            logger.warning("the bundle's preprocessing also has %s, which this app does not do (intensities are stretched to "
-                           "[0, 1], images resized to the classifier's size)", ", ".join(self.loaded.unapplied))
+            logger.warning("the bundle's preprocessing has %s, which this app does not do the same way (intensities are "
+                           "stretched to [0, 1], images resized to the classifier's size)", "; ".join(self.loaded.unapplied))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
