@@ -56,7 +56,7 @@ class LoadedClassifier:
         Raises:
             ValueError: the codes are not three axis codes; the message says where they came from.
         """
-        from monai_medcam.pipeline import check_orientation
+        from monai_medcam.orientation import check_orientation
 
         return check_orientation(self.orientation_codes, self.orientation_source)
 

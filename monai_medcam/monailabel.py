@@ -25,7 +25,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.inferer import MedCAMInferer
-from monai_medcam.pipeline import check_orientation
+from monai_medcam.orientation import check_orientation
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
 from monai_medcam.visualize import evidence_not_verified

@@ -25,19 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
 from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
+from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
 from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem, write_outputs
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
     "ROW_FIELDS", "check_classifier",
-    "check_orientation", "reorientation", "reorient", "oriented_shape", "source_slice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,62 +82,6 @@ def _fit_channels(image: torch.Tensor, channels: int | None, path: Path, kind: s
     if channels == 1 and have in (3, 4):
         return image[:3].mean(0, keepdim=True)
     raise InputError(path, f"the image has {have} channels but the classifier takes {channels}.")
-
-
-def check_orientation(axcodes: str | None, what: str = "orientation") -> str | None:
-    """``axcodes`` (``"RAS"``, ``"las"``) as three upper-case codes, or ``None`` for ``None``, ``""`` or
-    ``"none"``; anything else is a ``ValueError`` naming ``what``."""
-    if axcodes is None:
-        return None
-    text = str(axcodes).strip().upper() if isinstance(axcodes, str) else None
-    if text in ("", "NONE"):
-        return None
-    axes = sorted("LRAPSI".index(c) // 2 for c in text if c in "LRAPSI") if text else []  # 0: L/R, 1: A/P, 2: S/I
-    if text is None or len(text) != 3 or axes != [0, 1, 2]:
-        raise ValueError(f"{what} {axcodes!r}: give three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LPS), or none.")
-    return text
-
-
-def reorientation(image: torch.Tensor, axcodes: str | None) -> np.ndarray | None:
-    """The nibabel orientation transform ``(3, 2)`` that takes the voxel axes of ``image`` ``(C, X, Y, Z)``
-    to ``axcodes`` (read in RAS world coordinates from its affine, as MONAI's ``Orientation`` does), or
-    ``None`` where there is nothing to do: no axis codes, a 2D image, a cine's frames (not a spatial
-    axis), or a volume already so oriented."""
-    if axcodes is None or not isinstance(image, MetaTensor) or image.ndim != 4 or image.meta.get(NOT_A_VOLUME):
-        return None
-    affine = np.asarray(image.affine, dtype=float)
-    if str(image.meta.get("space", "RAS")).upper() == "LPS":  # e.g. MONAI's readers with affine_lps_to_ras=False
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(axcodes))
-    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
-        return None
-    return ornt
-
-
-def oriented_shape(shape: Sequence[int], ornt: np.ndarray | None) -> tuple[int, ...]:
-    """The spatial ``shape`` of a volume after :func:`reorient` by ``ornt``."""
-    return tuple(int(n) for n in shape) if ornt is None else tuple(int(shape[int(a)]) for a in np.argsort(ornt[:, 0]))
-
-
-def reorient(data: torch.Tensor, ornt: np.ndarray | None, inverse: bool = False) -> torch.Tensor:
-    """``data`` ``(C, X, Y, Z)`` with its spatial axes flipped and permuted by ``ornt`` (from
-    :func:`reorientation`), or back with ``inverse``: exact, no resampling (``None``: unchanged)."""
-    if ornt is None:
-        return data
-    if inverse:  # input axis i went to output axis ornt[i, 0], flipped where ornt[i, 1] < 0
-        back = np.zeros_like(ornt)
-        for i, (axis, flip) in enumerate(ornt):
-            back[int(axis)] = (i, flip)
-        ornt = back
-    flips = [i + 1 for i, flip in enumerate(ornt[:, 1]) if flip < 0]
-    data = data.flip(flips) if flips else data
-    return data.permute(0, *(int(a) + 1 for a in np.argsort(ornt[:, 0])))
-
-
-def source_slice(k: int, count: int, ornt: np.ndarray | None) -> int:
-    """The source's index of slice ``k`` of ``count`` that a 2D classifier explains in a volume reoriented
-    by ``ornt``: the same axis (:func:`to_classifier_space` refuses another), reversed where it was flipped."""
-    return count - 1 - k if ornt is not None and ornt[2, 1] < 0 else k
 
 
 def to_classifier_space(

@@ -27,9 +27,8 @@ from nibabel.orientations import inv_ornt_aff
 from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
-from monai_medcam.pipeline import (
-    ROW_FIELDS, back_to_source, check_orientation, oriented_shape, reorient, reorientation, source_slice, to_classifier_space, write_rows_csv,
-)
+from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
+from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
 from monai_medcam.visualize import class_names_map
 from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 

@@ -353,7 +353,7 @@ def test_volumes_are_reoriented_as_monais_orientation_does_and_their_evidence_co
     from monai.transforms import Orientation
 
     from monai_medcam.io import InputError
-    from monai_medcam.pipeline import check_orientation, oriented_shape, reorient, reorientation
+    from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation
     from monai_medcam.transforms import SaveEvidenced, ToClassifierSpace, evidence_in_source
 
     affine = np.array([[0, 0, -2.0, 10], [0.1, -0.8, 0, 5], [1.2, 0, 0.05, -3], [0, 0, 0, 1]])  # axes permuted, flipped, oblique
