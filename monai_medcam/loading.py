@@ -128,10 +128,11 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
 
 
 # transforms of a bundle's preprocessing that change nothing medcam explain depends on (loading,
-# channels first, types, devices, copies); Orientation(d), LoadImage(d), ScaleIntensity(d) and
-# Resize(d) are judged by their arguments (_bundle_preprocessing), any other is named in a warning
+# channels first, types, devices, copies; an Orientation(d) without codes); LoadImage(d),
+# ScaleIntensity(d) and Resize(d) are judged by their arguments (_bundle_preprocessing), any other
+# is named in a warning
 _HARMLESS = {
-    "LoadInput", "LoadInputd", "ToClassifierSpace", "ToClassifierSpaced", "EnsureChannelFirst", "EnsureChannelFirstd",
+    "Compose", "Orientation", "Orientationd", "LoadInput", "LoadInputd", "ToClassifierSpace", "ToClassifierSpaced", "EnsureChannelFirst", "EnsureChannelFirstd",
     "AddChannel", "AddChanneld", "AsChannelFirst", "AsChannelFirstd", "EnsureType", "EnsureTyped", "ToTensor", "ToTensord",
     "ToNumpy", "ToNumpyd", "ToDevice", "ToDeviced", "CastToType", "CastToTyped", "Identity", "Identityd", "CopyItemsd",
     "DeleteItemsd", "SelectItemsd",
@@ -207,7 +208,7 @@ def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) ->
         elif name in ("Resize", "Resized"):
             label = None if _resized_like_medcam(node, size) else f"{name}({node.get('spatial_size')})"
         else:
-            label = None if name in _HARMLESS or name in ("Compose", "Orientation", "Orientationd") else name
+            label = None if name in _HARMLESS else name
         if label and label not in unapplied:
             unapplied.append(label)
     return codes, where, unapplied

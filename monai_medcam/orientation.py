@@ -23,11 +23,10 @@ def check_orientation(axcodes: str | None, what: str = "orientation") -> str | N
     ``"none"``; anything else is a ``ValueError`` naming ``what``."""
     if axcodes is None:
         return None
-    text = str(axcodes).strip().upper() if isinstance(axcodes, str) else None
-    if text in ("", "NONE"):
+    text = axcodes.strip().upper() if isinstance(axcodes, str) else ""
+    if isinstance(axcodes, str) and text in ("", "NONE"):
         return None
-    axes = sorted("LRAPSI".index(c) // 2 for c in text if c in "LRAPSI") if text else []  # 0: L/R, 1: A/P, 2: S/I
-    if text is None or len(text) != 3 or axes != [0, 1, 2]:
+    if len(text) != 3 or sorted("LRAPSI".find(c) // 2 for c in text) != [0, 1, 2]:  # 0: L/R, 1: A/P, 2: S/I; -1: other
         raise ValueError(f"{what} {axcodes!r}: give three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LPS), or none.")
     return text
 

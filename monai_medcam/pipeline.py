@@ -101,9 +101,9 @@ def to_classifier_space(
     low, high = data.min(), data.max()
     data = (data - low) / (high - low).clamp_min(1e-8)
     ornt = reorientation(image, orientation)
-    if ornt is not None and spatial_dims == 2 and int(np.argsort(ornt[:, 0])[2]) != 2:
-        axis = int(np.argsort(ornt[:, 0])[2])
-        raise InputError(path, f"reoriented to {orientation}, the volume would be sliced along its axis {axis}, across its own "
+    sliced_along = None if ornt is None else int(np.argsort(ornt[:, 0])[2])  # the source axis that ends up last
+    if spatial_dims == 2 and sliced_along not in (None, 2):
+        raise InputError(path, f"reoriented to {orientation}, the volume would be sliced along its axis {sliced_along}, across its own "
                                f"slices (axis 2): a 2D classifier's evidence per slice would not be the source's slices. Give an "
                                f"orientation that keeps the slice axis last (or none), or reformat the volume.")
     data = reorient(data, ornt)
