@@ -126,6 +126,38 @@ def _settings(args: argparse.Namespace) -> dict[str, int | bool]:
     return settings
 
 
+def _preprocessing(args: argparse.Namespace, loaded):
+    """The bundle's own preprocessing where ``--preprocessing`` asks for it (``auto``: a bundle with
+    transforms Med-CAM's own preprocessing does not do the same way, unless ``--size`` or
+    ``--orientation``, options of Med-CAM's own, are given), else ``None`` and, for the warning, why
+    not; ``False`` after an error message."""
+    mode = args.preprocessing
+    hint = "--preprocessing bundle applies the bundle's own and inverts it on the evidence"
+    given = [flag for flag, value in (("--orientation", args.orientation), ("--size", args.size)) if value is not None]
+    if mode == "bundle" and loaded.preprocessing_config is None:
+        print(f"error: --preprocessing bundle: {loaded.source} is not a MONAI bundle with a preprocessing.", file=sys.stderr)
+        return False, ""
+    if mode == "bundle" and given:
+        print(f"error: {' and '.join(given)} set how Med-CAM's own preprocessing prepares inputs; with --preprocessing bundle "
+              "the bundle's own does: leave them out.", file=sys.stderr)
+        return False, ""
+    if mode == "medcam" or loaded.preprocessing_config is None or (mode == "auto" and not loaded.unapplied):
+        return None, f" ({hint})" if loaded.unapplied else ""
+    if given:  # auto: options of Med-CAM's own preprocessing ask for it
+        return None, f" ({' and '.join(given)} given: Med-CAM's own preprocessing; {hint})"
+    try:
+        preprocessing = loaded.bundle_preprocessing()
+    except ValueError as err:
+        if mode == "bundle":
+            print(f"error: {err}", file=sys.stderr)
+            return False, ""
+        return None, f"; the bundle's own cannot run here: {str(err).rstrip('.')}"
+    print(f"note: inputs go through the bundle's own preprocessing ({', '.join(preprocessing.names)}), as in the classifier's "
+          "training, and the evidence is inverted through it onto each source (--preprocessing medcam: Med-CAM's own).",
+          file=sys.stderr)
+    return preprocessing, ""
+
+
 def _explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -149,28 +181,37 @@ def _explain(args: argparse.Namespace) -> int:
             (skipped if isinstance(err, NotAnImage) and Path(path).is_dir() else failures).append(err)
     for err in skipped:
         logging.getLogger("monai_medcam").debug("skipped %s", err)
-    layers = _target_layers(args, loaded)
-    if args.target_layers is None and layers == []:
-        print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
-              "for it, give the classifier as a bundle or python:module:factory.", file=sys.stderr)
-    try:  # a bundle's own codes, checked here (--orientation overrides them)
-        orientation = args.orientation if args.orientation is not None else loaded.orientation
-    except ValueError as err:
-        print(f"error: {err} (--orientation overrides a bundle's codes: RAS, say, or none)", file=sys.stderr)
-        return 2
-    if args.orientation is None and orientation:
-        print(f"note: volumes are reoriented to {orientation} for the classifier, as {loaded.orientation_source} says "
-              "(--orientation none: as read).", file=sys.stderr)
-    if loaded.unapplied:
-        print(f"warning: the bundle's preprocessing has {'; '.join(loaded.unapplied)}, which medcam explain does not do the "
-              "same way: it stretches each input's intensities to [0, 1] and resizes it to the classifier's size (--size, "
-              "or the bundle's metadata). If the classifier needs them, explain with its own preprocessing and MONAI's "
-              "Invertd (README, \"With the classifier's own preprocessing\").", file=sys.stderr)
-    settings = _settings(args)
     if not inputs and not failures:
         print(f"error: no image to explain in {', '.join(args.input)}" + (f" ({len(skipped)} file(s) without an image skipped)" if skipped else "") + ".",
               file=sys.stderr)
         return 2
+    layers = _target_layers(args, loaded)
+    if args.target_layers is None and layers == []:
+        print("note: TorchScript classifier: activation matching is off (hooks do not run in TorchScript); "
+              "for it, give the classifier as a bundle or python:module:factory.", file=sys.stderr)
+    preprocessing, why_not = _preprocessing(args, loaded)
+    if preprocessing is False:
+        return 2
+    orientation = None
+    if preprocessing is not None:  # for the slices of volumes a 2D bundle's preprocessing does not take
+        try:
+            orientation = loaded.orientation
+        except ValueError:  # a 2D bundle's "RA"
+            pass
+    else:
+        try:  # a bundle's own codes, checked here (--orientation overrides them)
+            orientation = args.orientation if args.orientation is not None else loaded.orientation
+        except ValueError as err:
+            print(f"error: {err} (--orientation overrides a bundle's codes: RAS, say, or none)", file=sys.stderr)
+            return 2
+        if args.orientation is None and orientation:
+            print(f"note: volumes are reoriented to {orientation} for the classifier, as {loaded.orientation_source} says "
+                  "(--orientation none: as read).", file=sys.stderr)
+    if preprocessing is None and loaded.unapplied:
+        print(f"warning: the bundle's preprocessing has {'; '.join(loaded.unapplied)}, which medcam explain's own does not do "
+              "the same way: it stretches each input's intensities to [0, 1] and resizes it to the classifier's size (--size, "
+              f"or the bundle's metadata){why_not}.", file=sys.stderr)
+    settings = _settings(args)
     try:
         report = explain_inputs(
             loaded.network,
@@ -189,6 +230,7 @@ def _explain(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             class_names=args.class_names if args.class_names is not None else loaded.class_names,
             orientation=orientation,
+            preprocessing=preprocessing,
             **settings,
         )
     except ValueError as err:
@@ -273,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--orientation", help="axis codes volumes are reoriented to for the classifier, as in its training, "
                                                "e.g. RAS; the evidence keeps the source's geometry (default: a bundle's "
                                                "Orientationd, else as read; 'none': as read)")
+    explain.add_argument("--preprocessing", choices=("auto", "bundle", "medcam"), default="auto",
+                         help="how inputs are prepared for the classifier: 'bundle' runs a bundle's own preprocessing and "
+                              "inverts it on the evidence; 'medcam' stretches intensities to [0, 1] and resizes to --size; "
+                              "'auto' (default): the bundle's where it has transforms Med-CAM's own does not do the same way "
+                              "(Spacingd, an intensity window, a crop)")
     explain.add_argument("--fractional", action="store_true", help="FRACTIONAL SEG of the soft mask instead of BINARY")
     explain.add_argument("--target-layers", help="comma-separated layer names for activation matching; '' turns it off (default: auto)")
     explain.add_argument("--gradcam-layer", help="add a Grad-CAM column of this layer to the PNG panels")

@@ -33,8 +33,10 @@ class LoadedClassifier:
         orientation_codes: the axis codes volumes were reoriented to for it, as found (a bundle's
             ``Orientationd`` in its preprocessing), else ``None`` (volumes as read).
         orientation_source: where they were found, for messages.
-        unapplied: transforms of a bundle's preprocessing that ``medcam explain`` does not do the
-            same way (``Spacingd``, an intensity window, a crop, ...), by name, for a warning.
+        unapplied: transforms of a bundle's preprocessing that Med-CAM's own (``to_classifier_space``)
+            does not do the same way (``Spacingd``, an intensity window, a crop, ...), by name.
+        preprocessing_config: a bundle's parsed config and its file, where it has a ``preprocessing``
+            (:meth:`bundle_preprocessing` builds it).
     """
 
     network: torch.nn.Module
@@ -46,6 +48,28 @@ class LoadedClassifier:
     orientation_codes: object = None
     orientation_source: str = "orientation"
     unapplied: list[str] = field(default_factory=list)
+    preprocessing_config: tuple | None = field(default=None, repr=False)
+
+    def bundle_preprocessing(self):
+        """The bundle's ``preprocessing``, instantiated, as a :class:`~monai_medcam.preprocessing.BundlePreprocessing`
+        (its loader left out), or ``None`` where the classifier has none.
+
+        Raises:
+            ValueError: it cannot be built or run here; the message names the bundle's config file.
+        """
+        from monai_medcam.preprocessing import BundlePreprocessing
+
+        if self.preprocessing_config is None:
+            return None
+        parser, config = self.preprocessing_config
+        loader = [name for name in self.unapplied if name.startswith("LoadImage")]
+        if loader:  # medcam's own loader reads each file; the bundle's options for it would be lost
+            raise ValueError(f"{config}: the preprocessing's loader has options Med-CAM's loader does not take ({', '.join(loader)}).")
+        try:
+            transform = parser.get_parsed_content("preprocessing", instantiate=True, lazy=False)  # not the cached, uninstantiated one
+        except Exception as err:
+            raise ValueError(f"{config}: cannot build the preprocessing ({type(err).__name__}: {err}).") from err
+        return BundlePreprocessing(transform, str(config))
 
     @property
     def orientation(self) -> str | None:
@@ -182,6 +206,8 @@ def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) ->
         tree = parser.get_parsed_content("preprocessing", instantiate=False)
     except Exception as err:  # an expression that does not evaluate without instantiating, say
         return None, "orientation", [f"a part that could not be read ({type(err).__name__}: {err})"]
+    from monai.bundle import ConfigItem
+
     codes, where, unapplied = None, "orientation", []
     for node in _transforms(tree):
         name = str(node["_target_"]).rsplit(".", 1)[-1]
@@ -200,6 +226,10 @@ def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) ->
             continue
         if name in ("LoadImage", "LoadImaged"):
             extra = sorted(set(node) - _LOADER_ARGS - {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"})
+            reader = node.get("reader")
+            reader = reader.get_config() if isinstance(reader, ConfigItem) else reader
+            if isinstance(reader, dict) and set(reader) - {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"}:
+                extra.append("reader options")  # a reader's reverse_indexing, converter, swap_ij: Med-CAM's loader has its own
             label = f"{name}({', '.join(extra)})" if extra else None
         elif name in ("ScaleIntensity", "ScaleIntensityd"):  # medcam explain scales the whole input to [0, 1]
             same = (node.get("minv", 0.0) == 0 and node.get("maxv", 1.0) == 1 and node.get("factor") is None
@@ -251,6 +281,8 @@ def _bundle(folder: Path) -> LoadedClassifier:
             loaded.spatial_dims = len(shape)
         loaded.channels = image.get("num_channels", loaded.channels)
     loaded.orientation_codes, loaded.orientation_source, loaded.unapplied = _bundle_preprocessing(parser, config, loaded.size)
+    if "preprocessing" in parser:
+        loaded.preprocessing_config = (parser, config)
     return loaded
 
 

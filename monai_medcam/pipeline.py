@@ -5,8 +5,10 @@ Data flow, one input at a time::
     io.find_inputs -> io.load_image (C, *S) -> classifier space: intensities to [0, 1], a volume
     reoriented to the classifier's axis codes (if given), channels matched, 2D slices of a volume
     for a 2D classifier, resized to the classifier's size
+    (or, with a bundle's own preprocessing: its transforms, as in the classifier's training)
     -> batches of same-shaped images (across inputs) -> MedCAM.explain
     -> masks resized back (nearest) and reoriented back to the source geometry
+    (or inverted through the bundle's transforms, MONAI's Invertd)
     -> writers (SEG, NIfTI, PNG) -> rows
 
 An input that cannot be read or explained is reported with its path and the problem; the others
@@ -31,6 +33,7 @@ from monai_medcam.classifiers import class_indices
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
+from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
 from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem, write_outputs
 
@@ -127,6 +130,22 @@ def to_classifier_space(
     return pieces
 
 
+def _prepare(preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims: int, path: Path) -> MetaTensor:
+    """``image`` ``(C, *S)`` through a bundle's own preprocessing: the classifier's input ``(C', *s)``
+    (channels not yet matched)."""
+    if spatial_dims == 3 and image.meta.get(NOT_A_VOLUME):
+        raise InputError(path, f"{image.meta[NOT_A_VOLUME]}, not a volume: a 3D classifier cannot explain it.")
+    try:
+        prepared = preprocessing(image)
+    except Exception as err:
+        raise InputError(path, f"the bundle's preprocessing failed on it ({type(err).__name__}: {err}).") from err
+    dims = prepared.ndim - 1
+    if dims != spatial_dims:
+        raise InputError(path, f"the bundle's preprocessing gives a {dims}D image of shape {tuple(prepared.shape[1:])}; the "
+                               f"classifier takes {spatial_dims}D inputs.")
+    return prepared
+
+
 def _sides(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     """The classifier's input size per axis: ``size`` as given, or its one side for every axis."""
     return tuple(size) if len(size) == spatial_dims else tuple(size) * spatial_dims
@@ -199,6 +218,7 @@ class _Pending:
     pieces: int
     sliced: bool  # a volume explained slice by slice by a 2D classifier (one piece per slice, even if just one)
     ornt: np.ndarray | None = None  # how the volume was reoriented for the classifier (see reorient)
+    prepared: MetaTensor | None = None  # the bundle's preprocessing's output, its transforms recorded (to invert)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     softs: dict[int, torch.Tensor] = field(default_factory=dict)
     heat: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -239,6 +259,7 @@ def explain_inputs(
     progress: bool = True,
     class_names: str | Sequence[str] | dict | None = None,
     orientation: str | None = None,
+    preprocessing: BundlePreprocessing | None = None,
     **settings: object,
 ) -> ExplainReport:
     """Explain every input with ``classifier`` and write ``formats`` to ``output``.
@@ -266,6 +287,12 @@ def explain_inputs(
         orientation: axis codes (``"RAS"``) volumes are reoriented to for the classifier, as in its
             training (MONAI's ``Orientationd``); the evidence is reoriented back, so the outputs keep
             the source's geometry. ``None`` gives the classifier volumes as read. 2D images are as read.
+        preprocessing: a bundle's own preprocessing (:class:`~monai_medcam.preprocessing.BundlePreprocessing`)
+            instead of Med-CAM's own (intensities to [0, 1], ``orientation``, resizing to ``size``):
+            each input goes through its transforms as in the classifier's training (then channels are
+            matched), and the evidence is inverted through them onto the source's voxels. ``size`` is
+            then only checked against. A volume (or cine) for a 2D classifier is not what a 2D
+            preprocessing takes: its slices get Med-CAM's own, with ``orientation``, and a warning.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
@@ -346,10 +373,21 @@ def explain_inputs(
             try:  # one input's problem here must not stop the others
                 shape = oriented_shape(pending.image.shape[1:], pending.ornt)
                 shape = shape[:-1] if pending.sliced else shape
-                pending.masks[k] = back_to_source(result.mask[j : j + 1].as_tensor().cpu(), shape, soft=False)[0]
-                pending.softs[k] = back_to_source(result.soft_mask[j : j + 1].cpu(), shape, soft=True)[0]
+
+                def back(maps: torch.Tensor, soft: bool, pending: _Pending = pending, shape: tuple = shape) -> torch.Tensor:
+                    """``(1, 1, *s)`` on the classifier's input -> ``(1, *shape)`` on the source's voxels."""
+                    if pending.prepared is None:
+                        return back_to_source(maps, shape, soft)[0]
+                    out = preprocessing.invert(maps[0], pending.prepared, soft)
+                    if tuple(out.shape[1:]) != tuple(shape):
+                        raise InputError(pending.item.path, f"its evidence {tuple(out.shape[1:])} could not be put back on its "
+                                                            f"{tuple(shape)} voxels: a transform of {preprocessing} is not invertible.")
+                    return out
+
+                pending.masks[k] = back(result.mask[j : j + 1].as_tensor().cpu(), soft=False)
+                pending.softs[k] = back(result.soft_mask[j : j + 1].cpu(), soft=True)
                 if heat is not None:
-                    pending.heat[k] = back_to_source(heat[j : j + 1].cpu(), shape, soft=True)[0]
+                    pending.heat[k] = back(heat[j : j + 1].cpu(), soft=True)
                 number = source_slice(k, pending.pieces, pending.ornt) if pending.sliced else ""
                 row = {"input": pending.item.label, "slice": number, "evidence": pending.name}
                 row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
@@ -371,13 +409,22 @@ def explain_inputs(
             no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
             if no_seg:  # a cine: no SEG, so no work for it
                 raise InputError(item.path, no_seg)
-            pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
+            prepared = None
+            if preprocessing is not None and spatial_dims == 2 and image.ndim == 4:
+                logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation "
+                               "(intensities stretched to [0, 1], resized), not by %s, which takes 2D images.", item.label, preprocessing)
+            elif preprocessing is not None:
+                prepared = _prepare(preprocessing, image, spatial_dims, item.path)
+            if prepared is None:
+                pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
+            else:
+                pieces = [_fit_channels(prepared.as_tensor().float(), channels, item.path, image.meta.get(INPUT_KIND))]
         except Exception as err:
             fail(item, err)
             bar.update(1)
             continue
-        pending = _Pending(item, name, image, len(pieces), sliced=spatial_dims == 2 and image.ndim == 4,
-                           ornt=reorientation(image, orientation))
+        pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
+                           ornt=reorientation(image, orientation), prepared=prepared)
         for k, piece in enumerate(pieces):
             if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
                 run_batch()

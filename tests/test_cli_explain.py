@@ -251,7 +251,7 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     loaded = load_classifier(bundle)
     assert (loaded.orientation, loaded.unapplied) == ("LPS", ["Spacingd", "ScaleIntensityRanged"])
     main(args)
-    assert "warning: the bundle's preprocessing has Spacingd; ScaleIntensityRanged, which medcam explain does not do" \
+    assert "warning: the bundle's preprocessing has Spacingd; ScaleIntensityRanged, which medcam explain's own does not do" \
         in capsys.readouterr().err
     config["preprocessing"]["transforms"] = [{"_target_": "LoadImaged", "keys": "image", "reverse_indexing": False},
                                              {"_target_": "Resized", "keys": "image", "spatial_size": [32, 32]},
@@ -259,6 +259,77 @@ def test_orientation_comes_from_a_bundles_preprocessing_and_the_command_line(tmp
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert load_classifier(bundle).unapplied == ["LoadImaged(reverse_indexing)", "Resized([32, 32])", "ScaleIntensityd"]
 
+
+def test_a_bundles_own_preprocessing_runs_unless_medcams_is_asked_for(tmp_path, capsys):
+    """A 3D bundle trained after Spacingd, an intensity window and a flip: ``medcam explain`` runs its own
+    preprocessing (loader left out), says so, and the classifier sees the box (label 1); with
+    ``--preprocessing medcam``, or ``--size`` (an option of Med-CAM's own), the warning names what is
+    not applied and the classifier does not see it (label 0)."""
+    import numpy as np
+
+    from monai_medcam.demo.studies import write_dicom_series
+    from monai_medcam.io import find_inputs, load_image
+    from tests.toys import RegionClassifier
+
+    rng = np.random.default_rng(2)
+    volume = rng.uniform(0, 900, (12, 48, 64))
+    volume[3:9, 8:20, 40:56] += 2600
+    write_dicom_series(tmp_path / "box", volume.astype(np.uint16), "box", spacing=(2.0, 2.0, 4.0))
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    config = {"network_def": {"_target_": "tests.toys.RegionClassifier", "size": 32, "spatial_dims": 3, "threshold": 0.6},
+              "preprocessing": {"_target_": "Compose", "transforms": [
+                  {"_target_": "LoadImaged", "keys": ["image", "label"]}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                  {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+                  {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [3.0, 3.0, 3.0], "allow_missing_keys": True},
+                  {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 3500, "b_min": 0, "b_max": 1, "clip": True},
+                  {"_target_": "Flipd", "keys": "image", "spatial_axis": 0},  # left-right: Med-CAM's own cannot do that
+                  {"_target_": "Resized", "keys": "image", "spatial_size": [32, 32, 32]}]}}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": [32, 32, 32]}}}}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    net = RegionClassifier(size=32, spatial_dims=3, threshold=0.6)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    loaded = load_classifier(bundle)
+    assert loaded.unapplied == ["Spacingd", "ScaleIntensityRanged", "Flipd"] and loaded.orientation == "RAS"
+    preprocessing = loaded.bundle_preprocessing()
+    assert preprocessing.names == ["Orientationd", "Spacingd", "ScaleIntensityRanged", "Flipd", "Resized"] and preprocessing.key == "image"
+    prepared = preprocessing(load_image(find_inputs(tmp_path / "box")[0][0]))
+    net.window.copy_((prepared[0] > 0.7).float())  # the classifier decides where the bundle's preprocessing puts the box
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+
+    args = ["explain", "--classifier", str(bundle), "--input", str(tmp_path / "box"), "--format", "nifti", "--steps", "10",
+            "--target-layers", "", "--no-progress", "--seed", "0"]
+    assert main([*args, "--output", str(tmp_path / "own")]) == 0
+    err = capsys.readouterr().err
+    assert "note: inputs go through the bundle's own preprocessing (Orientationd, Spacingd, ScaleIntensityRanged, Flipd, Resized)" in err
+    assert "warning" not in err and "reoriented to RAS" not in err  # the bundle's Orientationd does it
+    rows = list(csv.DictReader((tmp_path / "own" / "summary.csv").open()))
+    assert [row["label"] for row in rows] == ["1"]
+    for extra in (["--preprocessing", "medcam"], ["--size", "32"]):
+        assert main([*args, "--output", str(tmp_path / "medcam"), *extra]) == 0
+        err = capsys.readouterr().err
+        assert "warning: the bundle's preprocessing has Spacingd; ScaleIntensityRanged; Flipd, which medcam explain's own does not" in err
+        assert "--preprocessing bundle applies the bundle's own" in err and "note: volumes are reoriented to RAS" in err
+        assert [row["label"] for row in csv.DictReader((tmp_path / "medcam" / "summary.csv").open())] == ["0"]
+    assert main([*args, "--output", str(tmp_path / "x"), "--preprocessing", "bundle", "--size", "32"]) == 2
+    assert "--size set how Med-CAM's own preprocessing prepares inputs" in capsys.readouterr().err
+    assert main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(tmp_path / "box"),
+                 "--output", str(tmp_path / "x"), "--preprocessing", "bundle"]) == 2
+    assert "is not a MONAI bundle with a preprocessing" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a loader whose options Med-CAM's own loader would not honour: the bundle's preprocessing is not run
+    config["preprocessing"]["transforms"][0]["reader"] = {"_target_": "NibabelReader", "as_closest_canonical": True}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the preprocessing's loader has options Med-CAM's loader does not take \(LoadImaged\(reader options\)\)"):
+        load_classifier(bundle).bundle_preprocessing()
+    del config["preprocessing"]["transforms"][0]["reader"]
+    config["preprocessing"]["transforms"].append({"_target_": "ScaleIntensityRange", "a_min": 0, "a_max": 1, "b_min": 0, "b_max": 1})
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert main([*args, "--output", str(tmp_path / "x"), "--preprocessing", "bundle"]) == 2
+    assert "mixes array transforms (ScaleIntensityRange) with dictionary ones" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "mixed")]) == 0  # auto: Med-CAM's own, saying why
+    assert "the bundle's own cannot run here: " in capsys.readouterr().err
 
 def test_classifier_mismatch_stops_before_any_work(tmp_path, capsys):
     """A class index beyond the classifier's classes, or a 2D classifier run as 3D, is found by one

@@ -306,6 +306,92 @@ def test_a_series_is_reoriented_for_the_classifier_and_its_evidence_written_back
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
+def test_a_bundles_own_preprocessing_is_applied_and_inverted_onto_the_series(tmp_path, caplog):
+    """A 3D classifier trained after MONAI's Orientationd, Spacingd, an intensity window and Resized
+    looks where those put the box, not where Med-CAM's own preprocessing (stretch and resize) does:
+    with the bundle's preprocessing the volume is called class 1 and its evidence, inverted through
+    the transforms, lies on the box in the series' own geometry (NIfTI and SEG)."""
+    from monai.transforms import Compose, LoadImaged, Orientationd, Resized, ScaleIntensityRanged, Spacingd, ToTensord
+
+    from monai_medcam.preprocessing import BundlePreprocessing
+
+    rng = np.random.default_rng(2)
+    volume = rng.uniform(0, 900, (12, 48, 64))
+    volume[3:9, 8:20, 40:56] += 2600  # slices 3-8, rows 8-19, columns 40-55
+    write_dicom_series(tmp_path / "box", volume.astype(np.uint16), "box", spacing=(2.0, 2.0, 4.0))
+    items, _ = find_inputs(tmp_path / "box")
+    transform = [LoadImaged("image"), Orientationd("image", axcodes="RAS"), Spacingd("image", pixdim=(3.0, 3.0, 3.0)),
+                 ScaleIntensityRanged("image", a_min=0, a_max=3500, b_min=0, b_max=1, clip=True), ToTensord("image"),
+                 Resized("image", spatial_size=(32, 32, 32))]  # a list, as a bundle may give it
+    preprocessing = BundlePreprocessing(transform, "test bundle")
+    # the loader left out, and ToTensord (its inverse would give the next one a NumPy array)
+    assert preprocessing.names == ["Orientationd", "Spacingd", "ScaleIntensityRanged", "Resized"]
+    image = load_image(items[0])
+    prepared = preprocessing(image)
+    net = RegionClassifier(size=32, spatial_dims=3, threshold=0.6)
+    net.window.copy_((prepared[0] > 0.7).float())  # where the box lands in the classifier's input
+    assert 100 < net.window.sum() < 2000 and net(prepared[None].float()).argmax(1).item() == 1
+    medcams_own = to_classifier_space(image, 3, 1, (32, 32, 32), items[0].path)[0]
+    assert net(medcams_own[None]).argmax(1).item() == 0  # Med-CAM's own preprocessing puts the box elsewhere
+
+    options = dict(spatial_dims=3, channels=1, size=(32, 32, 32), target_layers=[], progress=False, max_retries=0, seed=0,
+                   steps=60, lr_decay=0.99, restarts=0)
+    report = explain_inputs(net, items, tmp_path / "out", ("seg", "nifti"), preprocessing=preprocessing, **options)
+    assert report.failures == {} and [r["label"] for r in report.rows] == [1]
+    written = nibabel.load(tmp_path / "out" / "box_evidence.nii.gz")
+    mask = np.asarray(written.dataobj).astype(bool)  # (columns, rows, slices), the series' grid
+    assert mask.shape == (64, 48, 12) and np.allclose(written.affine, np.asarray(image.affine))  # the series', as read
+    box = np.zeros_like(mask)
+    box[40:56, 8:20, 3:9] = True
+    share = (mask & box).sum() / max(mask.sum(), 1)
+    assert mask.sum() > 20 and share > 0.8, f"{mask.sum()} voxels of evidence, {share:.2f} of it on the box"
+    sources = [pydicom.dcmread(f) for f in image.meta[SOURCE_FILES]]
+    frames = _seg_by_instance(tmp_path / "out" / "box_evidence_seg.dcm", sources)
+    for k, ds in enumerate(sources):
+        assert np.array_equal(frames[ds.SOPInstanceUID], mask[..., k].T), f"instance {ds.InstanceNumber}"
+
+    # a 2D bundle's preprocessing does not take a volume: its slices get Med-CAM's own, with a warning
+    flat = BundlePreprocessing(Compose([ScaleIntensityRanged("image", a_min=0, a_max=3500, b_min=0, b_max=1)]), "2D bundle")
+    report = explain_inputs(RegionClassifier(size=32), items, tmp_path / "dims", ("nifti",), preprocessing=flat,
+                            **{**options, "spatial_dims": 2, "size": (32, 32), "steps": 2})
+    assert report.failures == {} and [int(r["slice"]) for r in report.rows] == list(range(12))
+    assert "a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation" in caplog.text
+    assert "not by BundlePreprocessing(ScaleIntensityRanged; from 2D bundle)" in caplog.text
+    from PIL import Image  # a colour picture for a grey classifier: its channels averaged after the bundle's preprocessing
+
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3)).astype(np.uint8)).save(tmp_path / "colour.png")
+    picture = find_inputs(tmp_path / "colour.png")[0]
+    report = explain_inputs(RegionClassifier(size=32), picture, tmp_path / "colour", ("nifti",),
+                            preprocessing=BundlePreprocessing(Resized("image", spatial_size=(32, 32)), "2D bundle"),
+                            **{**options, "spatial_dims": 2, "size": (32, 32), "steps": 2})
+    assert report.failures == {} and len(report.rows) == 1
+    assert nibabel.load(tmp_path / "colour" / "colour_evidence.nii.gz").shape == (48, 40)  # the picture's (columns, rows)
+
+
+def test_evidence_thinner_than_a_source_voxel_survives_the_inversion():
+    """Where the bundle's preprocessing makes the image larger (a 16 x 16 image resized to 64 x 64,
+    or resampled to a finer spacing), a mask of 2 x 3 classifier pixels covers less than one source
+    pixel: nearest sampling alone would drop it; it is kept, and a larger mask keeps its shape."""
+    from monai.transforms import Resized, Spacingd
+
+    from monai_medcam.preprocessing import BundlePreprocessing
+
+    image = MetaTensor(torch.rand(1, 16, 16), affine=torch.eye(4))
+    # Resized: input pixel i covers source pixels i/4 to (i+1)/4; Spacingd (61 x 61): input pixel i is at source pixel i/4
+    for transform, ends in ((Resized("image", spatial_size=(64, 64)), (32, 24)), (Spacingd("image", pixdim=(0.25, 0.25)), (29, 21))):
+        preprocessing = BundlePreprocessing(transform, "test")
+        prepared = preprocessing(image)
+        thin = torch.zeros(1, *prepared.shape[1:])
+        thin[0, 33:35, 20:23] = 1
+        back = preprocessing.invert(thin, prepared, soft=False)
+        assert back.shape == (1, 16, 16) and 1 <= back.sum() <= 4 and back[0, 7:10, 4:7].sum() == back.sum(), type(transform)
+        block = torch.zeros(1, *prepared.shape[1:])
+        block[0, 16 : ends[0], 8 : ends[1]] = 1  # source pixels 4-7 and 2-5
+        back = preprocessing.invert(block, prepared, soft=False)
+        expected = torch.zeros(1, 16, 16)
+        expected[0, 4:8, 2:6] = 1
+        assert torch.equal(back, expected), type(transform)
+
 def test_find_inputs_reports_bad_files(tmp_path):
     test_files = Path(get_testdata_file("MR_small.dcm", download=False)).parent
     shutil.copy(test_files / "MR_truncated.dcm", tmp_path / "truncated.dcm")
@@ -953,6 +1039,14 @@ def test_a_cine_is_explained_frame_by_frame(tmp_path, caplog):
                             spatial_dims=3, size=(32, 32, 32), **QUICK)
     assert "2 frames without a position in space each (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
     assert report.rows == []
+    from monai.transforms import Resized
+
+    from monai_medcam.preprocessing import BundlePreprocessing
+
+    through_bundle = BundlePreprocessing(Resized("image", spatial_size=(32, 32, 32)), "3D bundle")  # a cine is no volume for it either
+    report = explain_inputs(RegionClassifier(spatial_dims=3), [find_input(path)], tmp_path / "out4", ("nifti",), channels=1,
+                            spatial_dims=3, preprocessing=through_bundle, **QUICK)
+    assert "2 frames without a position in space each (a cine or a multi-frame capture), not a volume" in report.failures[str(path)]
 
 
 def test_an_enhanced_image_of_one_frame_is_a_2d_image_with_its_geometry(tmp_path):
