@@ -195,6 +195,22 @@ def _resized_like_medcam(node: dict, size: tuple[int, ...] | None) -> bool:
     return bool(size) and node.get("size_mode", "all") == "all" and tuple(wanted) == tuple(size)
 
 
+def _loader_options(name: str, node: dict) -> str | None:
+    """A loader's options that change the image Med-CAM's own loader gives (``LoadImaged(reverse_indexing)``),
+    or ``None``. A reader given other than by its bare class (with arguments, or built by an
+    expression) counts as "reader options": its ``reverse_indexing``, converter or ``swap_ij`` would be lost."""
+    from monai.bundle import ConfigItem
+
+    meta = {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"}
+    extra = sorted(set(node) - _LOADER_ARGS - meta)
+    reader = node.get("reader")
+    reader = reader.get_config() if isinstance(reader, ConfigItem) else reader
+    bare = reader is None or (isinstance(reader, str) and not reader.startswith(("$", "@"))) or (isinstance(reader, dict) and not set(reader) - meta)
+    if not bare:
+        extra.append("reader options")
+    return f"{name}({', '.join(extra)})" if extra else None
+
+
 def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) -> tuple[object, str, list[str]]:
     """What a bundle's ``preprocessing`` (references and expressions resolved, nothing instantiated)
     says about how its classifier saw images: the axis codes of its first ``Orientation(d)`` (``RAS``
@@ -206,11 +222,13 @@ def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) ->
         tree = parser.get_parsed_content("preprocessing", instantiate=False)
     except Exception as err:  # an expression that does not evaluate without instantiating, say
         return None, "orientation", [f"a part that could not be read ({type(err).__name__}: {err})"]
-    from monai.bundle import ConfigItem
-
     codes, where, unapplied = None, "orientation", []
     for node in _transforms(tree):
         name = str(node["_target_"]).rsplit(".", 1)[-1]
+        if name in ("LoadImage", "LoadImaged"):  # its options first: a loader may reorient too (as_closest_canonical)
+            label = _loader_options(name, node)
+            if label and label not in unapplied:
+                unapplied.append(label)
         found = None
         if name in ("Orientation", "Orientationd", "LoadImage", "LoadImaged") and node.get("as_closest_canonical") is True:
             found = "RAS"
@@ -225,13 +243,8 @@ def _bundle_preprocessing(parser, config: Path, size: tuple[int, ...] | None) ->
                 unapplied.append(f"{name}({found}) after {codes}")
             continue
         if name in ("LoadImage", "LoadImaged"):
-            extra = sorted(set(node) - _LOADER_ARGS - {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"})
-            reader = node.get("reader")
-            reader = reader.get_config() if isinstance(reader, ConfigItem) else reader
-            if isinstance(reader, dict) and set(reader) - {"_target_", "_desc_", "_requires_", "_disabled_", "_mode_"}:
-                extra.append("reader options")  # a reader's reverse_indexing, converter, swap_ij: Med-CAM's loader has its own
-            label = f"{name}({', '.join(extra)})" if extra else None
-        elif name in ("ScaleIntensity", "ScaleIntensityd"):  # medcam explain scales the whole input to [0, 1]
+            continue
+        if name in ("ScaleIntensity", "ScaleIntensityd"):  # medcam explain scales the whole input to [0, 1]
             same = (node.get("minv", 0.0) == 0 and node.get("maxv", 1.0) == 1 and node.get("factor") is None
                     and not node.get("channel_wise", False))
             label = None if same else name

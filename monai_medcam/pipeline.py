@@ -143,6 +143,13 @@ def _prepare(preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims
     if dims != spatial_dims:
         raise InputError(path, f"the bundle's preprocessing gives a {dims}D image of shape {tuple(prepared.shape[1:])}; the "
                                f"classifier takes {spatial_dims}D inputs.")
+    try:  # undone once on an empty map now, not after the optimisation
+        back = preprocessing.invert(torch.zeros(1, *prepared.shape[1:]), prepared, soft=True)
+    except Exception as err:
+        back = err
+    if not isinstance(back, torch.Tensor) or tuple(back.shape[1:]) != tuple(image.shape[1:]):
+        found = f"{type(back).__name__}: {back}" if isinstance(back, Exception) else f"shape {tuple(back.shape[1:])}"
+        raise InputError(path, f"{preprocessing} cannot be undone on its evidence ({found}; the source has {tuple(image.shape[1:])}).")
     return prepared
 
 
@@ -291,8 +298,8 @@ def explain_inputs(
             instead of Med-CAM's own (intensities to [0, 1], ``orientation``, resizing to ``size``):
             each input goes through its transforms as in the classifier's training (then channels are
             matched), and the evidence is inverted through them onto the source's voxels. ``size`` is
-            then only checked against. A volume (or cine) for a 2D classifier is not what a 2D
-            preprocessing takes: its slices get Med-CAM's own, with ``orientation``, and a warning.
+            then only checked against, and ``orientation`` is for the inputs a 2D preprocessing does
+            not take: a volume (or cine) for a 2D classifier, whose slices get Med-CAM's own, with a warning.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
@@ -424,7 +431,7 @@ def explain_inputs(
             bar.update(1)
             continue
         pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
-                           ornt=reorientation(image, orientation), prepared=prepared)
+                           ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
         for k, piece in enumerate(pieces):
             if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
                 run_batch()

@@ -59,6 +59,8 @@ class BundlePreprocessing:
                 if _closest_canonical(t):
                     kept.append(Orientationd(key, axcodes="RAS") if key is not None else _array_orientation())
             elif name not in _TYPES_ONLY:
+                if getattr(t, "lazy", False):  # run now: MONAI's inverse of a lazy transform would stay pending
+                    t.lazy = False
                 kept.append(t)
         if not kept:
             raise ValueError(f"{source}: the preprocessing has nothing but a loader and type conversions; explain with --preprocessing medcam.")
@@ -150,7 +152,7 @@ def _source_voxels(evidence: torch.Tensor, affine: torch.Tensor, source_affine: 
     dims = evidence.ndim
     points = np.argwhere(evidence.cpu().numpy())
     a, b = np.asarray(affine, dtype=np.float64), np.asarray(source_affine, dtype=np.float64)
-    world = points @ a[:3, :dims].T + a[:3, 3]
-    index = np.rint((world - b[:3, 3]) @ np.linalg.pinv(b[:3, :dims]).T).astype(np.int64)
+    world = points @ a[:-1, :dims].T + a[:-1, -1]
+    index = np.rint((world - b[:-1, -1]) @ np.linalg.pinv(b[:-1, :dims]).T).astype(np.int64)
     inside = ((index >= 0) & (index < np.asarray(shape))).all(1)
     return tuple(index[inside].T)

@@ -307,6 +307,11 @@ def test_a_bundles_own_preprocessing_runs_unless_medcams_is_asked_for(tmp_path, 
     assert "warning" not in err and "reoriented to RAS" not in err  # the bundle's Orientationd does it
     rows = list(csv.DictReader((tmp_path / "own" / "summary.csv").open()))
     assert [row["label"] for row in rows] == ["1"]
+    import nibabel
+
+    mask = np.asarray(nibabel.load(tmp_path / "own" / "box_evidence.nii.gz").dataobj).astype(bool)  # (columns, rows, slices)
+    on_box, mirrored = mask[40:56, 8:20, 3:9].sum(), mask[8:24, 28:40, 3:9].sum()  # the box, and where a second flip puts it
+    assert on_box > 0.8 * 16 * 12 * 6 and mirrored == 0, f"{mask.sum()} voxels of evidence, {on_box} on the box, {mirrored} mirrored"
     for extra in (["--preprocessing", "medcam"], ["--size", "32"]):
         assert main([*args, "--output", str(tmp_path / "medcam"), *extra]) == 0
         err = capsys.readouterr().err
@@ -323,7 +328,14 @@ def test_a_bundles_own_preprocessing_runs_unless_medcams_is_asked_for(tmp_path, 
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"the preprocessing's loader has options Med-CAM's loader does not take \(LoadImaged\(reader options\)\)"):
         load_classifier(bundle).bundle_preprocessing()
+    config["preprocessing"]["transforms"][0]["reader"] = "$monai.data.NibabelReader(as_closest_canonical=False)"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert load_classifier(bundle).unapplied[0] == "LoadImaged(reader options)"  # a reader built by an expression
     del config["preprocessing"]["transforms"][0]["reader"]
+    config["preprocessing"]["transforms"][0].update(as_closest_canonical=True, reverse_indexing=False)  # options beside the codes
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert load_classifier(bundle).unapplied[0] == "LoadImaged(reverse_indexing)" and load_classifier(bundle).orientation == "RAS"
+    del config["preprocessing"]["transforms"][0]["reverse_indexing"], config["preprocessing"]["transforms"][0]["as_closest_canonical"]
     config["preprocessing"]["transforms"].append({"_target_": "ScaleIntensityRange", "a_min": 0, "a_max": 1, "b_min": 0, "b_max": 1})
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     assert main([*args, "--output", str(tmp_path / "x"), "--preprocessing", "bundle"]) == 2

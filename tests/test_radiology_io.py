@@ -392,6 +392,29 @@ def test_evidence_thinner_than_a_source_voxel_survives_the_inversion():
         expected[0, 4:8, 2:6] = 1
         assert torch.equal(back, expected), type(transform)
 
+def test_lazy_transforms_are_inverted_and_what_cannot_be_undone_is_refused_first(tmp_path):
+    """A bundle's transforms marked lazy are run (and inverted) at once; a preprocessing whose inverse
+    does not give back the source's shape (a crop by a Lambdad without inv_func) fails the input
+    before its optimisation, naming it."""
+    from monai.transforms import Lambdad, Resized, Spacingd
+
+    from monai_medcam.preprocessing import BundlePreprocessing
+
+    image = MetaTensor(torch.rand(1, 16, 12, 8), affine=torch.diag(torch.tensor([1.0, 1.5, 3.0, 1.0])))
+    lazy = BundlePreprocessing([Spacingd("image", pixdim=(2.0, 2.0, 2.0), lazy=True), Resized("image", (32, 32, 32), lazy=True)], "lazy")
+    prepared = lazy(image)
+    assert prepared.shape == (1, 32, 32, 32)
+    assert lazy.invert(torch.ones(1, 32, 32, 32), prepared, soft=False).shape == (1, 16, 12, 8)
+
+    nifti = tmp_path / "volume.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((16, 12, 8)).astype(np.float32), np.eye(4)), nifti)
+    cut = BundlePreprocessing([Lambdad("image", lambda x: x[:, :8]), Resized("image", (32, 32, 32))], "cutting bundle")
+    report = explain_inputs(RegionClassifier(spatial_dims=3), find_inputs(nifti)[0], tmp_path / "out", ("nifti",), spatial_dims=3,
+                            channels=1, preprocessing=cut, **QUICK)
+    problem = report.failures[str(nifti)]
+    assert "BundlePreprocessing(Lambdad, Resized; from cutting bundle) cannot be undone on its evidence" in problem
+    assert "shape (8, 12, 8); the source has (16, 12, 8)" in problem and not report.rows
+
 def test_find_inputs_reports_bad_files(tmp_path):
     test_files = Path(get_testdata_file("MR_small.dcm", download=False)).parent
     shutil.copy(test_files / "MR_truncated.dcm", tmp_path / "truncated.dcm")
