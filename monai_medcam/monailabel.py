@@ -27,7 +27,8 @@ from monai.data import MetaTensor
 from monai_medcam.inferer import MedCAMInferer
 from monai_medcam.orientation import check_orientation
 from monai_medcam.settings import MedCAMSettings
-from monai_medcam.transforms import LoadInputd, ToClassifierSpaced, evidence_in_source
+from monai_medcam.preprocessing import BundlePreprocessing
+from monai_medcam.transforms import DIAGNOSTICS_KEY, PREPROCESSED_KEY, LoadInputd, ToClassifierSpaced, evidence_in_source
 from monai_medcam.visualize import evidence_not_verified
 
 try:
@@ -55,15 +56,27 @@ class ToSourceGeometryd:
     """``pred`` ``(1, *s)`` in classifier space -> ``(*S)`` uint8 on the source voxels, a MetaTensor with the
     source image's affine (what MONAI Label's writer uses): 1 where the evidence was verified, 2 where
     it was not (a client shows the two labels by their names, :data:`LABELS`); the diagnostics go to
-    ``data["result"]``."""
+    ``data["result"]``. Where a bundle's ``preprocessing`` prepared the image (``data["image"]``,
+    marked by :class:`~monai_medcam.transforms.ToClassifierSpaced`), the evidence is inverted through it."""
 
-    def __init__(self, pred_key: str = "pred", source_key: str = "image_source", result_key: str = "result") -> None:
+    def __init__(
+        self, pred_key: str = "pred", source_key: str = "image_source", result_key: str = "result",
+        preprocessing: BundlePreprocessing | None = None, image_key: str = "image",
+    ) -> None:
         self.pred_key, self.source_key, self.result_key = pred_key, source_key, result_key
+        self.preprocessing, self.image_key = preprocessing, image_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         pred, source = d[self.pred_key], d[self.source_key]
-        mask, columns = evidence_in_source(pred, source)
+        prepared = d.get(self.image_key)
+        if self.preprocessing is not None and isinstance(prepared, MetaTensor) and prepared.meta.get(PREPROCESSED_KEY):
+            values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+            mask = self.preprocessing.invert(values.detach().float().cpu(), prepared, soft=False)
+            meta = pred.meta if isinstance(pred, MetaTensor) else {}
+            columns = {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
+        else:
+            mask, columns = evidence_in_source(pred, source)
         mask = mask[0]  # MONAI Label's writer takes spatial axes only
         flags = {name: columns[name] for name in ("verified", "vacuous", "area") if name in columns}
         failed = [bool(evidence_not_verified(dict(zip(flags, row)))) for row in zip(*flags.values())]  # per slice, or one
@@ -108,6 +121,9 @@ class MedCAMInferTask(BasicInferTask):
         size: the classifier's input size (images resized to it, evidence resized back).
         orientation: axis codes (``"RAS"``) volumes are reoriented to for the classifier, as in its
             training; the label is reoriented back onto the image's voxels. ``None``: as read.
+        preprocessing: a bundle's own (:meth:`monai_medcam.loading.LoadedClassifier.bundle_preprocessing`)
+            instead of Med-CAM's own preparation, for every image it takes (a 2D bundle's does not
+            take volumes: their slices get Med-CAM's own); the label is inverted through it.
         dimension: what MONAI Label clients are told (3 for volumes).
         batch_size: slices optimised together.
         description: shown by ``GET /info/``.
@@ -128,9 +144,11 @@ class MedCAMInferTask(BasicInferTask):
         batch_size: int = 32,
         description: str = "Med-CAM: the minimal evidence behind the classifier's decision, as a label",
         orientation: str | None = None,
+        preprocessing: BundlePreprocessing | None = None,
         **settings: object,
     ) -> None:
         self.orientation = check_orientation(orientation)
+        self.preprocessing = preprocessing
         settings = {"skip_vacuous": True, **settings}
         defaults = self._defaults(settings)
         super().__init__(
@@ -166,7 +184,7 @@ class MedCAMInferTask(BasicInferTask):
         if data is not None:
             _parameters(data, self.defaults)  # bad parameters fail before the image is read
         to_classifier = ToClassifierSpaced(keys="image", spatial_dims=self.spatial_dims, channels=self.channels, size=self.size,
-                                           orientation=self.orientation)
+                                           orientation=self.orientation, preprocessing=self.preprocessing)
         return [LoadInputd(keys="image"), to_classifier]
 
     def inferer(self, data: Mapping[Hashable, Any] | None = None) -> MedCAMInferer:
@@ -177,7 +195,7 @@ class MedCAMInferTask(BasicInferTask):
         )
 
     def post_transforms(self, data: Mapping[Hashable, Any] | None = None) -> Sequence[Callable]:
-        return [ToSourceGeometryd()]
+        return [ToSourceGeometryd(preprocessing=self.preprocessing)]
 
     def _get_network(self, device: str, data: Any) -> torch.nn.Module:
         """The classifier given at construction, on ``device`` (one instance, no checkpoint reloads)."""

@@ -39,7 +39,7 @@ from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_p
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
-    "ROW_FIELDS", "check_classifier",
+    "ROW_FIELDS", "check_classifier", "bundle_prepared",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,17 @@ def to_classifier_space(
     return pieces
 
 
-def _prepare(preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims: int, path: Path) -> MetaTensor:
-    """``image`` ``(C, *S)`` through a bundle's own preprocessing: the classifier's input ``(C', *s)``
-    (channels not yet matched)."""
+def bundle_prepared(
+    preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims: int, channels: int | None, path: Path
+) -> MetaTensor:
+    """``image`` ``(C, *S)`` through a bundle's own preprocessing, then its channels matched: the
+    classifier's input ``(channels, *s)`` with the transforms recorded (``applied_operations``), for
+    ``preprocessing.invert``. Checked: the classifier's dimensions, and that the transforms can be
+    undone on its evidence (before any optimisation).
+
+    Raises:
+        InputError: naming ``path``, where any of this fails.
+    """
     if spatial_dims == 3 and image.meta.get(NOT_A_VOLUME):
         raise InputError(path, f"{image.meta[NOT_A_VOLUME]}, not a volume: a 3D classifier cannot explain it.")
     try:
@@ -150,7 +158,8 @@ def _prepare(preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims
     if not isinstance(back, torch.Tensor) or tuple(back.shape[1:]) != tuple(image.shape[1:]):
         found = f"{type(back).__name__}: {back}" if isinstance(back, Exception) else f"shape {tuple(back.shape[1:])}"
         raise InputError(path, f"{preprocessing} cannot be undone on its evidence ({found}; the source has {tuple(image.shape[1:])}).")
-    return prepared
+    data = _fit_channels(prepared.as_tensor().float(), channels, path, image.meta.get(INPUT_KIND))
+    return MetaTensor(data, meta=dict(prepared.meta), applied_operations=list(prepared.applied_operations))
 
 
 def _sides(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -421,11 +430,11 @@ def explain_inputs(
                 logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation "
                                "(intensities stretched to [0, 1], resized), not by %s, which takes 2D images.", item.label, preprocessing)
             elif preprocessing is not None:
-                prepared = _prepare(preprocessing, image, spatial_dims, item.path)
+                prepared = bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
             if prepared is None:
                 pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
             else:
-                pieces = [_fit_channels(prepared.as_tensor().float(), channels, item.path, image.meta.get(INPUT_KIND))]
+                pieces = [prepared.as_tensor()]
         except Exception as err:
             fail(item, err)
             bar.update(1)

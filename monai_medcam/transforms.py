@@ -28,7 +28,8 @@ from monai_medcam.classifiers import LayerSpec, TargetLayer
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
-from monai_medcam.pipeline import ROW_FIELDS, back_to_source, to_classifier_space, write_rows_csv
+from monai_medcam.pipeline import ROW_FIELDS, back_to_source, bundle_prepared, to_classifier_space, write_rows_csv
+from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.visualize import class_names_map
 from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
 
@@ -42,6 +43,7 @@ __all__ = [
     "SaveEvidenced",
     "DIAGNOSTICS_KEY",
     "ORIENTATION_KEY",
+    "PREPROCESSED_KEY",
     "evidence_from_result",
     "evidence_in_source",
 ]
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 DIAGNOSTICS_KEY = "medcam"
 ORIENTATION_KEY = "medcam_orientation"  # meta of a volume ToClassifierSpace reoriented: the axis codes
+PREPROCESSED_KEY = "medcam_preprocessed"  # meta of an image ToClassifierSpace gave a bundle's preprocessing: True
 OUTPUTS = ("mask", "soft_mask")
 
 
@@ -254,12 +257,18 @@ class ToClassifierSpace(Transform):
         orientation: axis codes (``"RAS"``) a volume is reoriented to first, as the classifier saw
             volumes in training (MONAI's ``Orientationd``); recorded in ``meta["medcam_orientation"]``
             for :class:`SaveEvidenced` to reorient the evidence back. ``None``: as read.
+        preprocessing: a bundle's own (:class:`~monai_medcam.preprocessing.BundlePreprocessing`)
+            instead of all the above, for every image it takes (not a volume for a 2D classifier):
+            the output carries its recorded transforms and ``meta["medcam_preprocessed"]``, and
+            ``preprocessing.invert`` puts evidence back (channels are still matched).
     """
 
     def __init__(
-        self, spatial_dims: int, channels: int | None = None, size: int | Sequence[int] | None = None, orientation: str | None = None
+        self, spatial_dims: int, channels: int | None = None, size: int | Sequence[int] | None = None, orientation: str | None = None,
+        preprocessing: BundlePreprocessing | None = None,
     ) -> None:
         self.orientation = check_orientation(orientation)
+        self.preprocessing = preprocessing
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
         self.spatial_dims = spatial_dims
@@ -278,6 +287,13 @@ class ToClassifierSpace(Transform):
         if self.orientation is not None and img.ndim == 4 and not isinstance(img, MetaTensor):
             raise ValueError(f"ToClassifierSpace(orientation={self.orientation!r}) needs the volume's affine: give a MetaTensor "
                              "(as LoadInputd or MONAI's LoadImaged give), not a plain tensor or array.")
+        if self.preprocessing is not None and isinstance(img, MetaTensor) and not (self.spatial_dims == 2 and img.ndim == 4):
+            prepared = bundle_prepared(self.preprocessing, img, self.spatial_dims, self.channels, path)
+            prepared.meta[PREPROCESSED_KEY] = True  # for ToSourceGeometryd and evidence_in_source's callers
+            return prepared
+        if self.preprocessing is not None and img.ndim == 4:
+            logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation, not by %s.",
+                           path, self.preprocessing)
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path, self.orientation)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
         if not isinstance(img, MetaTensor):
@@ -307,9 +323,10 @@ class ToClassifierSpaced(MapTransform):
         source_postfix: str = "source",
         allow_missing_keys: bool = False,
         orientation: str | None = None,
+        preprocessing: BundlePreprocessing | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = ToClassifierSpace(spatial_dims, channels, size, orientation)
+        self.converter = ToClassifierSpace(spatial_dims, channels, size, orientation, preprocessing)
         self.source_postfix = source_postfix
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:

@@ -265,6 +265,57 @@ def test_a_reoriented_volumes_label_comes_back_to_its_voxels():
                                     "orientation 'up': give three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LPS), or none."]
 
 
+def test_a_bundles_own_preprocessing_prepares_the_image_and_its_label_comes_back(tmp_path):
+    """A bundle trained after a flip and a resize: the app's task runs that preprocessing (--conf
+    preprocessing auto, the default) and inverts the label through it: the classifier's corner
+    (slice 0, not verified) comes back to the source's flipped corner as label 2; --conf size chooses
+    Med-CAM's own preparation, with the reason in the warning; "bundle" with it is refused (in the
+    MONAI Label environment, without a server)."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    config = {"network_def": {"_target_": "torch.nn.Sequential"},
+              "preprocessing": {"_target_": "Compose", "transforms": [
+                  {"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                  {"_target_": "Flipd", "keys": "image", "spatial_axis": 0},
+                  {"_target_": "Resized", "keys": "image", "spatial_size": [8, 8, 4]}]}}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    import torch
+
+    torch.save({}, bundle / "models" / "model.pt")
+    printed = _in_monailabel_environment(
+        "import logging, sys, types, torch\n"
+        "from monai.data import MetaTensor\n"
+        f"sys.path.insert(0, {str(ROOT / 'apps' / 'medcam')!r})\n"
+        "import main\n"
+        "from monai_medcam.loading import load_classifier\n"
+        "from monai_medcam.monailabel import MedCAMInferTask, ToSourceGeometryd\n"
+        f"app = types.SimpleNamespace(loaded=load_classifier({str(bundle)!r}))\n"
+        "preprocessing, why = main.MedCAMApp._preprocessing(app, {})\n"
+        "print(preprocessing.names)\n"
+        "print(main.MedCAMApp._preprocessing(app, {'size': '8'}))\n"
+        "try:\n"
+        "    main.MedCAMApp._preprocessing(app, {'preprocessing': 'bundle', 'size': '8'})\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))\n"
+        "task = MedCAMInferTask(net, spatial_dims=3, channels=1, preprocessing=preprocessing)\n"
+        "volume = MetaTensor(torch.rand(1, 16, 12, 4), affine=torch.eye(4), meta={'filename_or_obj': 'v'})\n"
+        "data = task.pre_transforms({})[1]({'image': volume})\n"
+        "pred = torch.zeros(1, 8, 8, 4)\n"
+        "pred[0, :2, :2, 0] = 1\n"
+        "flags = {'verified': torch.tensor([False])}\n"
+        "data['pred'] = MetaTensor(pred, meta={'medcam': flags})\n"
+        "label = task.post_transforms({})[0](data)['pred']\n"
+        "print(tuple(data['image'].shape), tuple(label.shape), label.nonzero().amin(0).tolist(), label.nonzero().amax(0).tolist(), int(label.max()))\n"
+    )
+    assert printed.splitlines() == [
+        "['Flipd', 'Resized']",
+        "(None, ' (--conf size given)')",
+        "--conf preprocessing bundle with --conf size: those set Med-CAM's own preparation.",
+        "(1, 8, 8, 4) (16, 12, 4) [12, 0, 0] [15, 2, 0] 2",
+    ]
+
 def _in_monailabel_environment(script: str) -> str:
     """What ``script`` prints when run by the MONAI Label environment's Python."""
     if not MONAILABEL.exists():

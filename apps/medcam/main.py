@@ -60,13 +60,24 @@ class MedCAMApp(MONAILabelApp):
         self.spatial_dims = int(conf.get("spatial_dims") or self.loaded.spatial_dims or 2)
         self.channels = int(conf["channels"]) if conf.get("channels") else self.loaded.channels
         self.steps = int(conf.get("steps") or 300)  # a request's "steps" overrides it
-        self.orientation = conf["orientation"] if "orientation" in conf else self.loaded.orientation  # "none": as read
+        self.preprocessing, why_not = self._preprocessing(conf)
+        if self.preprocessing is not None:  # the orientation only for the slices of volumes a 2D bundle's does not take
+            try:
+                self.orientation = self.loaded.orientation
+            except ValueError:  # a 2D bundle's "RA"
+                self.orientation = None
+        else:
+            self.orientation = conf["orientation"] if "orientation" in conf else self.loaded.orientation  # "none": as read
         # the task's own default (true) unless given; "false" (a --conf word) is read as false
         self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
-        if self.loaded.unapplied:
-            logger.warning("the bundle's preprocessing has %s, which this app does not do the same way (intensities are "
-                           "stretched to [0, 1], images resized to the classifier's size)", "; ".join(self.loaded.unapplied))
+        if self.preprocessing is not None:
+            logger.info("images go through the bundle's own preprocessing (%s); labels are inverted through it (--conf "
+                        "preprocessing medcam: Med-CAM's own)", ", ".join(self.preprocessing.names))
+        elif self.loaded.unapplied:
+            logger.warning("the bundle's preprocessing has %s, which this app's own preparation does not do the same way "
+                           "(intensities are stretched to [0, 1], images resized to the classifier's size)%s",
+                           "; ".join(self.loaded.unapplied), why_not)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -76,6 +87,28 @@ class MedCAMApp(MONAILabelApp):
             version=monai_medcam.__version__,
             labels=dict(LABELS),
         )
+
+    def _preprocessing(self, conf: dict[str, str]):
+        """The bundle's own preprocessing where ``--conf preprocessing`` (``auto``, the default: where
+        the bundle has transforms Med-CAM's own preparation does not do the same way, unless ``size``
+        or ``orientation`` is given) asks for it, and why not, for the warning."""
+        mode = conf.get("preprocessing", "auto")
+        if mode not in ("auto", "bundle", "medcam"):
+            raise ValueError(f"--conf preprocessing {mode!r}: give auto, bundle or medcam.")
+        given = [name for name in ("size", "orientation") if name in conf]
+        if mode == "bundle" and given:
+            raise ValueError(f"--conf preprocessing bundle with --conf {' and '.join(given)}: those set Med-CAM's own preparation.")
+        if mode == "medcam" or (mode == "auto" and (not self.loaded.unapplied or given)):
+            return None, "" if mode == "medcam" or not given else f" (--conf {' and '.join(given)} given)"
+        try:
+            preprocessing = self.loaded.bundle_preprocessing()
+            if preprocessing is None:
+                raise ValueError(f"{self.loaded.source} is not a MONAI bundle with a preprocessing.")
+        except ValueError as err:
+            if mode == "bundle":
+                raise
+            return None, f"; the bundle's own cannot run here: {str(err).rstrip('.')}"
+        return preprocessing, ""
 
     def init_datastore(self):
         return SeriesDatastore(
@@ -93,6 +126,7 @@ class MedCAMApp(MONAILabelApp):
                 channels=self.channels,
                 size=self.size,
                 orientation=self.orientation,
+                preprocessing=self.preprocessing,
                 target_layers=self.loaded.target_layers,
                 steps=self.steps,
                 **self.task_settings,
