@@ -51,7 +51,7 @@ class BundlePreprocessing:
         names = [type(t).__name__ for t in steps]
         own = sorted(set(names) & set(_MEDCAM_OWN))
         if own:
-            raise ValueError(f"{source}: the preprocessing is Med-CAM's own ({', '.join(own)}); explain with --preprocessing medcam.")
+            raise ValueError(f"{source}: the preprocessing is Med-CAM's own ({', '.join(own)}); use Med-CAM's own preparation (preprocessing medcam).")
         kept: list[Transform] = []
         key = _image_key(steps, source)
         for t, name in zip(steps, names):
@@ -63,7 +63,7 @@ class BundlePreprocessing:
                     t.lazy = False
                 kept.append(t)
         if not kept:
-            raise ValueError(f"{source}: the preprocessing has nothing but a loader and type conversions; explain with --preprocessing medcam.")
+            raise ValueError(f"{source}: the preprocessing has nothing but a loader and type conversions; use Med-CAM's own preparation (preprocessing medcam).")
         self.key = key  # None: array transforms
         self.transform = Compose(kept)
         self.names = [type(t).__name__ for t in kept]

@@ -72,6 +72,9 @@ def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[to
     value per image, or per slice of the source for a 2D classifier over a volume)."""
     values = evidence.as_tensor() if isinstance(evidence, MetaTensor) else torch.as_tensor(evidence)
     meta = evidence.meta if isinstance(evidence, MetaTensor) else {}
+    if bool(torch.as_tensor(meta.get(PREPROCESSED_KEY, False)).any()):  # collated: one flag per image
+        raise ValueError("the evidence is on an image a bundle's preprocessing prepared (ToClassifierSpace(preprocessing=...)): "
+                         "put it back with that preprocessing's invert (or MONAI's Invertd), not by resizing.")
     axcodes = meta.get(ORIENTATION_KEY)
     if isinstance(axcodes, (list, tuple)) and len(set(axcodes)) == 1:  # still collated: one per image of the batch
         axcodes = axcodes[0]
@@ -287,11 +290,12 @@ class ToClassifierSpace(Transform):
         if self.orientation is not None and img.ndim == 4 and not isinstance(img, MetaTensor):
             raise ValueError(f"ToClassifierSpace(orientation={self.orientation!r}) needs the volume's affine: give a MetaTensor "
                              "(as LoadInputd or MONAI's LoadImaged give), not a plain tensor or array.")
-        if self.preprocessing is not None and isinstance(img, MetaTensor) and not (self.spatial_dims == 2 and img.ndim == 4):
-            prepared = bundle_prepared(self.preprocessing, img, self.spatial_dims, self.channels, path)
-            prepared.meta[PREPROCESSED_KEY] = True  # for ToSourceGeometryd and evidence_in_source's callers
+        if self.preprocessing is not None and not (self.spatial_dims == 2 and img.ndim == 4):
+            source = img if isinstance(img, MetaTensor) else MetaTensor(img)  # an array: identity affine
+            prepared = bundle_prepared(self.preprocessing, source, self.spatial_dims, self.channels, path)
+            prepared.meta[PREPROCESSED_KEY] = True  # evidence_in_source refuses it: preprocessing.invert puts it back
             return prepared
-        if self.preprocessing is not None and img.ndim == 4:
+        if self.preprocessing is not None:  # a volume for a 2D classifier
             logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation, not by %s.",
                            path, self.preprocessing)
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path, self.orientation)

@@ -267,8 +267,9 @@ def test_a_reoriented_volumes_label_comes_back_to_its_voxels():
 
 def test_a_bundles_own_preprocessing_prepares_the_image_and_its_label_comes_back(tmp_path):
     """A bundle trained after a flip and a resize: the app's task runs that preprocessing (--conf
-    preprocessing auto, the default) and inverts the label through it: the classifier's corner
-    (slice 0, not verified) comes back to the source's flipped corner as label 2; --conf size chooses
+    preprocessing auto, the default) and inverts the label through it: on a request run as MONAI
+    Label runs it, the classifier's corner comes back to the source's flipped corner, the label
+    file with the source's affine; --conf size chooses
     Med-CAM's own preparation, with the reason in the warning; "bundle" with it is refused (in the
     MONAI Label environment, without a server)."""
     bundle = tmp_path / "bundle"
@@ -278,7 +279,7 @@ def test_a_bundles_own_preprocessing_prepares_the_image_and_its_label_comes_back
               "preprocessing": {"_target_": "Compose", "transforms": [
                   {"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
                   {"_target_": "Flipd", "keys": "image", "spatial_axis": 0},
-                  {"_target_": "Resized", "keys": "image", "spatial_size": [8, 8, 4]}]}}
+                  {"_target_": "Resized", "keys": "image", "spatial_size": [16, 16, 8]}]}}
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     import torch
 
@@ -298,22 +299,35 @@ def test_a_bundles_own_preprocessing_prepares_the_image_and_its_label_comes_back
         "    main.MedCAMApp._preprocessing(app, {'preprocessing': 'bundle', 'size': '8'})\n"
         "except ValueError as err:\n"
         "    print(err)\n"
-        "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))\n"
-        "task = MedCAMInferTask(net, spatial_dims=3, channels=1, preprocessing=preprocessing)\n"
-        "volume = MetaTensor(torch.rand(1, 16, 12, 4), affine=torch.eye(4), meta={'filename_or_obj': 'v'})\n"
-        "data = task.pre_transforms({})[1]({'image': volume})\n"
-        "pred = torch.zeros(1, 8, 8, 4)\n"
-        "pred[0, :2, :2, 0] = 1\n"
-        "flags = {'verified': torch.tensor([False])}\n"
-        "data['pred'] = MetaTensor(pred, meta={'medcam': flags})\n"
-        "label = task.post_transforms({})[0](data)['pred']\n"
-        "print(tuple(data['image'].shape), tuple(label.shape), label.nonzero().amin(0).tolist(), label.nonzero().amax(0).tolist(), int(label.max()))\n"
+        "import nibabel, numpy as np\n"
+        "from monailabel.tasks.infer.basic_infer import CallBackTypes\n"
+        "affine = np.array([[-2.0, 0, 0, 10], [0, 1.5, 0, -5], [0, 0, 3, 7], [0, 0, 0, 1]])\n"
+        f"source = {str(tmp_path / 'source.nii.gz')!r}\n"
+        "nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((24, 20, 10)).astype(np.float32), affine), source)\n"
+        "net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))\n"
+        "task = MedCAMInferTask(net, spatial_dims=3, channels=1, preprocessing=preprocessing, steps=2, skip_vacuous=False)\n"
+        "def corner(d):  # the classifier's corner as the evidence, whatever two steps gave\n"
+        "    print(tuple(d['image'].shape), d['image'].meta['medcam_preprocessed'])\n"
+        "    pred = torch.zeros(1, 16, 16, 8)\n"
+        "    pred[0, :2, :2, 0] = 1\n"
+        "    d['pred'] = MetaTensor(pred, meta=d['pred'].meta)\n"
+        "    return d\n"
+        "path, result = task({'image': source, 'device': 'cpu'}, callbacks={CallBackTypes.INFERER: corner})\n"
+        "label = nibabel.load(path)\n"
+        "where = np.argwhere(np.asarray(label.dataobj))\n"
+        "print(label.shape, np.allclose(label.affine, affine, atol=1e-4), where.min(0).tolist(), where.max(0).tolist(), sorted(result['medcam']))\n"
+        "try:  # the marked image's evidence cannot be put back by resizing\n"
+        "    ToSourceGeometryd()({'pred': MetaTensor(torch.zeros(1, 16, 16, 8), meta={'medcam_preprocessed': True}), 'image_source': MetaTensor(torch.zeros(1, 24, 20, 10))})\n"
+        "except ValueError as err:\n"
+        "    print(str(err)[:60])\n"
     )
     assert printed.splitlines() == [
         "['Flipd', 'Resized']",
-        "(None, ' (--conf size given)')",
+        "(None, \" (size given; --conf preprocessing bundle applies the bundle's own and inverts the label through it)\")",
         "--conf preprocessing bundle with --conf size: those set Med-CAM's own preparation.",
-        "(1, 8, 8, 4) (16, 12, 4) [12, 0, 0] [15, 2, 0] 2",
+        "(1, 16, 16, 8) True",
+        "(24, 20, 10) True [21, 0, 0] [23, 2, 1] ['area', 'label', 'prob_evidence', 'settled', 'steps', 'vacuous', 'verified']",
+        "the evidence is on an image a bundle's preprocessing prepare",
     ]
 
 def _in_monailabel_environment(script: str) -> str:

@@ -405,6 +405,12 @@ def test_lazy_transforms_are_inverted_and_what_cannot_be_undone_is_refused_first
     prepared = lazy(image)
     assert prepared.shape == (1, 32, 32, 32)
     assert lazy.invert(torch.ones(1, 32, 32, 32), prepared, soft=False).shape == (1, 16, 12, 8)
+    from monai_medcam.transforms import PREPROCESSED_KEY, ToClassifierSpace, evidence_in_source
+
+    plain = ToClassifierSpace(3, 1, preprocessing=lazy)(torch.rand(1, 16, 12, 8))  # an array: the bundle's transforms all the same
+    assert plain.shape == (1, 32, 32, 32) and plain.meta[PREPROCESSED_KEY] and len(plain.applied_operations) == 2
+    with pytest.raises(ValueError, match="put it back with that preprocessing's invert"):
+        evidence_in_source(MetaTensor(torch.zeros(1, 32, 32, 32), meta=dict(plain.meta)), image)
 
     nifti = tmp_path / "volume.nii.gz"
     nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((16, 12, 8)).astype(np.float32), np.eye(4)), nifti)

@@ -67,7 +67,10 @@ class MedCAMApp(MONAILabelApp):
             except ValueError:  # a 2D bundle's "RA"
                 self.orientation = None
         else:
-            self.orientation = conf["orientation"] if "orientation" in conf else self.loaded.orientation  # "none": as read
+            try:  # a bundle's codes, checked here ("none": as read)
+                self.orientation = conf["orientation"] if "orientation" in conf else self.loaded.orientation
+            except ValueError as err:
+                raise ValueError(f"{err} (--conf orientation overrides a bundle's codes: RAS, say, or none)") from err
         # the task's own default (true) unless given; "false" (a --conf word) is read as false
         self.task_settings = {name: conf[name] for name in ("skip_vacuous",) if name in conf}
         logger.info("Med-CAM classifier %s: %sD, %s channel(s), size %s", spec, self.spatial_dims, self.channels, self.size)
@@ -95,11 +98,12 @@ class MedCAMApp(MONAILabelApp):
         mode = conf.get("preprocessing", "auto")
         if mode not in ("auto", "bundle", "medcam"):
             raise ValueError(f"--conf preprocessing {mode!r}: give auto, bundle or medcam.")
-        given = [name for name in ("size", "orientation") if name in conf]
+        given = [name for name in ("size", "orientation") if conf.get(name)]
         if mode == "bundle" and given:
             raise ValueError(f"--conf preprocessing bundle with --conf {' and '.join(given)}: those set Med-CAM's own preparation.")
         if mode == "medcam" or (mode == "auto" and (not self.loaded.unapplied or given)):
-            return None, "" if mode == "medcam" or not given else f" (--conf {' and '.join(given)} given)"
+            hint = "--conf preprocessing bundle applies the bundle's own and inverts the label through it"
+            return None, f" ({' and '.join(given)} given; {hint})" if given else f" ({hint})"
         try:
             preprocessing = self.loaded.bundle_preprocessing()
             if preprocessing is None:
