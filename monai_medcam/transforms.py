@@ -8,7 +8,9 @@
   a MetaTensor with the image's metadata and Med-CAM's diagnostics under ``meta["medcam"]``
   (label, probabilities, area, verified, steps). In an evaluator, ``MedCAMInferer`` does this step.
 - ``SaveEvidenced``: evidence back in the source geometry (resized and reoriented back), written
-  as DICOM SEG / NIfTI / PNG with a summary CSV.
+  as DICOM SEG / NIfTI / PNG with a summary CSV. (Evidence on an image a bundle's own
+  preprocessing prepared, ``ToClassifierSpace(preprocessing=...)``, goes back through that
+  preprocessing's ``invert``, as ``ToSourceGeometryd`` of the MONAI Label task does; not here.)
 """
 
 from __future__ import annotations
