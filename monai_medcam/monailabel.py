@@ -28,7 +28,7 @@ from monai_medcam.inferer import MedCAMInferer
 from monai_medcam.orientation import check_orientation
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.preprocessing import BundlePreprocessing
-from monai_medcam.transforms import DIAGNOSTICS_KEY, PREPROCESSED_KEY, LoadInputd, ToClassifierSpaced, evidence_in_source
+from monai_medcam.transforms import PREPROCESSED_KEY, LoadInputd, ToClassifierSpaced, diagnostic_columns, evidence_in_source
 from monai_medcam.visualize import evidence_not_verified
 
 try:
@@ -73,8 +73,7 @@ class ToSourceGeometryd:
         if self.preprocessing is not None and isinstance(prepared, MetaTensor) and prepared.meta.get(PREPROCESSED_KEY):
             values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
             mask = self.preprocessing.invert(values.detach().float().cpu(), prepared, soft=False)
-            meta = pred.meta if isinstance(pred, MetaTensor) else {}
-            columns = {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
+            columns = diagnostic_columns(pred)
         else:
             mask, columns = evidence_in_source(pred, source)
         mask = mask[0]  # MONAI Label's writer takes spatial axes only

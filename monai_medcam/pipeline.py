@@ -132,15 +132,20 @@ def to_classifier_space(
 
 def bundle_prepared(
     preprocessing: BundlePreprocessing, image: MetaTensor, spatial_dims: int, channels: int | None, path: Path
-) -> MetaTensor:
+) -> MetaTensor | None:
     """``image`` ``(C, *S)`` through a bundle's own preprocessing, then its channels matched: the
     classifier's input ``(channels, *s)`` with the transforms recorded (``applied_operations``), for
     ``preprocessing.invert``. Checked: the classifier's dimensions, and that the transforms can be
-    undone on its evidence (before any optimisation).
+    undone on its evidence (before any optimisation). ``None``, with a warning, for a volume (or
+    cine) and a 2D classifier: a 2D preprocessing does not take it, its slices get Med-CAM's own.
 
     Raises:
         InputError: naming ``path``, where any of this fails.
     """
+    if spatial_dims == 2 and image.ndim == 4:
+        logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation "
+                       "(intensities stretched to [0, 1], resized), not by %s, which takes 2D images.", path, preprocessing)
+        return None
     if spatial_dims == 3 and image.meta.get(NOT_A_VOLUME):
         raise InputError(path, f"{image.meta[NOT_A_VOLUME]}, not a volume: a 3D classifier cannot explain it.")
     try:
@@ -394,11 +399,7 @@ def explain_inputs(
                     """``(1, 1, *s)`` on the classifier's input -> ``(1, *shape)`` on the source's voxels."""
                     if pending.prepared is None:
                         return back_to_source(maps, shape, soft)[0]
-                    out = preprocessing.invert(maps[0], pending.prepared, soft)
-                    if tuple(out.shape[1:]) != tuple(shape):
-                        raise InputError(pending.item.path, f"its evidence {tuple(out.shape[1:])} could not be put back on its "
-                                                            f"{tuple(shape)} voxels: a transform of {preprocessing} is not invertible.")
-                    return out
+                    return preprocessing.invert(maps[0], pending.prepared, soft)  # its shape checked by bundle_prepared
 
                 pending.masks[k] = back(result.mask[j : j + 1].as_tensor().cpu(), soft=False)
                 pending.softs[k] = back(result.soft_mask[j : j + 1].cpu(), soft=True)
@@ -425,12 +426,7 @@ def explain_inputs(
             no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
             if no_seg:  # a cine: no SEG, so no work for it
                 raise InputError(item.path, no_seg)
-            prepared = None
-            if preprocessing is not None and spatial_dims == 2 and image.ndim == 4:
-                logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation "
-                               "(intensities stretched to [0, 1], resized), not by %s, which takes 2D images.", item.label, preprocessing)
-            elif preprocessing is not None:
-                prepared = bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
+            prepared = None if preprocessing is None else bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
             if prepared is None:
                 pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
             else:

@@ -145,7 +145,6 @@ def _values(data: MetaTensor | torch.Tensor) -> torch.Tensor:
     return (data.as_tensor() if isinstance(data, MetaTensor) else torch.as_tensor(data)).float()
 
 
-
 def _source_voxels(evidence: torch.Tensor, affine: torch.Tensor, source_affine: torch.Tensor, shape: tuple) -> tuple:
     """Indices (one array per axis) of the source voxels that hold the centres of the ``evidence``
     voxels ``(*s)`` of the classifier's input, through both grids' affines (world coordinates)."""

@@ -48,6 +48,7 @@ __all__ = [
     "PREPROCESSED_KEY",
     "evidence_from_result",
     "evidence_in_source",
+    "diagnostic_columns",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ def evidence_from_result(result: MedCAMResult, index: int, like: torch.Tensor, o
     return MetaTensor(values.to(like.device), meta=meta)
 
 
+def diagnostic_columns(evidence: torch.Tensor) -> dict[str, list]:
+    """The diagnostics an inferer put in ``evidence.meta["medcam"]``, one list per name (one value per
+    image, or per slice in the classifier's order); empty for a plain tensor."""
+    meta = evidence.meta if isinstance(evidence, MetaTensor) else {}
+    return {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
+
+
 def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, dict[str, list]]:
     """Evidence ``(1, *s)`` in classifier space (as an inferer gives it) -> ``(1, *S)`` float on the
     source's voxels (:func:`~monai_medcam.pipeline.back_to_source`, on CPU; reoriented back where
@@ -82,7 +90,7 @@ def evidence_in_source(evidence: torch.Tensor, source: torch.Tensor) -> tuple[to
         axcodes = axcodes[0]
     ornt = reorientation(source, check_orientation(axcodes, f"meta[{ORIENTATION_KEY!r}]"))
     mask = back_to_source(values.detach().float().cpu()[None], oriented_shape(source.shape[1:], ornt), soft=False)[0]
-    columns = {name: torch.as_tensor(column).flatten().tolist() for name, column in meta.get(DIAGNOSTICS_KEY, {}).items()}
+    columns = diagnostic_columns(evidence)
     count = len(next(iter(columns.values()), []))
     if count > 1:  # one value per classifier slice: in the source's slice order
         order = sorted(range(count), key=lambda k: source_slice(k, count, ornt))
@@ -292,14 +300,12 @@ class ToClassifierSpace(Transform):
         if self.orientation is not None and img.ndim == 4 and not isinstance(img, MetaTensor):
             raise ValueError(f"ToClassifierSpace(orientation={self.orientation!r}) needs the volume's affine: give a MetaTensor "
                              "(as LoadInputd or MONAI's LoadImaged give), not a plain tensor or array.")
-        if self.preprocessing is not None and not (self.spatial_dims == 2 and img.ndim == 4):
+        if self.preprocessing is not None:
             source = img if isinstance(img, MetaTensor) else MetaTensor(img)  # an array: identity affine
             prepared = bundle_prepared(self.preprocessing, source, self.spatial_dims, self.channels, path)
-            prepared.meta[PREPROCESSED_KEY] = True  # evidence_in_source refuses it: preprocessing.invert puts it back
-            return prepared
-        if self.preprocessing is not None:  # a volume for a 2D classifier
-            logger.warning("%s: a volume for a 2D classifier: its slices are prepared by Med-CAM's own preparation, not by %s.",
-                           path, self.preprocessing)
+            if prepared is not None:  # else a volume for a 2D classifier: Med-CAM's own, below
+                prepared.meta[PREPROCESSED_KEY] = True  # evidence_in_source refuses it: preprocessing.invert puts it back
+                return prepared
         pieces = to_classifier_space(img, self.spatial_dims, self.channels, self.size, path, self.orientation)
         out = pieces[0] if img.ndim - 1 == self.spatial_dims else torch.stack(pieces, dim=-1)
         if not isinstance(img, MetaTensor):
