@@ -264,7 +264,7 @@ def _wsi(args: argparse.Namespace) -> int:
             min_tissue=args.min_tissue, backend=args.backend, restart=args.restart, progress=not args.no_progress,
             class_names=args.class_names if args.class_names is not None else loaded.class_names, **settings,
         )
-    except InputError as err:
+    except (InputError, OSError) as err:  # OSError: a full disk or an output folder it may not write in
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # the classifier or the settings, found before any tile is explained

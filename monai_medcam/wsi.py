@@ -319,6 +319,7 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
         previous = levels[-1]
         shape = ((previous.shape[0] + 1) // 2, (previous.shape[1] + 1) // 2)
         lower = np.lib.format.open_memmap(work / f"pyramid_{len(levels)}.npy", mode="w+", dtype=np.uint8, shape=shape)
+        _reserve_disk(work / f"pyramid_{len(levels)}.npy", f"level {len(levels)} of the evidence pyramid")
         _pooled(previous, lower)
         levels.append(lower)
 
@@ -624,6 +625,9 @@ def explain_slide(
             level, no tissue, or working state from a different run. Nothing is written then.
         ValueError: bad settings, or a classifier that does not take RGB tiles ``(1, 3, size, size)``
             or has no class ``class_idx`` (one forward pass of zeros). Nothing is written then.
+        OSError: not enough disk space in ``output`` for the slide map (``level``'s size, one byte a
+            pixel) and the evidence pyramid's lower levels (a third of that); checked, and the map's
+            blocks reserved, before any tile is explained.
     """
     start = time.perf_counter()
     if not is_whole_number(batch_size) or batch_size < 1:
@@ -744,14 +748,62 @@ def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: P
                     "remove the folder."
                 )
             _remove_state(state)
-    if not state.exists():
+    new = not state.exists()
+    need = _pyramid_bytes(level_size) + (level_size[0] * level_size[1] if new else 0)
+    free = shutil.disk_usage(state.parent).free
+    if free < need:  # the slide map now, the lower levels of the evidence pyramid once every tile is explained
+        raise OSError(errno.ENOSPC, f"not enough disk space in {state.parent} for the slide map and evidence pyramid "
+                                    f"of {slide} ({_gb(need)} needed, {_gb(free)} free); free some space or give "
+                                    "another output folder")
+    if new:
         staging = state.with_name(state.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
+        try:
+            np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
+            _reserve_disk(staging / "mask.npy", f"the slide map of {slide}")
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no state behind
+            raise
         (staging / "run.json").write_text(json.dumps(run, indent=1))
         staging.rename(state)  # the state appears whole or not at all
+    else:
+        _reserve_disk(state / "mask.npy", f"the slide map of {slide}")  # a state of an earlier version may be sparse
     return state
+
+
+def _reserve_disk(path: Path, what: str) -> None:
+    """Allocate every block of ``path`` (a memmap's file) on disk now. A memmap's file is sparse: a
+    page first written when the disk is full kills the process with SIGBUS, hours into a slide and
+    with no message; reserved, a full disk is an ``OSError`` naming ``what`` before the work."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: left sparse
+        return
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(err.errno, f"not enough disk space in {path.parent.parent} for {what} ({_gb(size)}, "
+                                     f"{_gb(shutil.disk_usage(path.parent).free)} free); free some space or give "
+                                     "another output folder") from err
+
+
+def _pyramid_bytes(shape: tuple[int, int], tile: int = 256) -> int:
+    """Bytes of the lower levels :func:`write_pyramid` builds as memmaps for a mask of ``shape``."""
+    total = 0
+    while max(shape) > tile:
+        shape = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
+        total += shape[0] * shape[1]
+    return total
+
+
+def _gb(size: int) -> str:
+    """``size`` bytes in GB, MB or kB: ``"12.35 GB"``, ``"0.3 MB"``."""
+    if size >= 10**9:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.1f} MB" if size >= 10**5 else f"{size / 1e3:.1f} kB"
 
 
 def _background_colour(rgb: np.ndarray) -> np.ndarray:

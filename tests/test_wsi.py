@@ -10,6 +10,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -400,6 +401,40 @@ def test_a_run_resumed_after_a_default_changed_is_a_different_run(slide, tmp_pat
     monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 10.0, True: 40.0})
     report = explain_slide(LesionColourClassifier(), path, tmp_path, **run)
     assert report.resumed == 1 and report.explained == report.tiles - 1
+
+
+def test_a_full_disk_is_an_error_before_any_tile_not_a_crash(slide, tmp_path, monkeypatch, capsys):
+    """A memmap's file is sparse: a page first written on a full disk kills the run with SIGBUS, with
+    no message. The slide map's blocks are reserved and the space checked before any tile."""
+    from monai_medcam import cli, wsi
+
+    path, _ = slide
+    shape = (1000, 3000)
+    sparse = tmp_path / "sparse.npy"  # what open_memmap alone gives: no blocks behind the pages
+    np.lib.format.open_memmap(sparse, mode="w+", dtype=np.uint8, shape=shape).flush()
+    assert os.stat(sparse).st_blocks * 512 < 3_000_000 // 2
+    state = wsi._working_state(tmp_path / ".ihc.medcam", {"run": 1}, shape, path, restart=False)
+    held = os.stat(state / "mask.npy")
+    assert held.st_size > 3_000_000 and held.st_blocks * 512 >= held.st_size  # every block on disk
+    assert wsi._pyramid_bytes((1000, 3000)) == 500 * 1500 + 250 * 750 + 125 * 375 + 63 * 188  # down to one 256 tile
+    assert wsi._pyramid_bytes((256, 200)) == 0
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "posix_fallocate", full)  # space checked free, then taken by another job
+    with pytest.raises(OSError, match=rf"not enough disk space in {out} for the slide map of {path} \(0\.3 MB, [\d.]+ GB free\)") as caught:
+        explain_slide(LesionColourClassifier(), path, out, level=LEVEL, tile=TILE, **FAST)
+    assert caught.value.errno == errno.ENOSPC and _no_files(out)  # no half-made state to resume
+    monkeypatch.undo()
+    nearly_full = shutil.disk_usage(tmp_path)._replace(free=50_000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: nearly_full)
+    assert cli.main(_cli(path, out)[3:]) == 1  # medcam wsi at level 3: 320 x 256 pixels and one level below
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: [Errno 28] not enough disk space in {out} for the slide map and evidence pyramid "
+                              f"of {path} (0.1 MB needed, 50.0 kB free); free some space or give another output folder"), message
+    assert _no_files(out)
 
 
 def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
