@@ -35,7 +35,8 @@ from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, I
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
 from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
-from monai_medcam.writers import FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem, write_outputs
+from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem,
+                                  write_outputs)
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
@@ -331,6 +332,7 @@ def explain_inputs(
     bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
 
     queue: list[tuple[_Pending, int, torch.Tensor]] = []
+    fresh: set[Path] = set()  # files this run wrote for inputs that failed in part
 
     def fail(pending_or_item, err: Exception) -> None:
         item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
@@ -357,6 +359,7 @@ def explain_inputs(
             )
         except OutputError as err:  # some formats written: their rows stay in the summary
             fail(pending, err)
+            fresh.update(err.written)
             if not err.written:
                 return
         except Exception as err:  # a writer refusing one input must not stop the others
@@ -416,7 +419,8 @@ def explain_inputs(
                 bar.update(1)
         queue.clear()
 
-    for item, name in zip(inputs, output_names(list(inputs))):
+    named = list(zip(inputs, output_names(list(inputs))))
+    for item, name in named:
         if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
             fail(item, InputError(item.path, SEG_NEEDS_DICOM))
             bar.update(1)
@@ -443,4 +447,9 @@ def explain_inputs(
             queue.append((pending, k, piece))
     run_batch()
     bar.close()
+    for item, name in named:  # a failed input's files from an earlier run must not pass for this run's
+        earlier = [path.name for path in (output / (name + EVIDENCE_SUFFIXES[f]) for f in FORMATS) if path.is_file() and path not in fresh]
+        if item.label in report.failures and earlier:
+            report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
+            fresh.update(output / n for n in earlier)  # the same input given twice: said once
     return report

@@ -27,6 +27,7 @@ NOT_VERIFIED_LABEL = "Med-CAM evidence, NOT verified"
 GREEN_LAB, RED_LAB = (87.7, -86.2, 83.2), (53.2, 80.1, 67.2)  # CIE L*a*b* of sRGB green and red
 FORMATS = ("seg", "nifti", "png")
 FORMAT_NAMES = {"seg": "DICOM SEG", "nifti": "NIfTI", "png": "PNG"}
+EVIDENCE_SUFFIXES = {"seg": "_evidence_seg.dcm", "nifti": "_evidence.nii.gz", "png": "_evidence.png"}  # after the input's name
 SEG_NEEDS_DICOM = "a DICOM SEG needs a DICOM source and this input is not DICOM; nothing written (add --format nifti or png)."
 SEG_NEEDS_POSITIONS = ("a DICOM SEG on a multi-frame source needs its frames' positions in space (highdicom), and this source "
                        "has {}; nothing written (add --format nifti or png).")
@@ -439,7 +440,7 @@ def write_outputs(
     for fmt in formats:
         try:
             if fmt == "nifti":
-                written.append(write_nifti(mask, folder / f"{name}_evidence.nii.gz"))
+                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"])))
             elif fmt == "seg":
                 if no_seg:  # not DICOM, or a cine: the other formats are written
                     if mask.meta.get(NOT_A_VOLUME):
@@ -454,11 +455,11 @@ def write_outputs(
                     verified = None
                 else:  # a vacuous decision left with an empty mask: no evidence needed, none to verify
                     verified = [v if v or evidence_not_verified(r) else None for v, r in zip(verified, rows)]
-                written.append(write_dicom_seg(mask, folder / f"{name}_evidence_seg.dcm", soft_mask, fractional, label,
+                written.append(write_dicom_seg(mask, folder / (name + EVIDENCE_SUFFIXES["seg"]), soft_mask, fractional, label,
                                                class_names=class_names, verified=verified))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
-                written.append(write_png(shown, mask, folder / f"{name}_evidence.png", heatmaps, title,
+                written.append(write_png(shown, mask, folder / (name + EVIDENCE_SUFFIXES["png"]), heatmaps, title,
                                          candidates=display_slices, rows=rows, class_names=class_names))
         except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
             problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")

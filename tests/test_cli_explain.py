@@ -88,6 +88,33 @@ def test_a_rerun_replaces_the_summary_and_an_interrupt_exits_130(tmp_path, capsy
     assert "interrupted: every output written so far is whole" in capsys.readouterr().err
 
 
+def test_a_failed_inputs_files_from_an_earlier_run_are_kept_and_named_as_such(tmp_path, capsys, monkeypatch):
+    source, out = tmp_path / "mr.dcm", tmp_path / "o"
+    shutil.copy(TEST_FILES / "MR_small.dcm", source)
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(source),
+            "--output", str(out), "--format", "nifti,png", *FAST]
+    assert main(args) == 0
+    before = {name: (out / name).read_bytes() for name in ("mr_evidence.nii.gz", "mr_evidence.png")}
+    shutil.copy(TEST_FILES / "MR_truncated.dcm", source)  # the same input, damaged since
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "cannot read the image" in printed
+    assert "(left from an earlier run, not this one's: mr_evidence.nii.gz, mr_evidence.png)" in printed
+    assert {name: (out / name).read_bytes() for name in before} == before  # nothing already written is lost
+
+    import monai_medcam.writers
+
+    def broken(*_, **__):
+        raise OSError("disk quota exceeded")
+
+    shutil.copy(TEST_FILES / "MR_small.dcm", source)
+    monkeypatch.setattr(monai_medcam.writers, "write_png", broken)
+    assert main(args) == 1  # the NIfTI is this run's, the PNG the earlier one's
+    printed = capsys.readouterr().out
+    assert ("PNG not written (OSError: disk quota exceeded); written: mr_evidence.nii.gz "
+            "(left from an earlier run, not this one's: mr_evidence.png)") in printed, printed
+
+
 def test_all_good_inputs_exit_zero_and_png_only(tmp_path, capsys):
     code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
                  str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), "--format", "png", *FAST])
