@@ -38,8 +38,49 @@ def test_iou_energy_pointing():
     assert metrics.iou(mask, truth).tolist() == [pytest.approx(0.5), 0.0]
     sal = torch.tensor([[[[3.0, 1.0], [0.0, 0.0]]], [[[1.0, 3.0], [0.0, 0.0]]]])
     assert metrics.energy_in_truth(sal, truth).tolist() == [pytest.approx(0.75), pytest.approx(0.25)]
-    assert metrics.pointing_game(sal, truth).tolist() == [True, False]
-    assert metrics.iou(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).tolist() == [0.0]
+    assert metrics.pointing_game(sal, truth).tolist() == [1.0, 0.0]
+    assert metrics.energy_in_truth(sal * 1e-20, truth).tolist() == [pytest.approx(0.75), pytest.approx(0.25)]  # any scale
+    assert metrics.energy_in_truth(torch.zeros(1, 1, 2, 2), truth[:1]).tolist() == [0.0]  # no energy anywhere
+
+
+def test_an_empty_ground_truth_leaves_localisation_undefined():
+    empty, mask = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 1:3, 1:3] = 1
+    truth = empty.clone()
+    truth[1, 0, 0, 0] = 1  # the second image has a lesion, the first none
+    for value in (metrics.iou(mask, truth), metrics.energy_in_truth(mask + 0.1, truth), metrics.pointing_game(mask, truth)):
+        assert torch.isnan(value[0]) and not torch.isnan(value[1])  # undefined, not a miss that lowers a mean
+    assert metrics.iou(mask, truth)[1] == 0.0
+    assert torch.isnan(metrics.iou(empty, empty)).all()  # as MONAI's compute_iou(ignore_empty=True)
+
+
+def test_pointing_game_ties_point_at_their_centre_and_tolerance_reaches_the_truth():
+    truth = torch.zeros(1, 1, 5, 5)
+    truth[..., 2, 2] = 1
+    centred = torch.zeros(1, 1, 5, 5)
+    centred[..., 1:4, 1:4] = 1  # nine tied maxima around the truth (argmax would take the corner (1, 1))
+    assert metrics.pointing_game(centred, truth).tolist() == [1.0]
+    assert metrics.pointing_game(centred.bool(), truth.bool()).tolist() == [1.0]  # bool maps as any mask
+    corner = torch.zeros(1, 1, 5, 5)
+    corner[..., 0, 0] = 1
+    assert metrics.pointing_game(torch.zeros(1, 1, 5, 5), corner).tolist() == [0.0]  # a constant map points nowhere
+    assert metrics.pointing_game(corner, truth).tolist() == [0.0]  # (0, 0) is 2.83 pixels from (2, 2)
+    assert metrics.pointing_game(corner, truth, tolerance=2.8).tolist() == [0.0]
+    assert metrics.pointing_game(corner, truth, tolerance=2.9).tolist() == [1.0]
+    volume = torch.zeros(1, 1, 4, 4, 4)
+    volume[..., 3, 3, 3] = 1
+    assert metrics.pointing_game(volume, volume).tolist() == [1.0] and metrics.energy_in_truth(volume, volume).tolist() == [1.0]
+
+
+def test_ties_in_a_saliency_map_are_not_broken_by_position():
+    flat = torch.zeros(1, 1, 8, 8)
+    by_position = metrics.binarize_top(flat, 0.5, seed=None)
+    assert by_position[0, 0, :4].all() and not by_position[0, 0, 4:].any()  # the top rows: a side of the image
+    top_half = metrics.binarize_top(flat, 0.5)
+    assert top_half.sum() == 32 and 8 < top_half[0, 0, :4].sum() < 24  # spread over the image
+    quarter = metrics.binarize_top(flat, 0.25)
+    assert (quarter <= top_half).all()  # the same order at every area: insertion's sets are nested
+    assert torch.equal(metrics.binarize_top(flat, 0.5), top_half)  # seeded: the same every call
 
 
 def test_three_dimensional_maps():
@@ -64,7 +105,7 @@ def test_labels_as_ints_or_lists_and_masks_that_do_not_fit():
     assert torch.allclose(metrics.label_probability(MeanLogit(), x, [0, 1]), torch.stack([1 - p[0], p[1]]))
     assert metrics.decision_kept(MeanLogit(), x, full, [0, 1]).tolist() == [False, True]  # a (B,) tensor, not one bool
     assert metrics.decision_kept_under_backgrounds(MeanLogit(), x, full, 1, k=2).tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match=r"the masks \(1, 1, 4, 4\) do not match the images \(2, 1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"mask \(1, 1, 4, 4\) does not match the images \(2, 1, 4, 4\)"):
         metrics.decision_kept(MeanLogit(), x, full[:1], 1)  # it used to broadcast
     with pytest.raises(ValueError, match="3 labels for a batch of 2 images"):
         metrics.label_probability(MeanLogit(), x, [0, 1, 1])
@@ -110,11 +151,70 @@ def test_insertion_deletion_auc_hand_case():
     good = torch.tensor([[[[2.0, 1.0], [0.0, -1.0]]]])  # the bright pixels first
     label = torch.tensor([1])
     ins, dele = metrics.insertion_deletion_auc(Share(), x, good, label, steps=4, baseline="zeros")
-    # insertion: 0, 1/4, 2/4, 2/4, 2/4 -> mean 0.35; deletion: 2/4, 1/4, 0, 0, 0 -> mean 0.15
-    assert ins.item() == pytest.approx(0.35, abs=1e-4)
-    assert dele.item() == pytest.approx(0.15, abs=1e-4)
+    # insertion: 0, 1/4, 2/4, 2/4, 2/4 -> trapezoids (0 + 2/4) / 2 + 1/4 + 2/4 + 2/4 = 1.5, over 4 steps 0.375;
+    # deletion: 2/4, 1/4, 0, 0, 0 -> (2/4 + 0) / 2 + 1/4 = 0.5, over 4 steps 0.125 (RISE's auc)
+    assert ins.item() == pytest.approx(0.375, abs=1e-4)
+    assert dele.item() == pytest.approx(0.125, abs=1e-4)
+    ins_pair, dele_pair = metrics.insertion_deletion_auc(Share(), x, good, 1, steps=4, baseline=("zeros", "zeros"))
+    assert (ins_pair.item(), dele_pair.item()) == (ins.item(), dele.item())
+    x3 = torch.tensor([[[[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]])  # RISE: insert into blur, delete to zeros
+    good3 = x3 + torch.linspace(0, 0.1, 9).view_as(x3)
+    ins_b, _ = metrics.insertion_deletion_auc(Share(), x3, good3, 1, steps=3, baseline="blur")
+    _, dele_z = metrics.insertion_deletion_auc(Share(), x3, good3, 1, steps=3, baseline="zeros")
+    ins_rise, dele_rise = metrics.insertion_deletion_auc(Share(), x3, good3, 1, steps=3, baseline=("blur", "zeros"))
+    assert (ins_rise.item(), dele_rise.item()) == (ins_b.item(), dele_z.item())
     ins_bad, dele_bad = metrics.insertion_deletion_auc(Share(), x, -good, label, steps=4, baseline="zeros")
     assert ins_bad < ins and dele_bad > dele
+
+
+def test_bad_arguments_are_named_and_labels_the_classifier_lacks_refused():
+    x, full = torch.full((2, 1, 4, 4), 0.8), torch.ones(2, 1, 4, 4)
+    for call in (lambda: metrics.decision_kept(MeanLogit(), x, full, 5), lambda: metrics.label_probability(MeanLogit(), x, -1),
+                 lambda: metrics.decision_kept_under_backgrounds(MeanLogit(), x, full, 2, k=2),
+                 lambda: metrics.insertion_deletion_auc(MeanLogit(), x, full, 2, steps=2)):
+        with pytest.raises(ValueError, match=r"label \[.*\] out of range: the classifier has 2 classes \(0..1\)"):
+            call()  # a 1-based label used to read as "the evidence does not keep the decision"
+    with pytest.raises(ValueError, match=r"truth must be \(B, 1, H, W\[, D\]\).*got \(2, 4, 4\)"):
+        metrics.iou(full, torch.ones(2, 4, 4))
+    with pytest.raises(ValueError, match=r"shapes differ: mask \(2, 1, 4, 4\), truth \(2, 1, 4, 5\)"):
+        metrics.iou(full, torch.ones(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="steps must be a whole number of at least 1, got 0"):
+        metrics.insertion_deletion_auc(MeanLogit(), x, full, 1, steps=0)
+    with pytest.raises(ValueError, match=r"area must be one fraction in \[0, 1\] or one per image \(2\), got \[1.5\]"):
+        metrics.binarize_top(full, 1.5)
+    with pytest.raises(ValueError, match="one per image"):
+        metrics.binarize_top(full, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"tol must lie in \[0, 0.5\)"):
+        metrics.non_binary_fraction(full, tol=-0.1)
+    with pytest.raises(ValueError, match="k must be at least 1 background"):
+        metrics.decision_kept_under_backgrounds(MeanLogit(), x, full, 1, k=2.0)
+    with pytest.raises(ValueError, match="x must be images"):
+        metrics.decision_kept(MeanLogit(), x[:0], full[:0], 1)
+    nan = torch.zeros(1, 1, 2, 2)
+    nan[..., 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="saliency holds NaN"):
+        metrics.pointing_game(nan, torch.ones(1, 1, 2, 2))
+
+
+def test_integer_images_and_metatensors_in_plain_tensors_out():
+    from monai.data import MetaTensor
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.head(x).mean((2, 3))
+
+    ct = torch.randint(0, 100, (2, 1, 4, 4), dtype=torch.int16)  # a CT's stored values
+    net, full = Conv(), torch.ones(2, 1, 4, 4)
+    label = net(ct.float()).argmax(1)
+    assert metrics.decision_kept(net, ct, full, label).tolist() == [True, True]
+    assert metrics.decision_kept(net, ct, full, label, baseline="mean").tolist() == [True, True]
+    assert metrics.decision_kept_under_backgrounds(net, ct, full, label, k=2).tolist() == [1.0, 1.0]
+    area = metrics.area_fraction(MetaTensor(full, meta={"filename_or_obj": "a.nii.gz"}))
+    assert type(area) is torch.Tensor and area.tolist() == [1.0, 1.0]
 
 
 def test_classifier_state_is_restored():
