@@ -294,13 +294,15 @@ class MedCAM:
         if len(names) != data.shape[0]:
             raise ValueError(f"names gives {len(names)} names for a batch of {data.shape[0]} images.")
         class_idx = None if class_idx is None else index_tensor(class_idx)  # not numbers: refused before any work
+        if class_idx is not None and class_idx.numel() not in (1, data.shape[0]):  # before the batch is cut into parts
+            raise ValueError(f"class_idx gives {class_idx.numel()} labels for a batch of {data.shape[0]} images.")
         start = time.perf_counter()
         with _without_cudnn_autotuning():
             result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
-            result.mask.copy_meta_from(x, copy_attr=False)
+            result.mask.copy_meta_from(x)  # its own meta dict: the input's stays as it is
         return result
 
     def verify(

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from monai_medcam.classifiers import LayerSpec, TargetLayer
+from monai_medcam.classifiers import LayerSpec, TargetLayer, index_tensor
 from monai_medcam.engine import MedCAM, MedCAMResult
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import DIAGNOSTICS_KEY, OUTPUTS
@@ -37,7 +38,8 @@ class MedCAMInferer(Inferer):
 
     Args:
         target_layers: as for :class:`~monai_medcam.MedCAM`.
-        class_idx: class to explain (one for all images); the prediction when ``None``.
+        class_idx: class to explain: one for all images, or one per image (slice by slice: one per
+            volume, or one per slice in (B, D) order); the prediction when ``None``.
         output: ``"mask"`` or ``"soft_mask"``.
         spatial_dims: the classifier's spatial dimensions; ``None`` takes the input's.
         batch_size: the most images (or slices) optimised together; ``None`` for all at once.
@@ -51,7 +53,7 @@ class MedCAMInferer(Inferer):
     def __init__(
         self,
         target_layers: str | Sequence[LayerSpec | TargetLayer] = "auto",
-        class_idx: int | None = None,
+        class_idx: int | Sequence[int] | torch.Tensor | None = None,
         output: str = "mask",
         spatial_dims: int | None = None,
         batch_size: int | None = None,
@@ -81,20 +83,30 @@ class MedCAMInferer(Inferer):
                 "MedCAMInferer optimises mask networks and needs gradients, which torch.inference_mode() forbids; "
                 "run it under torch.no_grad() (as MONAI's evaluators do) or with no context."
             )
+        if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "biuf":
+            inputs = torch.from_numpy(np.array(inputs, dtype=inputs.dtype.newbyteorder("=")))
+        if not isinstance(inputs, torch.Tensor):
+            raise ValueError(f"MedCAMInferer takes a batch tensor (B, C, *spatial), got {type(inputs).__name__}.")
         data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         dims = data.ndim - 2
         sliced = self.spatial_dims == 2 and dims == 3
         if self.spatial_dims is not None and not sliced and dims != self.spatial_dims:
-            raise ValueError(
-                f"a {self.spatial_dims}D classifier cannot explain inputs of shape {tuple(data.shape)} "
-                "(expected (B, C, H, W) or, slice by slice, (B, C, H, W, D))."
-            )
+            expected = "(B, C, H, W) or, slice by slice, (B, C, H, W, D)" if self.spatial_dims == 2 else "(B, C, H, W, D)"
+            raise ValueError(f"a {self.spatial_dims}D classifier cannot explain inputs of shape {tuple(data.shape)} (expected {expected}).")
         count, depth = data.shape[0], data.shape[-1] if sliced else 1
         images = data.movedim(-1, 1).flatten(0, 1) if sliced else data  # (B * D, C, H, W) slices
+        class_idx = self.class_idx
+        if sliced and class_idx is not None:  # one per volume: each of its slices explains that class
+            given = index_tensor(class_idx)
+            if given.numel() == count:
+                class_idx = given.repeat_interleave(depth)
+            elif given.numel() not in (1, count * depth):
+                raise ValueError(f"class_idx gives {given.numel()} labels for {count} volume(s) of {depth} slices: "
+                                 f"give one, one per volume ({count}) or one per slice ({count * depth}).")
         explainer = MedCAM(network, self.target_layers, **self.settings)
         with torch.enable_grad():
             names = [f"{b}/slice {d}" for b in range(count) for d in range(depth)] if sliced else None  # for the log
-            result = explainer.explain(images, self.class_idx, batch_size=self.batch_size, names=names)
+            result = explainer.explain(images, class_idx, batch_size=self.batch_size, names=names)
         self.last_result = result
         values = getattr(result, self.output)
         values = values.as_tensor() if isinstance(values, MetaTensor) else values
@@ -106,7 +118,9 @@ class MedCAMInferer(Inferer):
             diagnostics = {name: torch.tensor(column).reshape(count, depth) for name, column in diagnostics.items()}
         out = MetaTensor(values)
         if isinstance(inputs, MetaTensor):
-            out.copy_meta_from(inputs, copy_attr=False)
+            out.copy_meta_from(inputs)  # its own meta dict and operations list: the inputs' stay as they are
+        if out.affine.ndim == 2:  # a plain tensor's default affine, or an unbatched MetaTensor's: one per image
+            out.affine = out.affine.expand(count, *out.affine.shape).clone()
         out.meta[DIAGNOSTICS_KEY] = diagnostics  # columns decollate per image (per volume: one list per name)
         out.is_batch = True  # decollate_batch then gives each image its own meta, diagnostics included
         return out

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from nibabel.orientations import inv_ornt_aff
 
-from monai_medcam.classifiers import LayerSpec, TargetLayer
+from monai_medcam.classifiers import LayerSpec, TargetLayer, index_tensor
 from monai_medcam.engine import MIN_SPATIAL_SIZE, MedCAM, MedCAMResult
 from monai_medcam.io import INPUT_LABEL, INPUT_NAME, find_input, load_image
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
@@ -169,7 +169,8 @@ class MedCAMExplaind(MapTransform):
         nn_module, target_layers, class_idx, output, settings: as for :class:`MedCAMExplain`.
         output_keys: where to put each evidence mask; ``"{key}_evidence"`` by default.
         class_idx_key: take the class to explain from ``data[class_idx_key]`` (e.g. the ground-truth label).
-        allow_missing_keys: skip absent keys instead of raising.
+        allow_missing_keys: skip absent keys instead of raising; an absent ``class_idx_key`` then
+            leaves ``class_idx`` (the prediction when ``None``).
     """
 
     def __init__(
@@ -196,17 +197,23 @@ class MedCAMExplaind(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        class_idx = None
-        if self.class_idx_key is not None:
+        todo = list(self.key_iterator(d, self.output_keys))
+        if not todo:  # every image key missing (allowed): nothing to explain, no label needed
+            return d
+        class_idx, source = None, ""
+        if self.class_idx_key is not None and (self.class_idx_key in d or not self.allow_missing_keys):
             if self.class_idx_key not in d:
                 raise KeyError(f"class_idx_key {self.class_idx_key!r} is not in the data (keys: {list(d)}).")
-            label = torch.as_tensor(d[self.class_idx_key]).flatten()
+            label = index_tensor(d[self.class_idx_key], f"data[{self.class_idx_key!r}]")
             if label.numel() != 1:
                 raise ValueError(f"{self.class_idx_key!r} holds {label.numel()} values {label.tolist()[:8]}; give the class "
                                  "index (one-hot or probabilities: apply AsDiscrete(argmax=True) first).")
-            class_idx = label.item()  # a float label that is not whole is refused by MedCAM
-        for key, out_key in self.key_iterator(d, self.output_keys):
-            d[out_key] = self.explain(d[key], class_idx)
+            class_idx, source = label.item(), f" (the class from data[{self.class_idx_key!r}])"  # not whole: refused by MedCAM
+        for key, out_key in todo:
+            try:
+                d[out_key] = self.explain(d[key], class_idx)
+            except ValueError as err:
+                raise ValueError(f"data[{key!r}]: {err}{source}") from err
         return d
 
 

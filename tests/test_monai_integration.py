@@ -132,6 +132,47 @@ def test_inferer_under_no_grad_and_inference_mode():
         inferer(region_images(1), network, "x")
 
 
+def test_the_inferers_evidence_has_its_own_meta_one_affine_per_image_and_checked_labels():
+    from monai.data import decollate_batch
+
+    quick = dict(steps=20, restarts=0, target_layers=[], **FAST)
+    network = RegionClassifier()
+    batch = MetaTensor(region_images(2), affine=AFFINE[None].repeat(2, 1, 1), meta={"filename_or_obj": ["a.nii", "b.nii"]})
+    batch.is_batch = True
+    with torch.no_grad():
+        predicted = MedCAMInferer(**quick)(batch, network)
+        asked = MedCAMInferer(class_idx=0, **quick)(batch, network)
+    asked.meta["filename_or_obj"] = ["evidence.nii.gz"] * 2
+    assert predicted.meta["medcam"]["label"] == [1, 1] and asked.meta["medcam"]["label"] == [0, 0]
+    assert "medcam" not in batch.meta and batch.meta["filename_or_obj"] == ["a.nii", "b.nii"]  # the inputs untouched
+    with torch.no_grad():
+        plain = MedCAMInferer(**quick)(region_images(2).numpy(), network)  # a plain array: identity affines
+    assert [item.affine.tolist() for item in decollate_batch(plain)] == [torch.eye(4).tolist()] * 2
+    with pytest.raises(ValueError, match="class_idx gives 2 labels for a batch of 4 images"):
+        MedCAMInferer(class_idx=[0, 1], batch_size=2, **quick)(region_images(4), network)  # not repeated per part
+    with pytest.raises(ValueError, match=r"a 3D classifier cannot explain .* \(expected \(B, C, H, W, D\)\)"):
+        MedCAMInferer(spatial_dims=3, **quick)(region_images(1), network)
+    volumes = region_images(4).permute(1, 2, 3, 0).reshape(1, 1, 32, 32, 4).repeat(2, 1, 1, 1, 1)  # (2, 1, 32, 32, 4)
+    with torch.no_grad():
+        per_volume = MedCAMInferer(spatial_dims=2, class_idx=[0, 1], batch_size=3, **quick)(volumes, network)
+    assert per_volume.meta["medcam"]["label"].tolist() == [[0] * 4, [1] * 4]  # each volume's class on all its slices
+    with pytest.raises(ValueError, match=r"3 labels for 2 volume\(s\) of 4 slices: give one, one per volume \(2\) or one per slice \(8\)"):
+        MedCAMInferer(spatial_dims=2, class_idx=[0, 1, 1], **quick)(volumes, network)
+
+
+def test_the_dictionary_transform_names_the_key_at_fault_and_allows_a_missing_label():
+    quick = dict(steps=20, restarts=0, target_layers=[], **FAST)
+    explain = MedCAMExplaind("image", RegionClassifier(), class_idx_key="label", allow_missing_keys=True, **quick)
+    assert explain({"other": 1}) == {"other": 1}  # nothing to explain: no label needed
+    assert explain({"image": _image()})["image_evidence"].meta["medcam"]["label"] == 1  # no label: the prediction
+    with pytest.raises(ValueError, match=r"data\['image'\]: .*channel-first image"):
+        explain({"image": torch.rand(32, 32), "label": 1})
+    with pytest.raises(ValueError, match=r"data\['image'\]: class_idx \[7\] out of range.* \(the class from data\['label'\]\)"):
+        explain({"image": _image(), "label": 7})
+    with pytest.raises(ValueError, match=r"data\['label'\] must be a class index"):
+        explain({"image": _image(), "label": "pneumonia"})
+
+
 def test_inferer_explains_volumes_slice_by_slice_in_chunks(caplog):
     from monai.data import decollate_batch
 
