@@ -15,6 +15,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -148,6 +149,15 @@ def _listed(names: list[str], which: torch.Tensor) -> str:
 def _rows(idx: torch.Tensor, *values: torch.Tensor | list[torch.Tensor]) -> tuple:
     """Each value's rows ``idx`` (for a list of tensors, such as the reference activations, each tensor's)."""
     return tuple([v[idx] for v in value] if isinstance(value, list) else value[idx] for value in values)
+
+
+def with_meta_of(out: MetaTensor, source: MetaTensor) -> MetaTensor:
+    """``out`` with a deep copy of ``source``'s metadata and applied operations (its affine, its
+    lists): evidence whose meta is changed leaves the image's as it was."""
+    out.meta = deepcopy(dict(source.meta))
+    out.applied_operations = deepcopy(list(source.applied_operations))
+    out.is_batch = source.is_batch
+    return out
 
 
 @dataclass
@@ -302,7 +312,7 @@ class MedCAM:
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
-            result.mask.copy_meta_from(x)  # its own meta dict: the input's stays as it is
+            with_meta_of(result.mask, x)
         return result
 
     def verify(

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from monai_medcam.classifiers import LayerSpec, TargetLayer, index_tensor
-from monai_medcam.engine import MedCAM, MedCAMResult
+from monai_medcam.engine import MedCAM, MedCAMResult, with_meta_of
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.transforms import DIAGNOSTICS_KEY, OUTPUTS
 
@@ -118,7 +118,7 @@ class MedCAMInferer(Inferer):
             diagnostics = {name: torch.tensor(column).reshape(count, depth) for name, column in diagnostics.items()}
         out = MetaTensor(values)
         if isinstance(inputs, MetaTensor):
-            out.copy_meta_from(inputs)  # its own meta dict and operations list: the inputs' stay as they are
+            with_meta_of(out, inputs)  # a copy: the inputs' metadata stays as it is
         if out.affine.ndim == 2:  # a plain tensor's default affine, or an unbatched MetaTensor's: one per image
             out.affine = out.affine.expand(count, *out.affine.shape).clone()
         out.meta[DIAGNOSTICS_KEY] = diagnostics  # columns decollate per image (per volume: one list per name)

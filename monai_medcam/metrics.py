@@ -86,8 +86,10 @@ def _check_evidence(x: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> 
 
 
 def _images(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5) or x.shape[0] == 0:
-        raise ValueError(f"x must be images (B, C, H, W[, D]) with B >= 1, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}.")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of images (B, C, H, W[, D]), got {type(x).__name__}.")
+    if x.ndim not in (4, 5) or x.shape[0] == 0:
+        raise ValueError(f"x must be images (B, C, H, W[, D]) with B >= 1, got {tuple(x.shape)}.")
     x = _plain(x)
     return x if x.is_floating_point() else x.float()
 
@@ -237,6 +239,8 @@ def energy_in_truth(saliency: torch.Tensor, truth: torch.Tensor) -> torch.Tensor
     ``(B,)``, whatever the map's scale; 0 for a map with no positive value, NaN where the truth is empty."""
     saliency, truth = _check_maps(saliency=saliency, truth=truth)
     s = _ranked(saliency).clamp_min(0)
+    peak = s.amax(1, keepdim=True)
+    s = torch.where(peak > 0, s / torch.where(peak > 0, peak, 1.0), 0.0)  # in [0, 1]: no sum overflows, none underflows
     t = (truth > 0.5).flatten(1)
     total = s.sum(1)
     share = torch.where(total > 0, (s * t).sum(1) / torch.where(total > 0, total, 1.0), 0.0)

@@ -212,8 +212,8 @@ class MedCAMExplaind(MapTransform):
         for key, out_key in todo:
             try:
                 d[out_key] = self.explain(d[key], class_idx)
-            except ValueError as err:
-                raise ValueError(f"data[{key!r}]: {err}{source}") from err
+            except ValueError as err:  # the label's key named where the class is at fault
+                raise ValueError(f"data[{key!r}]: {err}" + (source if str(err).startswith("class_idx") else "")) from err
         return d
 
 

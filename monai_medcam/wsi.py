@@ -319,7 +319,7 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
         previous = levels[-1]
         shape = ((previous.shape[0] + 1) // 2, (previous.shape[1] + 1) // 2)
         lower = np.lib.format.open_memmap(work / f"pyramid_{len(levels)}.npy", mode="w+", dtype=np.uint8, shape=shape)
-        _reserve_disk(work / f"pyramid_{len(levels)}.npy", f"level {len(levels)} of the evidence pyramid")
+        _reserve_disk(work / f"pyramid_{len(levels)}.npy", f"level {len(levels)} of the evidence pyramid", work)
         _pooled(previous, lower)
         levels.append(lower)
 
@@ -749,43 +749,53 @@ def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: P
                 )
             _remove_state(state)
     new = not state.exists()
-    need = _pyramid_bytes(level_size) + (level_size[0] * level_size[1] if new else 0)
+    staging = state.with_name(state.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # what a run killed while making its state left
+    for left in state.glob("pyramid_*.npy"):  # what a run killed while writing its pyramid left
+        left.unlink()
+    unreserved = level_size[0] * level_size[1]
+    if not new:  # blocks of the map not yet on disk (a sparse map of an earlier version)
+        held = (state / "mask.npy").stat()
+        unreserved = max(0, held.st_size - getattr(held, "st_blocks", held.st_size // 512) * 512)
+    need = _pyramid_bytes(level_size) + unreserved
     free = shutil.disk_usage(state.parent).free
     if free < need:  # the slide map now, the lower levels of the evidence pyramid once every tile is explained
         raise OSError(errno.ENOSPC, f"not enough disk space in {state.parent} for the slide map and evidence pyramid "
                                     f"of {slide} ({_gb(need)} needed, {_gb(free)} free); free some space or give "
                                     "another output folder")
     if new:
-        staging = state.with_name(state.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
             np.lib.format.open_memmap(staging / "mask.npy", mode="w+", dtype=np.uint8, shape=level_size).flush()
-            _reserve_disk(staging / "mask.npy", f"the slide map of {slide}")
+            _reserve_disk(staging / "mask.npy", f"the slide map of {slide}", state.parent)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)  # a full disk leaves no state behind
             raise
         (staging / "run.json").write_text(json.dumps(run, indent=1))
         staging.rename(state)  # the state appears whole or not at all
     else:
-        _reserve_disk(state / "mask.npy", f"the slide map of {slide}")  # a state of an earlier version may be sparse
+        _reserve_disk(state / "mask.npy", f"the slide map of {slide}", state.parent)  # an earlier version's may be sparse
     return state
 
 
-def _reserve_disk(path: Path, what: str) -> None:
+def _reserve_disk(path: Path, what: str, folder: Path) -> None:
     """Allocate every block of ``path`` (a memmap's file) on disk now. A memmap's file is sparse: a
     page first written when the disk is full kills the process with SIGBUS, hours into a slide and
-    with no message; reserved, a full disk is an ``OSError`` naming ``what`` before the work."""
-    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: left sparse
+    with no message; reserved, a full disk is an ``OSError`` naming ``what`` and ``folder`` (the
+    one to free or change) before the work. Where allocation is not supported, the file stays sparse."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
         return
     size = path.stat().st_size
     with path.open("r+b") as handle:
         try:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # some NFS, ZFS and FUSE mounts
+                logger.debug("%s: cannot reserve its blocks (%s); left sparse", path, err)
+                return
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise OSError(err.errno, f"not enough disk space in {path.parent.parent} for {what} ({_gb(size)}, "
+            raise OSError(err.errno, f"not enough disk space in {folder} for {what} ({_gb(size)}, "
                                      f"{_gb(shutil.disk_usage(path.parent).free)} free); free some space or give "
                                      "another output folder") from err
 

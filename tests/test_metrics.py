@@ -38,8 +38,10 @@ def test_iou_energy_pointing():
     assert metrics.iou(mask, truth).tolist() == [pytest.approx(0.5), 0.0]
     sal = torch.tensor([[[[3.0, 1.0], [0.0, 0.0]]], [[[1.0, 3.0], [0.0, 0.0]]]])
     assert metrics.energy_in_truth(sal, truth).tolist() == [pytest.approx(0.75), pytest.approx(0.25)]
-    assert metrics.pointing_game(sal, truth).tolist() == [1.0, 0.0]
-    assert metrics.energy_in_truth(sal * 1e-20, truth).tolist() == [pytest.approx(0.75), pytest.approx(0.25)]  # any scale
+    hits = metrics.pointing_game(sal, truth)
+    assert hits.dtype == torch.float32 and hits.tolist() == [1.0, 0.0]  # 1.0 / 0.0, NaN where undefined
+    for scale in (1e-20, 1e37):  # any scale: neither underflows nor overflows
+        assert metrics.energy_in_truth(sal * scale, truth).tolist() == [pytest.approx(0.75), pytest.approx(0.25)]
     assert metrics.energy_in_truth(torch.zeros(1, 1, 2, 2), truth[:1]).tolist() == [0.0]  # no energy anywhere
 
 
@@ -190,6 +192,8 @@ def test_bad_arguments_are_named_and_labels_the_classifier_lacks_refused():
         metrics.decision_kept_under_backgrounds(MeanLogit(), x, full, 1, k=2.0)
     with pytest.raises(ValueError, match="x must be images"):
         metrics.decision_kept(MeanLogit(), x[:0], full[:0], 1)
+    with pytest.raises(TypeError, match="x must be a tensor of images .*, got ndarray"):
+        metrics.decision_kept(MeanLogit(), x.numpy(), full, 1)
     nan = torch.zeros(1, 1, 2, 2)
     nan[..., 1, 1] = float("nan")
     with pytest.raises(ValueError, match="saliency holds NaN"):

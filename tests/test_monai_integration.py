@@ -142,9 +142,11 @@ def test_the_inferers_evidence_has_its_own_meta_one_affine_per_image_and_checked
     with torch.no_grad():
         predicted = MedCAMInferer(**quick)(batch, network)
         asked = MedCAMInferer(class_idx=0, **quick)(batch, network)
-    asked.meta["filename_or_obj"] = ["evidence.nii.gz"] * 2
+    asked.meta["filename_or_obj"][0] = "evidence.nii.gz"
+    asked.affine[0, 0, 3] = 99.0
     assert predicted.meta["medcam"]["label"] == [1, 1] and asked.meta["medcam"]["label"] == [0, 0]
     assert "medcam" not in batch.meta and batch.meta["filename_or_obj"] == ["a.nii", "b.nii"]  # the inputs untouched
+    assert torch.equal(batch.affine, AFFINE[None].repeat(2, 1, 1)) and torch.equal(predicted.affine, batch.affine)
     with torch.no_grad():
         plain = MedCAMInferer(**quick)(region_images(2).numpy(), network)  # a plain array: identity affines
     assert [item.affine.tolist() for item in decollate_batch(plain)] == [torch.eye(4).tolist()] * 2
@@ -165,8 +167,9 @@ def test_the_dictionary_transform_names_the_key_at_fault_and_allows_a_missing_la
     explain = MedCAMExplaind("image", RegionClassifier(), class_idx_key="label", allow_missing_keys=True, **quick)
     assert explain({"other": 1}) == {"other": 1}  # nothing to explain: no label needed
     assert explain({"image": _image()})["image_evidence"].meta["medcam"]["label"] == 1  # no label: the prediction
-    with pytest.raises(ValueError, match=r"data\['image'\]: .*channel-first image"):
+    with pytest.raises(ValueError, match=r"data\['image'\]: .*channel-first image") as caught:
         explain({"image": torch.rand(32, 32), "label": 1})
+    assert "label" not in str(caught.value)  # an image at fault, not the class
     with pytest.raises(ValueError, match=r"data\['image'\]: class_idx \[7\] out of range.* \(the class from data\['label'\]\)"):
         explain({"image": _image(), "label": 7})
     with pytest.raises(ValueError, match=r"data\['label'\] must be a class index"):

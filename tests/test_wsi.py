@@ -419,6 +419,24 @@ def test_a_full_disk_is_an_error_before_any_tile_not_a_crash(slide, tmp_path, mo
     assert wsi._pyramid_bytes((1000, 3000)) == 500 * 1500 + 250 * 750 + 125 * 375 + 63 * 188  # down to one 256 tile
     assert wsi._pyramid_bytes((256, 200)) == 0
 
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    with monkeypatch.context() as patch:  # a file system that cannot allocate (some NFS, ZFS, FUSE mounts): left sparse
+        patch.setattr(os, "posix_fallocate", unsupported)
+        sparse_state = wsi._working_state(tmp_path / ".old.medcam", {"run": 1}, shape, path, restart=False)
+    assert os.stat(sparse_state / "mask.npy").st_blocks * 512 < 3_000_000 // 2
+    (sparse_state / "pyramid_1.npy").write_bytes(b"\0" * 1000)  # a run killed while writing its pyramid
+    pyramid = wsi._pyramid_bytes(shape)
+    little = shutil.disk_usage(tmp_path)._replace(free=pyramid + 10**6)
+    with monkeypatch.context() as patch:  # resumed: the map's missing blocks count too, not the pyramid alone
+        patch.setattr(shutil, "disk_usage", lambda where: little)
+        with pytest.raises(OSError, match=r"\(4\.0 MB needed, 2\.0 MB free\)"):
+            wsi._working_state(sparse_state, {"run": 1}, shape, path, restart=False)
+    wsi._working_state(sparse_state, {"run": 1}, shape, path, restart=False)
+    held = os.stat(sparse_state / "mask.npy")
+    assert held.st_blocks * 512 >= held.st_size and not (sparse_state / "pyramid_1.npy").exists()
+
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
