@@ -54,6 +54,19 @@ RESTART_SEED_STEP = 104729  # restart k uses seed + k * this, far from the seeds
 
 
 @contextmanager
+def _without_autocast() -> Iterator[None]:
+    """Autocast turned off, on CPU and CUDA: a caller's context (MONAI's evaluators with ``amp=True``)
+    would otherwise run the reference pass and every check in half precision while the masks train
+    in float32; the explainer's own bf16 (``amp``) is turned on inside, around its training step."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
+@contextmanager
 def _without_cudnn_autotuning() -> Iterator[None]:
     """Turn cuDNN's benchmark mode off while explaining, and restore it after.
 
@@ -294,8 +307,12 @@ class MedCAM:
 
         At most ``batch_size`` images are optimised together (``None``: all of ``x``). A batch that
         does not fit in GPU memory is explained in halves (then quarters, ...), and later calls
-        start from the size that fitted; the images' results do not depend on either. ``names``
-        (one per image) are how the log calls the images; their indices in ``x`` by default.
+        start from the size that fitted. The images are independent explainers, but the kernels
+        oneDNN and cuDNN pick by batch size round differently and the optimisation amplifies it: an
+        image's mask can differ with ``batch_size``, its batch-mates or a split, each mask verified
+        (the same set-up gives the same masks). ``names`` (one per image) are how the log calls the
+        images; their indices in ``x`` by default. An autocast context around the call does not
+        reach the explainer (``amp`` decides its precision).
         """
         data = self._check_input(x)
         if batch_size is not None and (not is_whole_number(batch_size) or batch_size < 1):
@@ -307,7 +324,7 @@ class MedCAM:
         if class_idx is not None and class_idx.numel() not in (1, data.shape[0]):  # before the batch is cut into parts
             raise ValueError(f"class_idx gives {class_idx.numel()} labels for a batch of {data.shape[0]} images.")
         start = time.perf_counter()
-        with _without_cudnn_autotuning():
+        with _without_cudnn_autotuning(), _without_autocast():
             result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
         result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
         result.mask = MetaTensor(result.mask)
@@ -339,7 +356,7 @@ class MedCAM:
         if not ((m == 0) | (m == 1)).all():
             raise ValueError("mask must be binary (values 0 and 1); threshold a soft mask or saliency map first.")
         s = self.resolved_settings(data.ndim - 2)
-        with self.classifier.frozen(), torch.no_grad():
+        with self.classifier.frozen(), torch.no_grad(), _without_autocast():
             label = self._labels(class_idx, self._reference(data)[0])
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
         return self._keeps_label(checks, label)
@@ -434,6 +451,9 @@ class MedCAM:
                 checks = torch.softmax(self._check_logits(data, attempt.hard, base, x_blurred, s), 2)
                 probs = checks.gather(2, label[None, :, None].expand(len(checks), -1, 1))[..., 0]
                 prob_evidence, prob_background = probs[0], probs[1:].amin(0)
+                # the verdict on the masks returned, in this batch: the one the probabilities and verify() give
+                # (checked during the optimisation on the images still running, whose rounding can differ)
+                attempt.verified = self._keeps_label(checks, label)
         return MedCAMResult(
             mask=attempt.hard,
             soft_mask=attempt.soft,
@@ -681,7 +701,8 @@ class MedCAM:
         the label under K fresh backgrounds too, and scores lowest on :meth:`_hard_objective`,
         below the mask; a cut mask is offered smaller balls around its own peak in the next round,
         whatever its size, and an image stops once no ball beats its mask. The soft mask is zeroed
-        outside the ball.
+        outside the cut mask (the ball's part of the binary mask), so that it stays the evidence
+        returned; its values below 0.5 inside the ball go too.
         """
         if s.shrink_rounds == 0:
             return
