@@ -96,7 +96,9 @@ class MedCAMSettings:
         binary_tol: a mask counts as settled only when at most this share of its pixels lies
             strictly between 0.01 and 0.99.
         patience: an image stops once its mask was verified and stable at this many consecutive checks.
-        verify_backgrounds: K, the number of random backgrounds the binary mask must survive.
+        verify_backgrounds: K, the number of random backgrounds the binary mask must survive: a
+            blurred copy of the image first, then Gaussian and uniform noise in turn (with K = 1
+            the blurred copy alone, no noise).
         max_retries: retries for images whose mask is not verified; each doubles ``steps`` and
             halves ``area_weight``.
         restarts: the optimisation is chaotic and now and then stalls near "keep everything"; a
