@@ -15,11 +15,11 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
 from __future__ import annotations
 
 import logging
-from copy import deepcopy
 import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -320,9 +320,11 @@ class MedCAM:
         names = [str(i) for i in range(data.shape[0])] if names is None else [str(n) for n in names]
         if len(names) != data.shape[0]:
             raise ValueError(f"names gives {len(names)} names for a batch of {data.shape[0]} images.")
-        class_idx = None if class_idx is None else index_tensor(class_idx)  # not numbers: refused before any work
-        if class_idx is not None and class_idx.numel() not in (1, data.shape[0]):  # before the batch is cut into parts
-            raise ValueError(f"class_idx gives {class_idx.numel()} labels for a batch of {data.shape[0]} images.")
+        if class_idx is not None:  # one per image, so that each part of the batch takes its own
+            class_idx = index_tensor(class_idx)  # not numbers: refused before any work
+            if class_idx.numel() not in (1, data.shape[0]):
+                raise ValueError(f"class_idx gives {class_idx.numel()} labels for a batch of {data.shape[0]} images.")
+            class_idx = class_idx.expand(data.shape[0])
         start = time.perf_counter()
         with _without_cudnn_autotuning(), _without_autocast():
             result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
@@ -361,21 +363,17 @@ class MedCAM:
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
         return self._keeps_label(checks, label)
 
-    def _explain_in_parts(
-        self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, batch_size: int, names: list[str]
-    ) -> MedCAMResult:
+    def _explain_in_parts(self, data: torch.Tensor, class_idx: torch.Tensor | None, batch_size: int, names: list[str]) -> MedCAMResult:
         """Parts of at most ``batch_size`` and ``self._fits`` images, one after the other; once a part
         runs out of GPU memory, it and the images after it are explained in parts of half its size.
-        ``names``: the images' names in the log."""
+        ``class_idx``: one per image ``(B,)``, or ``None``; ``names``: the images' names in the log."""
         count = data.shape[0]
-        per_image = class_idx is not None and torch.as_tensor(class_idx).numel() == count > 1
-        labels = torch.as_tensor(class_idx).flatten() if per_image else None
         size = min(count, batch_size, self._fits or count)
         parts = []
         for begin in range(0, count, size):
             part = slice(begin, begin + size)
             try:
-                parts.append(self._explain(data[part], labels[part] if per_image else class_idx, names[part]))
+                parts.append(self._explain(data[part], None if class_idx is None else class_idx[part], names[part]))
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -383,7 +381,7 @@ class MedCAM:
                 logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
                 torch.cuda.empty_cache()
                 rest = slice(begin, None)  # the later parts would not fit either
-                parts.append(self._explain_in_parts(data[rest], labels[rest] if per_image else class_idx, batch_size, names[rest]))
+                parts.append(self._explain_in_parts(data[rest], None if class_idx is None else class_idx[rest], batch_size, names[rest]))
                 break
         return MedCAMResult.concat(parts)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -19,7 +18,7 @@ from monai.inferers import Inferer
 from monai_medcam.classifiers import LayerSpec, TargetLayer, index_tensor
 from monai_medcam.engine import MedCAM, MedCAMResult, with_meta_of
 from monai_medcam.settings import MedCAMSettings
-from monai_medcam.transforms import DIAGNOSTICS_KEY, OUTPUTS
+from monai_medcam.transforms import DIAGNOSTICS_KEY, OUTPUTS, numbers_as_tensor
 
 __all__ = ["MedCAMInferer"]
 
@@ -83,8 +82,7 @@ class MedCAMInferer(Inferer):
                 "MedCAMInferer optimises mask networks and needs gradients, which torch.inference_mode() forbids; "
                 "run it under torch.no_grad() (as MONAI's evaluators do) or with no context."
             )
-        if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "biuf":
-            inputs = torch.from_numpy(np.array(inputs, dtype=inputs.dtype.newbyteorder("=")))
+        inputs = numbers_as_tensor(inputs)
         if not isinstance(inputs, torch.Tensor):
             raise ValueError(f"MedCAMInferer takes a batch tensor (B, C, *spatial), got {type(inputs).__name__}.")
         data = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs

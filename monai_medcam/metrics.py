@@ -21,7 +21,6 @@ order (:func:`binarize_top`, :func:`insertion_deletion_auc`) or at the centre of
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +28,7 @@ from monai.data import MetaTensor
 
 from monai_medcam.backgrounds import baseline_image, verification_backgrounds
 from monai_medcam.classifiers import FrozenClassifier, class_indices
+from monai_medcam.settings import is_whole_number
 
 __all__ = [
     "area_fraction",
@@ -101,7 +101,7 @@ def _labels(label: torch.Tensor | int | Sequence[int], logits: torch.Tensor) -> 
 
 
 def _count(value: object, name: str, least: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+    if not is_whole_number(value) or value < least:
         raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}.")
     return int(value)
 
@@ -136,12 +136,14 @@ def binarize_top(saliency: torch.Tensor, area: torch.Tensor | float, seed: int |
     ``None`` breaks them by position in the array (first pixels first).
     """
     (saliency,) = _check_maps(saliency=saliency)
+    return _top(_salience_rank(saliency, seed), area).view_as(saliency)
+
+
+def _salience_rank(saliency: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """``(B, N)``: each pixel's place in its image's order of decreasing saliency (0 the most
+    salient); ties in a random order drawn from ``seed``, or by position for ``None``."""
     flat = _ranked(saliency)
-    batch, count = flat.shape
-    area = torch.as_tensor(area, dtype=torch.float, device=flat.device).flatten()
-    if area.numel() not in (1, batch) or not torch.isfinite(area).all() or ((area < 0) | (area > 1)).any():
-        raise ValueError(f"area must be one fraction in [0, 1] or one per image ({batch}), got {area.tolist()}.")
-    keep = (area.expand(batch) * count).round().long().clamp(0, count)
+    count = flat.shape[1]
     if seed is None:
         order = flat.argsort(dim=1, descending=True, stable=True)
     else:  # shuffled first, then a stable sort: tied pixels stay in the shuffled order
@@ -149,7 +151,17 @@ def binarize_top(saliency: torch.Tensor, area: torch.Tensor | float, seed: int |
         order = shuffle[flat[:, shuffle].argsort(dim=1, descending=True, stable=True)]
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(count, device=flat.device).expand_as(order))
-    return (rank < keep[:, None]).float().view_as(saliency)
+    return rank
+
+
+def _top(rank: torch.Tensor, area: torch.Tensor | float) -> torch.Tensor:
+    """``(B, N)`` float: the pixels of ``rank`` (:func:`_salience_rank`) among each image's ``area`` most salient."""
+    batch, count = rank.shape
+    area = torch.as_tensor(area, dtype=torch.float, device=rank.device).flatten()
+    if area.numel() not in (1, batch) or not torch.isfinite(area).all() or ((area < 0) | (area > 1)).any():
+        raise ValueError(f"area must be one fraction in [0, 1] or one per image ({batch}), got {area.tolist()}.")
+    keep = (area.expand(batch) * count).round().long().clamp(0, count)
+    return (rank < keep[:, None]).float()
 
 
 def label_probability(classifier: torch.nn.Module, x: torch.Tensor, label: torch.Tensor | int | Sequence[int]) -> torch.Tensor:
@@ -180,7 +192,7 @@ def decision_kept_under_backgrounds(
     then Gaussian and uniform noise in turn.
     """
     x, mask = _check_evidence(x, mask)
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+    if not is_whole_number(k) or k < 1:
         raise ValueError(f"k must be at least 1 background (a whole number), got {k!r}.")
     hard = (mask > 0.5).to(x.dtype)
     kept = []
@@ -212,9 +224,10 @@ def insertion_deletion_auc(
     steps = _count(steps, "steps", 1)
     inserted_into, deleted_to = (baseline, baseline) if isinstance(baseline, str) else tuple(baseline)
     into, to = baseline_image(x, inserted_into), baseline_image(x, deleted_to)
+    rank = _salience_rank(saliency, seed)  # one order for every step: the shown sets are nested
     insertion, deletion = [], []
     for j in range(steps + 1):
-        shown = binarize_top(saliency, j / steps, seed).to(x.dtype)
+        shown = _top(rank, j / steps).view_as(saliency).to(x.dtype)
         insertion.append(label_probability(classifier, shown * x + (1 - shown) * into, label))
         deletion.append(label_probability(classifier, (1 - shown) * x + shown * to, label))
 
@@ -240,10 +253,9 @@ def energy_in_truth(saliency: torch.Tensor, truth: torch.Tensor) -> torch.Tensor
     saliency, truth = _check_maps(saliency=saliency, truth=truth)
     s = _ranked(saliency).clamp_min(0)
     peak = s.amax(1, keepdim=True)
-    s = torch.where(peak > 0, s / torch.where(peak > 0, peak, 1.0), 0.0)  # in [0, 1]: no sum overflows, none underflows
+    s = s / torch.where(peak > 0, peak, 1.0)  # peak 1: no sum overflows or underflows
     t = (truth > 0.5).flatten(1)
-    total = s.sum(1)
-    share = torch.where(total > 0, (s * t).sum(1) / torch.where(total > 0, total, 1.0), 0.0)
+    share = (s * t).sum(1) / s.sum(1).clamp_min(1.0)  # a sum of at least the peak's 1, or 0 for an all-zero map
     return torch.where(t.any(1), share, torch.nan)
 
 

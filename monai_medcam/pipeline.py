@@ -451,5 +451,4 @@ def explain_inputs(
         earlier = [path.name for path in (output / (name + EVIDENCE_SUFFIXES[f]) for f in FORMATS) if path.is_file() and path not in fresh]
         if item.label in report.failures and earlier:
             report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
-            fresh.update(output / n for n in earlier)  # the same input given twice: said once
     return report

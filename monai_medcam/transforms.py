@@ -104,11 +104,17 @@ def _check_output(output: str) -> str:
     return output
 
 
+def numbers_as_tensor(data: object) -> object:
+    """A numpy array of numbers as a tensor (a copy in native byte order, whatever its strides), as
+    MONAI's transforms take either; anything else as given."""
+    if isinstance(data, np.ndarray) and data.dtype.kind in "biuf":
+        return torch.from_numpy(np.array(data, dtype=data.dtype.newbyteorder("="), order="C"))
+    return data
+
+
 def _image(img, what: str) -> torch.Tensor:
-    """``img`` ``(C, H, W[, D])`` as a tensor: a numpy array of numbers converted, as MONAI's transforms
-    take either (a copy in native byte order, whatever its strides); anything else is a ``ValueError``."""
-    if isinstance(img, np.ndarray) and img.dtype.kind in "biuf":
-        img = torch.from_numpy(np.array(img, dtype=img.dtype.newbyteorder("="), order="C"))
+    """``img`` ``(C, H, W[, D])`` as a tensor (:func:`numbers_as_tensor`); anything else is a ``ValueError``."""
+    img = numbers_as_tensor(img)
     if isinstance(img, torch.Tensor) and img.ndim in (3, 4):
         return img
     if isinstance(img, torch.Tensor):

@@ -315,12 +315,10 @@ def write_pyramid(mask: np.ndarray, path: str | Path, work: str | Path, tile: in
 
     levels = [mask]
     work = Path(work)
-    while max(levels[-1].shape) > tile:
-        previous = levels[-1]
-        shape = ((previous.shape[0] + 1) // 2, (previous.shape[1] + 1) // 2)
-        lower = np.lib.format.open_memmap(work / f"pyramid_{len(levels)}.npy", mode="w+", dtype=np.uint8, shape=shape)
-        _reserve_disk(work / f"pyramid_{len(levels)}.npy", f"level {len(levels)} of the evidence pyramid", work)
-        _pooled(previous, lower)
+    for k, shape in enumerate(_lower_levels(mask.shape, tile), start=1):
+        lower = np.lib.format.open_memmap(work / f"pyramid_{k}.npy", mode="w+", dtype=np.uint8, shape=shape)
+        _reserve_disk(work / f"pyramid_{k}.npy", f"level {k} of the evidence pyramid", work)
+        _pooled(levels[-1], lower)
         levels.append(lower)
 
     def tiles(level: np.ndarray) -> Iterator[np.ndarray]:
@@ -800,13 +798,19 @@ def _reserve_disk(path: Path, what: str, folder: Path) -> None:
                                      "another output folder") from err
 
 
-def _pyramid_bytes(shape: tuple[int, int], tile: int = 256) -> int:
-    """Bytes of the lower levels :func:`write_pyramid` builds as memmaps for a mask of ``shape``."""
-    total = 0
+def _lower_levels(shape: tuple[int, int], tile: int = 256) -> list[tuple[int, int]]:
+    """The shapes of the pyramid's levels below one of ``shape``: each half the one above (rounded
+    up), down to the first that fits in one ``tile``."""
+    shapes = []
     while max(shape) > tile:
         shape = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
-        total += shape[0] * shape[1]
-    return total
+        shapes.append(shape)
+    return shapes
+
+
+def _pyramid_bytes(shape: tuple[int, int], tile: int = 256) -> int:
+    """Bytes of the lower levels :func:`write_pyramid` builds as memmaps for a mask of ``shape``."""
+    return sum(rows * columns for rows, columns in _lower_levels(shape, tile))
 
 
 def _gb(size: int) -> str:
