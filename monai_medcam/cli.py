@@ -131,27 +131,15 @@ def _preprocessing(args: argparse.Namespace, loaded):
     transforms Med-CAM's own preprocessing does not do the same way, unless ``--size`` or
     ``--orientation``, options of Med-CAM's own, are given), else ``None`` and, for the warning, why
     not; ``False`` after an error message."""
-    mode = args.preprocessing
-    hint = "--preprocessing bundle applies the bundle's own and inverts it on the evidence"
     given = [flag for flag, value in (("--orientation", args.orientation), ("--size", args.size)) if value is not None]
-    if mode == "bundle" and loaded.preprocessing_config is None:
-        print(f"error: --preprocessing bundle: {loaded.source} is not a MONAI bundle with a preprocessing.", file=sys.stderr)
-        return False, ""
-    if mode == "bundle" and given:
-        print(f"error: {' and '.join(given)} set how Med-CAM's own preprocessing prepares inputs; with --preprocessing bundle "
-              "the bundle's own does: leave them out.", file=sys.stderr)
-        return False, ""
-    if mode == "medcam" or loaded.preprocessing_config is None or (mode == "auto" and not loaded.unapplied):
-        return None, f" ({hint})" if loaded.unapplied else ""
-    if given:  # auto: options of Med-CAM's own preprocessing ask for it
-        return None, f" ({' and '.join(given)} given: Med-CAM's own preprocessing; {hint})"
     try:
-        preprocessing = loaded.bundle_preprocessing()
+        preprocessing, why_not = loaded.choose_preprocessing(
+            args.preprocessing, given, "--preprocessing bundle applies the bundle's own and inverts it on the evidence")
     except ValueError as err:
-        if mode == "bundle":
-            print(f"error: {err}", file=sys.stderr)
-            return False, ""
-        return None, f"; the bundle's own cannot run here: {str(err).rstrip('.')}"
+        print(f"error: --preprocessing {args.preprocessing}: {err}", file=sys.stderr)
+        return False, ""
+    if preprocessing is None:
+        return None, why_not
     print(f"note: inputs go through the bundle's own preprocessing ({', '.join(preprocessing.names)}), as in the classifier's "
           "training, and the evidence is inverted through it onto each source (--preprocessing medcam: Med-CAM's own).",
           file=sys.stderr)

@@ -71,6 +71,40 @@ class LoadedClassifier:
             raise ValueError(f"{config}: cannot build the preprocessing ({type(err).__name__}: {err}).") from err
         return BundlePreprocessing(transform, str(config))
 
+    def choose_preprocessing(self, mode: str, given: list[str], hint: str):
+        """Which preprocessing prepares inputs: the bundle's own (returned, built) or Med-CAM's own
+        (``None``, with why not, to end a warning). The command line and the MONAI Label app decide
+        so, each naming its own options.
+
+        Args:
+            mode: ``"auto"`` (the bundle's own where its preprocessing has transforms Med-CAM's own
+                does not do the same way, ``unapplied``, unless options of Med-CAM's own are given),
+                ``"bundle"`` or ``"medcam"``.
+            given: the options of Med-CAM's own preprocessing that were given (``--size``, ...), as
+                the caller spells them.
+            hint: how to ask for the bundle's own, for the reason.
+
+        Raises:
+            ValueError: an unknown ``mode``, or ``"bundle"`` where the bundle's own cannot be used.
+        """
+        if mode not in ("auto", "bundle", "medcam"):
+            raise ValueError(f"give auto, bundle or medcam, not {mode!r}.")
+        if mode == "bundle" and self.preprocessing_config is None:
+            raise ValueError(f"{self.source} is not a MONAI bundle with a preprocessing.")
+        if mode == "bundle" and given:
+            raise ValueError(f"{' and '.join(given)} set how Med-CAM's own preprocessing prepares inputs; with the "
+                             "bundle's own, leave them out.")
+        if mode == "medcam" or self.preprocessing_config is None or (mode == "auto" and not self.unapplied):
+            return None, f" ({hint})"
+        if given:  # auto: options of Med-CAM's own preprocessing ask for it
+            return None, f" ({' and '.join(given)} given: Med-CAM's own preprocessing; {hint})"
+        try:
+            return self.bundle_preprocessing(), ""
+        except ValueError as err:
+            if mode == "bundle":
+                raise
+            return None, f"; the bundle's own cannot run here: {str(err).rstrip('.')}"
+
     @property
     def orientation(self) -> str | None:
         """``orientation_codes`` checked: three axis codes, or ``None``. Checked here, when used, so

@@ -168,6 +168,26 @@ def test_torchscript_and_bundle_classifiers(tmp_path):
         load_classifier(tmp_path)
 
 
+def test_the_choice_of_preprocessing_follows_the_mode_and_the_options_given():
+    """One decision for the command line and the MONAI Label app: Med-CAM's own where asked, where
+    the bundle's has nothing it lacks, or where its own options are given (with the reason); errors
+    where the bundle's own is asked for and cannot be."""
+    from monai_medcam.loading import LoadedClassifier
+
+    plain = LoadedClassifier(torch.nn.Identity(), 2, 1, None, "net.pt")
+    assert plain.choose_preprocessing("auto", [], "HINT") == (None, " (HINT)")
+    with pytest.raises(ValueError, match="net.pt is not a MONAI bundle with a preprocessing"):
+        plain.choose_preprocessing("bundle", [], "HINT")
+    with pytest.raises(ValueError, match="give auto, bundle or medcam, not 'Bundle'"):
+        plain.choose_preprocessing("Bundle", [], "HINT")
+    # a bundle whose preprocessing has a Spacingd (never built here: each answer is decided before)
+    bundle = LoadedClassifier(torch.nn.Identity(), 3, 1, None, "b", unapplied=["Spacingd"], preprocessing_config=(None, "b.json"))
+    assert bundle.choose_preprocessing("medcam", [], "HINT") == (None, " (HINT)")
+    assert bundle.choose_preprocessing("auto", ["--size"], "HINT") == (None, " (--size given: Med-CAM's own preprocessing; HINT)")
+    with pytest.raises(ValueError, match="--size and --orientation set how Med-CAM's own preprocessing prepares inputs"):
+        bundle.choose_preprocessing("bundle", ["--size", "--orientation"], "HINT")
+
+
 def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog, drawn_panels):
     from monai_medcam.demo.studies import write_demo_studies
 

@@ -323,8 +323,8 @@ def test_a_bundles_own_preprocessing_prepares_the_image_and_its_label_comes_back
     )
     assert printed.splitlines() == [
         "['Flipd', 'Resized']",
-        "(None, \" (size given; --conf preprocessing bundle applies the bundle's own and inverts the label through it)\")",
-        "--conf preprocessing bundle with --conf size: those set Med-CAM's own preparation.",
+        "(None, \" (--conf size given: Med-CAM's own preprocessing; --conf preprocessing bundle applies the bundle's own and inverts the label through it)\")",
+        "--conf preprocessing bundle: --conf size set how Med-CAM's own preprocessing prepares inputs; with the bundle's own, leave them out.",
         "(1, 16, 16, 8) True",
         "(24, 20, 10) True [21, 0, 0] [23, 2, 1] ['area', 'label', 'prob_evidence', 'settled', 'steps', 'vacuous', 'verified']",
         "the evidence is on an image a bundle's preprocessing prepare",

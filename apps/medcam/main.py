@@ -96,23 +96,12 @@ class MedCAMApp(MONAILabelApp):
         the bundle has transforms Med-CAM's own preparation does not do the same way, unless ``size``
         or ``orientation`` is given) asks for it, and why not, for the warning."""
         mode = conf.get("preprocessing", "auto")
-        if mode not in ("auto", "bundle", "medcam"):
-            raise ValueError(f"--conf preprocessing {mode!r}: give auto, bundle or medcam.")
-        given = [name for name in ("size", "orientation") if conf.get(name)]
-        if mode == "bundle" and given:
-            raise ValueError(f"--conf preprocessing bundle with --conf {' and '.join(given)}: those set Med-CAM's own preparation.")
-        if mode == "medcam" or (mode == "auto" and (not self.loaded.unapplied or given)):
-            hint = "--conf preprocessing bundle applies the bundle's own and inverts the label through it"
-            return None, f" ({' and '.join(given)} given; {hint})" if given else f" ({hint})"
+        given = [f"--conf {name}" for name in ("size", "orientation") if conf.get(name)]
         try:
-            preprocessing = self.loaded.bundle_preprocessing()
-            if preprocessing is None:
-                raise ValueError(f"{self.loaded.source} is not a MONAI bundle with a preprocessing.")
+            return self.loaded.choose_preprocessing(
+                mode, given, "--conf preprocessing bundle applies the bundle's own and inverts the label through it")
         except ValueError as err:
-            if mode == "bundle":
-                raise
-            return None, f"; the bundle's own cannot run here: {str(err).rstrip('.')}"
-        return preprocessing, ""
+            raise ValueError(f"--conf preprocessing {mode}: {err}") from err
 
     def init_datastore(self):
         return SeriesDatastore(
