@@ -255,6 +255,11 @@ class FrozenClassifier:
         if not isinstance(nn_module, nn.Module):
             raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}.")
         self.model = nn_module
+        # DataParallel's replicas would share the capture hooks (the last replica's rows kept): the
+        # network inside it runs, on the input's device, as (Distributed)DataParallel runs it in one process
+        self._network = nn_module
+        while isinstance(self._network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            self._network = self._network.module
         self.layers = self._resolve(target_layers, layer_weights, layer_distances)
         self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
         self._patch = _patch_size(nn_module)
@@ -360,7 +365,7 @@ class FrozenClassifier:
         evidence) and its logits come back as float32."""
         dtype = self.dtype
         self._cast = dtype != torch.float32
-        out = self.model(x.to(dtype) if self._cast and x.dtype != dtype else x)
+        out = self._network(x.to(dtype) if self._cast and x.dtype != dtype else x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, torch.Tensor):

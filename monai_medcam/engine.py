@@ -14,6 +14,7 @@ Data flow for a batch ``x`` ``(B, C, *spatial)``::
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -290,10 +291,18 @@ class MedCAM:
                 logits, acts = self.classifier.logits_and_activations(x)
         except torch.cuda.OutOfMemoryError:
             raise  # explain() halves the batch
-        except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its input size
-            hint = VOLUME_HINT if x.ndim == 5 else ""
-            raise ValueError(f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {str(err) or type(err).__name__}") from err
+        except RuntimeError as err:
+            if "ALLOC_FAILED" in str(err) or "out of memory" in str(err).lower():  # cuBLAS/cuDNN out of memory
+                raise torch.cuda.OutOfMemoryError(str(err)) from err
+            raise ValueError(self._refused(x, err)) from err
+        except AssertionError as err:  # torchvision's ViT asserts its input size
+            raise ValueError(self._refused(x, err)) from err
         return logits.float(), [a.detach() for a in acts]
+
+    @staticmethod
+    def _refused(x: torch.Tensor, err: Exception) -> str:
+        hint = VOLUME_HINT if x.ndim == 5 else ""
+        return f"the classifier refused an input of shape {tuple(x.shape)}{hint}: {str(err) or type(err).__name__}"
 
     # -- the public entry point -----------------------------------------------------------------
     def explain(
@@ -328,7 +337,7 @@ class MedCAM:
         start = time.perf_counter()
         with _without_cudnn_autotuning(), _without_autocast():
             result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
-        result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0])
+        result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0], device=data.device)
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
             with_meta_of(result.mask, x)
@@ -358,7 +367,7 @@ class MedCAM:
         if not ((m == 0) | (m == 1)).all():
             raise ValueError("mask must be binary (values 0 and 1); threshold a soft mask or saliency map first.")
         s = self.resolved_settings(data.ndim - 2)
-        with self.classifier.frozen(), torch.no_grad(), _without_autocast():
+        with self.classifier.frozen(), torch.no_grad(), _without_cudnn_autotuning(), _without_autocast():  # as explain()
             label = self._labels(class_idx, self._reference(data)[0])
             checks = self._check_logits(data, m, baseline_image(data, s.baseline), blurred(data), s)
         return self._keeps_label(checks, label)
@@ -374,15 +383,19 @@ class MedCAM:
             part = slice(begin, begin + size)
             try:
                 parts.append(self._explain(data[part], None if class_idx is None else class_idx[part], names[part]))
+                continue
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
-                self._fits = max(1, size // 2)
-                logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
-                torch.cuda.empty_cache()
-                rest = slice(begin, None)  # the later parts would not fit either
-                parts.append(self._explain_in_parts(data[rest], None if class_idx is None else class_idx[rest], batch_size, names[rest]))
-                break
+            # past the except block: the exception's traceback, which holds the failed attempt's mask
+            # networks, optimiser state and activations, is gone before the smaller parts start
+            gc.collect()
+            torch.cuda.empty_cache()
+            self._fits = max(1, size // 2)
+            logger.warning("out of GPU memory with %d images at once; explaining them %d at a time.", size, self._fits)
+            rest = slice(begin, None)  # the later parts would not fit either
+            parts.append(self._explain_in_parts(data[rest], None if class_idx is None else class_idx[rest], batch_size, names[rest]))
+            break
         return MedCAMResult.concat(parts)
 
     def _explain(self, data: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None, names: list[str]) -> MedCAMResult:
@@ -465,7 +478,7 @@ class MedCAM:
             area=attempt.hard.flatten(1).mean(1),
             steps=attempt.steps,
             retries=retries,
-            seconds=torch.zeros(data.shape[0]),
+            seconds=torch.zeros(data.shape[0], device=data.device),
         )
 
     def _optimise_unless_skipped(

@@ -74,7 +74,7 @@ class StackedMaskNet(nn.Module):
     ) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's alone (the network is built there): GPUs' states untouched
             base = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, features=tuple(features))
         init_keep = min(max(init_keep, 1e-3), 1 - 1e-3)
         with torch.no_grad():

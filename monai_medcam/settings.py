@@ -149,7 +149,10 @@ class MedCAMSettings:
         seed: seeds the mask networks and the random backgrounds; the same seed gives the same mask
             on the same machine, batch and thread set-up (the optimisation amplifies rounding: a call
             of ``torch.set_num_threads(2)`` where 2 threads were already the default changed masks;
-            docs/settings.md).
+            docs/settings.md). On CUDA only with deterministic kernels (``torch.backends.cudnn.deterministic
+            = True``, which MONAI's ``set_determinism`` sets), and not even then through layers whose
+            backward has no deterministic CUDA kernel (adaptive average pooling): there the masks can
+            differ between runs, each verified all the same.
         verify_seed: seeds the K verification backgrounds (``None``: ``seed``). Restarts change
             ``seed`` but keep this, so every attempt is verified on the same backgrounds, those the
             result's probabilities are reported on.

@@ -11,7 +11,8 @@ Data flow::
 Resume: the working state lives in ``<output>/.<slide>.medcam/`` (parameters, the level's mask
 as a ``.npy`` memmap, the journal). A run that is killed and started again with the same
 arguments redoes only the batches missing from the journal; batches are fixed by the tile grid
-and seeded the same way, so the outputs equal an uninterrupted run's. The state is removed once
+and seeded the same way, so the outputs equal an uninterrupted run's (on CPU; on CUDA as far as its
+kernels are deterministic, ``MedCAMSettings.seed``). The state is removed once
 the outputs are written.
 """
 

@@ -342,6 +342,27 @@ def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplo
     assert torch.equal(again.soft_mask, reference.soft_mask)
 
 
+def test_a_part_that_ran_out_of_memory_is_freed_before_the_smaller_parts_start(monkeypatch):
+    """The failed attempt's mask networks, optimiser state and activations (held by the exception's
+    traceback) must be gone when the halved parts start, or they would run out of memory too."""
+    import weakref
+
+    optimise, held, alive_at_retry = MedCAM._optimise, [], []
+
+    def small_gpu(self, x, *args):
+        alive_at_retry.append(sum(ref() is not None for ref in held))
+        if x.shape[0] > 1:
+            state = torch.zeros(x.shape[0], 1000)  # stands for what the failed attempt had allocated
+            held.append(weakref.ref(state))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return optimise(self, x, *args)
+
+    monkeypatch.setattr(MedCAM, "_optimise", small_gpu)
+    result = MedCAM(RegionClassifier(), steps=5, max_retries=0, restarts=0).explain(region_images(4, seed=5))
+    assert result.mask.shape == (4, 1, 32, 32)
+    assert len(held) == 2 and alive_at_retry == [0, 0, 0, 0, 0, 0]  # 4 and 2 failed; four parts of one, none held
+
+
 def test_out_of_memory_in_the_reference_pass_also_halves_the_batch(caplog):
     """The first pass of the classifier over the batch can run out of GPU memory too: it must reach the
     halving, not become the "classifier refused the input" error."""
@@ -356,6 +377,50 @@ def test_out_of_memory_in_the_reference_pass_also_halves_the_batch(caplog):
         result = MedCAM(SmallGpu(), steps=5, max_retries=0, restarts=0).explain(region_images(3, seed=5))
     assert "out of GPU memory with 3 images at once; explaining them 1 at a time" in caplog.text
     assert result.mask.shape == (3, 1, 32, 32)
+
+
+def test_cublas_allocation_failure_in_the_reference_pass_halves_the_batch_too(caplog):
+    """cuBLAS reports running out of memory as a RuntimeError, not torch's OutOfMemoryError: it is one
+    all the same, not "the classifier refused the input"."""
+
+    class SmallGpu(RegionClassifier):
+        def forward(self, x):
+            if x.shape[0] == 2 and not torch.is_grad_enabled():
+                raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+            return super().forward(x)
+
+    with caplog.at_level("WARNING", logger="monai_medcam.engine"):
+        result = MedCAM(SmallGpu(), steps=5, max_retries=0, restarts=0).explain(region_images(2, seed=5))
+    assert "out of GPU memory with 2 images at once; explaining them 1 at a time" in caplog.text
+    assert result.mask.shape == (2, 1, 32, 32)
+
+
+def test_a_data_parallel_classifier_runs_the_network_inside(monkeypatch):
+    """DataParallel's replicas share the capture hooks (on several GPUs the last replica's rows would
+    be kept as the batch's activations): the network inside runs, with the wrapper's layer names."""
+    net = RegionClassifier()
+    x = region_images(2, seed=5)
+    plain = MedCAM(net, steps=20, max_retries=0, restarts=0).explain(x)
+
+    def replicas(self, *args, **kwargs):
+        raise AssertionError("DataParallel.forward ran")
+
+    monkeypatch.setattr(nn.DataParallel, "forward", replicas)
+    wrapped = MedCAM(nn.DataParallel(net), steps=20, max_retries=0, restarts=0)
+    assert all(layer.name.startswith("module.") for layer in wrapped.classifier.layers)
+    result = wrapped.explain(x)
+    assert torch.equal(result.soft_mask, plain.soft_mask) and torch.equal(result.label, plain.label)
+
+
+def test_seeding_the_mask_networks_leaves_the_gpus_random_states_alone(monkeypatch):
+    from monai_medcam.masknet import StackedMaskNet
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    before = torch.random.get_rng_state()
+    a, b = StackedMaskNet(2, 2, 1, seed=3), StackedMaskNet(2, 2, 1, seed=3)
+    assert seeded == [] and torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_cudnn_benchmark_mode_is_off_while_explaining_and_restored_after(monkeypatch):

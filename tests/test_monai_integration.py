@@ -202,6 +202,32 @@ def test_inferer_explains_volumes_slice_by_slice_in_chunks(caplog):
         MedCAMInferer(spatial_dims=2)(torch.rand(1, 1, 8, 8, 8, 8), RegionClassifier())
 
 
+def test_inferer_remembers_how_many_images_fit_in_gpu_memory(monkeypatch):
+    """An evaluator calls the inferer once per batch: after one batch ran out of GPU memory, the next
+    starts from the size that fit, not from the full batch again (and a new network from scratch)."""
+    from monai_medcam import MedCAM
+
+    optimise, sizes = MedCAM._optimise, []
+
+    def small_gpu(self, x, *args):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return optimise(self, x, *args)
+
+    monkeypatch.setattr(MedCAM, "_optimise", small_gpu)
+    inferer, net = MedCAMInferer(**{**FAST, "steps": 3}), RegionClassifier()
+    with torch.no_grad():
+        inferer(region_images(4, seed=3), net)
+        assert sizes == [4, 2, 2]
+        sizes.clear()
+        inferer(region_images(4, seed=4), net)
+        assert sizes == [2, 2]  # no failed attempt the second time
+        sizes.clear()
+        inferer(region_images(4, seed=4), RegionClassifier())  # another network: its own explainer
+        assert sizes == [4, 2, 2]
+
+
 def test_load_convert_save_transforms_restore_source_geometry(tmp_path):
     import nibabel as nib
     import numpy as np
