@@ -74,21 +74,29 @@ def _device_problem(name: str) -> str | None:
 
 
 def print_report(report, out=None) -> None:
-    """One line per input: label(s), mean probabilities, evidence area, verified and settled counts; then the failures."""
+    """One line per input: its images (or slices) and labels; over those whose decision needed
+    evidence (all but vacuous decisions left empty, counted under "none"): the mean probability of
+    each one's label on the input and on the evidence, the mean evidence area, and how many were
+    verified and settled. Then the failures."""
+    from monai_medcam.visualize import needed_evidence
+
     out = out or sys.stdout
     by_input: dict[str, list[dict]] = {}
     for row in report.rows:
         by_input.setdefault(str(row["input"]), []).append(row)
-    print(f"{'input':<40} {'n':>3} {'label':>6} {'p(input)':>9} {'p(evid.)':>9} {'area':>7} {'verified':>8} {'settled':>8}", file=out)
+    print(f"{'input':<40} {'n':>3} {'label':>6} {'none':>4} {'p(label)':>9} {'p(evid.)':>9} {'area':>7} {'verified':>8} {'settled':>8}",
+          file=out)
     for name, rows in by_input.items():
         labels = ",".join(str(v) for v in sorted({int(r["label"]) for r in rows}))
-        mean = lambda key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
-        verified = sum(bool(r["verified"]) for r in rows)
-        settled = sum(bool(r["settled"]) for r in rows)
+        needed = [r for r in rows if needed_evidence(r)]
+        mean = lambda key: f"{sum(float(r[key]) for r in needed) / len(needed):.3f}" if needed else "-"  # noqa: E731
+        area = f"{sum(float(r['area']) for r in needed) / len(needed):.2%}" if needed else "-"
+        verified = sum(bool(r["verified"]) for r in needed)
+        settled = sum(bool(r["settled"]) for r in needed)
         short = name if len(name) <= 40 else "..." + name[-37:]
         print(
-            f"{short:<40} {len(rows):>3} {labels:>6} {mean('prob_input'):>9.3f} {mean('prob_evidence'):>9.3f} "
-            f"{mean('area'):>7.2%} {verified:>4}/{len(rows):<3} {settled:>4}/{len(rows):<3}",
+            f"{short:<40} {len(rows):>3} {labels:>6} {len(rows) - len(needed):>4} {mean('prob_input'):>9} {mean('prob_evidence'):>9} "
+            f"{area:>7} {verified:>4}/{len(needed):<3} {settled:>4}/{len(needed):<3}",
             file=out,
         )
     for name, problem in report.failures.items():
@@ -351,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return args.run(args)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not run into it
+            return args.run(args)
     except KeyboardInterrupt:  # every file is written whole and then renamed: none is left half-written
         print("\ninterrupted: every output written so far is whole (written, then renamed); medcam explain's "
               "summary.csv lists them, and medcam wsi resumes where it stopped when run again.", file=sys.stderr)

@@ -126,19 +126,32 @@ def output_names(items: list[ImageInput]) -> list[str]:
     """A distinct output stem per input, from the paths (not from the order of the search: a name
     always says which input it is): an input whose :attr:`ImageInput.name` is shared takes its
     parent folders' names in front (``p1_CT``, ``p2_CT`` for ``p1/CT`` and ``p2/CT``, and ``p0_CT``
-    beside them when ``p0/CT`` joins); the same input given twice is numbered (``brain``, ``brain_1``)."""
-    def stem(item: ImageInput, depth: int) -> str:
+    beside them when ``p0/CT`` joins), or, where the files differ in type, their extensions behind
+    (``scan_png``, ``scan_jpg``); the same input given twice is numbered (``brain``, ``brain_1``)."""
+    def extension(item: ImageInput) -> str:  # what ImageInput.name leaves out of a file's name: "png", "nii_gz"
+        name = item.path.name.lower()
+        suffixes = NIFTI_SUFFIXES + IMAGE_SUFFIXES + (".dcm", ".dicom")
+        return next((s.lstrip(".").replace(".", "_") for s in suffixes if name.endswith(s) and len(name) > len(s)), "")
+
+    def stem(item: ImageInput, depth: int, typed: bool) -> str:
         parents = [p.name for p in item.path.resolve().parents][:depth][::-1]
-        return "_".join([p for p in parents if p] + [item.name])
+        return "_".join([p for p in parents if p] + [item.name] + ([extension(item)] if typed and extension(item) else []))
 
     distinct = {(item.path.resolve(), item.series): item for item in items}
-    names = {key: stem(item, 0) for key, item in distinct.items()}
-    for depth in range(1, 64):
-        count = Counter(names.values())
-        shared = [key for key, name in names.items() if count[name] > 1]
+    depth, typed = dict.fromkeys(distinct, 0), dict.fromkeys(distinct, False)
+    for _ in range(64):
+        names = {key: stem(item, depth[key], typed[key]) for key, item in distinct.items()}
+        groups: dict[str, list] = {}
+        for key, name in names.items():
+            groups.setdefault(name, []).append(key)
+        shared = [keys for keys in groups.values() if len(keys) > 1]
         if not shared:
             break
-        names.update({key: stem(distinct[key], depth) for key in shared})
+        for keys in shared:
+            if len({extension(distinct[key]) for key in keys}) > 1 and not all(typed[key] for key in keys):
+                typed.update(dict.fromkeys(keys, True))
+            else:
+                depth.update({key: depth[key] + 1 for key in keys})
     taken = set(names.values())
     unique, given = [], set()
     for item in items:

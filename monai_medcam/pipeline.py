@@ -35,8 +35,8 @@ from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, I
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
 from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
-from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, output_formats, seg_problem,
-                                  write_outputs)
+from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, evidence_class, output_formats,
+                                  panel_slices, seg_problem, write_outputs)
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
@@ -329,7 +329,8 @@ def explain_inputs(
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
     report = ExplainReport()
-    bar = tqdm(total=len(inputs), unit="input", desc="Med-CAM", disable=not progress)
+    # counts images: a volume explained slice by slice adds its slices once it is loaded
+    bar = tqdm(total=len(inputs), unit="image", desc="Med-CAM", disable=not progress)
 
     queue: list[tuple[_Pending, int, torch.Tensor]] = []
     fresh: set[Path] = set()  # files this run wrote for inputs that failed in part
@@ -346,15 +347,11 @@ def explain_inputs(
         soft = _assemble(pending.softs, pending)
         # Grad-CAM only when every piece has it (it may have failed on one of the batches)
         heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
-        labels = sorted({int(r["label"]) for r in pending.rows.values()})
         rows = sorted(pending.rows.values(), key=lambda r: r["slice"] or 0)  # in the source's slice order
-        # pictures show the slices whose decision needed evidence (not vacuous) where there are any
-        needed = [k for k, r in enumerate(rows) if not r["vacuous"]]
-        bar.update(1)
+        label = evidence_class(rows)
         try:
-            label = labels[0] if len(labels) == 1 else None
             report.written[pending.item.label] = write_outputs(
-                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, needed or None, rows,
+                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, panel_slices(rows), rows,
                 class_names,
             )
         except OutputError as err:  # some formats written: their rows stay in the summary
@@ -380,7 +377,7 @@ def explain_inputs(
         except Exception as err:
             for pending in owners.values():
                 fail(pending, err)
-                bar.update(1)
+            bar.update(len(queue))
             queue.clear()
             return
         heat = None
@@ -416,7 +413,7 @@ def explain_inputs(
                     finish(pending)
             except Exception as err:
                 fail(pending, err)
-                bar.update(1)
+        bar.update(len(queue))
         queue.clear()
 
     named = list(zip(inputs, output_names(list(inputs))))
@@ -439,6 +436,8 @@ def explain_inputs(
             fail(item, err)
             bar.update(1)
             continue
+        bar.total += len(pieces) - 1
+        bar.refresh()
         pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
                            ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
         for k, piece in enumerate(pieces):

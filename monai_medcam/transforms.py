@@ -436,11 +436,6 @@ class SaveEvidenced(MapTransform):
             self.names.add(name)
             for row in rows:
                 row["evidence"] = name
-            labels = sorted({int(r["label"]) for r in rows if "label" in r})
-            # the panels show the optimised slices the classifier is surest of (a stalled mask tends to
-            # come with an unsure call, and keeps much of its slice)
-            needed = [k for k, r in enumerate(rows) if not r.get("vacuous", False)]
-            needed.sort(key=lambda k: -float(rows[k].get("prob_input", 0.0)))
             try:
                 written = write_outputs(
                     source.cpu(),
@@ -448,9 +443,9 @@ class SaveEvidenced(MapTransform):
                     self.output_dir,
                     name,
                     self.formats,
-                    label=labels[0] if len(labels) == 1 else None,
+                    label=evidence_class(rows),
                     title=name,
-                    display_slices=(needed or None) if count > 1 else None,
+                    display_slices=panel_slices(rows),
                     rows=rows,
                     class_names=self.class_names,
                 )

@@ -193,7 +193,8 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     (:func:`class_names_map`) names the class: the label's probability on the image, then on the
     evidence alone; ``whole`` (e.g. ``"volume"``) says the decision is the whole input's. The verdict
     is red where the evidence is not verified (:func:`evidence_not_verified`: it does not keep the
-    label alone and under every random background), grey where the classifier gives the label on a
+    label alone and under every random background; the label's probability alone and under the
+    worst background are given, so the failed check shows), grey where the classifier gives the label on a
     blank image, so that no evidence is needed (vacuous), orange where the mask ran out of steps
     before it settled; empty where the row does not say. ``None`` for a row without a decision.
     """
@@ -208,8 +209,10 @@ def evidence_caption(row: Mapping[str, object], class_names: Mapping[int, str] |
     flagged = evidence_not_verified(row)
     if flagged is None:
         return decision, "", "black"
-    if flagged:
-        return decision, f"NOT verified{alone}", "red"
+    if flagged:  # which check failed: the label alone, or under the worst random background
+        probs = {"alone": _number(row.get("prob_evidence")), "worst random background": _number(row.get("prob_background"))}
+        probs = ",\n".join(f"{where}: prob {p:.2f}" for where, p in probs.items() if p is not None)
+        return decision, "NOT verified" + (f" ({probs})" if probs else ""), "red"
     if summary_flag(row.get("vacuous")):
         return decision, "no evidence needed: given on a blank image", "dimgray"
     if summary_flag(row.get("settled", True)) is False:
@@ -236,8 +239,13 @@ def evidence_not_verified(row: Mapping[str, object]) -> bool | None:
     verified = summary_flag(row.get("verified"))
     if verified is None:
         return None
-    if verified:
-        return False
+    return not verified and needed_evidence(row)
+
+
+def needed_evidence(row: Mapping[str, object]) -> bool:
+    """Whether a summary row's decision needed evidence: every row but a vacuous decision left with an
+    empty mask (``skip_vacuous``), which holds none to verify; a row that does not record its area
+    is taken to hold evidence. Counts of verified evidence are over these rows."""
     return not (summary_flag(row.get("vacuous")) and _number(row.get("area")) == 0)
 
 
@@ -258,6 +266,7 @@ def save_panels(
     row_titles: Sequence[str] | None = None,
     heatmaps: Sequence[str] = (),
     notes: Mapping[str, Sequence[tuple[str, str] | None]] | None = None,
+    heading: str = "",
 ) -> Path:
     """Save a grid: one row per image, the image then one column per mask or heatmap.
 
@@ -265,11 +274,13 @@ def save_panels(
         path: the PNG to write (written to a temporary name, then renamed).
         images: ``(B, C, H, W)``.
         columns: title -> ``(B, 1, H, W)``; binary masks are drawn as a contour and a tint over
-            the image, the names in ``heatmaps`` as a colour map over the image.
+            the image (green; red where the row's note is red: evidence not verified), the names in
+            ``heatmaps`` as a colour map over the image (its title says which way it runs).
         row_titles: one title per row.
         heatmaps: which columns are continuous heatmaps.
         notes: column title -> per row ``(text, colour)`` (or ``None``): a second title line in that
             colour, e.g. whether the evidence was verified (:func:`evidence_caption`).
+        heading: a line above the grid (e.g. which of a volume's slices are shown).
     """
     if not _HAS_MPL:
         raise ImportError("saving panels needs matplotlib: pip install 'monai-medcam[plot]'.")
@@ -285,24 +296,28 @@ def save_panels(
         for j, (title, maps) in enumerate(columns.items(), start=1):
             value = maps[i, 0].detach().cpu().float().numpy()
             ax = axes[i, j]
+            note = (notes or {}).get(title, [None] * rows)[i]
             if title in heatmaps:
                 ax.imshow(base)
                 ax.imshow(value, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            else:
+            else:  # evidence that was not verified in red, as the DICOM SEG's segment 2
+                red = bool(note and note[1] == "red")
                 tint = base.copy()
-                tint[value > 0.5] = 0.5 * tint[value > 0.5] + 0.5 * np.array([0.0, 1.0, 0.3])
+                colour = np.array([1.0, 0.1, 0.1]) if red else np.array([0.0, 1.0, 0.3])
+                tint[value > 0.5] = 0.5 * tint[value > 0.5] + 0.5 * colour
                 ax.imshow(tint * np.where(value[..., None] > 0.5, 1.0, 0.45))
                 if value.max() > 0.5 and value.min() < 0.5:
-                    ax.contour(value, levels=[0.5], colors=["lime"], linewidths=0.8)
-            text = f"{title}" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})"
-            note = (notes or {}).get(title, [None] * rows)[i]
+                    ax.contour(value, levels=[0.5], colors=["red" if red else "lime"], linewidths=0.8)
+            text = f"{title} (blue low, red high)" if title in heatmaps else f"{title} ({(value > 0.5).mean():.1%})"
             if note and note[0]:
                 ax.set_title(f"{text}\n{note[0]}", fontsize=8, color=note[1])
             else:
                 ax.set_title(text, fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
+    if heading:
+        fig.suptitle(heading, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 / fig.get_figheight()) if heading else None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -18,7 +18,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
-from monai_medcam.visualize import evidence_not_verified, summary_flag
+from monai_medcam.visualize import evidence_not_verified, needed_evidence, summary_flag
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -83,8 +83,12 @@ class atomic_path:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> Path:
+def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, not_verified: Sequence[bool] | None = None) -> Path:
     """Write ``mask`` ``(1, *spatial)`` as NIfTI with exactly its metadata's affine (no resampling).
+
+    ``not_verified`` (one flag per slice along the last axis, or one for the whole mask): evidence
+    that was not verified is written as label 2, the rest as 1 (the DICOM SEG's segments 1 and 2,
+    the MONAI Label app's labels).
 
     The affine is the source image's as MONAI read it (RAS, as ``SaveImage(..., resample=False)``
     would write it); written with nibabel directly, because MONAI's writer fails on 2D images when
@@ -100,6 +104,8 @@ def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8) -> P
         raise ValueError(f"the source's slices are unevenly spaced (gaps {gaps}), which a NIfTI's "
                          "regular grid cannot hold; the DICOM SEG keeps each slice's own position.")
     data = mask[0].detach().cpu().numpy().astype(dtype)
+    if not_verified is not None and any(not_verified):
+        data = data * (1 + np.asarray(not_verified, dtype=dtype))  # broadcast along the last axis
     affine = np.asarray(mask.affine, dtype=np.float64)
     lengths = np.linalg.norm(affine[:3, :3], axis=0)
     if (lengths < 1e-6).any() or abs(np.linalg.det(affine[:3, :3] / lengths)) < 1e-6:
@@ -330,19 +336,40 @@ def _plain_text(text: str) -> str:
     return "".join(c if c.isprintable() and c != "\\" else "-" for c in ascii_text).strip()
 
 
-def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> list[int]:
+def _display_slices(image: torch.Tensor, mask: torch.Tensor, count: int, candidates: Sequence[int] | None) -> tuple[list[int], int]:
     """``count`` slices (last axis) that hold evidence, in slice order: the first of ``candidates``
-    (most wanted first) that do, or without ``candidates`` those with the most evidence. With no
-    evidence anywhere, the first candidate (without candidates, the middle slice)."""
+    (most wanted first, :func:`panel_slices`) that do, or without ``candidates`` those with the most
+    evidence. With no evidence anywhere, the first candidate (without candidates, the middle
+    slice). Also how many of the candidates hold evidence."""
     area = mask[0].flatten(0, -2).float().sum(0)
     if candidates is None:
         if float(area.max()) <= 0:
-            return [image.shape[-1] // 2]
+            return [image.shape[-1] // 2], 0
         candidates = torch.argsort(area, descending=True, stable=True).tolist()
-    shown = [int(k) for k in candidates if area[k] > 0][:count]
-    if not shown:
-        return [int(candidates[0]) if len(candidates) else image.shape[-1] // 2]
-    return sorted(shown)
+    holding = [int(k) for k in candidates if area[k] > 0]
+    if not holding:
+        return [int(candidates[0]) if len(candidates) else image.shape[-1] // 2], 0
+    return sorted(holding[:count]), len(holding)
+
+
+def evidence_class(rows: Sequence[Mapping[str, object]]) -> int | None:
+    """The class an input's evidence is for, from its summary rows: the one class of the decisions
+    that needed evidence (of all decisions where none did), ``None`` where they differ (a volume's
+    slices called both ways, each slice's evidence for its own call)."""
+    labels = {int(r["label"]) for r in rows if "label" in r and needed_evidence(r)} or {int(r["label"]) for r in rows if "label" in r}
+    return labels.pop() if len(labels) == 1 else None
+
+
+def panel_slices(rows: Sequence[Mapping[str, object]]) -> list[int] | None:
+    """The slices a volume's panels show first, most wanted first, from its summary rows (one per
+    slice): those whose evidence was not verified, then the others whose decision needed evidence,
+    surest call first (a stalled mask tends to come with an unsure call, and keeps much of its
+    slice). ``None`` where every decision was vacuous (and for one row: a whole input's decision)."""
+    if len(rows) < 2:
+        return None
+    needed = [k for k, row in enumerate(rows) if not summary_flag(row.get("vacuous"))]
+    needed.sort(key=lambda k: (not evidence_not_verified(rows[k]), -float(rows[k].get("prob_input") or 0.0)))
+    return needed or None
 
 
 def write_png(
@@ -364,9 +391,10 @@ def write_png(
         path: the PNG to write.
         heatmaps: title -> ``(1, X, Y[, Z])`` maps in [0, 1] (e.g. Grad-CAM) shown beside the evidence.
         title: text above the first panel.
-        max_slices: for a volume, at most this many slices with evidence are shown, one per row...
-        candidates: ...the first of these that hold evidence (most wanted first; default: the
-            slices with the most evidence).
+        max_slices: for a volume, at most this many slices with evidence are shown, one per row
+            (a heading says how many of how many), titled by their index as in ``summary.csv``...
+        candidates: ...the first of these that hold evidence (most wanted first, :func:`panel_slices`;
+            default: the slices with the most evidence).
         rows: the summary rows (:meth:`MedCAMResult.summary`), one per slice of a volume explained
             slice by slice, else one: each panel row then says the decision and whether its evidence
             was verified (:func:`~monai_medcam.visualize.evidence_caption`; red where it was not).
@@ -379,7 +407,7 @@ def write_png(
     maps = {k: torch.as_tensor(v).detach().cpu().float() for k, v in (heatmaps or {}).items()}
     if image.ndim == 3:
         image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
-    slices = _display_slices(image, mask, max_slices, candidates)
+    slices, holding = _display_slices(image, mask, max_slices, candidates)
 
     def panel_rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
         return torch.stack([volume[..., k].transpose(-1, -2) for k in slices])
@@ -388,14 +416,18 @@ def write_png(
     depth = image.shape[-1]
     if len(title) > 32:  # the panel is 2.4 inches wide: a long file name keeps its start and end
         title = f"{title[:14]}...{title[-15:]}"
-    titles = [f"{title} slice {k + 1}/{depth}".strip() if depth > 1 else title or "image" for k in slices]
+    titles = [f"{title} slice {k} (0-{depth - 1})".strip() if depth > 1 else title or "image" for k in slices]  # as summary.csv
     # one row per slice (a 2D classifier over a volume), or one for the whole input
     whole = "volume" if len(rows) == 1 and depth > 1 else ""  # one decision for the whole volume, on each row shown
     captions = [evidence_caption(rows[k if len(rows) > 1 else 0], class_names, whole) if len(rows) in (1, depth) else None
                 for k in slices]
     titles = [f"{t}\n{c[0]}" if c else t for t, c in zip(titles, captions)]
     notes = {SEGMENT_LABEL: [(c[1], c[2]) if c else None for c in captions]}
-    return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes)
+    heading = ""
+    if holding > len(slices):
+        heading = f"{len(slices)} of {holding} slices with evidence shown" + (
+            ": not verified first, then the surest calls" if candidates is not None else ": the most evidence")
+    return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes, heading=heading)
 
 
 def write_outputs(
@@ -437,24 +469,25 @@ def write_outputs(
         raise OutputError([], no_seg)
     written: list[Path] = []
     problems: list[str] = []
+    verified = [summary_flag(r.get("verified")) for r in rows]
+    depth = mask.shape[-1] if mask.ndim == 4 else 1
+    if not verified or None in verified or len(verified) not in (1, depth):  # not recorded: not claimed
+        if verified and None not in verified:
+            logger.warning("%s: %d summary rows for %d slices; the outputs record no verification.", name, len(verified), depth)
+        verified = None
+    else:  # a vacuous decision left with an empty mask: no evidence needed, none to verify
+        verified = [v if needed_evidence(r) else None for v, r in zip(verified, rows)]
     for fmt in formats:
         try:
             if fmt == "nifti":
-                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"])))
+                not_verified = None if verified is None else [v is False for v in verified]
+                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"]), not_verified=not_verified))
             elif fmt == "seg":
                 if no_seg:  # not DICOM, or a cine: the other formats are written
                     if mask.meta.get(NOT_A_VOLUME):
                         logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
                                        name, mask.meta[NOT_A_VOLUME])
                     continue
-                verified = [summary_flag(r.get("verified")) for r in rows]
-                depth = mask.shape[-1] if mask.ndim == 4 else 1
-                if not verified or None in verified or len(verified) not in (1, depth):  # not recorded: not claimed
-                    if verified and None not in verified:
-                        logger.warning("%s: %d summary rows for %d slices; the SEG records no verification.", name, len(verified), depth)
-                    verified = None
-                else:  # a vacuous decision left with an empty mask: no evidence needed, none to verify
-                    verified = [v if v or evidence_not_verified(r) else None for v, r in zip(verified, rows)]
                 written.append(write_dicom_seg(mask, folder / (name + EVIDENCE_SUFFIXES["seg"]), soft_mask, fractional, label,
                                                class_names=class_names, verified=verified))
             elif fmt == "png":

@@ -201,10 +201,11 @@ def test_skip_vacuous_leaves_no_lesion_slices_empty(tmp_path, capsys, caplog, dr
     rows = list(csv.DictReader((out / "summary.csv").open()))
     # the panels show slices that needed evidence, each with its own decision and verdict from the summary
     (drawn,) = drawn_panels
-    shown = [int(t.split(" slice ")[1].split("/")[0]) - 1 for t in drawn["titles"]]
+    shown = [int(t.split(" slice ")[1].split(" ")[0]) for t in drawn["titles"]]  # numbered as summary.csv numbers them
     assert shown
     names = {"0": "no lesion", "1": "lesion"}
-    assert drawn["titles"] == [f"mr_series slice {k + 1}/12\n{names[rows[k]['label']]} (prob {float(rows[k]['prob_input']):.2f})" for k in shown]
+    assert drawn["titles"] == [f"mr_series slice {k} (0-11)\n{names[rows[k]['label']]} (prob {float(rows[k]['prob_input']):.2f})" for k in shown]
+    assert all(rows[k]["slice"] == str(k) for k in shown)
     verdicts = ["verified" if rows[k]["verified"] == "True" else "NOT verified" for k in shown]
     assert [n[0].split(" (")[0] for n in drawn["notes"]["Med-CAM evidence"]] == verdicts
     assert [n[0].split("prob ")[1][:4] for n in drawn["notes"]["Med-CAM evidence"]] == [f"{float(rows[k]['prob_evidence']):.2f}" for k in shown]

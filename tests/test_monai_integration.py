@@ -412,7 +412,7 @@ def test_save_evidenced_panels_say_each_slices_decision_and_verdict(tmp_path, dr
     out = save({"pred": evidence, "image_source": source})
     assert [Path(p).name for p in out["pred_files"]] == ["series_evidence.png"]
     (drawn,) = drawn_panels
-    assert drawn["titles"] == ["series slice 1/3\nlesion (prob 0.97)", "series slice 3/3\nlesion (prob 0.61)"]
+    assert drawn["titles"] == ["series slice 0 (0-2)\nlesion (prob 0.97)", "series slice 2 (0-2)\nlesion (prob 0.61)"]
     assert drawn["notes"] == {"Med-CAM evidence": [("verified (alone: prob 0.99)", "black"), ("NOT verified (alone: prob 0.40)", "red")]}
 
 

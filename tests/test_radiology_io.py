@@ -201,9 +201,39 @@ def test_evidence_that_was_not_verified_is_a_segment_of_its_own(shuffled_series,
     assert "verified=3 of 4 slices (2 needed no evidence)" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     pixels = hd.seg.segread(path).get_pixels_by_source_instance(uids, segment_numbers=[1, 2])
     assert pixels[1, ..., 1].any() and not pixels[[0, 2, 3, 4, 5], ..., 1].any()
+    for row in rows[2:4]:  # the empty "no lesion" slices passing the background check are not counted either
+        row["verified"] = "True"
+    seg = pydicom.dcmread(write_outputs(image, mask, tmp_path / "out", "series", ["seg"], rows=rows)[0])
+    assert "verified=3 of 4 slices (2 needed no evidence)" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     seg = pydicom.dcmread(write_dicom_seg(mask, tmp_path / "vacuous_seg.dcm", verified=[None]))  # a whole volume's
     assert seg.SeriesDescription == "Med-CAM evidence" and len(seg.SegmentSequence) == 1
     assert "verified=no evidence needed" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+
+
+def test_nifti_and_png_show_evidence_that_was_not_verified_apart(tmp_path, drawn_panels):
+    """The NIfTI writes evidence that was not verified as label 2 (the SEG's segment 2, the MONAI
+    Label app's label); the PNG shows such slices first, in red, and says how many it leaves out."""
+    import nibabel
+
+    mask = MetaTensor(torch.zeros(1, 16, 16, 6), affine=torch.eye(4, dtype=torch.float64))
+    mask[0, 4:8, 4:8, :5] = 1  # slices 0-4 hold evidence, slice 5 none
+    rows = [{"slice": k, "label": 1, "prob_input": p, "prob_evidence": 0.9, "prob_background": 0.8 if k != 3 else 0.02,
+             "area": 16 / 256, "verified": k != 3, "settled": True, "vacuous": False} for k, p in enumerate([0.99, 0.7, 0.95, 0.6, 0.9, 0.8])]
+    rows[5].update(area=0.0, vacuous=True, verified=False, label=0)  # an empty "no lesion": nothing to verify
+    image = MetaTensor(torch.rand(1, 16, 16, 6), affine=mask.affine)
+    write_outputs(image, mask, tmp_path, "vol", ["nifti", "png"], rows=rows, display_slices=None)
+    written = np.asarray(nibabel.load(tmp_path / "vol_evidence.nii.gz").dataobj)
+    assert written[..., 3].max() == 2 and set(np.unique(written[..., [0, 1, 2, 4]])) == {0, 1} and not written[..., 5].any()
+    from monai_medcam.writers import evidence_class, panel_slices
+
+    assert panel_slices(rows) == [3, 0, 2, 4, 1]  # not verified first, then the surest calls; never the vacuous slice
+    assert evidence_class(rows) == 1  # the class of every decision that needed evidence
+    write_outputs(image, mask, tmp_path, "vol", ["png"], title="vol", rows=rows, display_slices=panel_slices(rows))
+    drawn = drawn_panels[-1]
+    assert [t.split("\n")[0] for t in drawn["titles"]] == ["vol slice 0 (0-5)", "vol slice 2 (0-5)", "vol slice 3 (0-5)"]
+    assert drawn["notes"]["Med-CAM evidence"][2][1] == "red" and drawn["heading"].startswith("3 of 5 slices with evidence shown")
+    write_outputs(image, mask, tmp_path, "vol", ["nifti"], rows=[{**r, "verified": True} for r in rows])
+    assert set(np.unique(np.asarray(nibabel.load(tmp_path / "vol_evidence.nii.gz").dataobj))) == {0, 1}  # all verified: binary
 
 
 def test_seg_writer_refuses_mismatched_mask(shuffled_series, tmp_path):
@@ -490,11 +520,11 @@ def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
     for k, n in enumerate([0, 1, 30, 4, 0, 2]):
         mask[0].view(-1, 6)[:n, k] = 1
     image = torch.rand(1, 8, 8, 6)
-    assert _display_slices(image, mask, 3, [3, 4, 1, 5, 2]) == [1, 3, 5]  # 4 holds none: skipped; 2 not wanted enough
-    assert _display_slices(image, mask, 2, [2, 3]) == [2, 3]
-    assert _display_slices(image, mask, 3, None) == [2, 3, 5]  # no preference: the most evidence
-    assert _display_slices(image, torch.zeros_like(mask), 3, [4, 0, 5]) == [4]  # none holds any: the most wanted
-    assert _display_slices(image, torch.zeros_like(mask), 3, None) == [3]  # no evidence, no preference: the middle
+    assert _display_slices(image, mask, 3, [3, 4, 1, 5, 2]) == ([1, 3, 5], 4)  # 4 holds none: skipped; 2 not wanted enough
+    assert _display_slices(image, mask, 2, [2, 3]) == ([2, 3], 2)
+    assert _display_slices(image, mask, 3, None) == ([2, 3, 5], 4)  # no preference: the most evidence
+    assert _display_slices(image, torch.zeros_like(mask), 3, [4, 0, 5]) == ([4], 0)  # none holds any: the most wanted
+    assert _display_slices(image, torch.zeros_like(mask), 3, None) == ([3], 0)  # no evidence, no preference: the middle
 
 
 def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
@@ -503,6 +533,10 @@ def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
     row = dict(label=1, prob_input=0.968, prob_evidence=0.994, verified=True, settled=True, vacuous=False)
     assert evidence_caption(row) == ("class 1 (prob 0.97)", "verified (alone: prob 0.99)", "black")
     assert evidence_caption({**row, "verified": False, "prob_evidence": 0.404}) == ("class 1 (prob 0.97)", "NOT verified (alone: prob 0.40)", "red")
+    # which check failed shows: the label kept alone (0.98), lost under a random background (0.01)
+    failed = {**row, "verified": False, "prob_evidence": 0.98, "prob_background": 0.0123}
+    assert evidence_caption(failed)[1] == "NOT verified (alone: prob 0.98,\nworst random background: prob 0.01)"
+    assert evidence_caption({**failed, "prob_evidence": ""})[1] == "NOT verified (worst random background: prob 0.01)"
     assert evidence_caption({**row, "settled": False}) == ("class 1 (prob 0.97)", "verified (alone: prob 0.99), unsettled", "darkorange")
     assert evidence_caption({**row, "label": 0, "vacuous": True})[1:] == ("no evidence needed: given on a blank image", "dimgray")
     # a vacuous decision whose optimised mask fails under random backgrounds is not verified; one left
@@ -853,6 +887,9 @@ def test_output_names_come_from_the_paths_not_the_order(tmp_path):
     assert output_names([alone, alone]) == ["brain", "brain_1"]  # the same input twice
     other = ImageInput(tmp_path / "y" / "brain_1.nii.gz", "nifti")
     assert output_names([alone, alone, other]) == ["brain", "brain_2", "brain_1"]  # no clash with another's name
+    png, jpg, dup = (ImageInput(tmp_path / d / f, "image") for d, f in (("a", "scan.png"), ("a", "scan.jpg"), ("b", "scan.png")))
+    assert output_names([png, jpg]) == ["scan_png", "scan_jpg"]  # the file types tell them apart
+    assert output_names([png, jpg, dup]) == ["a_scan_png", "scan_jpg", "b_scan_png"]  # then the folders
 
 
 def test_a_missing_decoder_says_what_to_install():
