@@ -336,7 +336,7 @@ def test_a_series_is_reoriented_for_the_classifier_and_its_evidence_written_back
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-def test_a_bundles_own_preprocessing_is_applied_and_inverted_onto_the_series(tmp_path, caplog):
+def test_a_bundles_own_preprocessing_is_applied_and_inverted_onto_the_series(tmp_path, caplog, drawn_panels):
     """A 3D classifier trained after MONAI's Orientationd, Spacingd, an intensity window and Resized
     looks where those put the box, not where Med-CAM's own preprocessing (stretch and resize) does:
     with the bundle's preprocessing the volume is called class 1 and its evidence, inverted through
@@ -366,8 +366,11 @@ def test_a_bundles_own_preprocessing_is_applied_and_inverted_onto_the_series(tmp
 
     options = dict(spatial_dims=3, channels=1, size=(32, 32, 32), target_layers=[], progress=False, max_retries=0, seed=0,
                    steps=60, lr_decay=0.99, restarts=0)
-    report = explain_inputs(net, items, tmp_path / "out", ("seg", "nifti"), preprocessing=preprocessing, **options)
+    report = explain_inputs(net, items, tmp_path / "out", ("seg", "nifti", "png"), preprocessing=preprocessing, **options)
     assert report.failures == {} and [r["label"] for r in report.rows] == [1]
+    # the 3D classifier's one decision: the panels show the slices with the most evidence (slice 0 until session 33)
+    shown = [int(t.split(" slice ")[1].split(" ")[0]) for t in drawn_panels[0]["titles"]]
+    assert len(shown) == 3 and all(3 <= k < 9 for k in shown), shown
     written = nibabel.load(tmp_path / "out" / "box_evidence.nii.gz")
     mask = np.asarray(written.dataobj).astype(bool)  # (columns, rows, slices), the series' grid
     assert mask.shape == (64, 48, 12) and np.allclose(written.affine, np.asarray(image.affine))  # the series', as read
