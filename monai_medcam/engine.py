@@ -160,6 +160,13 @@ def _listed(names: list[str], which: torch.Tensor) -> str:
     return "[" + ", ".join(names[i] for i in which.nonzero().flatten().tolist()) + "]"
 
 
+def _flags(idx: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count,)`` bool, True at ``idx``."""
+    flags = torch.zeros(count, dtype=torch.bool)
+    flags[idx.cpu()] = True
+    return flags
+
+
 def _rows(idx: torch.Tensor, *values: torch.Tensor | list[torch.Tensor]) -> tuple:
     """Each value's rows ``idx`` (for a list of tensors, such as the reference activations, each tensor's)."""
     return tuple([v[idx] for v in value] if isinstance(value, list) else value[idx] for value in values)
@@ -443,7 +450,8 @@ class MedCAM:
                 if len(todo) == 0:
                     break
                 harder = replace(s, steps=s.steps * 2**retry, area_weight=s.area_weight * 0.5**retry)
-                logger.info("retrying %d unverified image(s) with steps=%d, area_weight=%g", len(todo), harder.steps, harder.area_weight)
+                logger.info("retrying images %s, unverified, with steps=%d, area_weight=%g", _listed(names, _flags(todo, len(names))),
+                            harder.steps, harder.area_weight)
                 try_again(todo, harder, only_if_better=False)
             # with fewer steps than min_steps no mask can settle: a large one is unfinished, not stalled
             restarts = s.restarts if s.steps >= s.min_steps else 0
@@ -452,7 +460,8 @@ class MedCAM:
                 if len(todo) == 0:
                     break
                 seed = s.seed + RESTART_SEED_STEP * restart
-                logger.info("restarting %d image(s) whose evidence keeps over %g of the image, seed %d", len(todo), s.restart_above, seed)
+                logger.info("restarting images %s, whose evidence keeps over %g of the image, with seed %d",
+                            _listed(names, _flags(todo, len(names))), s.restart_above, seed)
                 try_again(todo, replace(s, seed=seed), only_if_better=True)
             if not attempt.settled.all():
                 logger.info("images %s ran out of steps before their masks settled (soft masks may be far from binary; "
@@ -687,7 +696,7 @@ class MedCAM:
                 score[take] = loss[better]
                 dropped[take] += 1
         if dropped.any():
-            logger.info("dropped %d component(s) the objective does not need from %d mask(s)", int(dropped.sum()), int((dropped > 0).sum()))
+            logger.debug("dropped %d component(s) the objective does not need from %d mask(s)", int(dropped.sum()), int((dropped > 0).sum()))
 
     # -- shrinking: cut a large verified mask down around the point the decision leans on most ---
     def _shrink(

@@ -33,7 +33,7 @@ from monai_medcam.orientation import check_orientation, oriented_shape, reorient
 from monai_medcam.pipeline import ROW_FIELDS, back_to_source, bundle_prepared, to_classifier_space, write_rows_csv
 from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.visualize import class_names_map
-from monai_medcam.writers import FORMATS, OutputError, output_formats, write_outputs
+from monai_medcam.writers import FORMATS, OutputError, evidence_class, output_formats, panel_slices, write_outputs
 
 __all__ = [
     "LoadInput",

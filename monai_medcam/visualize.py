@@ -149,6 +149,39 @@ def _left_as_found(nn_module: torch.nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
+# how radiology shows each plane, by the axis code of the slices' normal: what runs across the
+# picture (left to right) and what runs down it; the patient's right on the viewer's left
+_ACROSS_DOWN = {"S": ("L", "P"), "I": ("L", "P"), "A": ("L", "I"), "P": ("L", "I"), "L": ("P", "I"), "R": ("P", "I")}
+_OPPOSITE = dict(zip("LRAPSI", "RLPAIS"))
+
+
+def display_orientation(affine: torch.Tensor | np.ndarray) -> tuple[bool, bool, bool, tuple[str, str, str, str]] | None:
+    """How to show the slices (last axis) of a volume ``(X, Y, Z)`` with ``affine`` (RAS, as MONAI
+    reads it) as radiology shows their plane: axial and coronal slices with the patient's right on
+    the viewer's left, anterior (axial) or superior (coronal, sagittal) up, sagittal slices with
+    anterior on the left. Panels draw axis 0 across and axis 1 down (DICOM's rows and columns,
+    which are shown so already; a NIfTI's storage order may be upside down).
+
+    Returns ``(swap, flip_across, flip_down, edges)``: swap axes 0 and 1, then flip the axis drawn
+    across and the one drawn down; ``edges`` the axis codes at the picture's left, right, top and
+    bottom. ``None`` where the affine gives no such orientation (oblique beyond 45 degrees is
+    taken to the nearest axes)."""
+    from nibabel.orientations import aff2axcodes
+
+    try:
+        codes = aff2axcodes(np.asarray(affine, dtype=np.float64))
+    except Exception:  # noqa: BLE001 - a singular or malformed affine: drawn as stored
+        return None
+    if len(codes) != 3 or None in codes:
+        return None
+    across, down = _ACROSS_DOWN[codes[2]]
+    swap = codes[0] not in (across, _OPPOSITE[across])
+    first, second = (codes[1], codes[0]) if swap else (codes[0], codes[1])
+    if first not in (across, _OPPOSITE[across]) or second not in (down, _OPPOSITE[down]):
+        return None
+    return swap, first != across, second != down, (_OPPOSITE[across], across, _OPPOSITE[down], down)
+
+
 def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """One 2D image ``(C, H, W)`` as ``(H, W, 3)`` in [0, 1], each image stretched to its own range."""
     image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
@@ -267,6 +300,7 @@ def save_panels(
     heatmaps: Sequence[str] = (),
     notes: Mapping[str, Sequence[tuple[str, str] | None]] | None = None,
     heading: str = "",
+    edges: Sequence[str] | None = None,
 ) -> Path:
     """Save a grid: one row per image, the image then one column per mask or heatmap.
 
@@ -281,6 +315,8 @@ def save_panels(
         notes: column title -> per row ``(text, colour)`` (or ``None``): a second title line in that
             colour, e.g. whether the evidence was verified (:func:`evidence_caption`).
         heading: a line above the grid (e.g. which of a volume's slices are shown).
+        edges: the patient's directions at the images' left, right, top and bottom (``"R", "L",
+            "A", "P"``; :func:`display_orientation`), marked on each image.
     """
     if not _HAS_MPL:
         raise ImportError("saving panels needs matplotlib: pip install 'monai-medcam[plot]'.")
@@ -293,6 +329,9 @@ def save_panels(
         base = to_display(images[i])
         axes[i, 0].imshow(base)
         axes[i, 0].set_title(row_titles[i] if row_titles else "image", fontsize=8)
+        for text, (x, y, ha, va) in zip(edges or (), ((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
+                                                     (0.5, 0.98, "center", "top"), (0.5, 0.02, "center", "bottom"))):
+            axes[i, 0].text(x, y, text, transform=axes[i, 0].transAxes, ha=ha, va=va, fontsize=7, color="yellow", fontweight="bold")
         for j, (title, maps) in enumerate(columns.items(), start=1):
             value = maps[i, 0].detach().cpu().float().numpy()
             ax = axes[i, j]

@@ -382,6 +382,7 @@ def write_png(
     candidates: Sequence[int] | None = None,
     rows: Sequence[Mapping[str, object]] = (),
     class_names: Mapping[int, str] | None = None,
+    affine: torch.Tensor | np.ndarray | None = None,
 ) -> Path:
     """Panels for a person to look at: image | evidence (contour and tint) | each heatmap.
 
@@ -399,14 +400,26 @@ def write_png(
             slice by slice, else one: each panel row then says the decision and whether its evidence
             was verified (:func:`~monai_medcam.visualize.evidence_caption`; red where it was not).
         class_names: ``{index: name}``: the decision shown by name ("lesion (p 0.97)").
+        affine: a volume's (RAS): its slices are shown as radiology shows their plane, the
+            patient's directions marked (:func:`~monai_medcam.visualize.display_orientation`);
+            ``None``: as stored.
     """
-    from monai_medcam.visualize import evidence_caption, save_panels
+    from monai_medcam.visualize import display_orientation, evidence_caption, save_panels
 
     image = torch.as_tensor(image).detach().cpu().float()
     mask = torch.as_tensor(mask).detach().cpu().float()
     maps = {k: torch.as_tensor(v).detach().cpu().float() for k, v in (heatmaps or {}).items()}
     if image.ndim == 3:
         image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
+    shown = display_orientation(affine) if affine is not None and image.shape[-1] > 1 else None
+    if shown is not None:  # a volume's slices as radiology shows their plane (slice numbers unchanged)
+        swap, flip_across, flip_down, edges = shown
+
+        def displayed(volume: torch.Tensor) -> torch.Tensor:
+            volume = volume.transpose(1, 2) if swap else volume
+            return volume.flip([d for d, flip in ((1, flip_across), (2, flip_down)) if flip]) if flip_across or flip_down else volume
+
+        image, mask, maps = displayed(image), displayed(mask), {k: displayed(v) for k, v in maps.items()}
     slices, holding = _display_slices(image, mask, max_slices, candidates)
 
     def panel_rows(volume: torch.Tensor) -> torch.Tensor:  # (C, X, Y, Z) -> (S, C, Y, X): rows are the image's rows
@@ -427,7 +440,8 @@ def write_png(
     if holding > len(slices):
         heading = f"{len(slices)} of {holding} slices with evidence shown" + (
             ": not verified first, then the surest calls" if candidates is not None else ": the most evidence")
-    return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes, heading=heading)
+    return save_panels(path, panel_rows(image), columns, row_titles=titles, heatmaps=tuple(maps), notes=notes, heading=heading,
+                       edges=shown[3] if shown is not None else None)
 
 
 def write_outputs(
@@ -492,8 +506,10 @@ def write_outputs(
                                                class_names=class_names, verified=verified))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
+                placed = isinstance(image, MetaTensor) and not image.meta.get(NOT_A_VOLUME)  # a cine's frames: as stored
                 written.append(write_png(shown, mask, folder / (name + EVIDENCE_SUFFIXES["png"]), heatmaps, title,
-                                         candidates=display_slices, rows=rows, class_names=class_names))
+                                         candidates=display_slices, rows=rows, class_names=class_names,
+                                         affine=image.affine if placed else None))
         except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
             problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
     if problems:

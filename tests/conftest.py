@@ -13,9 +13,9 @@ def drawn_panels(monkeypatch) -> list[dict]:
 
     calls, real = [], monai_medcam.visualize.save_panels
 
-    def spy(path, images, columns, row_titles=None, heatmaps=(), notes=None, heading=""):
-        calls.append({"titles": row_titles, "notes": notes, "heading": heading})
-        return real(path, images, columns, row_titles, heatmaps, notes, heading)
+    def spy(path, images, columns, row_titles=None, heatmaps=(), notes=None, heading="", edges=None):
+        calls.append({"titles": row_titles, "notes": notes, "heading": heading, "edges": edges, "images": images, "columns": columns})
+        return real(path, images, columns, row_titles, heatmaps, notes, heading, edges)
 
     monkeypatch.setattr(monai_medcam.visualize, "save_panels", spy)
     return calls

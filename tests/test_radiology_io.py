@@ -236,6 +236,34 @@ def test_nifti_and_png_show_evidence_that_was_not_verified_apart(tmp_path, drawn
     assert set(np.unique(np.asarray(nibabel.load(tmp_path / "vol_evidence.nii.gz").dataobj))) == {0, 1}  # all verified: binary
 
 
+def test_volume_panels_are_shown_as_radiology_shows_each_plane(tmp_path, drawn_panels):
+    """A NIfTI stored LAS (nibabel's test MRI) drawn as stored is upside down (anterior at the
+    bottom): its panels are flipped to anterior up, the patient's right on the viewer's left, and
+    the edges marked; DICOM's axial, coronal and sagittal storage is already so; no orientation, as stored."""
+    from monai_medcam.visualize import display_orientation
+
+    assert display_orientation(np.diag([-1.0, 1, 1, 1])) == (False, False, True, ("R", "L", "A", "P"))  # LAS: flip down
+    assert display_orientation(np.diag([-1.0, -1, 1, 1])) == (False, False, False, ("R", "L", "A", "P"))  # DICOM axial (LPS)
+    assert display_orientation(np.diag([1.0, 1, 1, 1])) == (False, True, True, ("R", "L", "A", "P"))  # RAS: both
+    coronal = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # rows to L, columns to I, slices to A
+    assert display_orientation(coronal) == (False, False, False, ("R", "L", "S", "I"))
+    sagittal = np.array([[0.0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # to P, to I, slices to R
+    assert display_orientation(sagittal) == (False, False, False, ("A", "P", "S", "I"))
+    swapped = np.array([[0.0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # axis 0 to P, axis 1 to L: transposed
+    assert display_orientation(swapped) == (True, False, False, ("R", "L", "A", "P"))
+    assert display_orientation(np.zeros((4, 4))) is None
+    # an LAS volume with evidence at its anterior end (high axis-1 index) and on the patient's left (high axis 0)
+    image = MetaTensor(torch.rand(1, 16, 12, 4), affine=torch.diag(torch.tensor([-1.0, 1, 1, 1], dtype=torch.float64)))
+    mask = MetaTensor(torch.zeros(1, 16, 12, 4), affine=image.affine)
+    mask[0, 13:16, 9:12, 1] = 1
+    write_outputs(image, mask, tmp_path, "las", ["png"])
+    drawn = drawn_panels[-1]
+    shown = drawn["columns"][SEGMENT_LABEL][0, 0]  # (rows, columns) as drawn
+    assert drawn["edges"] == ("R", "L", "A", "P") and shown[:3, 13:].all() and shown.sum() == 9  # anterior up, left on the right
+    write_outputs(MetaTensor(torch.rand(1, 16, 12, 4), meta={"medcam_not_a_volume": "a cine"}), mask, tmp_path, "cine", ["png"])
+    assert drawn_panels[-1]["edges"] is None and drawn_panels[-1]["columns"][SEGMENT_LABEL][0, 0][9:12, 13:].all()  # as stored
+
+
 def test_seg_writer_refuses_mismatched_mask(shuffled_series, tmp_path):
     image = load_image(find_inputs(shuffled_series[0])[0][0])
     wrong = MetaTensor(torch.zeros(1, 56, 40, 5), meta=image.meta)
