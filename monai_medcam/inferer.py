@@ -73,7 +73,7 @@ class MedCAMInferer(Inferer):
         self.batch_size = batch_size
         self.settings = settings
         self.last_result: MedCAMResult | None = None
-        self._explainer: MedCAM | None = None  # for the last network (it learns how many images fit in GPU memory)
+        self._explainer: tuple[tuple, MedCAM] | None = None  # for the last network and settings
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> MetaTensor:
         if args or kwargs:
@@ -102,9 +102,10 @@ class MedCAMInferer(Inferer):
             elif given.numel() not in (1, count * depth):
                 raise ValueError(f"class_idx gives {given.numel()} labels for {count} volume(s) of {depth} slices: "
                                  f"give one, one per volume ({count}) or one per slice ({count * depth}).")
-        if self._explainer is None or self._explainer.classifier.model is not network:  # kept: the batch size that fit
-            self._explainer = MedCAM(network, self.target_layers, **self.settings)
-        explainer = self._explainer
+        key = (network, repr(self.target_layers), repr(sorted(self.settings.items())))
+        if self._explainer is None or self._explainer[0] != key:  # kept while they stay: it learns the batch size that fits
+            self._explainer = (key, MedCAM(network, self.target_layers, **self.settings))
+        explainer = self._explainer[1]
         with torch.enable_grad():
             names = [f"{b}/slice {d}" for b in range(count) for d in range(depth)] if sliced else None  # for the log
             result = explainer.explain(images, class_idx, batch_size=self.batch_size, names=names)

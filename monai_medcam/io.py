@@ -148,8 +148,8 @@ def output_names(items: list[ImageInput]) -> list[str]:
         if not shared:
             break
         for keys in shared:
-            if len({extension(distinct[key]) for key in keys}) > 1 and not all(typed[key] for key in keys):
-                typed.update(dict.fromkeys(keys, True))
+            if not all(typed[key] for key in keys) and (len({extension(distinct[key]) for key in keys}) > 1 or any(typed[key] for key in keys)):
+                typed.update(dict.fromkeys(keys, True))  # scan.png, scan.jpg; scan.png typed beside scan_png.png
             else:
                 depth.update({key: depth[key] + 1 for key in keys})
     taken = set(names.values())

@@ -31,6 +31,16 @@ def check_orientation(axcodes: str | None, what: str = "orientation") -> str | N
     return text
 
 
+def ras_affine(image: MetaTensor) -> np.ndarray:
+    """``image``'s affine in RAS world coordinates, as MONAI's ``Orientation`` reads it (an affine in
+    LPS, ``meta["space"] == "LPS"``, e.g. from MONAI's readers with ``affine_lps_to_ras=False``, is
+    converted)."""
+    affine = np.asarray(image.affine, dtype=float)
+    if str(image.meta.get("space", "RAS")).upper() == "LPS":
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return affine
+
+
 def reorientation(image: torch.Tensor, axcodes: str | None) -> np.ndarray | None:
     """The nibabel orientation transform ``(3, 2)`` that takes the voxel axes of ``image`` ``(C, X, Y, Z)``
     to ``axcodes`` (read in RAS world coordinates from its affine, as MONAI's ``Orientation`` does), or
@@ -38,10 +48,7 @@ def reorientation(image: torch.Tensor, axcodes: str | None) -> np.ndarray | None
     axis), or a volume already so oriented."""
     if axcodes is None or not isinstance(image, MetaTensor) or image.ndim != 4 or image.meta.get(NOT_A_VOLUME):
         return None
-    affine = np.asarray(image.affine, dtype=float)
-    if str(image.meta.get("space", "RAS")).upper() == "LPS":  # e.g. MONAI's readers with affine_lps_to_ras=False
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(axcodes))
+    ornt = ornt_transform(io_orientation(ras_affine(image)), axcodes2ornt(axcodes))
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return None
     return ornt

@@ -18,6 +18,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
+from monai_medcam.orientation import ras_affine
 from monai_medcam.visualize import evidence_not_verified, needed_evidence, summary_flag
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
@@ -367,7 +368,8 @@ def panel_slices(rows: Sequence[Mapping[str, object]]) -> list[int] | None:
     slice). ``None`` where every decision was vacuous (and for one row: a whole input's decision)."""
     if len(rows) < 2:
         return None
-    needed = [k for k, row in enumerate(rows) if not summary_flag(row.get("vacuous"))]
+    # a vacuous decision's mask (optimised, without skip_vacuous) only where it failed its check
+    needed = [k for k, row in enumerate(rows) if not summary_flag(row.get("vacuous")) or evidence_not_verified(row)]
     needed.sort(key=lambda k: (not evidence_not_verified(rows[k]), -float(rows[k].get("prob_input") or 0.0)))
     return needed or None
 
@@ -409,9 +411,9 @@ def write_png(
     image = torch.as_tensor(image).detach().cpu().float()
     mask = torch.as_tensor(mask).detach().cpu().float()
     maps = {k: torch.as_tensor(v).detach().cpu().float() for k, v in (heatmaps or {}).items()}
+    shown = display_orientation(affine) if affine is not None and image.ndim == 4 else None  # a volume's, even of one slice
     if image.ndim == 3:
         image, mask, maps = image[..., None], mask[..., None], {k: v[..., None] for k, v in maps.items()}
-    shown = display_orientation(affine) if affine is not None and image.shape[-1] > 1 else None
     if shown is not None:  # a volume's slices as radiology shows their plane (slice numbers unchanged)
         swap, flip_across, flip_down, edges = shown
 
@@ -506,10 +508,10 @@ def write_outputs(
                                                class_names=class_names, verified=verified))
             elif fmt == "png":
                 shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
-                placed = isinstance(image, MetaTensor) and not image.meta.get(NOT_A_VOLUME)  # a cine's frames: as stored
+                placed = isinstance(image, MetaTensor) and image.ndim == 4 and not image.meta.get(NOT_A_VOLUME)  # not a cine's frames
                 written.append(write_png(shown, mask, folder / (name + EVIDENCE_SUFFIXES["png"]), heatmaps, title,
                                          candidates=display_slices, rows=rows, class_names=class_names,
-                                         affine=image.affine if placed else None))
+                                         affine=ras_affine(image) if placed else None))
         except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
             problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
     if problems:

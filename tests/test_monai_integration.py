@@ -226,6 +226,10 @@ def test_inferer_remembers_how_many_images_fit_in_gpu_memory(monkeypatch):
         sizes.clear()
         inferer(region_images(4, seed=4), RegionClassifier())  # another network: its own explainer
         assert sizes == [4, 2, 2]
+        sizes.clear()
+        inferer.settings["steps"] = 4  # changed settings: a new explainer, which takes them
+        inferer(region_images(4, seed=4), net)
+        assert sizes == [4, 2, 2] and int(inferer.last_result.steps.max()) <= 4 * 2 ** 2
 
 
 def test_load_convert_save_transforms_restore_source_geometry(tmp_path):

@@ -227,6 +227,8 @@ def test_nifti_and_png_show_evidence_that_was_not_verified_apart(tmp_path, drawn
     from monai_medcam.writers import evidence_class, panel_slices
 
     assert panel_slices(rows) == [3, 0, 2, 4, 1]  # not verified first, then the surest calls; never the vacuous slice
+    optimised = [*rows[:5], {**rows[5], "area": 0.05, "prob_input": 0.99}]  # without skip_vacuous: a mask, failing its check
+    assert panel_slices(optimised) == [5, 3, 0, 2, 4, 1]  # both not verified, the surer first; shown as the NIfTI's label 2 and the SEG's segment 2 mark it
     assert evidence_class(rows) == 1  # the class of every decision that needed evidence
     write_outputs(image, mask, tmp_path, "vol", ["png"], title="vol", rows=rows, display_slices=panel_slices(rows))
     drawn = drawn_panels[-1]
@@ -260,6 +262,10 @@ def test_volume_panels_are_shown_as_radiology_shows_each_plane(tmp_path, drawn_p
     drawn = drawn_panels[-1]
     shown = drawn["columns"][SEGMENT_LABEL][0, 0]  # (rows, columns) as drawn
     assert drawn["edges"] == ("R", "L", "A", "P") and shown[:3, 13:].all() and shown.sum() == 9  # anterior up, left on the right
+    # the same LAS volume whose affine is in LPS (MONAI's readers with affine_lps_to_ras=False): drawn the same
+    lps = MetaTensor(image.as_tensor(), affine=torch.diag(torch.tensor([1.0, -1, 1, 1], dtype=torch.float64)), meta={"space": "LPS"})
+    write_outputs(lps, mask, tmp_path, "lps", ["png"])
+    assert drawn_panels[-1]["edges"] == ("R", "L", "A", "P") and torch.equal(drawn_panels[-1]["columns"][SEGMENT_LABEL], drawn["columns"][SEGMENT_LABEL])
     write_outputs(MetaTensor(torch.rand(1, 16, 12, 4), meta={"medcam_not_a_volume": "a cine"}), mask, tmp_path, "cine", ["png"])
     assert drawn_panels[-1]["edges"] is None and drawn_panels[-1]["columns"][SEGMENT_LABEL][0, 0][9:12, 13:].all()  # as stored
 
@@ -921,6 +927,9 @@ def test_output_names_come_from_the_paths_not_the_order(tmp_path):
     png, jpg, dup = (ImageInput(tmp_path / d / f, "image") for d, f in (("a", "scan.png"), ("a", "scan.jpg"), ("b", "scan.png")))
     assert output_names([png, jpg]) == ["scan_png", "scan_jpg"]  # the file types tell them apart
     assert output_names([png, jpg, dup]) == ["a_scan_png", "scan_jpg", "b_scan_png"]  # then the folders
+    typed = ImageInput(tmp_path / "a" / "scan_png.png", "image")  # a name that is another's typed name
+    assert output_names([png, jpg, typed]) == ["scan_png", "scan_jpg", "scan_png_png"]
+    assert output_names([typed, jpg, png]) == ["scan_png_png", "scan_jpg", "scan_png"]  # whatever the order
 
 
 def test_a_missing_decoder_says_what_to_install():
