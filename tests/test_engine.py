@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai_medcam import MedCAM, MedCAMSettings
 from monai_medcam.backgrounds import baseline_image, blurred
 from monai_medcam.engine import RESTART_SEED_STEP, _Attempt
-from tests.toys import RegionClassifier, region_images
+from tests.toys import RegionClassifier, region_images, small_gpu_optimise
 
 REGION = (slice(8, 16), slice(8, 16))
 FAST = dict(max_retries=0)
@@ -318,17 +318,10 @@ def test_batch_too_large_for_gpu_memory_is_explained_in_parts(monkeypatch, caplo
     # image's result is the one it gets in a batch that fits (exact with deterministic kernels)
     x = region_images(5, seed=5)
     explainer = MedCAM(RegionClassifier(), steps=60, max_retries=0, restarts=0)  # one _optimise call per part
-    optimise, sizes = MedCAM._optimise, []
-
-    def small_gpu(self, x, *args):
-        sizes.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-        return optimise(self, x, *args)
-
+    sizes = []
     with torch.backends.mkldnn.flags(enabled=False):
         reference = explainer.explain(x)
-        monkeypatch.setattr(MedCAM, "_optimise", small_gpu)
+        monkeypatch.setattr(MedCAM, "_optimise", small_gpu_optimise(2, sizes))
         with caplog.at_level("WARNING", logger="monai_medcam.engine"):
             parts = explainer.explain(x, class_idx=[1, 1, 1, 1, 1])
         assert sizes == [5, 2, 2, 1]  # all five fail together, then 2 + 2 + 1 fit
@@ -363,36 +356,24 @@ def test_a_part_that_ran_out_of_memory_is_freed_before_the_smaller_parts_start(m
     assert len(held) == 2 and alive_at_retry == [0, 0, 0, 0, 0, 0]  # 4 and 2 failed; four parts of one, none held
 
 
-def test_out_of_memory_in_the_reference_pass_also_halves_the_batch(caplog):
-    """The first pass of the classifier over the batch can run out of GPU memory too: it must reach the
-    halving, not become the "classifier refused the input" error."""
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory (test)"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),  # cuBLAS's own
+])
+def test_out_of_memory_in_the_reference_pass_also_halves_the_batch(caplog, error):
+    """The first pass of the classifier over the batch can run out of GPU memory too (cuBLAS says so
+    with a RuntimeError): it must reach the halving, not become the "classifier refused the input" error."""
 
     class SmallGpu(RegionClassifier):
         def forward(self, x):
             if x.shape[0] == 3 and not torch.is_grad_enabled():  # the reference pass over the three images
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+                raise error
             return super().forward(x)
 
     with caplog.at_level("WARNING", logger="monai_medcam.engine"):
         result = MedCAM(SmallGpu(), steps=5, max_retries=0, restarts=0).explain(region_images(3, seed=5))
     assert "out of GPU memory with 3 images at once; explaining them 1 at a time" in caplog.text
     assert result.mask.shape == (3, 1, 32, 32)
-
-
-def test_cublas_allocation_failure_in_the_reference_pass_halves_the_batch_too(caplog):
-    """cuBLAS reports running out of memory as a RuntimeError, not torch's OutOfMemoryError: it is one
-    all the same, not "the classifier refused the input"."""
-
-    class SmallGpu(RegionClassifier):
-        def forward(self, x):
-            if x.shape[0] == 2 and not torch.is_grad_enabled():
-                raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-            return super().forward(x)
-
-    with caplog.at_level("WARNING", logger="monai_medcam.engine"):
-        result = MedCAM(SmallGpu(), steps=5, max_retries=0, restarts=0).explain(region_images(2, seed=5))
-    assert "out of GPU memory with 2 images at once; explaining them 1 at a time" in caplog.text
-    assert result.mask.shape == (2, 1, 32, 32)
 
 
 def test_a_data_parallel_classifier_runs_the_network_inside(monkeypatch):

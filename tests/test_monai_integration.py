@@ -206,16 +206,10 @@ def test_inferer_remembers_how_many_images_fit_in_gpu_memory(monkeypatch):
     """An evaluator calls the inferer once per batch: after one batch ran out of GPU memory, the next
     starts from the size that fit, not from the full batch again (and a new network from scratch)."""
     from monai_medcam import MedCAM
+    from tests.toys import small_gpu_optimise
 
-    optimise, sizes = MedCAM._optimise, []
-
-    def small_gpu(self, x, *args):
-        sizes.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-        return optimise(self, x, *args)
-
-    monkeypatch.setattr(MedCAM, "_optimise", small_gpu)
+    sizes = []
+    monkeypatch.setattr(MedCAM, "_optimise", small_gpu_optimise(2, sizes))
     inferer, net = MedCAMInferer(**{**FAST, "steps": 3}), RegionClassifier()
     with torch.no_grad():
         inferer(region_images(4, seed=3), net)
