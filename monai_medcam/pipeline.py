@@ -264,6 +264,28 @@ def write_rows_csv(path: Path, rows: Sequence[dict[str, object]]) -> Path:
     return path
 
 
+def expected_images(item: ImageInput, spatial_dims: int, prepared: bool = False) -> int:
+    """How many images ``item`` gives the classifier, from its header alone (for the progress bar):
+    a volume's slices for a 2D classifier, else one."""
+    if spatial_dims == 3 or prepared:
+        return 1
+    try:
+        if item.kind == "dicom_series":
+            return max(len(item.files), 1)
+        if item.kind == "nifti":
+            import nibabel
+
+            shape = nibabel.load(str(item.path)).shape
+            return int(shape[2]) if len(shape) >= 3 else 1
+        if item.kind == "dicom_frames":
+            import pydicom
+
+            return max(int(pydicom.dcmread(item.path, stop_before_pixels=True).get("NumberOfFrames") or 1), 1)
+    except Exception:  # noqa: BLE001 - an unreadable header: loading says what is wrong
+        return 1
+    return 1
+
+
 def explain_inputs(
     classifier: torch.nn.Module,
     inputs: Sequence[ImageInput],
@@ -329,8 +351,9 @@ def explain_inputs(
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
     report = ExplainReport()
-    # counts images: a volume explained slice by slice adds its slices once it is loaded
-    bar = tqdm(total=len(inputs), unit="image", desc="Med-CAM", disable=not progress)
+    # counts images and slices, from the headers; corrected as each input is loaded
+    expected = {id(item): expected_images(item, spatial_dims, preprocessing is not None) for item in inputs}
+    bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
 
     queue: list[tuple[_Pending, int, torch.Tensor]] = []
     fresh: set[Path] = set()  # files this run wrote for inputs that failed in part
@@ -420,7 +443,7 @@ def explain_inputs(
     for item, name in named:
         if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
             fail(item, InputError(item.path, SEG_NEEDS_DICOM))
-            bar.update(1)
+            bar.update(expected[id(item)])
             continue
         try:
             image = load_image(item)
@@ -434,10 +457,11 @@ def explain_inputs(
                 pieces = [prepared.as_tensor()]
         except Exception as err:
             fail(item, err)
-            bar.update(1)
+            bar.update(expected[id(item)])
             continue
-        bar.total += len(pieces) - 1
-        bar.refresh()
+        if len(pieces) != expected[id(item)]:
+            bar.total += len(pieces) - expected[id(item)]
+            bar.refresh()
         pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
                            ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
         for k, piece in enumerate(pieces):

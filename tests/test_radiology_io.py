@@ -1200,3 +1200,36 @@ def test_a_modality_lut_is_applied():
     image = load_image(find_input(path))
     assert torch.equal(image[0], torch.from_numpy(apply_modality_lut(ds.pixel_array, ds).T.astype(np.float32)))
     assert float(image.min()) == 0.0 and float(image.max()) == 65535.0  # stored: -2048 to 2047
+
+
+def test_the_progress_bar_counts_slices_from_the_headers(shuffled_series, tmp_path, monkeypatch):
+    """The bar's total is every image and slice from the start (a 6-slice series, an 8-slice NIfTI,
+    a radiograph: 15), so it never steps back."""
+    import nibabel
+
+    import monai_medcam.pipeline as pipeline
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.totals = total, 0, [total]
+            bars.append(self)
+
+        def update(self, count):
+            self.n += count
+
+        def refresh(self):
+            self.totals.append(self.total)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    folder, _ = shuffled_series
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(1).random((24, 20, 8)).astype(np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    items = find_inputs(folder)[0] + find_inputs(tmp_path / "vol.nii.gz")[0] + find_inputs(MR_SMALL)[0]
+    assert [pipeline.expected_images(item, 2) for item in items] == [6, 8, 1] and pipeline.expected_images(items[1], 3) == 1
+    report = explain_inputs(RegionClassifier(size=32), items, tmp_path / "out", ("nifti",), spatial_dims=2, channels=1, size=(32, 32),
+                            **{**QUICK, "steps": 2, "progress": True})
+    assert not report.failures and bars[0].totals == [15] and bars[0].n == 15
