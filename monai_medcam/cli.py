@@ -41,7 +41,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    values = tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be sides of at least 1, not {text!r}")
+    return values
 
 
 def _positive_int(text: str) -> int:
@@ -339,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsi.add_argument("--output", required=True, help="folder for <slide>_evidence.tif, _tiles.csv, _thumbnail.png")
     wsi.add_argument("--level", type=int, default=0, help="pyramid level the tiles are cut from (default 0)")
     wsi.add_argument("--tile", type=int, default=224, help="tile side in pixels of --level (default 224)")
-    wsi.add_argument("--size", type=int, help="classifier input side if not --tile (default: from a bundle, else --tile)")
+    wsi.add_argument("--size", type=_positive_int, help="classifier input side if not --tile (default: from a bundle, else --tile)")
     wsi.add_argument("--batch-size", type=_positive_int, default=16, help="tiles optimised together")
     wsi.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     wsi.add_argument("--class-idx", type=int, help="class to explain (default: each tile's prediction)")
@@ -365,8 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():  # log lines above the progress bar, not run into it
             return args.run(args)
     except KeyboardInterrupt:  # every file is written whole and then renamed: none is left half-written
-        print("\ninterrupted: every output written so far is whole (written, then renamed); medcam explain's "
-              "summary.csv lists them, and medcam wsi resumes where it stopped when run again.", file=sys.stderr)
+        if args.run is _wsi:
+            again = "the slide's finished batches are saved: the same command again resumes where it stopped"
+        else:
+            again = "summary.csv lists the inputs explained"
+        print(f"\ninterrupted: every output written so far is whole (written, then renamed); {again}.", file=sys.stderr)
         return 130
 
 

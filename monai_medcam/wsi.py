@@ -43,7 +43,7 @@ from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
 from monai_medcam.pipeline import check_classifier
 from monai_medcam.settings import as_bool, is_whole_number
-from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified
+from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified, summary_flag
 from monai_medcam.writers import atomic_path
 
 __all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
@@ -124,7 +124,10 @@ def open_slide(path: str | Path, backend: str = "auto"):
         except Exception as err:  # each backend raises its own kinds for files it cannot open
             problems.append(f"{name}: {type(err).__name__}: {err}".strip())
             continue
-        if count >= 2 and pages != count:
+        cut = _truncated(wsi, path) if name == "tifffile" else None
+        if cut:  # an incomplete copy reads as a slide with fewer levels or pixels
+            refusals.append(InputError(path, f"the file is truncated ({cut}): an incomplete copy? Copy the slide again."))
+        elif count >= 2 and pages != count:
             refusals.append(InputError(
                 path, f"the tifffile reader cannot read this layout: {pages} pages but a pyramid of {count} levels "
                 "(label, macro or thumbnail pages); use openslide (--backend openslide) or write the levels alone."
@@ -143,6 +146,22 @@ def open_slide(path: str | Path, backend: str = "auto"):
     if refusals:
         raise refusals[-1]
     raise InputError(path, "cannot read the slide (" + "; ".join(problems) + ").")
+
+
+def _truncated(tiff, path: Path) -> str | None:
+    """How a TIFF read by tifffile is cut short: its pages' pixel data running past the end of the
+    file (tifffile then stops the chain of pages there, so a cut slide looks like one with fewer
+    levels); ``None`` where it is whole."""
+    size = path.stat().st_size
+    try:
+        pages = list(tiff.pages)
+    except Exception as err:  # noqa: BLE001 - a chain of pages that cannot be followed
+        return f"its pages cannot be read: {err}"
+    for page in pages:
+        ends = [int(o) + int(n) for o, n in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))]
+        if ends and max(ends) > size:
+            return f"page {page.index}'s pixels end at byte {max(ends)} of {size}"
+    return None
 
 
 def _read_region(reader, wsi, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
@@ -679,6 +698,8 @@ def explain_slide(
     resolved = asdict(explainer.resolved_settings(2))
 
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InputError(slide, f"the output {output} is a file, not a folder.")
     output.mkdir(parents=True, exist_ok=True)
     background = _background_colour(thumb_rgb)
     run = {
@@ -699,14 +720,23 @@ def explain_slide(
         if done:
             logger.info("%s: resuming, %d of %d tiles already explained", slide.name, resumed, len(tiles))
         bar = tqdm(total=len(tiles), initial=resumed, unit="tile", desc=f"Med-CAM {slide.name}", disable=not progress)
-        with (state / "journal.jsonl").open("a") as journal:
-            for k, batch in enumerate(batches):
-                if k not in done:
-                    done[k] = _explain_batch(explainer, read, batch, mask, tile=tile, size=size, class_idx=class_idx,
-                                             device=device, background=background, level_ratio=level_ratio, slide=slide, level=level)
-                    _record(journal, k, done[k])
-                    bar.update(len(batch))
-        bar.close()
+        # the explainer's notes per batch (vacuous tiles, unsettled masks) would be thousands of lines
+        # on a slide: one summary after, from the rows; its warnings stay
+        engine_log = logging.getLogger("monai_medcam.engine")
+        level_before = engine_log.level
+        if engine_log.getEffectiveLevel() == logging.INFO:
+            engine_log.setLevel(logging.WARNING)
+        try:
+            with (state / "journal.jsonl").open("a") as journal:
+                for k, batch in enumerate(batches):
+                    if k not in done:
+                        done[k] = _explain_batch(explainer, read, batch, mask, tile=tile, size=size, class_idx=class_idx,
+                                                 device=device, background=background, level_ratio=level_ratio, slide=slide, level=level)
+                        _record(journal, k, done[k])
+                        bar.update(len(batch))
+        finally:
+            engine_log.setLevel(level_before)
+            bar.close()
 
         outputs = {
             "evidence": output / f"{name}_evidence.tif",
@@ -721,11 +751,32 @@ def explain_slide(
             writer.writeheader()
             writer.writerows(rows)
         unverified = {int(row["tile"]) for row in rows if evidence_not_verified(row)}  # not the vacuous tiles left empty
+        vacuous = sum(bool(summary_flag(row["vacuous"])) for row in rows)
+        unsettled = sum(summary_flag(row["settled"]) is False for row in rows)
+        logger.info("%s: %d tiles explained: %d need no evidence (vacuous), %d ran out of steps unsettled, %d not verified",
+                    slide.name, len(rows), vacuous, unsettled, len(unverified))
         _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
                    caption=_caption(level, tile, rows, class_names, class_idx))
         del mask
         _remove_state(state)
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"settings.steps: 150 -> 100"`` for each key whose value differs between two runs' arguments."""
+    found = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return found
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: Path, restart: bool) -> Path:
@@ -741,11 +792,11 @@ def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: P
             previous = None
         if previous != run or not (state / "mask.npy").is_file():
             if not restart:
-                raise InputError(
-                    slide, f"{state} holds the state of a different run (other arguments or slide, or an earlier "
-                    "version of monai_medcam) or a damaged one; use restart=True (--restart) to discard it, or "
-                    "remove the folder."
-                )
+                differ = _differences(previous, run) if isinstance(previous, dict) and previous != run else []
+                what = (f"of a different run, with other arguments ({'; '.join(differ[:6])}{'; ...' if len(differ) > 6 else ''}):"
+                        " run again with the earlier ones to resume it, or" if differ else
+                        "of a different run (other arguments or slide, or an earlier version of monai_medcam) or a damaged one:")
+                raise InputError(slide, f"{state} holds the state {what} restart (--restart, restart=True) to discard it.")
             _remove_state(state)
     new = not state.exists()
     staging = state.with_name(state.name + ".tmp")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -201,6 +202,8 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
     tifffile.imwrite(flat, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
     glass = tmp_path / "glass.tif"
     write_pyramidal_tiff(np.full((1024, 1024, 3), 242, np.uint8), glass, levels=3)
+    cut = tmp_path / "cut.tif"  # a copy cut short: tifffile would read it as a slide of fewer levels
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 10])
     cases = [
         (tmp_path / "absent.tif", {}, "no such slide"),
         (text, {}, "cannot read the slide"),
@@ -208,6 +211,7 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
         (path, {"level": 9}, "level 9 is out of range: the slide has levels 0 to 3"),
         (path, {"level": 3, "tile": 512}, "tile 512 is larger than level 3"),
         (glass, {"level": 1, "tile": 64}, "no tissue found"),
+        (cut, {}, r"the file is truncated \(page 0's pixels end at byte \d+ of \d+\): an incomplete copy"),
     ]
     for k, (source, options, message) in enumerate(cases):
         out = tmp_path / f"out{k}"
@@ -232,13 +236,18 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
         open_slide(extra, "tifffile")
     reader, wsi = open_slide(extra, "openslide")
     assert reader.get_level_count(wsi) == 2
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="the output .*afile is a file, not a folder"):
+        explain_slide(net, path, afile, level=LEVEL, tile=TILE, **FAST)
+    assert afile.read_text() == "x"
     out = tmp_path / "bad_setting"  # a misspelt setting fails before the working state is made
     with pytest.raises(TypeError, match=r"unknown MedCAM setting\(s\) \['stepz'\]"):
         explain_slide(net, path, out, level=LEVEL, tile=TILE, stepz=40)
     assert _no_files(out)
 
 
-def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
+def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path, caplog):
     path, _ = slide
     state = tmp_path / ".ihc.medcam"
     state.mkdir()
@@ -247,8 +256,16 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path):
         explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, **FAST)
     with pytest.raises(InputError, match="different run"):  # the word a bundle's command line passes
         explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart="false", **FAST)
-    report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
+    with caplog.at_level("INFO"):
+        report = explain_slide(LesionColourClassifier(), path, tmp_path, level=3, tile=64, restart=True, **FAST)
     assert report.outputs["evidence"].is_file() and not state.exists()
+    # the explainer's notes per batch (vacuous tiles, ...) give way to one summary from the tiles' rows
+    assert not [r for r in caplog.records if r.name == "monai_medcam.engine" and r.levelno < logging.WARNING]
+    rows = list(csv.DictReader(report.outputs["tiles"].open()))
+    vacuous = sum(r["vacuous"] == "True" for r in rows)
+    assert 0 < vacuous < len(rows)
+    assert f"ihc.tif: {len(rows)} tiles explained: {vacuous} need no evidence (vacuous)" in caplog.text
+    assert logging.getLogger("monai_medcam.engine").level == logging.NOTSET  # as it was
 
 
 def test_a_damaged_state_is_refused_unless_restarted(slide, tmp_path, monkeypatch):
@@ -396,7 +413,8 @@ def test_a_run_resumed_after_a_default_changed_is_a_different_run(slide, tmp_pat
     assert (recorded["act_weight"], recorded["area_weight"], recorded["steps"], recorded["skip_vacuous"]) == (10.0, 20.0, 40, True)
     assert "progress" not in recorded  # a progress bar changes no mask
     monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 11.0, True: 40.0})
-    with pytest.raises(InputError, match="different run"):
+    with pytest.raises(InputError, match=r"different run, with other arguments \(settings\.act_weight: 10\.0 -> 11\.0\): run again "
+                                         r"with the earlier ones to resume it, or restart \(--restart"):
         explain_slide(LesionColourClassifier(), path, tmp_path, **run)
     monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 10.0, True: 40.0})
     report = explain_slide(LesionColourClassifier(), path, tmp_path, **run)
@@ -453,6 +471,23 @@ def test_a_full_disk_is_an_error_before_any_tile_not_a_crash(slide, tmp_path, mo
     assert message.startswith(f"error: [Errno 28] not enough disk space in {out} for the slide map and evidence pyramid "
                               f"of {path} (0.1 MB needed, 50.0 kB free); free some space or give another output folder"), message
     assert _no_files(out)
+
+
+def test_cli_interrupted_says_the_same_command_resumes_and_refuses_size_0(slide, tmp_path, monkeypatch, capsys):
+    import monai_medcam.wsi
+    from monai_medcam import cli
+
+    path, _ = slide
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(monai_medcam.wsi, "explain_slide", interrupted)
+    assert cli.main(_cli(path, tmp_path / "out")[3:]) == 130
+    assert "the slide's finished batches are saved: the same command again resumes where it stopped" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # --size 0 was taken as "the tile's size"
+        cli.main(_cli(path, tmp_path / "out", "--size", "0")[3:])
+    assert stopped.value.code == 2 and "--size: must be at least 1, not 0" in capsys.readouterr().err
 
 
 def test_cli_reports_a_bad_slide_and_exits_1(tmp_path):
