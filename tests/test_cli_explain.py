@@ -488,3 +488,24 @@ def test_device_steps_and_batch_size_are_checked_before_any_work(tmp_path, capsy
             main([command, *arguments, option, "0"])
         assert caught.value.code == 2 and f"{option}: must be at least 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_table_at_the_end_counts_over_the_decisions_that_needed_evidence():
+    """A volume of four slices, two of them empty "no lesion" decisions (vacuous, skipped): verified
+    and settled out of the two that needed evidence, the probabilities and area over those two."""
+    import io
+    import types
+
+    from monai_medcam.cli import print_report
+
+    def row(label, p, area, verified, vacuous):
+        return {"input": "brain.nii.gz", "label": label, "prob_input": p, "prob_evidence": 0.9, "area": area,
+                "verified": verified, "settled": True, "vacuous": vacuous}
+
+    rows = [row(0, 0.99, 0.0, False, True), row(1, 0.8, 0.02, True, False), row(1, 0.6, 0.04, False, False), row(0, 0.95, 0.0, True, True)]
+    out = io.StringIO()
+    print_report(types.SimpleNamespace(rows=rows, failures={"bad.dcm": "truncated"}), out)
+    header, line, failed = out.getvalue().splitlines()
+    assert header.split() == ["input", "n", "label", "none", "p(label)", "p(evid.)", "area", "verified", "settled"]
+    assert line.split() == ["brain.nii.gz", "4", "0,1", "2", "0.700", "0.900", "3.00%", "1/2", "2/2"]
+    assert failed == "FAILED bad.dcm: truncated"
