@@ -244,6 +244,16 @@ def tissue_level(reader, wsi, level: int, tile: int) -> int:
     return chosen
 
 
+def thumbnail_level(reader, wsi, level: int, low: int) -> int:
+    """The level the thumbnail is drawn from: the finest from the explained ``level`` down to the
+    tissue level ``low`` whose longer side is at most ``THUMBNAIL_SIDE`` (on a small slide the
+    evidence would be a few pixels at the tissue level), else ``low`` (shrunk to fit)."""
+    for candidate in range(level, low):
+        if max(reader.get_size(wsi, candidate)) <= THUMBNAIL_SIDE:
+            return candidate
+    return low
+
+
 def tissue_mask(reader, wsi, level: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(tissue, rgb, level)``: a boolean tissue mask ``(h, w)`` and the RGB image ``(3, h, w)`` of
     ``level`` (default: the lowest resolution; see :func:`tissue_level`), where tissue is HSV
@@ -755,8 +765,10 @@ def explain_slide(
         unsettled = sum(summary_flag(row["settled"]) is False for row in rows)
         logger.info("%s: %d tiles explained: %d need no evidence (vacuous), %d ran out of steps unsettled, %d not verified",
                     slide.name, len(rows), vacuous, unsettled, len(unverified))
-        _thumbnail(thumb_rgb, mask, scale, outputs["thumbnail"], tiles, tile, unverified,
-                   caption=_caption(level, tile, rows, class_names, class_idx))
+        view = thumbnail_level(reader, wsi, level, low)  # finer than the tissue level where it fits
+        view_rgb = thumb_rgb if view == low else _read_region(reader, wsi, view, 0, 0, *reader.get_size(wsi, view))
+        _thumbnail(view_rgb, mask, level_ratio / reader.get_downsample_ratio(wsi, view), outputs["thumbnail"], tiles, tile,
+                   unverified, caption=_caption(level, tile, rows, class_names, class_idx))
         del mask
         _remove_state(state)
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

@@ -114,19 +114,22 @@ def test_slide_map_puts_each_tile_mask_at_its_place(explained):
     from PIL import Image
 
     picture = np.asarray(Image.open(thumbnail))
-    assert picture.shape[1] == 320 and picture.shape[0] > 256  # level 3 (320 x 256), then the caption and key below
-    assert (picture[256:] == 255).mean() > 0.8  # a white strip with some text
+    # the explained level 2 itself (640 x 512, under 2,048 px; the tissue level 3 before session 33), then the caption and key
+    assert picture.shape[1] == 640 and picture.shape[0] > 512
+    assert (picture[512:] == 255).mean() > 0.8  # a white strip with some text
+    tint = (picture[:512, :, 0] > 220) & (picture[:512, :, 1] < 130) & (picture[:512, :, 2] < 90)  # red on the yellow lesions
+    assert tint.sum() >= 0.8 * (evidence > 0).sum() and not (tint & (evidence == 0)).any()  # every evidence pixel, one to one
     # the "no lesion" tiles need no evidence (vacuous) and are left empty; random content around nothing
     # makes the classifier call "lesion", so their empty masks fail the background check (verified False),
     # but there is no evidence to verify: they are not yellow. Only a tile whose call needed evidence can be.
     empty_vacuous = [r for r in rows if r["vacuous"] == "True" and r["verified"] == "False" and float(r["area"]) == 0]
     assert len(empty_vacuous) > len(rows) // 2
     needed = [r for r in rows if r["vacuous"] == "False" and r["verified"] == "False"]
-    yellow = (picture[:256, :, 0] > 200) & (picture[:256, :, 1] > 180) & (picture[:256, :, 2] < 60)
+    yellow = (picture[:512, :, 0] > 200) & (picture[:512, :, 1] > 180) & (picture[:512, :, 2] < 60)
     boxes = np.zeros_like(yellow)
-    for r in needed:  # level 2 -> the level-3 thumbnail: half the pixels
-        x, y = int(r["x"]) // 2, int(r["y"]) // 2
-        boxes[y : y + TILE // 2, x : x + TILE // 2] = True
+    for r in needed:  # level 2 -> the level-2 thumbnail: the same pixels
+        x, y = int(r["x"]), int(r["y"])
+        boxes[y : y + TILE, x : x + TILE] = True
     assert yellow.any() == bool(needed) and not (yellow & ~boxes).any()
     assert sorted(p.name for p in out.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv"]
 
@@ -653,6 +656,21 @@ class _Pyramid:
         return tuple(int(v / self.ratios[level]) for v in self.size)
 
 
+def test_the_thumbnail_comes_from_the_finest_level_that_fits():
+    from monai_medcam.wsi import thumbnail_level
+
+    class Reader:  # a 40x slide's pyramid: (height, width) per level
+        sizes = [(80000, 100000), (20000, 25000), (5000, 6250), (1250, 1562), (312, 390)]
+
+        def get_size(self, wsi, level):
+            return self.sizes[level]
+
+    assert thumbnail_level(Reader(), None, 1, 4) == 3  # explained at level 1, tissue from level 4: level 3 fits
+    assert thumbnail_level(Reader(), None, 1, 3) == 3  # none finer fits: the tissue level (shrunk where it must be)
+    assert thumbnail_level(Reader(), None, 3, 4) == 3  # the explained level itself where it fits
+    assert thumbnail_level(Reader(), None, 0, 2) == 2
+
+
 def test_tissue_level_choices():
     from monai_medcam.wsi import tissue_level
 
@@ -762,9 +780,10 @@ def test_partial_edge_tiles_are_stitched_in_place_and_outlined(tmp_path, monkeyp
     assert len(rows) == 17 * 25 and {(r["height"], r["width"]) for r in rows if r["row"] == "16"} == {("2", "64"), ("2", "5")}
     evidence = tifffile.imread(report.outputs["evidence"], key=0)
     assert evidence.shape == (1026, 1541) and ((evidence > 0) == red).all()
-    picture = np.asarray(Image.open(report.outputs["thumbnail"]))  # level 2, 257 x 386: a quarter of the pixels
+    picture = np.asarray(Image.open(report.outputs["thumbnail"]))  # level 0 itself, under 2,048 px (level 2 before session 33)
     blue = (picture[..., 2] > 150) & (picture[..., 0] < 100)
-    assert picture.shape[1] == 386 and blue[256, :380].mean() > 0.9  # the 2 px row's outlines, on the thumbnail's last row
+    assert picture.shape[1] == 1541 and blue[1024:1026, :1536].mean() > 0.9  # the 2 px row's outlines, two rows high
+    assert blue[300:340, 1536:1541].any(axis=1).all()  # the 5 px column's, beside the red mark they hold
 
 
 def test_edge_tiles_are_padded_with_the_slides_background(tmp_path, monkeypatch):
