@@ -81,7 +81,7 @@ def print_report(report, out=None) -> None:
     evidence (all but vacuous decisions left empty, counted under "none"): the mean probability of
     each one's label on the input and on the evidence, the mean evidence area, and how many were
     verified and settled. Then the failures."""
-    from monai_medcam.visualize import needed_evidence
+    from monai_medcam.visualize import needed_evidence, summary_flag
 
     out = out or sys.stdout
     by_input: dict[str, list[dict]] = {}
@@ -94,8 +94,8 @@ def print_report(report, out=None) -> None:
         needed = [r for r in rows if needed_evidence(r)]
         mean = lambda key: f"{sum(float(r[key]) for r in needed) / len(needed):.3f}" if needed else "-"  # noqa: E731
         area = f"{sum(float(r['area']) for r in needed) / len(needed):.2%}" if needed else "-"
-        verified = sum(bool(r["verified"]) for r in needed)
-        settled = sum(bool(r["settled"]) for r in needed)
+        verified = sum(summary_flag(r["verified"]) is True for r in needed)  # also as read back from a CSV ("False")
+        settled = sum(summary_flag(r["settled"]) is True for r in needed)
         short = name if len(name) <= 40 else "..." + name[-37:]
         print(
             f"{short:<40} {len(rows):>3} {labels:>6} {len(rows) - len(needed):>4} {mean('prob_input'):>9} {mean('prob_evidence'):>9} "

@@ -264,10 +264,10 @@ def write_rows_csv(path: Path, rows: Sequence[dict[str, object]]) -> Path:
     return path
 
 
-def expected_images(item: ImageInput, spatial_dims: int, prepared: bool = False) -> int:
+def expected_images(item: ImageInput, spatial_dims: int) -> int:
     """How many images ``item`` gives the classifier, from its header alone (for the progress bar):
-    a volume's slices for a 2D classifier, else one."""
-    if spatial_dims == 3 or prepared:
+    a volume's slices for a 2D classifier (a 2D bundle's preprocessing takes slices too), else one."""
+    if spatial_dims == 3:
         return 1
     try:
         if item.kind == "dicom_series":
@@ -352,7 +352,7 @@ def explain_inputs(
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
     report = ExplainReport()
     # counts images and slices, from the headers; corrected as each input is loaded
-    expected = {id(item): expected_images(item, spatial_dims, preprocessing is not None) for item in inputs}
+    expected = {id(item): expected_images(item, spatial_dims) for item in inputs}
     bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
 
     queue: list[tuple[_Pending, int, torch.Tensor]] = []

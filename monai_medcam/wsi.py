@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -149,9 +150,9 @@ def open_slide(path: str | Path, backend: str = "auto"):
 
 
 def _truncated(tiff, path: Path) -> str | None:
-    """How a TIFF read by tifffile is cut short: its pages' pixel data running past the end of the
-    file (tifffile then stops the chain of pages there, so a cut slide looks like one with fewer
-    levels); ``None`` where it is whole."""
+    """How a TIFF read by tifffile is cut short: its pages' pixel data, or the next page its last
+    page points to, past the end of the file (tifffile then stops the chain of pages there, so a cut
+    slide looks like one with fewer levels); ``None`` where it is whole."""
     size = path.stat().st_size
     try:
         pages = list(tiff.pages)
@@ -161,6 +162,16 @@ def _truncated(tiff, path: Path) -> str | None:
         ends = [int(o) + int(n) for o, n in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))]
         if ends and max(ends) > size:
             return f"page {page.index}'s pixels end at byte {max(ends)} of {size}"
+    if pages:  # pixels before their page's index (libtiff, vips): the last page found points past the end
+        big, order = bool(tiff.is_bigtiff), "little" if tiff.byteorder == "<" else "big"
+        with open(path, "rb") as handle:
+            handle.seek(int(pages[-1].offset))
+            count = int.from_bytes(handle.read(8 if big else 2), order)
+            handle.seek(int(pages[-1].offset) + (8 + 20 * count if big else 2 + 12 * count))
+            raw = handle.read(8 if big else 4)
+        following = int.from_bytes(raw, order) if len(raw) == (8 if big else 4) else size
+        if following >= size:
+            return f"page {len(pages)} would begin at byte {following}, past its end ({size})"
     return None
 
 
@@ -733,9 +744,9 @@ def explain_slide(
         # the explainer's notes per batch (vacuous tiles, unsettled masks) would be thousands of lines
         # on a slide: one summary after, from the rows; its warnings stay
         engine_log = logging.getLogger("monai_medcam.engine")
-        level_before = engine_log.level
-        if engine_log.getEffectiveLevel() == logging.INFO:
-            engine_log.setLevel(logging.WARNING)
+        held = _EngineNotesHeld() if engine_log.level == logging.NOTSET and engine_log.getEffectiveLevel() == logging.INFO else None
+        if held:  # not where the caller set the engine's level, or asked for debug output
+            engine_log.addFilter(held)
         try:
             with (state / "journal.jsonl").open("a") as journal:
                 for k, batch in enumerate(batches):
@@ -745,7 +756,7 @@ def explain_slide(
                         _record(journal, k, done[k])
                         bar.update(len(batch))
         finally:
-            engine_log.setLevel(level_before)
+            engine_log.removeFilter(held)
             bar.close()
 
         outputs = {
@@ -774,21 +785,39 @@ def explain_slide(
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)
 
 
+class _EngineNotesHeld(logging.Filter):
+    """Drops the explainer's notes below WARNING logged by this thread (its tiles), not another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.thread != self.thread
+
+
 def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
     """``"settings.steps: 150 -> 100"`` for each key whose value differs between two runs' arguments."""
     found = []
     for key in sorted(set(before) | set(now), key=str):
-        a, b = before.get(key), now.get(key)
+        a, b = before.get(key, _ABSENT), now.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            found += _differences(dict(enumerate(a)), dict(enumerate(b)), f"{prefix}{key}")
         elif a != b:
-            found.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+            name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}{key}"
+            found.append(f"{name}: {_short(a)} -> {_short(b)}")
     return found
 
 
+_ABSENT = object()
+
+
 def _short(value: object) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A value for a message: its start and end where it is long (names that differ at the end show)."""
+    text = "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= 40 else f"{text[:14]}...{text[-23:]}"
 
 
 def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: Path, restart: bool) -> Path:
@@ -805,8 +834,8 @@ def _working_state(state: Path, run: dict, level_size: tuple[int, int], slide: P
         if previous != run or not (state / "mask.npy").is_file():
             if not restart:
                 differ = _differences(previous, run) if isinstance(previous, dict) and previous != run else []
-                what = (f"of a different run, with other arguments ({'; '.join(differ[:6])}{'; ...' if len(differ) > 6 else ''}):"
-                        " run again with the earlier ones to resume it, or" if differ else
+                what = (f"of a different run ({'; '.join(differ[:6])}{'; ...' if len(differ) > 6 else ''}): the earlier "
+                        "arguments, slide and classifier, under the same version of monai_medcam, resume it; or" if differ else
                         "of a different run (other arguments or slide, or an earlier version of monai_medcam) or a damaged one:")
                 raise InputError(slide, f"{state} holds the state {what} restart (--restart, restart=True) to discard it.")
             _remove_state(state)

@@ -509,3 +509,6 @@ def test_the_table_at_the_end_counts_over_the_decisions_that_needed_evidence():
     assert header.split() == ["input", "n", "label", "none", "p(label)", "p(evid.)", "area", "verified", "settled"]
     assert line.split() == ["brain.nii.gz", "4", "0,1", "2", "0.700", "0.900", "3.00%", "1/2", "2/2"]
     assert failed == "FAILED bad.dcm: truncated"
+    out = io.StringIO()  # as read back from summary.csv: text
+    print_report(types.SimpleNamespace(rows=[{k: str(v) for k, v in r.items()} for r in rows], failures={}), out)
+    assert out.getvalue().splitlines()[1].split()[-2:] == ["1/2", "2/2"]

@@ -196,6 +196,43 @@ def _no_files(folder: Path) -> bool:
     return not folder.exists() or not any(folder.iterdir())
 
 
+def _index_after_pixels(path: Path, image: np.ndarray, levels: int = 3, tile: int = 256) -> Path:
+    """A tiled RGB pyramid laid out as libtiff writes it: each page's tiles, then its index (IFD)."""
+    import struct
+
+    out, pointer = bytearray(b"II*\x00\x00\x00\x00\x00"), 4
+    for k in range(levels):
+        height, width, _ = image.shape
+        offsets, counts = [], []
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                block = np.zeros((tile, tile, 3), np.uint8)
+                part = image[y : y + tile, x : x + tile]
+                block[: part.shape[0], : part.shape[1]] = part
+                offsets.append(len(out))
+                counts.append(block.nbytes)
+                out += block.tobytes()
+        bits = len(out)
+        out += struct.pack("<3H", 8, 8, 8)
+        at_offsets = len(out)
+        out += struct.pack(f"<{len(offsets)}I", *offsets)
+        at_counts = len(out)
+        out += struct.pack(f"<{len(counts)}I", *counts)
+        struct.pack_into("<I", out, pointer, len(out))  # the previous page's "next page"
+        many = len(offsets) > 1
+        tags = [(254, 4, 1, 1 if k else 0), (256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits), (259, 3, 1, 1),
+                (262, 3, 1, 2), (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+                (324, 4, len(offsets), at_offsets if many else offsets[0]), (325, 4, len(counts), at_counts if many else counts[0])]
+        out += struct.pack("<H", len(tags))
+        for tag, kind, count, value in tags:
+            out += struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else struct.pack("<HHII", tag, kind, count, value)
+        pointer = len(out)
+        out += b"\x00\x00\x00\x00"
+        image = image[::2, ::2].copy()
+    path.write_bytes(bytes(out))
+    return path
+
+
 def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
     path, _ = slide
     net = LesionColourClassifier()
@@ -207,6 +244,12 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
     write_pyramidal_tiff(np.full((1024, 1024, 3), 242, np.uint8), glass, levels=3)
     cut = tmp_path / "cut.tif"  # a copy cut short: tifffile would read it as a slide of fewer levels
     cut.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 10])
+    # libtiff's and vips's layout (each page's pixels, then its index), cut in the last page: every page
+    # tifffile finds is whole, but the second points to a third past the end
+    whole = _index_after_pixels(tmp_path / "libtiff.tif", np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+    assert open_slide(whole, "tifffile")[0].get_level_count(open_slide(whole, "tifffile")[1]) == 3
+    cut_index_last = tmp_path / "libtiff_cut.tif"
+    cut_index_last.write_bytes(whole.read_bytes()[: whole.stat().st_size * 97 // 100])
     cases = [
         (tmp_path / "absent.tif", {}, "no such slide"),
         (text, {}, "cannot read the slide"),
@@ -215,6 +258,7 @@ def test_bad_slides_are_refused_with_nothing_written(slide, tmp_path):
         (path, {"level": 3, "tile": 512}, "tile 512 is larger than level 3"),
         (glass, {"level": 1, "tile": 64}, "no tissue found"),
         (cut, {}, r"the file is truncated \(page 0's pixels end at byte \d+ of \d+\): an incomplete copy"),
+        (cut_index_last, {}, r"the file is truncated \(page 2 would begin at byte \d+, past its end \(\d+\)\)"),
     ]
     for k, (source, options, message) in enumerate(cases):
         out = tmp_path / f"out{k}"
@@ -268,7 +312,22 @@ def test_state_of_a_different_run_is_refused_unless_restarted(slide, tmp_path, c
     vacuous = sum(r["vacuous"] == "True" for r in rows)
     assert 0 < vacuous < len(rows)
     assert f"ihc.tif: {len(rows)} tiles explained: {vacuous} need no evidence (vacuous)" in caplog.text
-    assert logging.getLogger("monai_medcam.engine").level == logging.NOTSET  # as it was
+    assert logging.getLogger("monai_medcam.engine").level == logging.NOTSET and not logging.getLogger("monai_medcam.engine").filters
+    caplog.clear()
+    with caplog.at_level("INFO", logger="monai_medcam.engine"):  # the caller asked for the engine's notes: kept
+        explain_slide(LesionColourClassifier(), path, tmp_path / "again", level=3, tile=64, **FAST)
+    assert [r for r in caplog.records if r.name == "monai_medcam.engine" and "vacuous" in r.getMessage()]
+
+
+def test_what_differs_from_an_earlier_run_is_named():
+    from monai_medcam.wsi import _differences
+
+    before = {"level": 2, "settings": {"steps": 150, "old": 1}, "target_layers": ["features.denseblock4.denselayer16.conv1"]}
+    now = {"level": 2, "settings": {"steps": 100, "new": 2.0}, "target_layers": ["features.denseblock4.denselayer16.conv2"]}
+    assert _differences(before, now) == [
+        "settings.new: (absent) -> 2.0", "settings.old: 1 -> (absent)", "settings.steps: 150 -> 100",
+        'target_layers[0]: "features.dens...ck4.denselayer16.conv1" -> "features.dens...ck4.denselayer16.conv2"',
+    ]
 
 
 def test_a_damaged_state_is_refused_unless_restarted(slide, tmp_path, monkeypatch):
@@ -416,8 +475,8 @@ def test_a_run_resumed_after_a_default_changed_is_a_different_run(slide, tmp_pat
     assert (recorded["act_weight"], recorded["area_weight"], recorded["steps"], recorded["skip_vacuous"]) == (10.0, 20.0, 40, True)
     assert "progress" not in recorded  # a progress bar changes no mask
     monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 11.0, True: 40.0})
-    with pytest.raises(InputError, match=r"different run, with other arguments \(settings\.act_weight: 10\.0 -> 11\.0\): run again "
-                                         r"with the earlier ones to resume it, or restart \(--restart"):
+    with pytest.raises(InputError, match=r"different run \(settings\.act_weight: 10\.0 -> 11\.0\): the earlier arguments, slide "
+                                         r"and classifier, under the same version of monai_medcam, resume it; or restart \(--restart"):
         explain_slide(LesionColourClassifier(), path, tmp_path, **run)
     monkeypatch.setitem(BY_CLASSIFIER, "act_weight", {False: 10.0, True: 40.0})
     report = explain_slide(LesionColourClassifier(), path, tmp_path, **run)
