@@ -66,14 +66,15 @@ def _quartiles(count: int) -> list[int]:
     return picks
 
 
-def unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
-    """The network inside ``DataParallel`` / ``DistributedDataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``) wrappers, and the prefix of its layers' names in ``model``."""
+def unwrapped(model: nn.Module, compiled: bool = True) -> tuple[nn.Module, str]:
+    """The network inside ``DataParallel`` / ``DistributedDataParallel`` (``.module``) and, where
+    ``compiled``, ``torch.compile`` (``._orig_mod``) wrappers, and the prefix of its layers' names
+    in ``model``."""
     prefix = ""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model, prefix = model.module, prefix + "module."
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        elif compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model, prefix = model._orig_mod, prefix + "_orig_mod."
         else:
             return model, prefix
@@ -256,10 +257,9 @@ class FrozenClassifier:
             raise TypeError(f"nn_module must be a torch.nn.Module, got {type(nn_module).__name__}.")
         self.model = nn_module
         # DataParallel's replicas would share the capture hooks (the last replica's rows kept): the
-        # network inside it runs, on the input's device, as (Distributed)DataParallel runs it in one process
-        self._network = nn_module
-        while isinstance(self._network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            self._network = self._network.module
+        # network inside it runs, on the input's device, as (Distributed)DataParallel runs it in one
+        # process; a compiled network stays compiled
+        self._network = unwrapped(nn_module, compiled=False)[0]
         self.layers = self._resolve(target_layers, layer_weights, layer_distances)
         self._modules = [self.model.get_submodule(layer.name) for layer in self.layers]
         self._patch = _patch_size(nn_module)

@@ -92,14 +92,13 @@ def print_report(report, out=None) -> None:
     for name, rows in by_input.items():
         labels = ",".join(str(v) for v in sorted({int(r["label"]) for r in rows}))
         needed = [r for r in rows if needed_evidence(r)]
-        mean = lambda key: f"{sum(float(r[key]) for r in needed) / len(needed):.3f}" if needed else "-"  # noqa: E731
-        area = f"{sum(float(r['area']) for r in needed) / len(needed):.2%}" if needed else "-"
+        mean = lambda key, spec: format(sum(float(r[key]) for r in needed) / len(needed), spec) if needed else "-"  # noqa: E731
         verified = sum(summary_flag(r["verified"]) is True for r in needed)  # also as read back from a CSV ("False")
         settled = sum(summary_flag(r["settled"]) is True for r in needed)
         short = name if len(name) <= 40 else "..." + name[-37:]
         print(
-            f"{short:<40} {len(rows):>3} {labels:>6} {len(rows) - len(needed):>4} {mean('prob_input'):>9} {mean('prob_evidence'):>9} "
-            f"{area:>7} {verified:>4}/{len(needed):<3} {settled:>4}/{len(needed):<3}",
+            f"{short:<40} {len(rows):>3} {labels:>6} {len(rows) - len(needed):>4} {mean('prob_input', '.3f'):>9} {mean('prob_evidence', '.3f'):>9} "
+            f"{mean('area', '.2%'):>7} {verified:>4}/{len(needed):<3} {settled:>4}/{len(needed):<3}",
             file=out,
         )
     for name, problem in report.failures.items():
