@@ -41,8 +41,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.replace("x", ",").split(",") if v)
-    if not values or min(values) < 1:
+    parts = text.replace("x", ",").split(",")
+    if not all(p.strip() for p in parts):  # "64,,64" or "64,": a side left out, not two sides
+        raise argparse.ArgumentTypeError(f"must be sides separated by ',' or 'x', each given, not {text!r}")
+    values = tuple(int(p) for p in parts)
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"must be sides of at least 1, not {text!r}")
     return values
 

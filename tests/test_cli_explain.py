@@ -89,6 +89,9 @@ def test_a_rerun_replaces_the_summary_and_an_interrupt_exits_130(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*args, "--input", str(TEST_FILES / "MR_small.dcm"), "--size", "0,64"])
     assert "--size: must be sides of at least 1, not '0,64'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--input", str(TEST_FILES / "MR_small.dcm"), "--size", "64,,64"])
+    assert "--size: must be sides separated by ',' or 'x', each given, not '64,,64'" in capsys.readouterr().err
 
 
 def test_a_failed_inputs_files_from_an_earlier_run_are_kept_and_named_as_such(tmp_path, capsys, monkeypatch):
