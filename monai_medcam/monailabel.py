@@ -1,6 +1,6 @@
 """MONAI Label: Med-CAM evidence on demand, returned as a segmentation label ``{"evidence": 1}``
 (``2``, "evidence NOT verified", where an image's or a slice's evidence was not verified; see
-:func:`~monai_medcam.visualize.evidence_not_verified`).
+:func:`~monai_medcam.visualize.evidence_labels`).
 
 MONAI Label 0.8.5 needs ``pydicom<3`` and lives in its own environment (``make venv-monailabel``);
 this module is imported there, by a MONAI Label app such as ``apps/medcam``.
@@ -29,7 +29,7 @@ from monai_medcam.orientation import check_orientation
 from monai_medcam.settings import MedCAMSettings
 from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.transforms import PREPROCESSED_KEY, LoadInputd, ToClassifierSpaced, diagnostic_columns, evidence_in_source
-from monai_medcam.visualize import evidence_not_verified
+from monai_medcam.visualize import evidence_labels, verification_by_slice
 
 try:
     from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -78,9 +78,8 @@ class ToSourceGeometryd:
             mask, columns = evidence_in_source(pred, source)
         mask = mask[0]  # MONAI Label's writer takes spatial axes only
         flags = {name: columns[name] for name in ("verified", "vacuous", "area") if name in columns}
-        failed = [bool(evidence_not_verified(dict(zip(flags, row)))) for row in zip(*flags.values())]  # per slice, or one
-        if any(failed) and len(failed) in (1, mask.shape[-1] if mask.ndim == 3 else 1):
-            mask = mask * (1 + torch.tensor(failed, dtype=mask.dtype))  # broadcast along the slice axis
+        rows = [dict(zip(flags, row)) for row in zip(*flags.values())]  # per slice, or one
+        mask = evidence_labels(mask, verification_by_slice(rows, mask.shape[-1] if mask.ndim == 3 else 1))
         d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
         result = dict(d.get(self.result_key) or {})
         result["medcam"] = {name: columns[name] for name in ("label", "verified", "settled", "vacuous", "area", "prob_evidence", "steps") if name in columns}

@@ -275,6 +275,30 @@ def evidence_not_verified(row: Mapping[str, object]) -> bool | None:
     return not verified and needed_evidence(row)
 
 
+def verification_by_slice(rows: Sequence[Mapping[str, object]], depth: int) -> list[bool | None] | None:
+    """Each slice's verification from the summary rows (one row per slice along the last axis, or one
+    for the whole input): ``True`` verified, ``False`` NOT verified, ``None`` no evidence needed (a
+    vacuous decision left with an empty mask: :func:`needed_evidence`). ``None`` where a row does
+    not record ``verified`` or the rows are neither one nor ``depth``: the outputs then claim nothing."""
+    verified = [summary_flag(row.get("verified")) for row in rows]
+    if not verified or None in verified or len(verified) not in (1, depth):
+        return None
+    return [v if needed_evidence(row) else None for v, row in zip(verified, rows)]
+
+
+def evidence_labels(mask: np.ndarray | torch.Tensor, verified: Sequence[bool | None] | None) -> np.ndarray | torch.Tensor:
+    """A binary ``mask`` ``(..., depth)`` as labels: 1 where the evidence was verified, 2 where it was
+    NOT (``verified`` from :func:`verification_by_slice`, broadcast along the last axis; one flag
+    for the whole mask broadcasts everywhere), as the NIfTI, the DICOM SEG's segments and the MONAI
+    Label app write it. ``mask`` itself where nothing failed or nothing is recorded."""
+    if verified is None or not any(v is False for v in verified):
+        return mask
+    factor = [2 if v is False else 1 for v in verified]
+    if isinstance(mask, torch.Tensor):
+        return mask * torch.tensor(factor, dtype=mask.dtype, device=mask.device)
+    return mask * np.asarray(factor, dtype=mask.dtype)
+
+
 def needed_evidence(row: Mapping[str, object]) -> bool:
     """Whether a summary row's decision needed evidence: every row but a vacuous decision left with an
     empty mask (``skip_vacuous``), which holds none to verify; a row that does not record its area

@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 
 from monai_medcam.io import NOT_A_VOLUME, PHOTOMETRIC, SOURCE_FILES, SOURCE_FRAMES, UNEVEN_SLICES
 from monai_medcam.orientation import ras_affine
-from monai_medcam.visualize import evidence_not_verified, needed_evidence, summary_flag
+from monai_medcam.visualize import evidence_labels, evidence_not_verified, needed_evidence, summary_flag, verification_by_slice
 
 __all__ = ["write_nifti", "write_dicom_seg", "write_png", "write_outputs", "output_formats", "OutputError", "FORMATS", "dicom_frames", "atomic_path", "SEGMENT_LABEL"]
 
@@ -84,12 +84,13 @@ class atomic_path:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, not_verified: Sequence[bool] | None = None) -> Path:
+def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, verified: Sequence[bool | None] | None = None) -> Path:
     """Write ``mask`` ``(1, *spatial)`` as NIfTI with exactly its metadata's affine (no resampling).
 
-    ``not_verified`` (one flag per slice along the last axis, or one for the whole mask): evidence
-    that was not verified is written as label 2, the rest as 1 (the DICOM SEG's segments 1 and 2,
-    the MONAI Label app's labels).
+    ``verified`` (one flag per slice along the last axis, or one for the whole mask, as
+    :func:`~monai_medcam.visualize.verification_by_slice` gives them): evidence that was not
+    verified (``False``) is written as label 2, the rest as 1 (the DICOM SEG's segments 1 and 2,
+    the MONAI Label app's labels; :func:`~monai_medcam.visualize.evidence_labels`).
 
     The affine is the source image's as MONAI read it (RAS, as ``SaveImage(..., resample=False)``
     would write it); written with nibabel directly, because MONAI's writer fails on 2D images when
@@ -104,9 +105,7 @@ def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, not_
     if gaps:
         raise ValueError(f"the source's slices are unevenly spaced (gaps {gaps}), which a NIfTI's "
                          "regular grid cannot hold; the DICOM SEG keeps each slice's own position.")
-    data = mask[0].detach().cpu().numpy().astype(dtype)
-    if not_verified is not None and any(not_verified):
-        data = data * (1 + np.asarray(not_verified, dtype=dtype))  # broadcast along the last axis
+    data = evidence_labels(mask[0].detach().cpu().numpy().astype(dtype), verified)
     affine = np.asarray(mask.affine, dtype=np.float64)
     lengths = np.linalg.norm(affine[:3, :3], axis=0)
     if (lengths < 1e-6).any() or abs(np.linalg.det(affine[:3, :3] / lengths)) < 1e-6:
@@ -485,19 +484,14 @@ def write_outputs(
         raise OutputError([], no_seg)
     written: list[Path] = []
     problems: list[str] = []
-    verified = [summary_flag(r.get("verified")) for r in rows]
     depth = mask.shape[-1] if mask.ndim == 4 else 1
-    if not verified or None in verified or len(verified) not in (1, depth):  # not recorded: not claimed
-        if verified and None not in verified:
-            logger.warning("%s: %d summary rows for %d slices; the outputs record no verification.", name, len(verified), depth)
-        verified = None
-    else:  # a vacuous decision left with an empty mask: no evidence needed, none to verify
-        verified = [v if needed_evidence(r) else None for v, r in zip(verified, rows)]
+    verified = verification_by_slice(rows, depth)  # None where not recorded: then not claimed
+    if rows and len(rows) not in (1, depth):
+        logger.warning("%s: %d summary rows for %d slices; the outputs record no verification.", name, len(rows), depth)
     for fmt in formats:
         try:
             if fmt == "nifti":
-                not_verified = None if verified is None else [v is False for v in verified]
-                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"]), not_verified=not_verified))
+                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"]), verified=verified))
             elif fmt == "seg":
                 if no_seg:  # not DICOM, or a cine: the other formats are written
                     if mask.meta.get(NOT_A_VOLUME):

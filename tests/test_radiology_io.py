@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -562,6 +563,31 @@ def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
     assert _display_slices(image, mask, 3, None) == ([2, 3, 5], 4)  # no preference: the most evidence
     assert _display_slices(image, torch.zeros_like(mask), 3, [4, 0, 5]) == ([4], 0)  # none holds any: the most wanted
     assert _display_slices(image, torch.zeros_like(mask), 3, None) == ([3], 0)  # no evidence, no preference: the middle
+
+
+def test_one_reading_of_the_rows_labels_the_nifti_the_seg_and_the_monai_label_mask(tmp_path, caplog):
+    """Each output takes a slice's verification from its summary row the same way
+    (visualize.verification_by_slice) and writes failed evidence as label 2 (evidence_labels)."""
+    from monai_medcam.visualize import evidence_labels, verification_by_slice
+
+    rows = [{"verified": "True"}, {"verified": "False"}, {"verified": "False", "vacuous": "True", "area": "0.0"}]
+    assert verification_by_slice(rows, 3) == [True, False, None]  # the empty vacuous slice: no evidence needed
+    assert verification_by_slice(rows[:1], 3) == [True]  # one decision for the whole input
+    assert verification_by_slice(rows[:2], 3) is None  # neither one row nor one per slice: nothing claimed
+    assert verification_by_slice([rows[0], {"verified": ""}, rows[2]], 3) is None  # one not recorded
+    assert verification_by_slice([], 1) is None
+    mask = np.ones((2, 2, 3), dtype=np.uint8)
+    assert evidence_labels(mask, [True, False, None])[0, 0].tolist() == [1, 2, 1]
+    assert evidence_labels(torch.ones(2, 3), [False]).tolist() == [[2.0] * 3] * 2  # one flag covers it all
+    assert evidence_labels(mask, [True, None, True]) is mask and evidence_labels(mask, None) is mask
+    image = MetaTensor(torch.rand(1, 8, 8, 3), affine=torch.eye(4))
+    written = MetaTensor(torch.ones(1, 8, 8, 3), affine=torch.eye(4))
+    (path,) = write_outputs(image, written, tmp_path, "vol", ["nifti"], rows=rows)
+    assert nibabel.load(path).get_fdata()[0, 0].tolist() == [1, 2, 1]
+    with caplog.at_level(logging.WARNING, logger="monai_medcam.writers"):
+        (path,) = write_outputs(image, written, tmp_path, "vol", ["nifti"], rows=rows[:2])
+    assert nibabel.load(path).get_fdata()[0, 0].tolist() == [1, 1, 1]
+    assert "vol: 2 summary rows for 3 slices; the outputs record no verification." in caplog.text
 
 
 def test_panels_say_the_decision_and_whether_the_evidence_is_verified():
