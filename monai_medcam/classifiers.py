@@ -103,16 +103,19 @@ def default_target_layers(model: nn.Module) -> list[TargetLayer]:
         return [TargetLayer(prefix + layer.name, layer.weight, layer.distance) for layer in default_target_layers(inner)]
     cls = type(model).__name__
     children = dict(model.named_children())
-    if cls == "ResNet" and "layer4" in children:
-        stem = "relu" if "relu" in children else "act"
+    # recognised by class name and layout: a network of the same name laid out otherwise (timm's
+    # ResNet with its act1, its ConvNeXt with stages) gets the evenly spaced layers below
+    stem = next((n for n in ("relu", "act") if n in children), None)
+    if cls == "ResNet" and stem and all(f"layer{i}" in children for i in range(1, 5)):
         names = [stem, "layer1", "layer2", "layer3", "layer4"]
         return [TargetLayer(n, w, "cosine") for n, w in zip(names, (1, 2, 2, 4, 8))]
-    if cls == "MobileNetV2":
-        count = len(model.features)  # 19 in torchvision: the last block at each resolution
+    features = children.get("features")
+    if cls == "MobileNetV2" and isinstance(features, nn.Sequential) and len(features) >= 4:
+        count = len(features)  # 19 in torchvision: the last block at each resolution
         picks = [3, 6, 13, 18] if count == 19 else _quartiles(count)
         return _spread([f"features.{i}" for i in picks])
-    if cls == "ConvNeXt":
-        count = len(model.features)
+    if cls == "ConvNeXt" and isinstance(features, nn.Sequential) and len(features) >= 2:
+        count = len(features)
         return _spread([f"features.{i}" for i in range(1, count, 2)])
     if is_vision_transformer(model):
         if cls == "VisionTransformer":  # torchvision
@@ -300,6 +303,10 @@ class FrozenClassifier:
                 layers.append(spec)
             else:
                 layers.append(TargetLayer(self._name_of(spec)))
+        given = [(layer.name, layer.distance) for layer in layers]
+        twice = sorted({name or "(the output)" for name, distance in given if given.count((name, distance)) > 1})
+        if twice:  # each would count its layer's term again
+            raise ValueError(f"target layers {twice} are given more than once; give each once (layer_weights sets its weight).")
         for what, values in (("layer_weights", layer_weights), ("layer_distances", layer_distances)):
             if values is not None and len(values) != len(layers):
                 raise ValueError(
@@ -366,16 +373,22 @@ class FrozenClassifier:
         dtype = self.dtype
         self._cast = dtype != torch.float32
         out = self._network(x.to(dtype) if self._cast and x.dtype != dtype else x)
+        taken = ""
         if isinstance(out, (tuple, list)):
-            out = out[0]
+            out, taken = out[0], f" (the first item of the {type(out).__name__} it returned)"
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the classifier returned {type(out).__name__}; expected a logits tensor (B, K).")
+            raise TypeError(f"the classifier returned {type(out).__name__}{taken}; expected a logits tensor (B, K).")
         if self._cast and out.is_floating_point():
             out = out.float()
-        if out.ndim == 1:
+        count, returned = x.shape[0], tuple(out.shape)
+        if out.ndim == 0 and count == 1:  # a batch of one, squeezed: one logit
+            out = out.reshape(1, 1)
+        elif out.ndim == 1 and count == 1:  # a batch of one, squeezed: its K logits
+            out = out[None]
+        elif out.ndim == 1 and len(out) == count:  # one logit per image
             out = out[:, None]
-        if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"the classifier returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected (B, K).")
+        if out.ndim != 2 or out.shape[0] != count:
+            raise ValueError(f"the classifier returned shape {returned}{taken} for input {tuple(x.shape)}; expected (B, K).")
         if out.shape[1] == 1:
             out = torch.cat([torch.zeros_like(out), out], dim=1)
         return out

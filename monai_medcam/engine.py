@@ -344,7 +344,7 @@ class MedCAM:
         start = time.perf_counter()
         with _without_cudnn_autotuning(), _without_autocast():
             result = self._explain_in_parts(data, class_idx, int(batch_size or data.shape[0]), names)
-        result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0], device=data.device)
+        result.seconds = torch.full((data.shape[0],), (time.perf_counter() - start) / data.shape[0], dtype=torch.float32, device=data.device)
         result.mask = MetaTensor(result.mask)
         if isinstance(x, MetaTensor):
             with_meta_of(result.mask, x)
@@ -487,7 +487,7 @@ class MedCAM:
             area=attempt.hard.flatten(1).mean(1),
             steps=attempt.steps,
             retries=retries,
-            seconds=torch.zeros(data.shape[0], device=data.device),
+            seconds=torch.zeros(data.shape[0], dtype=torch.float32, device=data.device),
         )
 
     def _optimise_unless_skipped(
@@ -567,7 +567,7 @@ class MedCAM:
         area, crisp, tv = AreaLoss(reduction="none"), BinarizationLoss(reduction="none"), TotalVariationLoss(reduction="none")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda")
 
-        soft_out = torch.zeros(count, 1, *x.shape[2:], device=device)
+        soft_out = torch.zeros(count, 1, *x.shape[2:], dtype=x.dtype, device=device)
         hard_out = torch.zeros_like(soft_out)
         verified_out = torch.zeros(count, dtype=torch.bool, device=device)
         settled_out = torch.zeros_like(verified_out)

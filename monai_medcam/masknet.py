@@ -13,7 +13,7 @@ import contextlib
 import copy
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,19 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = _MULTIPLE) -> tuple[torch.T
     return x, tuple(crop)
 
 
+def _float32(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` in float32 (as under the default dtype), whatever ``torch.set_default_dtype`` says:
+    the evidence is float32, and the same seed gives the same networks."""
+    default = torch.get_default_dtype()
+    if default == torch.float32:
+        return build()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
 class StackedMaskNet(nn.Module):
     """``count`` independent BasicUNets mapping images to mask logits.
 
@@ -75,7 +88,8 @@ class StackedMaskNet(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
             torch.default_generator.manual_seed(seed)  # the CPU's alone (the network is built there): GPUs' states untouched
-            base = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, features=tuple(features))
+            base = _float32(lambda: BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
+                                              features=tuple(features)))
         init_keep = min(max(init_keep, 1e-3), 1 - 1e-3)
         with torch.no_grad():
             base.final_conv.bias.fill_(math.log(init_keep / (1 - init_keep)))

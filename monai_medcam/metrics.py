@@ -273,7 +273,7 @@ def pointing_game(saliency: torch.Tensor, truth: torch.Tensor, tolerance: float 
     s, t = _ranked(saliency), (truth > 0.5).flatten(1)
     grid = torch.meshgrid(*[torch.arange(n, dtype=torch.float, device=s.device) for n in saliency.shape[2:]], indexing="ij")
     coords = torch.stack(grid, -1).reshape(-1, saliency.ndim - 2)  # (N, spatial dims)
-    hits = torch.full((s.shape[0],), torch.nan, device=s.device)
+    hits = torch.full((s.shape[0],), torch.nan, dtype=torch.float32, device=s.device)
     for i in range(s.shape[0]):
         if not t[i].any():
             continue

@@ -141,6 +141,75 @@ def test_single_logit_classifier_becomes_two_class():
     assert torch.allclose(torch.softmax(logits, 1)[:, 1], torch.sigmoid(logits[:, 1]))
 
 
+def test_squeezed_logits_are_read_whatever_the_batch():
+    """A classifier that squeezes its output returns () or (K,) for a batch of one (the engine's
+    sub-batches: shrinking, pruning, retries): read as (1, 1) and (1, K), as its larger batches."""
+    class Squeezed(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.fc = nn.Linear(16, classes)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).squeeze()
+
+    x = torch.randn(3, 1, 4, 4)
+    for classes in (1, 2):
+        model = Squeezed(classes)
+        clf = FrozenClassifier(model, [])
+        with clf.frozen(), torch.no_grad():
+            batch = clf.logits(x)
+            ones = torch.cat([clf.logits(x[i : i + 1]) for i in range(3)])
+        assert batch.shape == (3, 2) and torch.allclose(ones, batch, atol=1e-6)
+
+    class Pair(nn.Module):  # (features, logits): the first item is taken, and the error says so
+        def forward(self, x):
+            return x.mean((1, 2, 3)).sum(), x
+    with pytest.raises(ValueError, match=r"returned shape \(\) \(the first item of the tuple it returned\) for input \(3, 1, 4, 4\)"):
+        with FrozenClassifier(Pair(), []).frozen() as clf:
+            clf.logits(x)
+
+
+def test_target_layers_given_twice_are_refused():
+    with pytest.raises(ValueError, match=r"target layers \['layer2'\] are given more than once"):
+        FrozenClassifier(resnet18(), ["layer2", "layer3", "layer2"])
+    clf = FrozenClassifier(resnet18(), [TargetLayer("layer2"), TargetLayer("layer2", distance="mse")])  # two distances: two terms
+    assert [layer.distance for layer in clf.layers] == ["cosine", "mse"]
+
+
+def test_auto_layers_on_a_known_name_laid_out_otherwise_fall_back_to_spread_layers(caplog):
+    """A network named as a recognised one but laid out otherwise (timm's ResNet has ``act1``, its
+    ConvNeXt ``stages`` and no ``features``) gets evenly spaced layers, not a wrong name."""
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.act1 = nn.Conv2d(3, 4, 3), nn.ReLU()
+            for i in range(1, 5):
+                setattr(self, f"layer{i}", nn.Conv2d(4, 4, 3, padding=1))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.act1(self.conv1(x))
+            for i in range(1, 5):
+                x = getattr(self, f"layer{i}")(x)
+            return self.fc(x.mean((2, 3)))
+
+    class ConvNeXt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stages, self.head = nn.Conv2d(3, 4, 2, 2), nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+    for model in (ResNet(), ConvNeXt()):
+        with caplog.at_level("INFO", logger="monai_medcam.classifiers"):
+            layers = [layer.name for layer in FrozenClassifier(model).layers]
+        assert layers and all(name in dict(model.named_modules()) for name in layers)
+        assert f"target_layers='auto' does not know {type(model).__name__}" in caplog.text
+        result = MedCAM(model, steps=3, max_retries=0, restarts=0).explain(torch.rand(1, 3, 16, 16))
+        assert result.mask.shape == (1, 1, 16, 16)
+
+
 def _state(model: nn.Module) -> tuple:
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     return (model.training, [p.requires_grad for p in model.parameters()], hooks)

@@ -198,6 +198,22 @@ def test_single_logit_classifier_is_explained():
     assert result.area.item() < 0.3
 
 
+def test_a_float64_default_dtype_gives_the_same_float32_masks():
+    """Under ``torch.set_default_dtype(torch.float64)`` the mask networks are still built in float32
+    (the evidence is float32): the same masks as under the default, for a float64 classifier too."""
+    x, classifier = region_images(1), RegionClassifier()
+    before = MedCAM(classifier, steps=10, max_retries=0, restarts=0).explain(x)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        after = MedCAM(classifier, steps=10, max_retries=0, restarts=0).explain(x)
+        wide = MedCAM(RegionClassifier(), steps=10, max_retries=0, restarts=0).explain(x)  # built in float64
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(after.soft_mask, before.soft_mask) and after.soft_mask.dtype == torch.float32
+    assert wide.mask.shape == x[:, :1].shape and after.seconds.dtype == torch.float32
+
+
 def test_class_idx_explains_the_requested_class():
     result = MedCAM(RegionClassifier(), steps=10, max_retries=0).explain(region_images(2), class_idx=[0, 1])
     assert result.label.tolist() == [0, 1]
