@@ -202,12 +202,12 @@ def test_a_float64_default_dtype_gives_the_same_float32_masks():
     """Under ``torch.set_default_dtype(torch.float64)`` the mask networks are still built in float32
     (the evidence is float32): the same masks as under the default, for a float64 classifier too."""
     x, classifier = region_images(1), RegionClassifier()
-    before = MedCAM(classifier, steps=10, max_retries=0, restarts=0).explain(x)
+    before = MedCAM(classifier, steps=10, max_retries=0, restarts=0, prune_components=0, shrink_rounds=0).explain(x)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        after = MedCAM(classifier, steps=10, max_retries=0, restarts=0).explain(x)
-        wide = MedCAM(RegionClassifier(), steps=10, max_retries=0, restarts=0).explain(x)  # built in float64
+        after = MedCAM(classifier, steps=10, max_retries=0, restarts=0, prune_components=0, shrink_rounds=0).explain(x)
+        wide = MedCAM(RegionClassifier(), steps=10, max_retries=0, restarts=0, prune_components=0, shrink_rounds=0).explain(x)  # built in float64
     finally:
         torch.set_default_dtype(default)
     assert torch.equal(after.soft_mask, before.soft_mask) and after.soft_mask.dtype == torch.float32
