@@ -532,7 +532,7 @@ def test_the_classifiers_own_preprocessing_is_inverted_onto_the_source(tmp_path)
 
     # the README's recipe, as written there (fewer steps)
     recipe = (Path(__file__).parents[1] / "README.md").read_text().split("# -- own preprocessing --\n")[1].split("```")[0]
-    recipe = recipe.replace("steps=100", "steps=5").replace('output_dir="my_evidence"', f'output_dir="{tmp_path / "out"}"')
+    recipe = recipe.replace("steps=100", "steps=5").replace('output_dir="my_evidence_invertd"', f'output_dir="{tmp_path / "out"}"')
     recipe = recipe.replace('"bundles/', f'"{Path(__file__).parents[1]}/bundles/')  # wherever the tests run from
     printed = []
     exec(compile(recipe, "README.md", "exec"), {"print": printed.append})
