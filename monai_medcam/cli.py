@@ -212,6 +212,8 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"warning: the bundle's preprocessing has {'; '.join(loaded.unapplied)}, which medcam explain's own does not do "
               "the same way: it stretches each input's intensities to [0, 1] and resizes it to the classifier's size (--size, "
               f"or the bundle's metadata){why_not}.", file=sys.stderr)
+    from monai_medcam.provenance import command_context
+
     settings = _settings(args)
     try:
         report = explain_inputs(
@@ -232,13 +234,13 @@ def _explain(args: argparse.Namespace) -> int:
             class_names=args.class_names if args.class_names is not None else loaded.class_names,
             orientation=orientation,
             preprocessing=preprocessing,
+            failures={str(err.path): err.problem for err in failures},
+            provenance=command_context(args.argv, loaded.source, loaded.files),
             **settings,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for err in failures:
-        report.failures[str(err.path)] = err.problem
     print_report(report)
     done = len(report.written)
     if skipped:
@@ -251,6 +253,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _wsi(args: argparse.Namespace) -> int:
     from monai_medcam.io import InputError
+    from monai_medcam.provenance import command_context
     from monai_medcam.wsi import explain_slide
 
     loaded = _classifier(args)
@@ -263,7 +266,8 @@ def _wsi(args: argparse.Namespace) -> int:
             loaded.network, args.slide, args.output, level=args.level, tile=args.tile, size=size,
             batch_size=args.batch_size, device=args.device, class_idx=args.class_idx, target_layers=layers,
             min_tissue=args.min_tissue, backend=args.backend, restart=args.restart, progress=not args.no_progress,
-            class_names=args.class_names if args.class_names is not None else loaded.class_names, **settings,
+            class_names=args.class_names if args.class_names is not None else loaded.class_names,
+            provenance=command_context(args.argv, loaded.source, loaded.files), **settings,
         )
     except (InputError, OSError) as err:  # OSError: a full disk or an output folder it may not write in
         print(f"error: {err}", file=sys.stderr)
@@ -363,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run's record
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -37,6 +37,8 @@ class LoadedClassifier:
             does not do the same way (``Spacingd``, an intensity window, a crop, ...), by name.
         preprocessing_config: a bundle's parsed config and its file, where it has a ``preprocessing``
             (:meth:`bundle_preprocessing` builds it).
+        files: the files it was built from (a TorchScript file, a state dict, a bundle's configs and
+            weights), for the run's record (:mod:`monai_medcam.provenance`).
     """
 
     network: torch.nn.Module
@@ -49,6 +51,7 @@ class LoadedClassifier:
     orientation_source: str = "orientation"
     unapplied: list[str] = field(default_factory=list)
     preprocessing_config: tuple | None = field(default=None, repr=False)
+    files: list[Path] = field(default_factory=list)
 
     def bundle_preprocessing(self):
         """The bundle's ``preprocessing``, instantiated, as a :class:`~monai_medcam.preprocessing.BundlePreprocessing`
@@ -164,7 +167,7 @@ def _torchscript(path: Path) -> LoadedClassifier:
             "for a state dict, give the architecture as python:module:factory and the file as --weights."
         ) from err
     dims, channels = input_format(network)
-    return LoadedClassifier(network.eval(), dims, channels, None, str(path))
+    return LoadedClassifier(network.eval(), dims, channels, None, str(path), files=[path])
 
 
 def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
@@ -182,7 +185,7 @@ def _factory(spec: str, weights: str | Path | None) -> LoadedClassifier:
     if weights is not None:
         network.load_state_dict(load_state_dict(weights))
     dims, channels = input_format(network)
-    return LoadedClassifier(network.eval(), dims, channels, None, spec)
+    return LoadedClassifier(network.eval(), dims, channels, None, spec, files=[] if weights is None else [Path(weights)])
 
 
 # transforms of a bundle's preprocessing that change nothing medcam explain depends on (loading,
@@ -314,8 +317,9 @@ def _bundle(folder: Path) -> LoadedClassifier:
             raise ValueError(f"{folder}: the bundle has no models/model.pt (or models/model.ts).")
         network.load_state_dict(load_state_dict(weights))
         dims, channels = input_format(network)
-        loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder))
+        loaded = LoadedClassifier(network.eval(), dims, channels, None, str(folder), files=[weights])
     meta_file = folder / "configs" / "metadata.json"
+    loaded.files = [config, *([meta_file] if meta_file.is_file() else []), *loaded.files]
     if meta_file.is_file():
         data_format = json.loads(meta_file.read_text()).get("network_data_format", {})
         image = data_format.get("inputs", {}).get("image", {})

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
 from monai_medcam.preprocessing import BundlePreprocessing
+from monai_medcam.provenance import RUN_RECORD, run_record, write_run_record
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
 from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, evidence_class, output_formats,
                                   panel_slices, seg_problem, write_outputs)
@@ -304,6 +305,8 @@ def explain_inputs(
     class_names: str | Sequence[str] | dict | None = None,
     orientation: str | None = None,
     preprocessing: BundlePreprocessing | None = None,
+    failures: Mapping[str, str] | None = None,
+    provenance: Mapping[str, object] | None = None,
     **settings: object,
 ) -> ExplainReport:
     """Explain every input with ``classifier`` and write ``formats`` to ``output``.
@@ -337,6 +340,11 @@ def explain_inputs(
             matched), and the evidence is inverted through them onto the source's voxels. ``size`` is
             then only checked against, and ``orientation`` is for the inputs a 2D preprocessing does
             not take: a volume (or cine) for a 2D classifier, whose slices get Med-CAM's own, with a warning.
+        failures: inputs that failed before this call (``{label: problem}``, a file that could not be
+            found or read), reported and counted with this run's.
+        provenance: where given (``command``, ``classifier``: :func:`~monai_medcam.provenance.command_context`),
+            ``run.json`` is written beside the outputs once the classifier is checked, and again when
+            the run ends, interrupted or not (:mod:`monai_medcam.provenance`).
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
@@ -350,7 +358,10 @@ def explain_inputs(
     check_classifier(explainer, spatial_dims, channels, size, class_idx, device, class_names=list(class_names))
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
-    report = ExplainReport()
+    report = ExplainReport(failures=dict(failures or {}))
+    record = None if provenance is None else run_record(explainer, spatial_dims, device, settings, **provenance)
+    if record is not None:  # an earlier run's record would describe other masks
+        write_run_record(output / RUN_RECORD, record)
     # counts images and slices, from the headers; corrected as each input is loaded
     expected = {id(item): expected_images(item, spatial_dims) for item in inputs}
     bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
@@ -440,38 +451,47 @@ def explain_inputs(
         queue.clear()
 
     named = list(zip(inputs, output_names(list(inputs))))
-    for item, name in named:
-        if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
-            fail(item, InputError(item.path, SEG_NEEDS_DICOM))
-            bar.update(expected[id(item)])
-            continue
-        try:
-            image = load_image(item)
-            no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
-            if no_seg:  # a cine: no SEG, so no work for it
-                raise InputError(item.path, no_seg)
-            prepared = None if preprocessing is None else bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
-            if prepared is None:
-                pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
-            else:
-                pieces = [prepared.as_tensor()]
-        except Exception as err:
-            fail(item, err)
-            bar.update(expected[id(item)])
-            continue
-        if len(pieces) != expected[id(item)]:
-            bar.total += len(pieces) - expected[id(item)]
-            bar.refresh()
-        pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
-                           ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
-        for k, piece in enumerate(pieces):
-            if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
-                run_batch()
-            queue.append((pending, k, piece))
-    run_batch()
-    bar.close()
+    try:
+        for item, name in named:
+            if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
+                fail(item, InputError(item.path, SEG_NEEDS_DICOM))
+                bar.update(expected[id(item)])
+                continue
+            try:
+                image = load_image(item)
+                no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
+                if no_seg:  # a cine: no SEG, so no work for it
+                    raise InputError(item.path, no_seg)
+                prepared = None if preprocessing is None else bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
+                if prepared is None:
+                    pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
+                else:
+                    pieces = [prepared.as_tensor()]
+            except Exception as err:
+                fail(item, err)
+                bar.update(expected[id(item)])
+                continue
+            if len(pieces) != expected[id(item)]:
+                bar.total += len(pieces) - expected[id(item)]
+                bar.refresh()
+            pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
+                               ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
+            for k, piece in enumerate(pieces):
+                if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
+                    run_batch()
+                queue.append((pending, k, piece))
+        run_batch()
+    except BaseException as err:  # KeyboardInterrupt too: the record says the run did not finish
+        if record is not None:
+            write_run_record(output / RUN_RECORD, record, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                             explained=len(report.written), failed=len(report.failures), error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        bar.close()
     for item, name in named:  # a failed input's files from an earlier run must not pass for this run's
         earlier = [path.name for path in (output / (name + EVIDENCE_SUFFIXES[f]) for f in FORMATS) if path.is_file() and path not in fresh]
         if item.label in report.failures and earlier:
             report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
+    if record is not None:
+        write_run_record(output / RUN_RECORD, record, "finished", explained=len(report.written), failed=len(report.failures))
     return report

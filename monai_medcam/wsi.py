@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
 from monai_medcam.pipeline import check_classifier
+from monai_medcam.provenance import RUN_RECORD, run_record, write_run_record
 from monai_medcam.settings import as_bool, is_whole_number
 from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified, summary_flag
 from monai_medcam.writers import atomic_path
@@ -630,6 +631,7 @@ def explain_slide(
     restart: bool = False,
     progress: bool = True,
     class_names: str | Sequence[str] | dict | None = None,
+    provenance: Mapping[str, object] | None = None,
     **settings: object,
 ) -> WSIReport:
     """Explain every tissue tile of ``slide`` at ``level`` and write the slide-level evidence.
@@ -652,6 +654,9 @@ def explain_slide(
         progress: show a progress bar (tiles, tiles/s, ETA).
         class_names: the classes' names, in class order (``("no lesion", "lesion")``) or by index
             (a bundle's ``channel_def``): the thumbnail's caption counts the tiles' calls by name.
+        provenance: where given (``command``, ``classifier``: :func:`~monai_medcam.provenance.command_context`),
+            ``<slide>_run.json`` is written with the other outputs: the run's record
+            (:mod:`monai_medcam.provenance`), its outcome the tiles' counts.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
 
     Tiles whose decision needs no evidence (``vacuous``, e.g. the classifier says "normal" for an
@@ -732,6 +737,7 @@ def explain_slide(
         "edge_padding": background.tolist(),  # a state from a version that padded with white is not resumed
     }
     run = json.loads(json.dumps(run, default=str))
+    record = None if provenance is None else run_record(explainer, 2, device, settings, **provenance)
     with _only_run(output, name, slide):  # one run at a time on these outputs (a requeued job array, say)
         state = _working_state(output / f".{name}.medcam", run, level_size, slide, restart)
         mask = np.lib.format.open_memmap(state / "mask.npy", mode="r+")
@@ -764,6 +770,8 @@ def explain_slide(
             "tiles": output / f"{name}_tiles.csv",
             "thumbnail": output / f"{name}_thumbnail.png",
         }
+        if record is not None:
+            outputs["run"] = output / f"{name}_{RUN_RECORD}"
         mpp = _level_mpp(reader, wsi, level, level_ratio)
         write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
         rows = [row for k in range(len(batches)) for row in done[k]]  # in grid order
@@ -780,6 +788,10 @@ def explain_slide(
         view_rgb = thumb_rgb if view == low else _read_region(reader, wsi, view, 0, 0, *reader.get_size(wsi, view))
         _thumbnail(view_rgb, mask, level_ratio / reader.get_downsample_ratio(wsi, view), outputs["thumbnail"], tiles, tile,
                    unverified, caption=_caption(level, tile, rows, class_names, class_idx))
+        if record is not None:
+            write_run_record(outputs["run"], record, "finished", slide=str(slide.resolve()), level=level, tiles=len(rows),
+                             explained_now=len(tiles) - resumed, resumed=resumed, vacuous=vacuous, unsettled=unsettled,
+                             not_verified=len(unverified))
         del mask
         _remove_state(state)
     return WSIReport(slide, level, level_size, len(tiles), len(tiles) - resumed, resumed, outputs, time.perf_counter() - start)

@@ -125,7 +125,43 @@ def test_all_good_inputs_exit_zero_and_png_only(tmp_path, capsys):
     code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input",
                  str(TEST_FILES / "MR_small.dcm"), "--output", str(tmp_path / "o"), "--format", "png", *FAST])
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["MR_small_evidence.png", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["MR_small_evidence.png", "run.json", "summary.csv"]
+
+
+def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch):
+    """run.json beside the outputs: the command, the classifier's files by SHA-256, the settings as
+    given and as run, the versions, and how the run ended (counts; "interrupted" when it was)."""
+    import hashlib
+    from importlib import metadata
+
+    import monai_medcam
+    import monai_medcam.pipeline
+
+    out = tmp_path / "o"
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(TEST_FILES / "MR_small.dcm"),
+            str(tmp_path / "missing.dcm"), "--output", str(out), "--format", "nifti", *FAST]
+    assert main(args) == 1  # one input missing
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["outcome"] == {"explained": 1, "failed": 1}
+    assert record["command"]["argv"] == ["medcam", *args] and record["ended"] >= record["started"]
+    (weights,) = record["classifier"]["files"]
+    assert weights["sha256"] == hashlib.sha256(RADIOLOGY_CHECKPOINT.read_bytes()).hexdigest()
+    assert weights["bytes"] == RADIOLOGY_CHECKPOINT.stat().st_size and record["classifier"]["source"] == FACTORY
+    assert record["settings"]["given"] == {"steps": 20, "seed": 0}
+    resolved = record["settings"]["resolved"]
+    assert resolved["steps"] == 20 and resolved["late_bin_weight"] == 100.0 and resolved["verify_seed"] == 0  # 2D defaults filled in
+    assert [layer["name"] for layer in record["target_layers"]] == ["act", "layer1", "layer2", "layer3", "layer4"]
+    assert record["device"] == "cpu" and record["versions"]["torch"] == metadata.version("torch")
+    assert record["versions"]["monai-medcam"] == monai_medcam.__version__ and record["versions"]["monai"] == metadata.version("monai")
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(monai_medcam.pipeline, "load_image", interrupted)
+    assert main(args) == 130
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["outcome"]["error"] == "KeyboardInterrupt: "
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_pickled_classifier_is_refused(tmp_path, capsys):
@@ -428,7 +464,7 @@ def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
                  str(TEST_FILES / "MR_small.dcm"), "--output", str(out), "--format", "png,nifti",
                  "--gradcam-layer", "layer4", *FAST])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["MR_small_evidence.nii.gz", "MR_small_evidence.png", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["MR_small_evidence.nii.gz", "MR_small_evidence.png", "run.json", "summary.csv"]
     assert "Grad-CAM at 'layer4' failed (RuntimeError: no gradient); panels of MR_small.dcm without it" in caplog.text
 
     # a volume over two batches, Grad-CAM failing on the second only: its panel has no Grad-CAM at all
@@ -451,7 +487,7 @@ def test_a_failing_grad_cam_keeps_the_evidence(tmp_path, monkeypatch, caplog):
     code = main(["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(tmp_path / "series"),
                  "--output", str(out), "--format", "png,nifti", "--batch-size", "2", "--gradcam-layer", "layer4", *FAST])
     assert code == 0 and len(calls) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["series_evidence.nii.gz", "series_evidence.png", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["run.json", "series_evidence.nii.gz", "series_evidence.png", "summary.csv"]
 
 
 def test_output_inside_the_input_folder_and_an_unusable_output(tmp_path, capsys):

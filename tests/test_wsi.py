@@ -189,7 +189,12 @@ def test_killed_run_resumes_to_the_same_outputs(slide, tmp_path):
         assert len(a.pages) == len(b.pages)
         for page_a, page_b in zip(a.pages, b.pages):
             np.testing.assert_array_equal(page_a.asarray(), page_b.asarray())
-    assert sorted(p.name for p in resumed.iterdir()) == ["ihc_evidence.tif", "ihc_thumbnail.png", "ihc_tiles.csv"]
+    assert sorted(p.name for p in resumed.iterdir()) == ["ihc_evidence.tif", "ihc_run.json", "ihc_thumbnail.png", "ihc_tiles.csv"]
+    record = json.loads((resumed / "ihc_run.json").read_text())  # the resumed run's record: what it did and with what
+    assert record["status"] == "finished" and record["command"]["argv"][:2] == ["medcam", "wsi"]
+    assert record["outcome"]["tiles"] == total and record["outcome"]["resumed"] == 4 * finished
+    assert record["settings"]["given"] == {"steps": 20, "skip_vacuous": True}  # medcam wsi skips vacuous tiles unless told
+    assert record["classifier"] == {"source": "python:tests.toys:LesionColourClassifier", "files": []} and record["target_layers"] == []
 
 
 def _no_files(folder: Path) -> bool:
