@@ -303,10 +303,6 @@ class FrozenClassifier:
                 layers.append(spec)
             else:
                 layers.append(TargetLayer(self._name_of(spec)))
-        given = [(layer.name, layer.distance) for layer in layers]
-        twice = sorted({name or "(the output)" for name, distance in given if given.count((name, distance)) > 1})
-        if twice:  # each would count its layer's term again
-            raise ValueError(f"target layers {twice} are given more than once; give each once (layer_weights sets its weight).")
         for what, values in (("layer_weights", layer_weights), ("layer_distances", layer_distances)):
             if values is not None and len(values) != len(layers):
                 raise ValueError(
@@ -317,6 +313,11 @@ class FrozenClassifier:
             layers = [TargetLayer(layer.name, float(w), layer.distance) for layer, w in zip(layers, layer_weights)]
         if layer_distances is not None:
             layers = [TargetLayer(layer.name, layer.weight, d) for layer, d in zip(layers, layer_distances)]
+        given = [(layer.name, layer.distance) for layer in layers]
+        twice = sorted({name or "(the output)" for name, distance in given if given.count((name, distance)) > 1})
+        if twice:  # each would count its layer's term again
+            raise ValueError(f"target layers {twice} are given more than once with one distance; give each once "
+                             "(layer_weights sets its weight).")
         return layers
 
     def _name_of(self, spec: LayerSpec) -> str:

@@ -414,7 +414,7 @@ def find_inputs(path: str | Path, exclude: str | Path | None = None) -> tuple[li
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             if f.name.startswith(".") or f.name == "DICOMDIR":
                 continue
-            if outputs_here and (f.name == "summary.csv" or _has_suffix(f, OUTPUT_SUFFIXES)):
+            if outputs_here and (f.name in ("summary.csv", "run.json") or _has_suffix(f, OUTPUT_SUFFIXES)):
                 continue
             if _has_suffix(f, NIFTI_SUFFIXES):
                 inputs.append(ImageInput(f, "nifti"))

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,17 +47,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = _MULTIPLE) -> tuple[torch.T
     return x, tuple(crop)
 
 
+_DEFAULT_DTYPE = threading.Lock()
+
+
 def _float32(build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` in float32 (as under the default dtype), whatever ``torch.set_default_dtype`` says:
     the evidence is float32, and the same seed gives the same networks."""
-    default = torch.get_default_dtype()
-    if default == torch.float32:
+    if torch.get_default_dtype() == torch.float32:
         return build()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return build()
-    finally:
-        torch.set_default_dtype(default)
+    with _DEFAULT_DTYPE:  # the default is the process's: one switch at a time
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return build()
+        finally:
+            torch.set_default_dtype(default)
+
 
 
 class StackedMaskNet(nn.Module):

@@ -34,7 +34,7 @@ from monai_medcam.engine import MedCAM
 from monai_medcam.io import INPUT_KIND, NOT_A_VOLUME, PHOTOMETRIC, ImageInput, InputError, load_image, output_names
 from monai_medcam.orientation import check_orientation, oriented_shape, reorient, reorientation, source_slice
 from monai_medcam.preprocessing import BundlePreprocessing
-from monai_medcam.provenance import RUN_RECORD, run_record, write_run_record
+from monai_medcam.provenance import RUN_RECORD, remove_run_record, run_record, write_run_record
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
 from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, evidence_class, output_formats,
                                   panel_slices, seg_problem, write_outputs)
@@ -343,8 +343,9 @@ def explain_inputs(
         failures: inputs that failed before this call (``{label: problem}``, a file that could not be
             found or read), reported and counted with this run's.
         provenance: where given (``command``, ``classifier``: :func:`~monai_medcam.provenance.command_context`),
-            ``run.json`` is written beside the outputs once the classifier is checked, and again when
-            the run ends, interrupted or not (:mod:`monai_medcam.provenance`).
+            ``run.json`` is written beside the outputs once the inputs are counted, and again when
+            the run ends, interrupted or not (:mod:`monai_medcam.provenance`); an earlier run's is
+            removed either way.
         settings: any :class:`~monai_medcam.MedCAMSettings` field (``steps``, ``seed``, ...).
     """
     formats = output_formats(formats)
@@ -358,10 +359,9 @@ def explain_inputs(
     check_classifier(explainer, spatial_dims, channels, size, class_idx, device, class_names=list(class_names))
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
+    remove_run_record(output / RUN_RECORD)  # and so would its record
     report = ExplainReport(failures=dict(failures or {}))
     record = None if provenance is None else run_record(explainer, spatial_dims, device, settings, **provenance)
-    if record is not None:  # an earlier run's record would describe other masks
-        write_run_record(output / RUN_RECORD, record)
     # counts images and slices, from the headers; corrected as each input is loaded
     expected = {id(item): expected_images(item, spatial_dims) for item in inputs}
     bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
@@ -451,6 +451,8 @@ def explain_inputs(
         queue.clear()
 
     named = list(zip(inputs, output_names(list(inputs))))
+    if record is not None:
+        write_run_record(output / RUN_RECORD, record)
     try:
         for item, name in named:
             if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it

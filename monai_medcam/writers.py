@@ -84,7 +84,7 @@ class atomic_path:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, verified: Sequence[bool | None] | None = None) -> Path:
+def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, *, verified: Sequence[bool | None] | None = None) -> Path:
     """Write ``mask`` ``(1, *spatial)`` as NIfTI with exactly its metadata's affine (no resampling).
 
     ``verified`` (one flag per slice along the last axis, or one for the whole mask, as

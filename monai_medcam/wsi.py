@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from monai_medcam.engine import MedCAM
 from monai_medcam.io import InputError
 from monai_medcam.pipeline import check_classifier
-from monai_medcam.provenance import RUN_RECORD, run_record, write_run_record
+from monai_medcam.provenance import RUN_RECORD, remove_run_record, run_record, write_run_record
 from monai_medcam.settings import as_bool, is_whole_number
 from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified, summary_flag
 from monai_medcam.writers import atomic_path
@@ -773,6 +773,7 @@ def explain_slide(
         if record is not None:
             outputs["run"] = output / f"{name}_{RUN_RECORD}"
         mpp = _level_mpp(reader, wsi, level, level_ratio)
+        remove_run_record(output / f"{name}_{RUN_RECORD}")  # an earlier run's, beside this run's evidence, would mislead
         write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
         rows = [row for k in range(len(batches)) for row in done[k]]  # in grid order
         with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:

@@ -174,6 +174,10 @@ def test_target_layers_given_twice_are_refused():
         FrozenClassifier(resnet18(), ["layer2", "layer3", "layer2"])
     clf = FrozenClassifier(resnet18(), [TargetLayer("layer2"), TargetLayer("layer2", distance="mse")])  # two distances: two terms
     assert [layer.distance for layer in clf.layers] == ["cosine", "mse"]
+    clf = FrozenClassifier(resnet18(), ["layer2", "layer2"], layer_distances=["cosine", "mse"])  # as given by layer_distances
+    assert [layer.distance for layer in clf.layers] == ["cosine", "mse"]
+    with pytest.raises(ValueError, match="given more than once with one distance"):
+        FrozenClassifier(resnet18(), [TargetLayer("layer2"), TargetLayer("layer2", distance="mse")], layer_distances=["mse", "mse"])
 
 
 def test_auto_layers_on_a_known_name_laid_out_otherwise_fall_back_to_spread_layers(caplog):

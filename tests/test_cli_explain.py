@@ -128,7 +128,7 @@ def test_all_good_inputs_exit_zero_and_png_only(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["MR_small_evidence.png", "run.json", "summary.csv"]
 
 
-def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch):
+def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch, caplog):
     """run.json beside the outputs: the command, the classifier's files by SHA-256, the settings as
     given and as run, the versions, and how the run ended (counts; "interrupted" when it was)."""
     import hashlib
@@ -136,12 +136,21 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
 
     import monai_medcam
     import monai_medcam.pipeline
+    import monai_medcam.provenance
 
     out = tmp_path / "o"
     args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(TEST_FILES / "MR_small.dcm"),
             str(tmp_path / "missing.dcm"), "--output", str(out), "--format", "nifti", *FAST]
+    load_image, seen = monai_medcam.pipeline.load_image, []
+
+    def reading(item):  # while the run works, its record says so
+        seen.append(json.loads((out / "run.json").read_text())["status"])
+        return load_image(item)
+
+    monkeypatch.setattr(monai_medcam.pipeline, "load_image", reading)
     assert main(args) == 1  # one input missing
     record = json.loads((out / "run.json").read_text())
+    assert seen == ["running"]
     assert record["status"] == "finished" and record["outcome"] == {"explained": 1, "failed": 1}
     assert record["command"]["argv"] == ["medcam", *args] and record["ended"] >= record["started"]
     (weights,) = record["classifier"]["files"]
@@ -152,7 +161,7 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
     assert resolved["steps"] == 20 and resolved["late_bin_weight"] == 100.0 and resolved["verify_seed"] == 0  # 2D defaults filled in
     assert [layer["name"] for layer in record["target_layers"]] == ["act", "layer1", "layer2", "layer3", "layer4"]
     assert record["device"] == "cpu" and record["versions"]["torch"] == metadata.version("torch")
-    assert record["versions"]["monai-medcam"] == monai_medcam.__version__ and record["versions"]["monai"] == metadata.version("monai")
+    assert record["versions"]["monai_medcam"]["version"] == monai_medcam.__version__ and record["versions"]["monai"] == metadata.version("monai")
 
     def interrupted(*_, **__):
         raise KeyboardInterrupt
@@ -162,6 +171,28 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted" and record["outcome"]["error"] == "KeyboardInterrupt: "
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+    def broken(*_, **__):
+        raise RuntimeError("disk gone")
+
+    def broken_disk(*_, **__):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(monai_medcam.pipeline, "load_image", load_image)
+    pending = monai_medcam.pipeline._Pending
+    monkeypatch.setattr(monai_medcam.pipeline, "_Pending", broken)  # outside the per-input handling
+    with pytest.raises(RuntimeError, match="disk gone"):
+        main(args)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["outcome"] == {"explained": 0, "failed": 1, "error": "RuntimeError: disk gone"}
+    # where the record cannot be written (a full disk), the run's outputs stand, with a warning
+    monkeypatch.setattr(monai_medcam.pipeline, "_Pending", pending)
+    monkeypatch.setattr(monai_medcam.provenance, "atomic_path", broken_disk)
+    (out / "run.json").unlink()
+    with caplog.at_level("WARNING", logger="monai_medcam.provenance"):
+        assert main(args) == 1
+    assert (out / "MR_small_evidence.nii.gz").is_file() and not (out / "run.json").exists()
+    assert "run.json: the run's record was not written (OSError: No space left on device)" in caplog.text
 
 
 def test_pickled_classifier_is_refused(tmp_path, capsys):

@@ -565,9 +565,10 @@ def test_volume_panels_show_the_wanted_slices_that_hold_evidence():
     assert _display_slices(image, torch.zeros_like(mask), 3, None) == ([3], 0)  # no evidence, no preference: the middle
 
 
-def test_one_reading_of_the_rows_labels_the_nifti_the_seg_and_the_monai_label_mask(tmp_path, caplog):
-    """Each output takes a slice's verification from its summary row the same way
-    (visualize.verification_by_slice) and writes failed evidence as label 2 (evidence_labels)."""
+def test_one_reading_of_the_rows_labels_the_nifti(tmp_path, caplog):
+    """The NIfTI, the SEG and the MONAI Label task take a slice's verification from its summary row
+    the same way (visualize.verification_by_slice; the SEG's and the task's own tests check their
+    outputs) and write failed evidence as label 2 (evidence_labels): here the helpers and the NIfTI."""
     from monai_medcam.visualize import evidence_labels, verification_by_slice
 
     rows = [{"verified": "True"}, {"verified": "False"}, {"verified": "False", "vacuous": "True", "area": "0.0"}]
@@ -792,6 +793,17 @@ def test_seg_only_for_a_non_dicom_input_is_a_failure_before_any_work(tmp_path):
                                            "(add --format nifti or png)."}
     assert report.rows == [] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
     assert (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:] == []  # this run's: no row
+
+
+def test_an_earlier_runs_record_goes_with_its_summary_and_is_not_an_input(tmp_path):
+    """A run without a record of its own (a Python caller) removes an earlier run's run.json with its
+    summary.csv; in an output folder that is the input folder, run.json is passed over as an output."""
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr.dcm")
+    (tmp_path / "run.json").write_text('{"status": "finished"}')
+    items, bad = find_inputs(tmp_path, exclude=tmp_path)
+    assert [item.path.name for item in items] == ["mr.dcm"] and bad == []
+    explain_inputs(RegionClassifier(), items, tmp_path, ("nifti",), channels=1, size=(32, 32), **QUICK)
+    assert not (tmp_path / "run.json").exists() and (tmp_path / "mr_evidence.nii.gz").is_file()
 
 
 def test_an_unreadable_image_gets_one_line_from_its_own_reader(tmp_path):
