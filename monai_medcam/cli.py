@@ -13,7 +13,9 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from monai_medcam.demo.classifier import RADIOLOGY_CHECKPOINT
     from monai_medcam.demo.run import run_demo, run_radiology_demo
+    from monai_medcam.provenance import command_context
 
     problem = _device_problem(args.device)
     if problem:
@@ -30,12 +32,13 @@ def _demo(args: argparse.Namespace) -> int:
             f"{row['area']:>7.2%} {str(row['verified']):>8} {str(row['settled']):>7} {row['steps']:>5}"
         )
     print("\n2/2 radiology path: DICOM MR series, DICOM radiograph, NIfTI volume, fundus PNG (grayscale demo classifier)")
-    report, overlaps = run_radiology_demo(output / "radiology", device=args.device, progress=True, **settings)
+    provenance = command_context(args.argv, "python:monai_medcam.demo.classifier:radiology_classifier", [RADIOLOGY_CHECKPOINT])
+    report, overlaps = run_radiology_demo(output / "radiology", device=args.device, progress=True, provenance=provenance, **settings)
     print_report(report)
     for name, overlap in overlaps.items():
         print(f"  {name}: {overlap}")
     print(f"\nwrote {output}/known_evidence (panels.png, summary.csv, evidence_<i>.npy)")
-    print(f"wrote {output}/radiology/evidence (DICOM SEG *_seg.dcm, NIfTI *.nii.gz, PNG panels, summary.csv)")
+    print(f"wrote {output}/radiology/evidence (DICOM SEG *_seg.dcm, NIfTI *.nii.gz, PNG panels, summary.csv, run.json)")
     print(f"      from the inputs in {output}/radiology/inputs")
     return 1 if report.failures else 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -81,6 +82,11 @@ def test_demo_command_runs_the_whole_path(tmp_path, capsys):
     assert np.allclose(nibabel.load(evidence / "brain_evidence.nii.gz").affine, brain.affine)
     rows = list(csv.DictReader((evidence / "summary.csv").open()))
     assert len(rows) == 12 + 1 + 24 + 1  # one row per slice or 2D image
+    record = json.loads((evidence / "run.json").read_text())  # the run's record, as medcam explain writes it
+    assert record["status"] == "finished" and record["outcome"] == {"explained": 4, "failed": 0}
+    assert record["command"]["argv"] == ["medcam", "demo", "--output", str(tmp_path), "--count", "2", "--steps", "40"]
+    assert record["classifier"]["files"][0]["path"].endswith("radiology_classifier.pt")
+    assert record["settings"]["given"] == {"skip_vacuous": True, "steps": 40}
     assert "of the evidence lies on the known lesion" in out and "radiology/evidence" in out
     assert not list(tmp_path.rglob(".tmp*"))
 

@@ -130,12 +130,14 @@ def run_radiology_demo(
     device: str = "cpu",
     batch_size: int = 16,
     progress: bool = True,
+    provenance: dict | None = None,
     **settings: object,
 ):
     """Write the demo studies to ``output/inputs`` and explain them into ``output/evidence``.
 
     Slices and images the classifier calls "no lesion" with no evidence at all are left empty
-    (``skip_vacuous``; pass ``skip_vacuous=False`` to optimise them too). Returns the
+    (``skip_vacuous``; pass ``skip_vacuous=False`` to optimise them too). ``provenance``: as for
+    :func:`~monai_medcam.pipeline.explain_inputs` (``run.json``; the command line gives it). Returns the
     :class:`~monai_medcam.pipeline.ExplainReport` and, per input, its :class:`LesionOverlap`.
     """
     from monai_medcam.demo.classifier import RADIOLOGY_SIZE, radiology_classifier
@@ -151,7 +153,7 @@ def run_radiology_demo(
     report = explain_inputs(
         radiology_classifier(), inputs, output / "evidence", FORMATS, spatial_dims=2, channels=1,
         size=(RADIOLOGY_SIZE, RADIOLOGY_SIZE), gradcam_layer="layer4", batch_size=batch_size, device=device,
-        progress=progress, class_names=CLASS_NAMES, **{"skip_vacuous": True, **settings},
+        progress=progress, class_names=CLASS_NAMES, provenance=provenance, **{"skip_vacuous": True, **settings},
     )
     overlaps = {}
     for item in inputs:
