@@ -18,6 +18,8 @@ area per image or slice).
 
 from __future__ import annotations
 
+import difflib
+
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -89,7 +91,17 @@ class ToSourceGeometryd:
 
 
 def _parameters(data: Mapping[Hashable, Any], defaults: Mapping[str, Any] = PARAMETERS) -> dict[str, Any]:
-    """The Med-CAM parameters of a request, checked (``defaults`` for those it does not give)."""
+    """The Med-CAM parameters of a request, checked (``defaults`` for those it does not give). A name
+    close to one of them ("stepz", "classidx", "class") is refused, naming the parameter meant: it
+    would otherwise be passed over unseen (a request carries MONAI Label's own keys too, so other
+    names are left alone). ``class_idx`` -1 (or empty) means the prediction, as ``None``."""
+    for key in data:
+        if not isinstance(key, str) or key in defaults:
+            continue
+        near = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.7)
+        near = near or [name for name in defaults if len(key) >= 4 and name.startswith(key)]
+        if near:
+            raise RequestError(f"unknown parameter {key!r}: did you mean {near[0]!r}? (parameters: {', '.join(defaults)})")
     out = {}
     for name, default in defaults.items():
         value = data.get(name, default)

@@ -58,6 +58,7 @@ def server(tmp_path_factory):
     studies.mkdir()
     shutil.copy(SAMPLES / "brain.nii.gz", studies / "brain.nii.gz")
     shutil.copytree(SAMPLES / "mr_series", studies / "mr_series")
+    shutil.copytree(SAMPLES / "mr_series", studies / "1.2.840.5")  # a series folder named by its UID, as PACS exports do
     (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"not a volume" * 10)  # a damaged upload
     port = _free_port()
     # the monailabel script runs `python` from PATH: the environment's own
@@ -113,16 +114,16 @@ def test_info_lists_the_task(server):
     assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1, "evidence NOT verified": 2} and model["dimension"] == 3
     config = {name: model["config"].get(name, "absent") for name in ("steps", "class_idx", "seed")}
     assert config == {"steps": 40, "class_idx": None, "seed": 0}  # the server's default steps (--conf steps 40)
-    assert info["datastore"]["total"] == 3  # two NIfTI files and the DICOM series folder
+    assert info["datastore"]["total"] == 4  # two NIfTI files and the two DICOM series folders
 
 
-@pytest.mark.parametrize("image", ["brain", "mr_series"])
+@pytest.mark.parametrize("image", ["brain", "mr_series", "1.2.840.5"])
 def test_infer_returns_evidence_in_the_source_geometry(server, image, tmp_path):
     base, studies = server
     status, body = _request(f"{base}/infer/medcam?image={image}&output=image", {"params": json.dumps({"steps": 10})})
     assert status == 200, body[:500]
     label = _label(body, tmp_path)
-    source = load_image(find_input(studies / ("brain.nii.gz" if image == "brain" else image)))
+    source = load_image(find_input(studies / ("brain.nii.gz" if image == "brain" else image)))  # a series: its folder
     assert label.shape == tuple(source.shape[1:])
     # the NIfTI's own affine; for the series, the affine MONAI's PydicomReader gives the instances
     expected = nib.load(studies / "brain.nii.gz").affine if image == "brain" else source.affine.numpy()
@@ -158,6 +159,14 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
     assert status == 400 and b"class" in body  # the classifier has 2 classes
     status, body = _request(f"{base}/infer/medcam?image=broken&output=json", {"params": "{}"})
     assert status == 422 and b"broken.nii.gz" in body
+    # a misspelt parameter would be passed over unseen (the default 300 steps run): refused, naming the one meant
+    status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": json.dumps({"stepz": 10})})
+    assert status == 400 and b"unknown parameter 'stepz': did you mean 'steps'?" in body
+    status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": json.dumps({"class": 1})})
+    assert status == 400 and b"did you mean 'class_idx'?" in body
+    # a path on the server outside the studies (and not an upload) is not an image id
+    status, body = _request(f"{base}/infer/medcam?image={SAMPLES / 'brain.nii.gz'}&output=json", {"params": "{}"})
+    assert status == 404 and b"not in the studies folder" in body
     status, _ = _request(f"{base}/info/")
     assert status == 200
 

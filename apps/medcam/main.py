@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -45,11 +46,17 @@ class SeriesDatastore(LocalDatastore):
             return found  # label folders: files only
         for name in sorted(os.listdir(path)):
             folder = os.path.join(path, name)
-            if name.startswith(".") or name == "labels" or not os.path.isdir(folder) or "." in name:
+            if name.startswith(".") or name == "labels" or not os.path.isdir(folder):  # "1.2.840.5": a UID-named series
                 continue
             if any(pydicom.misc.is_dicom(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))):
                 found[name] = name
         return found
+
+
+    def _to_id(self, file):
+        if os.path.isdir(os.path.join(self._datastore.image_path(), file)):
+            return file, ""  # a series folder: its whole name ("1.2.840.5" is no id "1.2.840" with extension ".5")
+        return super()._to_id(file)
 
 
 class MedCAMApp(MONAILabelApp):
@@ -126,13 +133,27 @@ class MedCAMApp(MONAILabelApp):
             )
         }
 
+    def _served(self, image: str) -> bool:
+        """Whether ``image``, a path rather than an id, is one this server explains: a file in the
+        studies folder, one a client uploaded (MONAI Label saves it in the temporary folder) or a
+        session's image. Any other path on the server is not served (it would read, and name, files
+        outside the studies)."""
+        if not os.path.isfile(image):
+            return False
+        path = os.path.realpath(image)
+        if os.path.dirname(path) == os.path.realpath(tempfile.gettempdir()):  # an upload
+            return True
+        sessions = self.sessions()
+        roots = [self.studies, *([sessions.store_path] if sessions is not None else [])]
+        return any(path.startswith(os.path.realpath(root) + os.sep) for root in roots)
+
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with HTTP 4xx and a message for what the client got wrong."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {sorted(self._infers)}.")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image) and not (datastore or self.datastore()).get_image_uri(image):
+        if isinstance(image, str) and not self._served(image) and not (datastore or self.datastore()).get_image_uri(image):
             raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in the studies folder.")
         try:
             return super().infer(request, datastore)
