@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
 
 from monai_medcam.inferer import MedCAMInferer
 from monai_medcam.orientation import check_orientation
@@ -82,7 +83,10 @@ class ToSourceGeometryd:
         flags = {name: columns[name] for name in ("verified", "vacuous", "area") if name in columns}
         rows = [dict(zip(flags, row)) for row in zip(*flags.values())]  # per slice, or one
         mask = evidence_labels(mask, verification_by_slice(rows, mask.shape[-1] if mask.ndim == 3 else 1))
-        d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=source.affine.clone())
+        affine = source.affine.clone()
+        if mask.ndim == 2:  # MONAI Label 0.8.5's writer drops a 2D label's affine: a one-slice volume keeps it
+            mask, affine = mask[..., None], to_affine_nd(3, affine)
+        d[self.pred_key] = MetaTensor(mask.to(torch.uint8), affine=affine)
         result = dict(d.get(self.result_key) or {})
         result["medcam"] = {name: columns[name] for name in ("label", "verified", "settled", "vacuous", "area", "prob_evidence", "steps") if name in columns}
         result["evidence_voxels"] = int((mask > 0).sum())

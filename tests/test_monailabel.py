@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 
 from monai_medcam.io import find_input, load_image
 
@@ -59,6 +60,8 @@ def server(tmp_path_factory):
     shutil.copy(SAMPLES / "brain.nii.gz", studies / "brain.nii.gz")
     shutil.copytree(SAMPLES / "mr_series", studies / "mr_series")
     shutil.copytree(SAMPLES / "mr_series", studies / "1.2.840.5")  # a series folder named by its UID, as PACS exports do
+    (studies / "mr_small").mkdir()  # a one-file folder: a 2D image
+    shutil.copy(get_testdata_file("MR_small.dcm", download=False), studies / "mr_small" / "MR_small.dcm")
     (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"not a volume" * 10)  # a damaged upload
     port = _free_port()
     # the monailabel script runs `python` from PATH: the environment's own
@@ -114,17 +117,19 @@ def test_info_lists_the_task(server):
     assert model["type"] == "segmentation" and model["labels"] == {"evidence": 1, "evidence NOT verified": 2} and model["dimension"] == 3
     config = {name: model["config"].get(name, "absent") for name in ("steps", "class_idx", "seed")}
     assert config == {"steps": 40, "class_idx": None, "seed": 0}  # the server's default steps (--conf steps 40)
-    assert info["datastore"]["total"] == 4  # two NIfTI files and the two DICOM series folders
+    assert info["datastore"]["total"] == 5  # two NIfTI files and three DICOM folders
 
 
-@pytest.mark.parametrize("image", ["brain", "mr_series", "1.2.840.5"])
+@pytest.mark.parametrize("image", ["brain", "mr_series", "1.2.840.5", "mr_small"])
 def test_infer_returns_evidence_in_the_source_geometry(server, image, tmp_path):
     base, studies = server
-    status, body = _request(f"{base}/infer/medcam?image={image}&output=image", {"params": json.dumps({"steps": 10})})
+    params = {"steps": 10, **({"class_idx": 1} if image == "mr_small" else {})}  # MR_small: "no lesion" on a blank image
+    status, body = _request(f"{base}/infer/medcam?image={image}&output=image", {"params": json.dumps(params)})
     assert status == 200, body[:500]
     label = _label(body, tmp_path)
     source = load_image(find_input(studies / ("brain.nii.gz" if image == "brain" else image)))  # a series: its folder
-    assert label.shape == tuple(source.shape[1:])
+    # a 2D image's label is a one-slice volume: MONAI Label's writer keeps no 2D label's affine
+    assert label.shape == tuple(source.shape[1:]) + ((1,) if source.ndim == 3 else ())
     # the NIfTI's own affine; for the series, the affine MONAI's PydicomReader gives the instances
     expected = nib.load(studies / "brain.nii.gz").affine if image == "brain" else source.affine.numpy()
     np.testing.assert_allclose(label.affine, expected, atol=1e-4)
