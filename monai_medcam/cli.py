@@ -32,7 +32,8 @@ def _demo(args: argparse.Namespace) -> int:
             f"{row['area']:>7.2%} {str(row['verified']):>8} {str(row['settled']):>7} {row['steps']:>5}"
         )
     print("\n2/2 radiology path: DICOM MR series, DICOM radiograph, NIfTI volume, fundus PNG (grayscale demo classifier)")
-    provenance = command_context(args.argv, "python:monai_medcam.demo.classifier:radiology_classifier", [RADIOLOGY_CHECKPOINT])
+    checkpoint = [RADIOLOGY_CHECKPOINT] if RADIOLOGY_CHECKPOINT.is_file() else []  # missing: the demo itself says how to train it
+    provenance = command_context(args.argv, "python:monai_medcam.demo.classifier:radiology_classifier", checkpoint)
     report, overlaps = run_radiology_demo(output / "radiology", device=args.device, progress=True, provenance=provenance, **settings)
     print_report(report)
     for name, overlap in overlaps.items():

@@ -9,10 +9,11 @@ Request flow (``POST /infer/medcam?image=<id>``)::
 
     image path (NIfTI file or DICOM series folder) -> LoadInputd -> ToClassifierSpaced
     -> MedCAMInferer (gradients re-enabled under MONAI Label's no_grad) -> evidence resized back to
-    the source voxels, a uint8 MetaTensor with the source affine -> MONAI Label's writer (NIfTI)
+    the source voxels, a uint8 MetaTensor with the source affine (a 2D image's as a one-slice volume
+    ``(H, W, 1)``, whose affine the writer keeps) -> MONAI Label's writer (NIfTI)
 
-Request parameters (the ``params`` form field, JSON): ``steps`` (int >= 1), ``class_idx`` (int or
-null for the prediction), ``seed`` (int). The response JSON holds the diagnostics (label, verified,
+Request parameters (the ``params`` form field, JSON): ``steps`` (int >= 1), ``class_idx`` (int, or
+null or -1 for the prediction), ``seed`` (int); a name close to one of these is refused. The response JSON holds the diagnostics (label, verified,
 area per image or slice).
 """
 
@@ -56,7 +57,8 @@ LABELS = {"evidence": 1, "evidence NOT verified": 2}
 
 
 class ToSourceGeometryd:
-    """``pred`` ``(1, *s)`` in classifier space -> ``(*S)`` uint8 on the source voxels, a MetaTensor with the
+    """``pred`` ``(1, *s)`` in classifier space -> ``(*S)`` uint8 on the source voxels (a 2D image's
+    ``(H, W, 1)``: MONAI Label 0.8.5's writer keeps no 2D label's affine), a MetaTensor with the
     source image's affine (what MONAI Label's writer uses): 1 where the evidence was verified, 2 where
     it was not (a client shows the two labels by their names, :data:`LABELS`); the diagnostics go to
     ``data["result"]``. Where a bundle's ``preprocessing`` prepared the image (``data["image"]``,

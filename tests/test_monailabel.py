@@ -245,9 +245,10 @@ def test_evidence_that_was_not_verified_is_label_2():
         "    pred = MetaTensor(torch.ones(shape), meta={'medcam': {'verified': torch.tensor([verified])}})\n"
         "    out = ToSourceGeometryd()({'pred': pred, 'image_source': MetaTensor(torch.zeros(shape))})\n"
         "    mask = out['pred']\n"
-        "    print(mask.dtype, [int(v) for v in mask.reshape(-1, mask.shape[-1] if mask.ndim == 3 else 1)[0]], out['result']['evidence_voxels'])\n"
+        "    print(mask.dtype, tuple(mask.shape), [int(v) for v in mask.reshape(-1, mask.shape[-1])[0]], out['result']['evidence_voxels'])\n"
     )
-    assert printed.splitlines() == ["torch.uint8 [1, 2, 1] 192", "torch.uint8 [2] 64"]
+    # a 2D image's label is a one-slice volume (MONAI Label's writer keeps its affine so)
+    assert printed.splitlines() == ["torch.uint8 (8, 8, 3) [1, 2, 1] 192", "torch.uint8 (8, 8, 1) [2] 64"]
 
 
 def test_a_reoriented_volumes_label_comes_back_to_its_voxels():
@@ -352,3 +353,27 @@ def _in_monailabel_environment(script: str) -> str:
     done = subprocess.run([str(MONAILABEL.parent / "python"), "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def test_the_app_serves_study_ids_uploads_and_sessions_not_other_paths(tmp_path):
+    """A path-like ``image`` is served only inside the studies folder or the sessions store (a
+    session's series is a folder), or as MONAI Label's own upload (``tmp*`` in the temporary folder)."""
+    printed = _in_monailabel_environment(
+        "import importlib.util, os, sys, tempfile, types\n"
+        f"spec = importlib.util.spec_from_file_location('medcam_app', {str(ROOT / 'apps' / 'medcam' / 'main.py')!r})\n"
+        "app_module = importlib.util.module_from_spec(spec); spec.loader.exec_module(app_module)\n"
+        "from monailabel.utils.sessions import Sessions\n"
+        f"root = {str(tmp_path)!r}\n"
+        "studies, series, outside = (os.path.join(root, name) for name in ('studies', 'series', 'outside'))\n"
+        "os.makedirs(os.path.join(studies, 'mr')); os.makedirs(series); os.makedirs(outside)\n"
+        "open(os.path.join(studies, 'mr', 'a.dcm'), 'wb').close(); open(os.path.join(series, 'a.dcm'), 'wb').close()\n"
+        "store = Sessions(os.path.join(root, 'sessions'))\n"
+        "_, info = store.add_session(series)  # moved into the store: a folder there\n"
+        "app = types.SimpleNamespace(studies=studies, sessions=lambda: store)\n"
+        "upload = tempfile.NamedTemporaryFile(suffix='.nii.gz', delete=False).name\n"
+        "other = os.path.join(tempfile.gettempdir(), 'someone_else.nii.gz'); open(other, 'wb').close()\n"
+        "paths = [info.image, upload, os.path.join(studies, 'mr'), other, outside, os.path.join(root, 'missing')]\n"
+        "print([app_module.MedCAMApp._served(app, p) for p in paths])\n"
+        "os.remove(upload); os.remove(other)\n"
+    )
+    assert printed.strip() == "[True, True, True, False, False, False]"

@@ -134,15 +134,15 @@ class MedCAMApp(MONAILabelApp):
         }
 
     def _served(self, image: str) -> bool:
-        """Whether ``image``, a path rather than an id, is one this server explains: a file in the
-        studies folder, one a client uploaded (MONAI Label saves it in the temporary folder) or a
-        session's image. Any other path on the server is not served (it would read, and name, files
-        outside the studies)."""
-        if not os.path.isfile(image):
+        """Whether ``image``, a path rather than an id, is one this server explains: a file or folder
+        in the studies folder or in the sessions store (a session's series is a folder), or a file a
+        client uploaded (MONAI Label saves it as ``tmp*`` in the temporary folder). Any other path on
+        the server is not served (it would read, and name, files outside the studies)."""
+        if not os.path.exists(image):
             return False
         path = os.path.realpath(image)
-        if os.path.dirname(path) == os.path.realpath(tempfile.gettempdir()):  # an upload
-            return True
+        if os.path.isfile(path) and os.path.dirname(path) == os.path.realpath(tempfile.gettempdir()):
+            return os.path.basename(path).startswith("tmp")  # NamedTemporaryFile's names: an upload
         sessions = self.sessions()
         roots = [self.studies, *([sessions.store_path] if sessions is not None else [])]
         return any(path.startswith(os.path.realpath(root) + os.sep) for root in roots)
@@ -153,8 +153,14 @@ class MedCAMApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {sorted(self._infers)}.")
         image = request.get("image")
-        if isinstance(image, str) and not self._served(image) and not (datastore or self.datastore()).get_image_uri(image):
-            raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in the studies folder.")
+        if isinstance(image, str):
+            uri = (datastore or self.datastore()).get_image_uri(image)
+            if not uri and not self._served(image):
+                raise HTTPException(status_code=404, detail=f"unknown image id {image!r}: not in the studies folder.")
+            if uri and os.path.exists(image) and os.path.realpath(image) != os.path.realpath(uri):
+                # MONAI Label reads a path that exists before it looks up an id: this one would be read from elsewhere
+                raise HTTPException(status_code=409, detail=f"image id {image!r} also names a path in the server's working "
+                                                            "folder, which MONAI Label would read instead; rename one of them.")
         try:
             return super().infer(request, datastore)
         except RequestError as err:
