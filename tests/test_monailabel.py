@@ -151,7 +151,7 @@ def test_infer_json_holds_the_diagnostics(server):
 
 
 def test_bad_requests_get_4xx_and_the_server_stays_up(server):
-    base, _ = server
+    base, studies = server
     status, body = _request(f"{base}/infer/medcam?image=no_such_image&output=json", {"params": "{}"})
     assert status == 404 and b"no_such_image" in body
     status, body = _request(f"{base}/infer/nomodel?image=brain&output=json", {"params": "{}"})
@@ -172,6 +172,13 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server):
     # a path on the server outside the studies (and not an upload) is not an image id
     status, body = _request(f"{base}/infer/medcam?image={SAMPLES / 'brain.nii.gz'}&output=json", {"params": "{}"})
     assert status == 404 and b"not in the studies folder" in body
+    shadow = studies.parent / "brain"  # the server's working folder: MONAI Label would read this "brain" first
+    shadow.write_bytes(b"not the study")
+    try:
+        status, body = _request(f"{base}/infer/medcam?image=brain&output=json", {"params": "{}"})
+    finally:
+        shadow.unlink()
+    assert status == 409 and b"also names a path in the server's working folder" in body
     status, _ = _request(f"{base}/info/")
     assert status == 200
 
