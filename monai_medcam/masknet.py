@@ -64,7 +64,6 @@ def _float32(build: Callable[[], nn.Module]) -> nn.Module:
             torch.set_default_dtype(default)
 
 
-
 class StackedMaskNet(nn.Module):
     """``count`` independent BasicUNets mapping images to mask logits.
 

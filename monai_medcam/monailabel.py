@@ -13,14 +13,13 @@ Request flow (``POST /infer/medcam?image=<id>``)::
     ``(H, W, 1)``, whose affine the writer keeps) -> MONAI Label's writer (NIfTI)
 
 Request parameters (the ``params`` form field, JSON): ``steps`` (int >= 1), ``class_idx`` (int, or
-null or -1 for the prediction), ``seed`` (int); a name close to one of these is refused. The response JSON holds the diagnostics (label, verified,
-area per image or slice).
+null or -1 for the prediction), ``seed`` (int); a name close to one of these is refused. The
+response JSON holds the diagnostics (label, verified, area per image or slice).
 """
 
 from __future__ import annotations
 
 import difflib
-
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 

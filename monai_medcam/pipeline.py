@@ -359,7 +359,8 @@ def explain_inputs(
     check_classifier(explainer, spatial_dims, channels, size, class_idx, device, class_names=list(class_names))
     output = _writable_folder(Path(output))
     summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
-    remove_run_record(output / RUN_RECORD)  # and so would its record
+    record_path = output / RUN_RECORD
+    remove_run_record(record_path)  # and so would its record
     report = ExplainReport(failures=dict(failures or {}))
     record = None if provenance is None else run_record(explainer, spatial_dims, device, settings, **provenance)
     # counts images and slices, from the headers; corrected as each input is loaded
@@ -452,7 +453,7 @@ def explain_inputs(
 
     named = list(zip(inputs, output_names(list(inputs))))
     if record is not None:
-        write_run_record(output / RUN_RECORD, record)
+        write_run_record(record_path, record)
     try:
         for item, name in named:
             if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
@@ -485,7 +486,7 @@ def explain_inputs(
         run_batch()
     except BaseException as err:  # KeyboardInterrupt too: the record says the run did not finish
         if record is not None:
-            write_run_record(output / RUN_RECORD, record, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+            write_run_record(record_path, record, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
                              explained=len(report.written), failed=len(report.failures), error=f"{type(err).__name__}: {err}")
         raise
     finally:
@@ -495,5 +496,5 @@ def explain_inputs(
         if item.label in report.failures and earlier:
             report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
     if record is not None:
-        write_run_record(output / RUN_RECORD, record, "finished", explained=len(report.written), failed=len(report.failures))
+        write_run_record(record_path, record, "finished", explained=len(report.written), failed=len(report.failures))
     return report

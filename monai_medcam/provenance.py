@@ -137,4 +137,3 @@ def write_run_record(path: str | Path, record: Mapping[str, object], status: str
 def remove_run_record(path: str | Path) -> None:
     """Remove an earlier run's record at ``path``: beside this run's outputs it would describe others."""
     Path(path).unlink(missing_ok=True)
-

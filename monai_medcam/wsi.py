@@ -770,10 +770,11 @@ def explain_slide(
             "tiles": output / f"{name}_tiles.csv",
             "thumbnail": output / f"{name}_thumbnail.png",
         }
+        record_path = output / f"{name}_{RUN_RECORD}"
         if record is not None:
-            outputs["run"] = output / f"{name}_{RUN_RECORD}"
+            outputs["run"] = record_path
         mpp = _level_mpp(reader, wsi, level, level_ratio)
-        remove_run_record(output / f"{name}_{RUN_RECORD}")  # an earlier run's, beside this run's evidence, would mislead
+        remove_run_record(record_path)  # an earlier run's, beside this run's evidence, would mislead
         write_pyramid(mask, outputs["evidence"], state, mpp=mpp, description=(EVIDENCE_OF + str(slide.resolve())).encode())
         rows = [row for k in range(len(batches)) for row in done[k]]  # in grid order
         with atomic_path(outputs["tiles"]) as tmp, tmp.open("w", newline="") as handle:
@@ -790,7 +791,7 @@ def explain_slide(
         _thumbnail(view_rgb, mask, level_ratio / reader.get_downsample_ratio(wsi, view), outputs["thumbnail"], tiles, tile,
                    unverified, caption=_caption(level, tile, rows, class_names, class_idx))
         if record is not None:
-            write_run_record(outputs["run"], record, "finished", slide=str(slide.resolve()), level=level, tiles=len(rows),
+            write_run_record(record_path, record, "finished", slide=str(slide.resolve()), level=level, tiles=len(rows),
                              explained_now=len(tiles) - resumed, resumed=resumed, vacuous=vacuous, unsettled=unsettled,
                              not_verified=len(unverified))
         del mask

@@ -52,7 +52,6 @@ class SeriesDatastore(LocalDatastore):
                 found[name] = name
         return found
 
-
     def _to_id(self, file):
         if os.path.isdir(os.path.join(self._datastore.image_path(), file)):
             return file, ""  # a series folder: its whole name ("1.2.840.5" is no id "1.2.840" with extension ".5")
