@@ -5,7 +5,9 @@
   transformer, Grad-CAM on a block's tokens laid back on the patch grid (MONAI's CAMs expect a
   convolutional feature map). :func:`grad_cam_layers` lists the layers Grad-CAM may be given (the
   benchmark picks the best on its tuning images).
-- :func:`occlusion`: MONAI ``OcclusionSensitivity``, the drop of the label's probability.
+- :func:`occlusion`: MONAI ``OcclusionSensitivity``, the drop of the label's probability (softmax
+  over the classifier's outputs; MONAI's own ``activate=True`` chooses sigmoid or softmax by the
+  *input's* channel count, so a one-channel image would get a sigmoid of each logit).
 - :func:`extremal_perturbation`: a smooth mask of a fixed area that best preserves the label when
   the rest of the image is blurred (Fong, Patrick and Vedaldi, ICCV 2019, simplified).
 
@@ -71,13 +73,18 @@ def occlusion(net: torch.nn.Module, x: torch.Tensor, label: torch.Tensor, mask_s
     """MONAI occlusion sensitivity: how much the label's probability drops when a patch is occluded."""
     from monai.visualize import OcclusionSensitivity
 
-    occ = OcclusionSensitivity(net, mask_size=mask_size, overlap=overlap, n_batch=32, verbose=False)
+    occ = OcclusionSensitivity(net, mask_size=mask_size, overlap=overlap, n_batch=32, verbose=False, activate=_probabilities)
     maps = []
     for i in range(len(x)):
         sens, _ = occ(x[i : i + 1])  # (1, classes, *spatial) in MONAI 1.6
         k = int(label[i])
         maps.append(-sens[:, k : k + 1])
     return minmax_per_image(torch.cat(maps).detach())
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from logits ``(B, K)``: softmax, or a sigmoid for one logit."""
+    return logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(1)
 
 
 def _smooth(m: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -102,13 +109,14 @@ def extremal_perturbation(
     label: torch.Tensor,
     area: torch.Tensor,
     steps: int = 150,
-    stride: int = 8,
+    stride: int | None = None,
     lr: float = 0.1,
 ) -> torch.Tensor:
     """Smooth masks ``(B, 1, *spatial)`` of a fixed area per image that preserve the label on a blurred image.
 
-    The mask is a sigmoid on a grid ``stride`` times coarser than the image, upsampled and
-    Gaussian-smoothed; the evidence is ``m x + (1 - m) blur(x)``; the loss is the label's negative
+    The mask is a sigmoid on a grid ``stride`` times coarser than the image (default: about 32
+    cells along the shortest side, as TorchRay's step of 7 px gives at 224 px: 2 px at 64 px),
+    upsampled and Gaussian-smoothed (sigma ``stride / 2``); the evidence is ``m x + (1 - m) blur(x)``; the loss is the label's negative
     log-probability plus ``lambda * ||sort(m) - r_a||^2``, where ``r_a`` holds ``area`` ones, with
     ``lambda`` growing from 10 to 1000 over the steps (the area constraint tightens as in the paper).
 
@@ -116,6 +124,7 @@ def extremal_perturbation(
         area: the target area fraction per image ``(B,)`` (e.g. Med-CAM's evidence area).
     """
     spatial = x.shape[2:]
+    stride = stride or max(1, round(min(spatial) / 32))
     coarse = [max(2, s // stride) for s in spatial]
     blurred = baseline_image(x, "blur")
     param = torch.zeros(len(x), 1, *coarse, device=x.device, requires_grad=True)

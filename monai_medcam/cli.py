@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 __all__ = ["main"]
 
@@ -242,7 +245,7 @@ def _explain(args: argparse.Namespace) -> int:
             provenance=command_context(args.argv, loaded.source, loaded.files),
             **settings,
         )
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: the output folder's summary or record could not be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_report(report)
@@ -373,18 +376,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run's record
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:  # pydicom logs a traceback for each decoder that fails; the error names them all
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
-        with logging_redirect_tqdm():  # log lines above the progress bar, not run into it
+        with logging_redirect_tqdm(), _terminate_as_interrupt():  # log lines above the progress bar, not run into it
             return args.run(args)
-    except KeyboardInterrupt:  # every file is written whole and then renamed: none is left half-written
+    except KeyboardInterrupt as err:  # every file is written whole and then renamed: none is left half-written
         if args.run is _wsi:
             again = "the slide's finished batches are saved: the same command again resumes where it stopped"
         else:
-            again = "summary.csv lists the inputs explained"
-        print(f"\ninterrupted: every output written so far is whole (written, then renamed); {again}.", file=sys.stderr)
-        return 130
+            again = "summary.csv and run.json list the inputs explained and the files written"
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n{how}: every output written so far is whole (written, then renamed); {again}.", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a batch scheduler or a container runtime sends to stop a job), raised as an
+    interrupt so the run stops as on Ctrl-C: its record says "interrupted", no temporary file is left."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (in the main thread only, where Python
+    takes signals); the handler before is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

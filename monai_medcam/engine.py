@@ -721,8 +721,8 @@ class MedCAM:
         the label under K fresh backgrounds too, and scores lowest on :meth:`_hard_objective`,
         below the mask; a cut mask is offered smaller balls around its own peak in the next round,
         whatever its size, and an image stops once no ball beats its mask. The soft mask is zeroed
-        outside the cut mask (the ball's part of the binary mask), so that it stays the evidence
-        returned; its values below 0.5 inside the ball go too.
+        outside the ball, so that it stays the evidence returned (its part over 0.5 is the cut
+        mask); its values below 0.5 inside the ball are kept, as the optimisation left them.
         """
         if s.shrink_rounds == 0:
             return
@@ -753,16 +753,17 @@ class MedCAM:
                 centre = grid.flatten(1)[:, peak].T.reshape(len(todo), len(spatial), *[1] * len(spatial))  # (B, dims, 1, ...)
                 distance = (grid[None] - centre).square().sum(1, keepdim=True).sqrt()  # (B, 1, *spatial), in sides
                 score = self._hard_objective(hard, *inputs)[0]
-                best, chosen = score.clone(), hard.clone()
+                best, chosen, ball = score.clone(), hard.clone(), torch.ones_like(hard)
                 for radius in SHRINK_RADII:
-                    candidate = hard * (distance <= radius).float()
+                    inside = (distance <= radius).float()
+                    candidate = hard * inside
                     loss, verified = self._judge(candidate, inputs)
                     better = verified & (loss < best)
-                    best[better], chosen[better] = loss[better], candidate[better]
+                    best[better], chosen[better], ball[better] = loss[better], candidate[better], inside[better]
                 improved = best < score
                 take = todo[improved]
                 attempt.hard[take] = chosen[improved]
-                attempt.soft[take] = attempt.soft[take] * chosen[improved]
+                attempt.soft[take] = attempt.soft[take] * ball[improved]
                 active[todo[~improved]] = False
 
     def _judge(self, candidate: torch.Tensor, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,28 +184,41 @@ def _dicom_header(path: Path):
     import pydicom
 
     try:
-        return pydicom.dcmread(path, defer_size=1024)  # pixel data is read later, by the reader
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size=1024)  # pixel data is read later, by the reader
     except Exception as err:  # pydicom raises many kinds for damaged files
-        problem = f"not a readable DICOM file ({type(err).__name__}: {err})"
         if isinstance(err, pydicom.errors.InvalidDicomError) and "File Meta Information" in str(err):
-            problem = _without_file_header(path)  # pydicom's message says "use force=True", which a medcam user cannot
-        raise InputError(path, problem) from err
+            raise _without_file_header(path) from err  # pydicom's message says "use force=True", which a medcam user cannot
+        raise InputError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
+    # a file cut short inside a sequence or encapsulated pixel data: pydicom warns and may return
+    # an empty data set, which would otherwise pass for a file with no image
+    short = [str(w.message) for w in caught if "end of file reached" in str(w.message).lower()]
+    if short or (len(ds) == 0 and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {})):
+        reason = short[0].split(" found in file")[0] if short else "no data set after the file header"
+        raise InputError(path, f"DICOM file cut short or damaged ({reason}).")
+    return ds
 
 
-def _without_file_header(path: Path) -> str:
+def _without_file_header(path: Path) -> InputError:
     """Why a file without DICOM's file header (preamble, 'DICM', file meta) is not read: a bare data set,
-    which DCMTK can give the header, or no DICOM at all."""
+    which DCMTK can give the header (:class:`NotAnImage` where it holds no pixel data: a bare RT
+    structure set in a folder is passed over), or no DICOM at all."""
     import pydicom
 
     try:
-        bare = "SOPClassUID" in pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        bare = pydicom.dcmread(path, force=True)
+        pixels = any(k in bare for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        bare = "SOPClassUID" in bare
     except Exception:
-        bare = False
+        bare = pixels = False
+    if bare and not pixels:
+        return NotAnImage(path, "a DICOM data set without the file header and with no pixel data; nothing to explain.")
     if bare:
-        return ("not a readable DICOM file: a DICOM data set without the file header (preamble, 'DICM' and "
-                "file meta information, which say how its pixels are encoded); write it as a DICOM file "
-                "first, e.g. with DCMTK: dcmconv <file> <new file>")
-    return "not a readable DICOM file: no 'DICM' marker and no DICOM data set (empty, cut short, or another format?)"
+        return InputError(path, "not a readable DICOM file: a DICOM data set without the file header (preamble, 'DICM' and "
+                                "file meta information, which say how its pixels are encoded); write it as a DICOM file "
+                                "first, e.g. with DCMTK: dcmconv <file> <new file>")
+    return InputError(path, "not a readable DICOM file: no 'DICM' marker and no DICOM data set (empty, cut short, or another format?)")
 
 
 def _check_dicom_image(path: Path, ds) -> None:
@@ -288,6 +301,11 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
     """One multi-slice series, checked and sorted by Instance Number (by position along the slices'
     normal where the numbers are missing or run against it)."""
     where = f"{folder} [series {series}]" if series else folder
+    uids = Counter(str(ds.get("SOPInstanceUID", "") or "") for _, ds in headers)
+    copies = sorted(f.name for f, ds in headers if uids[str(ds.get("SOPInstanceUID", "") or "")] > 1 and ds.get("SOPInstanceUID"))
+    if copies:  # an export holding one image twice (another transfer syntax, a re-send): not two slices
+        raise InputError(where, f"files {_listed(copies)} hold the same image (one SOP Instance UID); keep one copy of "
+                                "each image in the folder.")
     unplaced = sorted(f.name for f, ds in headers if "ImagePositionPatient" not in ds)
     if unplaced:
         raise InputError(where, f"slices {_listed(unplaced)} have no Image Position "
@@ -612,15 +630,16 @@ class _SeriesReader(PydicomReader):
         return slices
 
 
-def _undecodable_slice(files: tuple[Path, ...]) -> Path | None:
-    """The first of a series' files whose pixel data cannot be decoded (after the series failed to load)."""
+def _undecodable_slice(files: tuple[Path, ...]) -> tuple[Path, str] | None:
+    """The first of DICOM ``files`` whose pixel data pydicom cannot decode (after MONAI's reader
+    failed on them), and pydicom's reason: MONAI's own message may only say "does not have pixel_array"."""
     import pydicom
 
     for f in files:
         try:
             pydicom.dcmread(f).pixel_array
-        except Exception:  # noqa: BLE001 - any failure marks the slice
-            return f
+        except Exception as err:  # noqa: BLE001 - any failure marks the slice
+            return f, _reason(err)
     return None
 
 
@@ -833,9 +852,11 @@ def load_image(item: ImageInput) -> MetaTensor:
         raise  # a slice of a series, named
     except Exception as err:  # readers raise many kinds for damaged files
         reason = _reason(err.__cause__ or err)
-        culprit = _undecodable_slice(item.files) if item.kind == "dicom_series" else None
-        if culprit is not None:  # name the slice (its pixel data truncated, say), not only the folder
-            raise InputError(culprit, f"cannot read this slice of the series {item.label} ({reason}).") from err
+        culprit = _undecodable_slice(item.files or (item.path,)) if item.kind in ("dicom", "dicom_series") else None
+        if culprit is not None and "pixel_array" in reason:  # MONAI's reader hides pydicom's reason
+            reason = culprit[1]
+        if culprit is not None and item.kind == "dicom_series":  # name the slice (its pixel data truncated, say), not only the folder
+            raise InputError(culprit[0], f"cannot read this slice of the series {item.label} ({reason}).") from err
         raise InputError(item.path, f"cannot read the image ({reason}).") from err
     if not isinstance(image, MetaTensor):
         image = MetaTensor(image)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,8 @@ from monai_medcam.orientation import check_orientation, oriented_shape, reorient
 from monai_medcam.preprocessing import BundlePreprocessing
 from monai_medcam.provenance import RUN_RECORD, remove_run_record, run_record, write_run_record
 from monai_medcam.visualize import class_names_map, grad_cam, grad_cam_layer
-from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, atomic_path, evidence_class, output_formats,
-                                  panel_slices, seg_problem, write_outputs)
+from monai_medcam.writers import (EVIDENCE_SUFFIXES, FORMATS, SEG_NEEDS_DICOM, OutputError, OutputsLocked, atomic_path, evidence_class,
+                                  only_writer, output_formats, panel_slices, remove_temporaries, seg_problem, write_outputs)
 
 __all__ = [
     "ExplainReport", "explain_inputs", "output_formats", "to_classifier_space", "back_to_source", "write_rows_csv", "FORMATS",
@@ -200,13 +201,38 @@ def check_classifier(
                          f"(0-{classes - 1}); check --class-names, or a bundle's metadata.json channel_def.")
 
 
+def _outcome(report: ExplainReport) -> dict:
+    """The run record's outcome: counts, each failed input's problem and the files this run wrote
+    (anything else in the folder is from an earlier run: an interrupted one leaves some)."""
+    files = sorted(path.name for paths in report.written.values() for path in paths)
+    return dict(explained=len(report.written), failed=len(report.failures), failures=dict(report.failures), files=files)
+
+
+@contextmanager
+def _only_run(output: Path, names: Sequence[str]) -> Iterator[None]:
+    """Hold ``output/.medcam.lock`` while a run writes there (:func:`~monai_medcam.writers.only_writer`):
+    a second run into the folder is refused, not left to overwrite this one's summary and record.
+    Holding it, the temporaries an earlier run killed while writing left of this run's files are removed
+    (without a lock, left: a run cannot know whether another writes them)."""
+    try:
+        with only_writer(output / ".medcam.lock") as held:
+            ours = {"summary.csv", RUN_RECORD} | {name + suffix for name in names for suffix in EVIDENCE_SUFFIXES.values()}
+            left = remove_temporaries(output, ours) if held else []  # unlocked, another run may be writing them
+            if left:
+                logger.info("removed %d temporary file(s) an earlier run left in %s", len(left), output)
+            yield
+    except OutputsLocked as err:  # only the lock's own refusal: the block raises no such error
+        raise ValueError(f"output folder {output}: another run is writing there (it holds {err.lock}); wait for it "
+                         "to finish, or give another output folder.") from err
+
+
 def _writable_folder(folder: Path) -> Path:
     """``folder``, created if need be, after checking that files can be written in it (before any work)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / ".medcam-write-check") as probe:
             probe.write_bytes(b"")
-        (folder / ".medcam-write-check").unlink()
+        (folder / ".medcam-write-check").unlink(missing_ok=True)  # another run's check may have taken it
     except OSError as err:
         raise ValueError(f"output folder {folder}: cannot write there ({type(err).__name__}: {err.strerror or err}).") from err
     return folder
@@ -358,143 +384,147 @@ def explain_inputs(
     class_names = class_names_map(class_names)
     check_classifier(explainer, spatial_dims, channels, size, class_idx, device, class_names=list(class_names))
     output = _writable_folder(Path(output))
-    summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
-    record_path = output / RUN_RECORD
-    remove_run_record(record_path)  # and so would its record
-    report = ExplainReport(failures=dict(failures or {}))
-    record = None if provenance is None else run_record(explainer, spatial_dims, device, settings, **provenance)
-    # counts images and slices, from the headers; corrected as each input is loaded
-    expected = {id(item): expected_images(item, spatial_dims) for item in inputs}
-    bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
+    names = output_names(list(inputs))
+    with _only_run(output, names):  # one run at a time in a folder; an earlier run's temporaries removed
+        summary_csv = write_rows_csv(output / "summary.csv", [])  # an earlier run's summary would describe other masks
+        record_path = output / RUN_RECORD
+        remove_run_record(record_path)  # and so would its record
+        report = ExplainReport(failures=dict(failures or {}))
+        record = None if provenance is None else run_record(explainer, spatial_dims, device, settings, **provenance)
+        # counts images and slices, from the headers; corrected as each input is loaded
+        expected = {id(item): expected_images(item, spatial_dims) for item in inputs}
+        bar = tqdm(total=sum(expected.values()), unit="image", desc="Med-CAM", disable=not progress)
 
-    queue: list[tuple[_Pending, int, torch.Tensor]] = []
-    fresh: set[Path] = set()  # files this run wrote for inputs that failed in part
+        queue: list[tuple[_Pending, int, torch.Tensor]] = []
+        fresh: set[Path] = set()  # files this run wrote for inputs that failed in part
 
-    def fail(pending_or_item, err: Exception) -> None:
-        item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
-        message = err.problem if isinstance(err, InputError) else str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
-        report.failures[item.label] = message
-        logger.error("%s: %s", item.label, message)
+        def fail(pending_or_item, err: Exception) -> None:
+            item = pending_or_item.item if isinstance(pending_or_item, _Pending) else pending_or_item
+            message = err.problem if isinstance(err, InputError) else str(err) if isinstance(err, OutputError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, InputError) and err.path != item.path and err.path.is_file():  # one file of a series: name it
+                message = f"{err.path.relative_to(item.path) if err.path.is_relative_to(item.path) else err.path}: {message}"
+            report.failures[item.label] = message
+            logger.error("%s: %s", item.label, message)
 
-    def finish(pending: _Pending) -> None:
-        image = pending.image
-        mask = MetaTensor(_assemble(pending.masks, pending), meta=dict(image.meta))
-        soft = _assemble(pending.softs, pending)
-        # Grad-CAM only when every piece has it (it may have failed on one of the batches)
-        heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
-        rows = sorted(pending.rows.values(), key=lambda r: r["slice"] or 0)  # in the source's slice order
-        label = evidence_class(rows)
-        try:
-            report.written[pending.item.label] = write_outputs(
-                image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, panel_slices(rows), rows,
-                class_names,
-            )
-        except OutputError as err:  # some formats written: their rows stay in the summary
-            fail(pending, err)
-            fresh.update(err.written)
-            if not err.written:
-                return
-        except Exception as err:  # a writer refusing one input must not stop the others
-            fail(pending, err)
-            return
-        report.rows.extend(rows)
-        write_rows_csv(summary_csv, report.rows)  # after each input: an interrupted run's summary lists what it wrote
-
-    def run_batch() -> None:
-        if not queue:
-            return
-        batch = torch.stack([piece for _, _, piece in queue]).to(device)
-        owners = {id(p): p for p, _, _ in queue}
-        try:
-            # the log names inputs, and a volume's slices by the source's numbers
-            names = [f"{p.name} slice {source_slice(k, p.pieces, p.ornt)}" if p.sliced else p.name for p, k, _ in queue]
-            result = explainer.explain(batch, class_idx, names=names)
-        except Exception as err:
-            for pending in owners.values():
+        def finish(pending: _Pending) -> None:
+            image = pending.image
+            mask = MetaTensor(_assemble(pending.masks, pending), meta=dict(image.meta))
+            soft = _assemble(pending.softs, pending)
+            # Grad-CAM only when every piece has it (it may have failed on one of the batches)
+            heat = {"Grad-CAM": _assemble(pending.heat, pending)} if len(pending.heat) == pending.pieces else None
+            rows = sorted(pending.rows.values(), key=lambda r: r["slice"] or 0)  # in the source's slice order
+            label = evidence_class(rows)
+            try:
+                report.written[pending.item.label] = write_outputs(
+                    image, mask, output, pending.name, formats, soft, label, heat, pending.name, fractional, panel_slices(rows), rows,
+                    class_names,
+                )
+            except OutputError as err:  # some formats written: their rows stay in the summary
                 fail(pending, err)
+                fresh.update(err.written)
+                if not err.written:
+                    return
+            except Exception as err:  # a writer refusing one input must not stop the others
+                fail(pending, err)
+                return
+            report.rows.extend(rows)
+            write_rows_csv(summary_csv, report.rows)  # after each input: an interrupted run's summary lists what it wrote
+
+        def run_batch() -> None:
+            if not queue:
+                return
+            batch = torch.stack([piece for _, _, piece in queue]).to(device)
+            owners = {id(p): p for p, _, _ in queue}
+            try:
+                # the log names inputs, and a volume's slices by the source's numbers
+                names = [f"{p.name} slice {source_slice(k, p.pieces, p.ornt)}" if p.sliced else p.name for p, k, _ in queue]
+                result = explainer.explain(batch, class_idx, names=names)
+            except Exception as err:
+                for pending in owners.values():
+                    fail(pending, err)
+                bar.update(len(queue))
+                queue.clear()
+                return
+            heat = None
+            if gradcam_layer is not None and "png" in formats:
+                try:
+                    heat = grad_cam(classifier, batch, gradcam_layer, result.label)
+                except Exception as err:  # the evidence is written all the same, its panel without Grad-CAM
+                    which = ", ".join(sorted({Path(p.item.path).name for p in owners.values()}))
+                    logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, which)
+            summary = result.summary()
+            for j, (pending, k, _) in enumerate(queue):
+                if pending.item.label in report.failures:
+                    continue
+                try:  # one input's problem here must not stop the others
+                    shape = oriented_shape(pending.image.shape[1:], pending.ornt)
+                    shape = shape[:-1] if pending.sliced else shape
+
+                    def back(maps: torch.Tensor, soft: bool, pending: _Pending = pending, shape: tuple = shape) -> torch.Tensor:
+                        """``(1, 1, *s)`` on the classifier's input -> ``(1, *shape)`` on the source's voxels."""
+                        if pending.prepared is None:
+                            return back_to_source(maps, shape, soft)[0]
+                        return preprocessing.invert(maps[0], pending.prepared, soft)  # its shape checked by bundle_prepared
+
+                    pending.masks[k] = back(result.mask[j : j + 1].as_tensor().cpu(), soft=False)
+                    pending.softs[k] = back(result.soft_mask[j : j + 1].cpu(), soft=True)
+                    if heat is not None:
+                        pending.heat[k] = back(heat[j : j + 1].cpu(), soft=True)
+                    number = source_slice(k, pending.pieces, pending.ornt) if pending.sliced else ""
+                    row = {"input": pending.item.label, "slice": number, "evidence": pending.name}
+                    row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
+                    pending.rows[k] = row
+                    if len(pending.masks) == pending.pieces:
+                        finish(pending)
+                except Exception as err:
+                    fail(pending, err)
             bar.update(len(queue))
             queue.clear()
-            return
-        heat = None
-        if gradcam_layer is not None and "png" in formats:
-            try:
-                heat = grad_cam(classifier, batch, gradcam_layer, result.label)
-            except Exception as err:  # the evidence is written all the same, its panel without Grad-CAM
-                which = ", ".join(sorted({Path(p.item.path).name for p in owners.values()}))
-                logger.warning("Grad-CAM at %r failed (%s: %s); panels of %s without it.", gradcam_layer, type(err).__name__, err, which)
-        summary = result.summary()
-        for j, (pending, k, _) in enumerate(queue):
-            if pending.item.label in report.failures:
-                continue
-            try:  # one input's problem here must not stop the others
-                shape = oriented_shape(pending.image.shape[1:], pending.ornt)
-                shape = shape[:-1] if pending.sliced else shape
 
-                def back(maps: torch.Tensor, soft: bool, pending: _Pending = pending, shape: tuple = shape) -> torch.Tensor:
-                    """``(1, 1, *s)`` on the classifier's input -> ``(1, *shape)`` on the source's voxels."""
-                    if pending.prepared is None:
-                        return back_to_source(maps, shape, soft)[0]
-                    return preprocessing.invert(maps[0], pending.prepared, soft)  # its shape checked by bundle_prepared
-
-                pending.masks[k] = back(result.mask[j : j + 1].as_tensor().cpu(), soft=False)
-                pending.softs[k] = back(result.soft_mask[j : j + 1].cpu(), soft=True)
-                if heat is not None:
-                    pending.heat[k] = back(heat[j : j + 1].cpu(), soft=True)
-                number = source_slice(k, pending.pieces, pending.ornt) if pending.sliced else ""
-                row = {"input": pending.item.label, "slice": number, "evidence": pending.name}
-                row.update({name: summary[j][name] for name in ROW_FIELDS if name in summary[j]})
-                pending.rows[k] = row
-                if len(pending.masks) == pending.pieces:
-                    finish(pending)
-            except Exception as err:
-                fail(pending, err)
-        bar.update(len(queue))
-        queue.clear()
-
-    named = list(zip(inputs, output_names(list(inputs))))
-    if record is not None:
-        write_run_record(record_path, record)
-    try:
-        for item, name in named:
-            if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
-                fail(item, InputError(item.path, SEG_NEEDS_DICOM))
-                bar.update(expected[id(item)])
-                continue
-            try:
-                image = load_image(item)
-                no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
-                if no_seg:  # a cine: no SEG, so no work for it
-                    raise InputError(item.path, no_seg)
-                prepared = None if preprocessing is None else bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
-                if prepared is None:
-                    pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
-                else:
-                    pieces = [prepared.as_tensor()]
-            except Exception as err:
-                fail(item, err)
-                bar.update(expected[id(item)])
-                continue
-            if len(pieces) != expected[id(item)]:
-                bar.total += len(pieces) - expected[id(item)]
-                bar.refresh()
-            pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
-                               ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
-            for k, piece in enumerate(pieces):
-                if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
-                    run_batch()
-                queue.append((pending, k, piece))
-        run_batch()
-    except BaseException as err:  # KeyboardInterrupt too: the record says the run did not finish
+        named = list(zip(inputs, names))
         if record is not None:
-            write_run_record(record_path, record, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                             explained=len(report.written), failed=len(report.failures), error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        bar.close()
-    for item, name in named:  # a failed input's files from an earlier run must not pass for this run's
-        earlier = [path.name for path in (output / (name + EVIDENCE_SUFFIXES[f]) for f in FORMATS) if path.is_file() and path not in fresh]
-        if item.label in report.failures and earlier:
-            report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
-    if record is not None:
-        write_run_record(record_path, record, "finished", explained=len(report.written), failed=len(report.failures))
-    return report
+            write_run_record(record_path, record)
+        try:
+            for item, name in named:
+                if set(formats) == {"seg"} and not item.kind.startswith("dicom"):  # before any work for it
+                    fail(item, InputError(item.path, SEG_NEEDS_DICOM))
+                    bar.update(expected[id(item)])
+                    continue
+                try:
+                    image = load_image(item)
+                    no_seg = seg_problem(image.meta) if set(formats) == {"seg"} else None
+                    if no_seg:  # a cine: no SEG, so no work for it
+                        raise InputError(item.path, no_seg)
+                    prepared = None if preprocessing is None else bundle_prepared(preprocessing, image, spatial_dims, channels, item.path)
+                    if prepared is None:
+                        pieces = to_classifier_space(image, spatial_dims, channels, size, item.path, orientation)
+                    else:
+                        pieces = [prepared.as_tensor()]
+                except Exception as err:
+                    fail(item, err)
+                    bar.update(expected[id(item)])
+                    continue
+                if len(pieces) != expected[id(item)]:
+                    bar.total += len(pieces) - expected[id(item)]
+                    bar.refresh()
+                pending = _Pending(item, name, image, len(pieces), sliced=prepared is None and spatial_dims == 2 and image.ndim == 4,
+                                   ornt=reorientation(image, orientation) if prepared is None else None, prepared=prepared)
+                for k, piece in enumerate(pieces):
+                    if queue and (queue[0][2].shape != piece.shape or len(queue) >= batch_size):
+                        run_batch()
+                    queue.append((pending, k, piece))
+            run_batch()
+        except BaseException as err:  # KeyboardInterrupt too: the record says the run did not finish
+            if record is not None:
+                write_run_record(record_path, record, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                                 **_outcome(report), error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            bar.close()
+        for item, name in named:  # a failed input's files from an earlier run must not pass for this run's
+            earlier = [path.name for path in (output / (name + EVIDENCE_SUFFIXES[f]) for f in FORMATS) if path.is_file() and path not in fresh]
+            if item.label in report.failures and earlier:
+                report.failures[item.label] += f" (left from an earlier run, not this one's: {', '.join(earlier)})"
+        if record is not None:
+            write_run_record(record_path, record, "finished", **_outcome(report))
+        return report

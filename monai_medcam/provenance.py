@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import platform
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -110,9 +111,10 @@ def run_record(explainer, spatial_dims: int, device: str | torch.device, given: 
 
 def command_context(argv: Sequence[str], classifier: str, classifier_files: Sequence[str | Path]) -> dict[str, object]:
     """``command`` and ``classifier`` for :func:`run_record`: the arguments as given (``medcam ...``),
-    the working directory, and each file the classifier was built from, with its digest."""
+    the working directory, the machine and process (a record left "running" by a killed run can be
+    told from a live one), and each file the classifier was built from, with its digest."""
     return {
-        "command": {"argv": ["medcam", *argv], "cwd": os.getcwd()},
+        "command": {"argv": ["medcam", *argv], "cwd": os.getcwd(), "host": socket.gethostname(), "pid": os.getpid()},
         "classifier": {"source": classifier, "files": [file_digest(f) for f in classifier_files]},
     }
 

@@ -381,10 +381,12 @@ def save_panels(
     if heading:
         fig.suptitle(heading, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 / fig.get_figheight()) if heading else None)
+    from monai_medcam.writers import atomic_path  # writers imports this module
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

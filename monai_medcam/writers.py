@@ -7,10 +7,14 @@ the target folder and renames it into place, so a file either appears whole or n
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 # recorded in a SEG's Pixel Measures for a source with Pixel Spacing but no Slice Thickness (a
 # secondary capture, a planar NM image): the standard and highdicom's reader need a value there
 NOMINAL_SLICE_THICKNESS = 1.0
+# the source's patient and study attributes highdicom copies into a SEG (type 2 there: empty is valid)
+SEG_COPIES = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
 
 
 def seg_problem(meta: Mapping) -> str | None:
@@ -66,8 +72,14 @@ class OutputError(ValueError):
         super().__init__(problem)
 
 
+TEMPORARY = re.compile(r"\.tmp-(\d+)-(.+)")  # atomic_path's temporary name: .tmp-<pid>-<target's name>
+_renamed_together: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("_renamed_together", default=None)
+
+
 class atomic_path:
-    """``with atomic_path(target) as tmp:`` write ``tmp``; on success it is renamed to ``target``, else removed."""
+    """``with atomic_path(target) as tmp:`` write ``tmp`` (``.tmp-<pid>-<name>`` beside it, the same
+    suffix: writers choose the format by it); on success it is flushed to disk and renamed to
+    ``target`` (within :func:`renamed_together`, at that block's end), else removed."""
 
     def __init__(self, target: str | Path) -> None:
         self.target = Path(target)
@@ -78,10 +90,108 @@ class atomic_path:
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.tmp.replace(self.target)
-        else:
+        if kind is not None:
             self.tmp.unlink(missing_ok=True)
+            return
+        together = _renamed_together.get()
+        if together is None:
+            _replace(self.tmp, self.target)
+        else:
+            together.append((self.tmp, self.target))
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``target``; where that fails, ``tmp`` is removed."""
+    try:
+        with tmp.open("rb") as handle:  # a crash just after the rename must not leave an empty file under the name
+            os.fsync(handle.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def renamed_together() -> Iterator[None]:
+    """Within the block, files written with :class:`atomic_path` keep their temporary names until
+    the block ends, then are renamed together; if the block fails (an interrupt too), all are
+    removed. So one input's evidence files are all from one run: an interrupt between two formats
+    leaves the earlier run's set whole, not a mix of both."""
+    pending: list[tuple[Path, Path]] = []
+    token = _renamed_together.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _renamed_together.reset(token)
+    for k, (tmp, target) in enumerate(pending):
+        try:
+            _replace(tmp, target)
+        except BaseException:
+            for left, _ in pending[k + 1 :]:
+                left.unlink(missing_ok=True)
+            raise
+
+
+class OutputsLocked(RuntimeError):
+    """Another run holds the lock on these outputs (:func:`only_writer`); ``lock``: its file."""
+
+    def __init__(self, lock: Path) -> None:
+        self.lock = lock
+        super().__init__(f"another run holds {lock}")
+
+
+@contextmanager
+def only_writer(lock: Path) -> Iterator[bool]:
+    """Hold ``lock`` (an exclusive ``flock``; the file is made if need be) for the block, giving
+    ``True``: a second run on the same outputs gets :class:`OutputsLocked` rather than interleaving
+    its writes with this one's. The lock file is removed at the end, while held; a
+    run that locked a file so removed (it opened it just before) tries again on the new one.
+    Without ``fcntl`` (Windows), or on a file system without locks (logged), no lock is taken: ``False``,
+    and the run cannot know whether another writes beside it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    while True:
+        handle = lock.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.close()
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputsLocked(lock) from err
+            logger.warning("cannot lock %s (%s); a second run on these outputs would not be stopped.", lock, err)
+            yield False
+            return
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the file of a run that finished between this run's open and its lock
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and tries again
+        handle.close()
+
+
+def remove_temporaries(folder: Path, names: set[str]) -> list[Path]:
+    """Remove ``folder``'s :class:`atomic_path` temporaries of the files ``names`` (a run killed while
+    writing them left them; the caller holds the folder, so none is being written), and list them."""
+    removed = []
+    for left in folder.glob(".tmp-*"):
+        match = TEMPORARY.fullmatch(left.name)
+        if match and match.group(2) in names and left.is_file():
+            left.unlink(missing_ok=True)
+            removed.append(left)
+    return removed
 
 
 def write_nifti(mask: MetaTensor, path: str | Path, dtype: type = np.uint8, *, verified: Sequence[bool | None] | None = None) -> Path:
@@ -203,6 +313,16 @@ def write_dicom_seg(
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.get(k)]
         if missing:
             raise ValueError(f"the source {Path(f).name} has no {', '.join(missing)}, which a DICOM SEG must reference.")
+    for source in sources:  # in memory only: the patient and study attributes a SEG copies, empty where missing (type 2)
+        absent = [k for k in SEG_COPIES if k not in source]
+        for keyword in absent:
+            setattr(source, keyword, "")
+        if absent:
+            logger.info("%s has no %s; its SEG records them empty", source.get("SOPInstanceUID"), ", ".join(absent))
+        for keyword, mark in (("StudyTime", ":"), ("StudyDate", "."), ("PatientBirthDate", ".")):  # ACR-NEMA's 11:20:00, 1993.05.26
+            value = str(source.get(keyword) or "")
+            if mark in value and value.replace(mark, "").replace(".", "").isdigit():
+                setattr(source, keyword, value.replace(mark, "") if mark == ":" else value.replace(".", ""))
     for source in sources:  # in memory only: the SEG's Pixel Measures need a Slice Thickness beside the Pixel Spacing
         if "PixelSpacing" in source and not source.get("SliceThickness"):
             source.SliceThickness = source.get("SpacingBetweenSlices") or NOMINAL_SLICE_THICKNESS
@@ -309,7 +429,13 @@ def _segmentation(sources: list, pixels: np.ndarray, kind, segments: list, serie
 
     from monai_medcam import __version__
 
+    # the source's character set, where highdicom takes it; else UTF-8, which holds any text (a
+    # Japanese or Korean set has an empty first value, the default repertoire, which highdicom refuses)
+    charset = sources[0].get("SpecificCharacterSet")
+    values = [charset] if isinstance(charset, str) else list(charset or [])
+    known = {v.value for v in hd.enum.SpecificCharacterSetValues}
     return hd.seg.Segmentation(
+        specific_character_set=charset if all(v in known for v in values) else "ISO_IR 192",
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=kind,
@@ -463,6 +589,8 @@ def write_outputs(
     """Write ``mask`` for ``image`` in each of ``formats`` (``seg``, ``nifti``, ``png``) as ``folder/name.*``.
 
     Each format is written on its own: one that fails does not keep the others from being written.
+    They are renamed into place together once all are written (:func:`renamed_together`): an
+    interrupt while they are written leaves none of this call's files, and an earlier run's set whole.
     ``rows`` (the summary rows: one per slice of a volume explained slice by slice, else one) caption
     the PNG's panels with the decision and whether the evidence was verified (:func:`write_png`),
     and put evidence that was not verified in a segment of its own in the SEG (:func:`write_dicom_seg`;
@@ -488,26 +616,27 @@ def write_outputs(
     verified = verification_by_slice(rows, depth)  # None where not recorded: then not claimed
     if rows and len(rows) not in (1, depth):
         logger.warning("%s: %d summary rows for %d slices; the outputs record no verification.", name, len(rows), depth)
-    for fmt in formats:
-        try:
-            if fmt == "nifti":
-                written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"]), verified=verified))
-            elif fmt == "seg":
-                if no_seg:  # not DICOM, or a cine: the other formats are written
-                    if mask.meta.get(NOT_A_VOLUME):
-                        logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
-                                       name, mask.meta[NOT_A_VOLUME])
-                    continue
-                written.append(write_dicom_seg(mask, folder / (name + EVIDENCE_SUFFIXES["seg"]), soft_mask, fractional, label,
-                                               class_names=class_names, verified=verified))
-            elif fmt == "png":
-                shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
-                placed = isinstance(image, MetaTensor) and image.ndim == 4 and not image.meta.get(NOT_A_VOLUME)  # not a cine's frames
-                written.append(write_png(shown, mask, folder / (name + EVIDENCE_SUFFIXES["png"]), heatmaps, title,
-                                         candidates=display_slices, rows=rows, class_names=class_names,
-                                         affine=ras_affine(image) if placed else None))
-        except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
-            problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
+    with renamed_together():  # all of the input's files from this run, or (interrupted) none of them
+        for fmt in formats:
+            try:
+                if fmt == "nifti":
+                    written.append(write_nifti(mask, folder / (name + EVIDENCE_SUFFIXES["nifti"]), verified=verified))
+                elif fmt == "seg":
+                    if no_seg:  # not DICOM, or a cine: the other formats are written
+                        if mask.meta.get(NOT_A_VOLUME):
+                            logger.warning("%s: no DICOM SEG: highdicom writes none on %s; the other formats are written.",
+                                           name, mask.meta[NOT_A_VOLUME])
+                        continue
+                    written.append(write_dicom_seg(mask, folder / (name + EVIDENCE_SUFFIXES["seg"]), soft_mask, fractional, label,
+                                                   class_names=class_names, verified=verified))
+                elif fmt == "png":
+                    shown = image.max() - image if image.meta.get(PHOTOMETRIC) == "MONOCHROME1" else image  # low values bright
+                    placed = isinstance(image, MetaTensor) and image.ndim == 4 and not image.meta.get(NOT_A_VOLUME)  # not a cine's frames
+                    written.append(write_png(shown, mask, folder / (name + EVIDENCE_SUFFIXES["png"]), heatmaps, title,
+                                             candidates=display_slices, rows=rows, class_names=class_names,
+                                             affine=ras_affine(image) if placed else None))
+            except Exception as err:  # noqa: BLE001 - reported with the format, the other formats go on
+                problems.append(f"{FORMAT_NAMES[fmt]} not written ({type(err).__name__}: {err})")
     if problems:
         also = f"; written: {', '.join(p.name for p in written)}" if written else "; nothing written"
         raise OutputError(written, "; ".join(problems) + also)

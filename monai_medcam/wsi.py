@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
@@ -46,7 +45,7 @@ from monai_medcam.pipeline import check_classifier
 from monai_medcam.provenance import RUN_RECORD, remove_run_record, run_record, write_run_record
 from monai_medcam.settings import as_bool, is_whole_number
 from monai_medcam.visualize import class_names_map, class_text, evidence_not_verified, summary_flag
-from monai_medcam.writers import atomic_path
+from monai_medcam.writers import OutputsLocked, atomic_path, only_writer, remove_temporaries
 
 __all__ = ["SlideTile", "WSIReport", "open_slide", "tissue_mask", "tile_grid", "explain_slide", "write_pyramid"]
 
@@ -529,46 +528,18 @@ def _level_mpp(reader, wsi, level: int, ratio: float) -> list[float] | None:
 
 @contextmanager
 def _only_run(output: Path, name: str, slide: Path) -> Iterator[None]:
-    """Hold ``output/.<name>.medcam.lock`` (an exclusive ``flock``) while a run writes the slide's
-    state and outputs: a second run on them is refused, not left to interleave its journal and
-    remove the state under the first. Holding it, the temporary files of an earlier run killed
-    during its final writes are removed. The lock file is removed at the end, while held; a run
-    that locked a file so removed (it opened it just before) tries again on the new one. Without
-    ``fcntl`` (Windows), or on a file system without locks (logged), no lock is taken."""
+    """Hold ``output/.<name>.medcam.lock`` (:func:`~monai_medcam.writers.only_writer`) while a run
+    writes the slide's state and outputs: a second run on them is refused, not left to interleave
+    its journal and remove the state under the first. Holding it, the temporary files of an earlier
+    run killed during its final writes are removed (where the lock could be taken)."""
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock = output / f".{name}.medcam.lock"
-    while True:
-        handle = lock.open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            handle.close()
-            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise InputError(slide, f"another run is writing this slide's outputs in {output} (it holds {lock}); "
-                                        "wait for it to finish, or give another output folder.") from err
-            logger.warning("%s: cannot lock %s (%s); a second run on these outputs would not be stopped.", slide.name, lock, err)
+        with only_writer(output / f".{name}.medcam.lock") as held:
+            if held:  # unlocked, a run cannot know whether another is writing them
+                remove_temporaries(output, {f"{name}_{kind}" for kind in ("evidence.tif", "tiles.csv", "thumbnail.png")})
             yield
-            return
-        try:
-            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # the file of a run that finished between this run's open and its lock
-    try:
-        pattern = re.compile(r"\.tmp-\d+-" + re.escape(name) + r"_(evidence\.tif|tiles\.csv|thumbnail\.png)")
-        for left in output.glob(".tmp-*"):  # what a run killed while writing its outputs left (its pid, exactly)
-            if pattern.fullmatch(left.name) and left.is_file():
-                left.unlink(missing_ok=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while held: a run that opened it meanwhile finds it gone and tries again
-        handle.close()
+    except OutputsLocked as err:  # only the lock's own refusal: the block raises no such error
+        raise InputError(slide, f"another run is writing this slide's outputs in {output} (it holds {err.lock}); "
+                                "wait for it to finish, or give another output folder.") from err
 
 
 def _removed(state: Path) -> Path:

@@ -67,8 +67,9 @@ def test_quality_benchmark_smoke(tmp_path):
         for key in ("lesion_alone_keeps", "lesion_alone_backgrounds", "lesion_removed_flips"):
             assert (a[key] is None) if a["validity_images"] == 0 else (0 <= a[key] <= 1), (arch, key, a[key])
         for r in a["rows"]:
-            for key in ("iou", "kept", "kept_backgrounds", "area", "energy", "pointing", "insertion", "deletion"):
+            for key in ("iou", "precision", "kept", "kept_backgrounds", "area", "energy", "pointing", "insertion", "deletion"):
                 assert 0 <= r[key] <= 1, (arch, r["method"], key, r[key])
+            assert r["iou"] <= r["precision"] + 1e-6  # per image |M & T| / |M | T| <= |M & T| / |M|
             assert r["s_per_image"] > 0
         # saliency masks at the lesion's area hold the lesion's share of pixels
         at_lesion = [r for r in a["rows"] if r["method"].endswith("@ lesion area")]
@@ -304,3 +305,40 @@ def test_grad_cams_best_layer_is_chosen_on_the_tuning_images_only(monkeypatch):
     assert asked == [quality.TUNE_SEED]
     assert list(scores) == ["features.3", "features.6", "features.13", "features.18"]
     assert best == max(scores, key=scores.get) and all(0 <= v <= 1 for v in scores.values())
+
+
+def test_occlusion_drops_the_softmax_probability_on_one_channel_images():
+    # MONAI's activate=True takes a sigmoid of each logit when the *input* has one channel: with two
+    # equal logits the label's probability is 0.5 however the patch falls, so the map is flat
+    from benchmarks.baselines import occlusion
+
+    class EqualLogits(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            c = 5 * x[:, :, 8:16, 8:16].mean((1, 2, 3))[:, None]
+            return torch.cat([c, c], 1)
+
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5
+    sal = occlusion(EqualLogits(), x, torch.ones(1, dtype=torch.long), mask_size=4)
+    assert sal.shape == (1, 1, 32, 32) and sal.unique().numel() == 1
+
+
+def test_extremal_perturbation_finds_a_small_region_at_64_px():
+    # the mask's grid scales with the image (about 32 cells a side): a 6 x 6 region of a 64 px image is
+    # found; on a grid 8 px coarse (the earlier default) its IoU at the region's area was 0.18
+    from benchmarks.baselines import extremal_perturbation
+    from monai_medcam import metrics
+
+    region = (slice(20, 26), slice(30, 36))
+
+    class RegionLogit(torch.nn.Module):  # unsaturated: the label's log-probability has a gradient
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = 4 * (x[:, :, region[0], region[1]].mean((1, 2, 3)) - 0.6)
+            return torch.stack([-z, z], 1)
+
+    x = 0.3 * torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[:, :, region[0], region[1]] += 0.8
+    truth = torch.zeros_like(x)
+    truth[:, :, region[0], region[1]] = 1
+    m = extremal_perturbation(RegionLogit(), x, torch.ones(2, dtype=torch.long), metrics.area_fraction(truth), steps=60)
+    assert m.shape == x.shape and 0 <= m.min() and m.max() <= 1
+    assert (metrics.iou(metrics.binarize_top(m, metrics.area_fraction(truth)), truth) >= 0.6).all()

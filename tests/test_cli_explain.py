@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -151,8 +154,11 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
     assert main(args) == 1  # one input missing
     record = json.loads((out / "run.json").read_text())
     assert seen == ["running"]
-    assert record["status"] == "finished" and record["outcome"] == {"explained": 1, "failed": 1}
+    missing = str(tmp_path / "missing.dcm")
+    assert record["status"] == "finished" and record["outcome"] == {"explained": 1, "failed": 1, "failures": {missing: "no such file or folder."},
+                                                                    "files": ["MR_small_evidence.nii.gz"]}
     assert record["command"]["argv"] == ["medcam", *args] and record["ended"] >= record["started"]
+    assert record["command"]["pid"] == os.getpid() and record["command"]["host"] == socket.gethostname()
     (weights,) = record["classifier"]["files"]
     assert weights["sha256"] == hashlib.sha256(RADIOLOGY_CHECKPOINT.read_bytes()).hexdigest()
     assert weights["bytes"] == RADIOLOGY_CHECKPOINT.stat().st_size and record["classifier"]["source"] == FACTORY
@@ -184,7 +190,8 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk gone"):
         main(args)
     record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "failed" and record["outcome"] == {"explained": 0, "failed": 1, "error": "RuntimeError: disk gone"}
+    assert record["status"] == "failed" and record["outcome"] == {"explained": 0, "failed": 1, "failures": {missing: "no such file or folder."},
+                                                                  "files": [], "error": "RuntimeError: disk gone"}
     # where the record cannot be written (a full disk), the run's outputs stand, with a warning
     monkeypatch.setattr(monai_medcam.pipeline, "_Pending", pending)
     monkeypatch.setattr(monai_medcam.provenance, "atomic_path", broken_disk)
@@ -193,6 +200,55 @@ def test_run_json_records_the_run_as_given_and_as_it_ended(tmp_path, monkeypatch
         assert main(args) == 1
     assert (out / "MR_small_evidence.nii.gz").is_file() and not (out / "run.json").exists()
     assert "run.json: the run's record was not written (OSError: No space left on device)" in caplog.text
+
+
+def test_a_stopped_run_leaves_each_inputs_files_from_one_run_and_the_next_cleans_up(tmp_path, monkeypatch, capsys):
+    # SIGTERM (a scheduler stopping the job) stops the run as Ctrl-C does: exit 143, its record
+    # "interrupted"; an input's formats are renamed into place together, so an interrupt while
+    # they are written leaves the earlier run's set whole; a second run into the folder is
+    # refused while one runs; temporaries a killed run left of this run's files are removed
+    import monai_medcam.writers
+
+    out = tmp_path / "o"
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(TEST_FILES / "MR_small.dcm"),
+            "--output", str(out), "--format", "nifti,png", *FAST]
+    assert main(args) == 0
+    earlier = {name: (out / name).read_bytes() for name in ("MR_small_evidence.nii.gz", "MR_small_evidence.png")}
+    write_png = monai_medcam.writers.write_png
+
+    def killed_while_writing(*a, **k):  # the NIfTI is written (under its temporary name), then SIGTERM
+        assert list(out.glob(".tmp-*MR_small_evidence.nii.gz"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(monai_medcam.writers, "write_png", killed_while_writing)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main([*args[:-2], "--seed", "1"]) == 143
+    assert "terminated (SIGTERM): every output written so far is whole" in capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["outcome"]["error"] == "Terminated: signal 15"
+    assert record["outcome"]["files"] == [] and {name: (out / name).read_bytes() for name in earlier} == earlier
+    assert not list(out.glob(".tmp-*")) and signal.getsignal(signal.SIGTERM) == handler  # the handler before is back
+
+    monkeypatch.setattr(monai_medcam.writers, "write_png", write_png)
+    left = [out / ".tmp-99999999-summary.csv", out / ".tmp-99999999-MR_small_evidence.nii.gz"]
+    others = [out / ".tmp-99999999-notes.txt", out / "notes.txt"]  # not this run's: left alone
+    for path in left + others:
+        path.write_text("torn")
+    fcntl = pytest.importorskip("fcntl")
+    with (out / ".medcam.lock").open("a") as held:  # another run, writing into the folder now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 2
+        assert f"output folder {out}: another run is writing there (it holds {out / '.medcam.lock'})" in capsys.readouterr().err
+        assert all(path.exists() for path in left)
+    assert main(args) == 0
+    assert not any(path.exists() for path in left) and all(path.exists() for path in others)
+    assert not (out / ".medcam.lock").exists()
+    # a file that cannot be replaced (summary.csv a folder here): one line, exit 2, no temporary left
+    (out / "summary.csv").unlink()
+    (out / "summary.csv").mkdir()
+    assert main(args) == 2
+    assert f"error: [Errno 21] Is a directory: '{out / '.tmp-'}" in capsys.readouterr().err
+    assert not list(out.glob(".tmp-*summary*"))
 
 
 def test_pickled_classifier_is_refused(tmp_path, capsys):
@@ -582,3 +638,18 @@ def test_the_table_at_the_end_counts_over_the_decisions_that_needed_evidence():
     out = io.StringIO()  # as read back from summary.csv: text
     print_report(types.SimpleNamespace(rows=[{k: str(v) for k, v in r.items()} for r in rows], failures={}), out)
     assert out.getvalue().splitlines()[1].split()[-2:] == ["1/2", "2/2"]
+
+
+def test_a_file_no_decoder_reads_is_one_line_without_pydicoms_tracebacks(tmp_path, monkeypatch, caplog):
+    # pydicom logs a traceback for each decoding plugin that fails; the error line names them all
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("pydicom"), "level", logging.getLogger("pydicom").level)  # restored after
+    source = TEST_FILES / "GDCMJ2K_TextGBR.dcm"  # JPEG 2000 that Pillow cannot decode
+    args = ["explain", "--classifier", FACTORY, "--weights", str(RADIOLOGY_CHECKPOINT), "--input", str(source),
+            "--output", str(tmp_path / "o"), "--format", "nifti", *FAST]
+    with caplog.at_level(logging.DEBUG):
+        assert main(args) == 1
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failed) == 1 and failed[0].startswith(f"{source}: cannot read the image (") and "pillow" in failed[0]

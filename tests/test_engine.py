@@ -686,26 +686,39 @@ def _stalled_attempt(explainer: MedCAM, x: torch.Tensor, keep: slice = slice(2, 
 
 
 def test_shrinking_cuts_a_stalled_mask_down_to_the_region():
-    # a verified block of 77% of the image around the 8 x 8 region the logits depend on: the ball
+    # a verified block of 70% of the image (77% less holes) around the 8 x 8 region the logits depend on: the ball
     # around the point the decision leans on most keeps the region and little else, scores lower
     # and is verified; one block is left whole (as pruning would: one component)
     explainer = MedCAM(RegionClassifier())
     x = region_images(2, seed=3)
     with explainer.classifier.frozen():
         attempt, args = _stalled_attempt(explainer, x)
-        before = attempt.hard.clone()
+        # in-between soft values, as an optimisation leaves them: 0.3 in single-pixel holes of the block
+        holes = torch.zeros_like(attempt.hard, dtype=torch.bool)
+        holes[:, :, 3:30:3, 3:30:3] = True
+        attempt.hard[holes], attempt.soft[holes] = 0.0, 0.3
+        before, soft_before = attempt.hard.clone(), attempt.soft.clone()
         loss_before = explainer._hard_objective(before, *args)[0]
         attempt.verified[1] = False  # an unverified mask is left as it is
         explainer._shrink(attempt, *args)
         loss_after, verified_after = explainer._hard_objective(attempt.hard, *args)
     region = _region_mask()
     shrunk = attempt.hard[0, 0]
-    assert before[0].mean() > 0.75 and verified_after[0] and loss_after[0] < loss_before[0]
+    assert before[0].mean() > 0.65 and verified_after[0] and loss_after[0] < loss_before[0]
     assert shrunk.mean() < 0.2, f"still {float(shrunk.mean()):.0%} of the image"
     assert (shrunk * region).sum() >= 0.5 * region.sum(), "the ball lost most of the region"
     assert shrunk[20:, :].sum() == 0 and shrunk[:, 20:].sum() == 0, "kept pixels far from the region"
-    assert torch.equal(attempt.soft[0, 0], 0.97 * shrunk)  # the soft mask zeroed outside the ball
-    assert torch.equal(attempt.hard[1], before[1])  # unverified: untouched
+    # the soft mask zeroed outside the ball, kept inside it: its in-between values stay (they are
+    # what the non-binary share measures); over 0.5 it is the cut mask
+    soft = attempt.soft[0, 0]
+    assert torch.equal(soft > 0.5, shrunk > 0.5)
+    assert torch.equal(soft.unique(), torch.tensor([0.0, 0.3, 0.97]))
+    kept_holes = holes[0, 0] & (soft == 0.3)
+    ring = torch.nn.functional.max_pool2d(shrunk[None, None], 3, stride=1, padding=1)[0, 0] > 0  # kept pixels and their neighbours
+    amid = torch.nn.functional.max_pool2d(1 - shrunk[None, None] - holes[0].float(), 3, stride=1, padding=1)[0, 0] <= 0
+    assert (holes[0, 0] & amid).sum() >= 2 and (kept_holes >= (holes[0, 0] & amid)).all()  # holes amid kept pixels: inside the ball
+    assert (ring >= kept_holes).all()  # none far from the cut mask
+    assert torch.equal(attempt.hard[1], before[1]) and torch.equal(attempt.soft[1], soft_before[1])  # unverified: untouched
 
 
 def test_shrinking_leaves_small_masks_and_can_be_turned_off():

@@ -502,14 +502,25 @@ def test_find_inputs_reports_bad_files(tmp_path):
     shutil.copy(get_testdata_file("emri_small.dcm", download=False), tmp_path / "enhanced.dcm")  # multi-frame (pydicom-data)
     shutil.copy(test_files / "rtdose.dcm", tmp_path / "dose.dcm")  # a dose grid: pixel data, not an image
     (tmp_path / "notes.txt").write_text("not an image")
+    # cut short inside its pixel data: pydicom warns and returns an empty data set, which is not "no image"
+    shutil.copy(get_testdata_file("emri_small_jpeg_2k_lossless_too_short.dcm", download=False), tmp_path / "short.dcm")
+    shutil.copy(test_files / "rtstruct.dcm", tmp_path / "bare_rtstruct.dcm")  # a bare data set with no pixel data: passed over
+    shutil.copy(test_files / "nested_priv_SQ.dcm", tmp_path / "no_bits.dcm")  # pixel data without Bits Allocated
     shutil.copytree(test_files / "dicomdirtests" / "98892003" / "MR2", tmp_path / "mixed")
+    (tmp_path / "copies").mkdir()  # one image twice, in two transfer syntaxes: not two slices of a series
+    shutil.copy(test_files / "MR_small.dcm", tmp_path / "copies" / "a.dcm")
+    shutil.copy(test_files / "MR_small_RLE.dcm", tmp_path / "copies" / "b.dcm")
     shutil.copy(NIFTI, tmp_path / "brain.nii")
     items, errors = find_inputs(tmp_path)
     problems = {e.path.name: e.problem for e in errors}
     assert "no pixel data" in problems["plan.dcm"]
     assert "a DICOM Segmentation Storage object (an annotation of an image, not an image)" in problems["seg.dcm"]
     assert "a DICOM RT Dose object (a computed dose grid, not an image)" in problems["dose.dcm"]
-    assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "dose.dcm", "notes.txt")} == {"NotAnImage"}
+    assert {type(e).__name__ for e in errors if e.path.name in ("plan.dcm", "seg.dcm", "dose.dcm", "notes.txt", "bare_rtstruct.dcm")} == {"NotAnImage"}
+    assert problems["short.dcm"] == "DICOM file cut short or damaged (End of file reached before delimiter (FFFE,E0DD))."
+    assert type(next(e for e in errors if e.path.name == "short.dcm")) is InputError
+    assert problems["bare_rtstruct.dcm"] == "a DICOM data set without the file header and with no pixel data; nothing to explain."
+    assert problems["copies"] == "files a.dcm, b.dcm hold the same image (one SOP Instance UID); keep one copy of each image in the folder."
     assert "no 'DICM' marker and no DICOM data set" in problems["corrupt.dcm"]  # garbage to pydicom (a stray first byte)
     assert "no 'DICM' marker and no DICOM data set" in problems["page.dcm"] and "force=True" not in problems["page.dcm"]
     assert "a DICOM data set without the file header" in problems["bare.dcm"] and "dcmconv <file> <new file>" in problems["bare.dcm"]
@@ -520,6 +531,9 @@ def test_find_inputs_reports_bad_files(tmp_path):
     truncated = next(i for i in items if i.path.name == "truncated.dcm")
     with pytest.raises(InputError, match="truncated.dcm: cannot read the image"):
         load_image(truncated)
+    # MONAI's reader says only "does not have pixel_array": pydicom's reason instead
+    with pytest.raises(InputError, match=r"no_bits.dcm: cannot read the image \(AttributeError: Missing required element: \(0028,0100\) 'Bits Allocated'\)"):
+        load_image(next(i for i in items if i.path.name == "no_bits.dcm"))
     with pytest.raises(InputError, match="no such file"):
         find_inputs(tmp_path / "absent")
 
@@ -985,6 +999,37 @@ def test_jpeg_lossless_dicom_is_read():
     assert image.shape == (1, 256, 1024) and float(image.max()) > float(image.min())
 
 
+@pytest.mark.parametrize("name", ["chrH31.dcm", "chrI2.dcm", "anonymised.dcm"])
+def test_seg_on_japanese_korean_and_anonymised_sources(name, tmp_path):
+    # Japanese and Korean sources name the default repertoire first ('', 'ISO 2022 IR 87'), which
+    # highdicom refuses: the SEG is in UTF-8, the names kept. An anonymised source without Patient ID,
+    # Sex, Birth Date or Study ID gets them empty (type 2 in a SEG), and ACR-NEMA's 11:20:00 is 112000
+    from pydicom.data import get_charset_files
+
+    if name == "anonymised.dcm":
+        source = pydicom.dcmread(MR_SMALL)
+        for keyword in ("PatientID", "PatientSex", "PatientBirthDate", "StudyID"):
+            delattr(source, keyword)
+        source.StudyTime, source.StudyDate = "11:20:00", "1993.05.26"
+        source_path = tmp_path / name
+        source.save_as(source_path)
+    else:
+        source_path = Path(get_charset_files(name)[0])
+    source = pydicom.dcmread(source_path)
+    image = load_image(find_inputs(source_path)[0][0])
+    mask = MetaTensor(_pattern(tuple(image.shape[1:3])), meta=image.meta)
+    path = write_dicom_seg(mask, tmp_path / "seg.dcm")
+    seg = pydicom.dcmread(path)
+    assert seg.PatientName == source.PatientName and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.PatientID == source.get("PatientID", "") and seg.PatientSex == source.get("PatientSex", "")
+    assert seg.get("SpecificCharacterSet") == ("ISO_IR 192" if name.startswith("chr") else source.get("SpecificCharacterSet"))
+    assert np.array_equal(_seg_by_instance(path, [source])[source.SOPInstanceUID], mask[0].numpy().T.astype(np.uint8))
+    assert dciodvfy_errors(path) == []
+    if name == "anonymised.dcm":
+        assert (seg.StudyTime, seg.StudyDate, seg.PatientBirthDate) == ("112000", "19930526", "")
+        assert "PatientID" not in pydicom.dcmread(source_path)  # the user's file is left as it is
+
+
 def test_a_slice_whose_pixel_data_is_short_is_named(shuffled_series):
     folder, _ = shuffled_series
     item = find_inputs(folder)[0][0]
@@ -993,6 +1038,9 @@ def test_a_slice_whose_pixel_data_is_short_is_named(shuffled_series):
     ds.save_as(item.files[3])
     with pytest.raises(InputError, match=rf"{item.files[3].name}: cannot read this slice of the series .*less than expected"):
         load_image(item)
+    # a run's failures name the slice too, below the series' folder
+    report = explain_inputs(RegionClassifier(), [item], folder.parent / "out", ("nifti",), spatial_dims=2, channels=1, **QUICK)
+    assert report.failures[item.label].startswith(f"{item.files[3].name}: cannot read this slice of the series {item.label} (")
 
 
 # --- multi-frame DICOM: enhanced volumes and cines -----------------------------------------------
