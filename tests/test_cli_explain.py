@@ -88,7 +88,8 @@ def test_a_rerun_replaces_the_summary_and_an_interrupt_exits_130(tmp_path, capsy
 
     monkeypatch.setattr(monai_medcam.pipeline, "explain_inputs", interrupted)
     assert main([*args, "--input", str(TEST_FILES / "MR_small.dcm")]) == 130
-    assert "interrupted: every output written so far is whole (written, then renamed); summary.csv lists the inputs explained." in capsys.readouterr().err
+    assert ("interrupted: every output written so far is whole (written, then renamed); summary.csv and run.json list the inputs "
+            "explained and the files written.") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--input", str(TEST_FILES / "MR_small.dcm"), "--size", "0,64"])
     assert "--size: must be sides of at least 1, not '0,64'" in capsys.readouterr().err

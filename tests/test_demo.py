@@ -83,7 +83,9 @@ def test_demo_command_runs_the_whole_path(tmp_path, capsys):
     rows = list(csv.DictReader((evidence / "summary.csv").open()))
     assert len(rows) == 12 + 1 + 24 + 1  # one row per slice or 2D image
     record = json.loads((evidence / "run.json").read_text())  # the run's record, as medcam explain writes it
-    assert record["status"] == "finished" and record["outcome"] == {"explained": 4, "failed": 0}
+    written = sorted(f"{name}_evidence{suffix}" for name in ("brain", "chest_cr", "fundus", "mr_series")
+                     for suffix in ("_seg.dcm", ".nii.gz", ".png") if suffix != "_seg.dcm" or name in ("chest_cr", "mr_series"))
+    assert record["status"] == "finished" and record["outcome"] == {"explained": 4, "failed": 0, "failures": {}, "files": written}
     assert record["command"]["argv"] == ["medcam", "demo", "--output", str(tmp_path), "--count", "2", "--steps", "40"]
     assert record["classifier"]["files"][0]["path"].endswith("radiology_classifier.pt")
     assert record["settings"]["given"] == {"skip_vacuous": True, "steps": 40}
