@@ -301,8 +301,9 @@ def _dicom_series(folder: Path, headers: list[tuple[Path, object]], series: str 
     """One multi-slice series, checked and sorted by Instance Number (by position along the slices'
     normal where the numbers are missing or run against it)."""
     where = f"{folder} [series {series}]" if series else folder
-    uids = Counter(str(ds.get("SOPInstanceUID", "") or "") for _, ds in headers)
-    copies = sorted(f.name for f, ds in headers if uids[str(ds.get("SOPInstanceUID", "") or "")] > 1 and ds.get("SOPInstanceUID"))
+    uids = {f: str(ds.get("SOPInstanceUID") or "") for f, ds in headers}
+    times = Counter(uids.values())
+    copies = sorted(f.name for f, uid in uids.items() if uid and times[uid] > 1)
     if copies:  # an export holding one image twice (another transfer syntax, a re-send): not two slices
         raise InputError(where, f"files {_listed(copies)} hold the same image (one SOP Instance UID); keep one copy of "
                                 "each image in the folder.")
