@@ -11,11 +11,11 @@ export PIP_NO_CACHE_DIR := 1
 
 .PHONY: venv venv-monailabel tools demo test device-wheels
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[all,test]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)

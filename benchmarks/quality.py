@@ -255,8 +255,22 @@ def trained(
     with atomic_path(cache) as tmp:
         torch.save(net.state_dict(), tmp)
     with atomic_path(info) as tmp:
-        Path(tmp).write_text(json.dumps({"config": config, "accuracy": accuracy, "seconds": seconds}))
+        Path(tmp).write_text(json.dumps({"config": config, "accuracy": accuracy, "seconds": seconds, "environment": environment()}))
     return net.eval(), layer, about, accuracy, seconds
+
+
+def environment() -> dict[str, str]:
+    """The CPU and the package versions a run's numbers depend on: classifiers trained from the same
+    seeds and code came out different in another environment (docs/benchmark.md, session 35), so each
+    report and cached classifier records them (``constraints.txt`` pins them for ``make venv``)."""
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+    packages = ("torch", "torchvision", "monai", "numpy", "scipy", "scikit-image", "pillow")
+    return {"cpu": cpu, **{name: version(name) for name in packages}}
 
 
 def timed(fn):
@@ -467,11 +481,12 @@ def _spread_sentence(a: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Preset `{report['preset']}`, {report['device']}, {report['date']}, torch {report['torch']}. "
-        f"Saliency maps binarised at Med-CAM's area and at the lesion's (extremal perturbation optimised for each); "
-        f"precision is the share of each binary mask on the lesion; energy, pointing game and insertion/deletion AUC "
-        f"(blur baseline; insertion higher is better, deletion lower) are computed on each method's "
-        f"continuous map (Med-CAM: its soft mask, which is near-binary, so its energy is close to its precision).",
+        f"Preset `{report['preset']}`, {report['device']}, {report['date']}, torch {report['torch']}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in report['environment'].items())})" if "environment" in report else "")
+        + ". Saliency maps binarised at Med-CAM's area and at the lesion's (extremal perturbation optimised for each); "
+        "precision is the share of each binary mask on the lesion; energy, pointing game and insertion/deletion AUC "
+        "(blur baseline; insertion higher is better, deletion lower) are computed on each method's "
+        "continuous map (Med-CAM: its soft mask, which is near-binary, so its energy is close to its precision).",
     ]
     for arch, a in report["architectures"].items():
         lines += [
@@ -550,7 +565,8 @@ def main() -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matrix products (the ConvNeXt and ViT MLPs)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {"preset": name, "device": where, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "architectures": {}}
+    report = {"preset": name, "device": where, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "environment": environment(), "architectures": {}}
     json_path = args.results / f"quality_{name}.json"
     if args.archs and json_path.is_file():  # a subset run updates the earlier report's other architectures' sections
         report["architectures"] = json.loads(json_path.read_text())["architectures"]

@@ -12,7 +12,7 @@ there if missing). The lesion images come from their own seed (``TUNE_SEED``), n
 
 Prints a markdown table, one row per (architecture, setting): Med-CAM's mean lesion IoU, energy in
 the lesion (soft mask), non-binary share, area, decision kept, kept under 8 random backgrounds,
-median steps and seconds per image; and the rows of every architecture averaged per setting.
+median steps, share of masks settled and seconds per image; and the rows of every architecture averaged per setting.
 
 Med-CAM's optimisation is chaotic: another ``seed`` (or batch size, or a rounding) moves one
 image's mask a lot, and 12 images' mean IoU per architecture by up to 0.13 (docs/settings.md). A
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import ARCHS, EXPLAINED_SEED, PRESETS, TUNE_IMAGES, TUNE_SEED, mask_metrics, trained, tuning_images  # noqa: E402
 from monai_medcam import MedCAM, metrics  # noqa: E402
 
-COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "s_per_image")
+COLUMNS = ("iou", "energy", "non_binary", "area", "kept", "kept_backgrounds", "median_steps", "settled", "s_per_image")
 
 
 def _pairs(text: str) -> list[str]:
@@ -77,6 +77,7 @@ def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dic
     return dict(
         **mask_metrics(net, x, result.mask.as_tensor(), result.soft_mask, truth, result.label),
         non_binary=float(metrics.non_binary_fraction(result.soft_mask).mean()),
+        settled=float(result.settled.float().mean()),
         median_steps=float(result.steps.float().median()),
         s_per_image=seconds / len(x),
     )
@@ -84,7 +85,7 @@ def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dic
 
 def _row(name: str, setting: str, r: dict) -> str:
     return (f"| {name} | `{setting or 'defaults'}` | {r['iou']:.2f} | {r['energy']:.2f} | {r['non_binary']:.1%} | {r['area']:.1%} "
-            f"| {r['kept']:.2f} | {r['kept_backgrounds']:.2f} | {r['median_steps']:.0f} | {r['s_per_image']:.1f} |")
+            f"| {r['kept']:.2f} | {r['kept_backgrounds']:.2f} | {r['median_steps']:.0f} | {r['settled']:.2f} | {r['s_per_image']:.1f} |")
 
 
 def _with_seed(text: str, seed: int) -> str:
@@ -128,8 +129,8 @@ def main() -> None:
     if len(set(texts)) != len(texts):
         parser.error(f"two settings are the same row once the seeds are set: {texts}.")
     settings = {text: parse_setting(text) for text in texts}
-    print("| architecture | setting | IoU | energy | non-binary | area | kept | kept under bg | median steps | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| architecture | setting | IoU | energy | non-binary | area | kept | kept under bg | median steps | settled | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     totals: dict[str, list[dict]] = {text: [] for text in texts}
     for arch in args.archs:
         net, *_ = trained(arch, p, args.preset, device, args.results / "models", retrain=False)

@@ -138,6 +138,7 @@ def test_quality_benchmark_smoke(tmp_path):
         assert all(0 <= v <= 1 for v in (iou, energy, kept, background)), r
         assert 0 <= float(r[4].strip(" %")) <= 100 and 0 <= float(r[5].strip(" %")) <= 100
         assert 1 <= float(r[8]) <= 30  # smoke: 10 steps, a retry of 20 if unverified; no restarts below min_steps
+        assert 0 <= float(r[9]) <= 1  # the share of masks settled
 
 
 @pytest.mark.timeout(300)
