@@ -534,12 +534,14 @@ class MedCAM:
         return (checks.argmax(2) == label).all(0)
 
     def _check_logits(
-        self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0
+        self, x: torch.Tensor, hard: torch.Tensor, base: torch.Tensor, x_blurred: torch.Tensor, s: MedCAMSettings, draw: int = 0,
+        outsides: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits ``(1 + K, B, classes)`` of the binary evidence: on the baseline, then on each of K
-        backgrounds, and for ``draw`` 0 on zeros unless the baseline is zeros (:meth:`_outsides`;
-        ``K + 2`` rows then), in one classifier pass."""
-        variants = [hard * x + (1 - hard) * r for r in self._outsides(x, base, x_blurred, s, draw)]
+        backgrounds, and for ``draw`` 0 on zeros unless the baseline is zeros (:meth:`_outsides`, or
+        ``outsides`` when given; ``K + 2`` rows then), in one classifier pass."""
+        outsides = self._outsides(x, base, x_blurred, s, draw) if outsides is None else outsides
+        variants = [hard * x + (1 - hard) * r for r in outsides]
         return self.classifier.logits(torch.cat(variants)).float().view(len(variants), x.shape[0], -1)
 
     # -- one optimisation attempt ---------------------------------------------------------------
@@ -573,6 +575,8 @@ class MedCAM:
         settled_out = torch.zeros_like(verified_out)
         steps_out = torch.full((count,), s.steps, dtype=torch.long, device=device)
         active = torch.arange(count, device=device)
+        mined = torch.zeros_like(x)  # per image: an outside its binary mask lost the label over at the last check
+        has_mined = torch.zeros(count, dtype=torch.bool, device=device)
         previous = None
         calm = torch.zeros(count, dtype=torch.long, device=device)  # consecutive checks verified and stable
 
@@ -591,6 +595,8 @@ class MedCAM:
                 used = straight_through_binary(soft) if s.hard_mask else soft
                 kind = kinds.choice(s.backgrounds)
                 r = random_background(xa, kind, generator, x_blurred[active])
+                if s.mine_backgrounds and step % 2 == 0:  # every second step: the outside each mask last lost the label over
+                    r = torch.where(has_mined[active].view(-1, *(1,) * (x.ndim - 1)), mined[active], r)
                 evidence = used * xa + (1 - used) * ba
                 outside_random = used * xa + (1 - used) * r
                 logits, acts = self.classifier.logits_and_activations(torch.cat([evidence, outside_random]))
@@ -618,7 +624,11 @@ class MedCAM:
                 continue
             with torch.no_grad():
                 hard = (soft.detach() > 0.5).float()
-                ok = self._keeps_label(self._check_logits(xa, hard, ba, x_blurred[active], s), ya)
+                outsides = self._outsides(xa, ba, x_blurred[active], s)
+                checks = self._check_logits(xa, hard, ba, x_blurred[active], s, outsides=outsides)
+                ok = self._keeps_label(checks, ya)
+                if s.mine_backgrounds:
+                    self._mine(checks, ya, outsides, active, mined, has_mined)
                 soft_out[active[ok]] = soft.detach()[ok]
                 hard_out[active[ok]] = hard[ok]
                 verified_out[active[ok]] = True
@@ -647,6 +657,24 @@ class MedCAM:
         attempt.stalled = attempt.verified & (attempt.hard.flatten(1).mean(1) > s.restart_above)
         self._shrink(attempt, x, label, ref_logits, ref_acts, base, x_blurred, s)
         return attempt
+
+    @staticmethod
+    def _mine(
+        checks: torch.Tensor, label: torch.Tensor, outsides: list[torch.Tensor], active: torch.Tensor, mined: torch.Tensor,
+        has_mined: torch.Tensor,
+    ) -> None:
+        """Keep, in ``mined`` ``(count, C, *spatial)`` (``has_mined`` ``(count,)``), the first outside
+        other than the baseline over which each active image's binary mask lost ``label`` at this
+        check (``checks`` ``(rows, n, classes)`` of ``outsides``); images that lost none forget theirs.
+        The baseline's row is the fidelity terms' business."""
+        lost = checks.argmax(2) != label
+        lost[0] = False
+        any_lost, first = lost.any(0), lost.float().argmax(0)  # first: the first row lost (0 where none)
+        pick = mined[active]
+        for row in range(1, len(outsides)):  # no host sync: the GPU's steps run ahead of the host
+            take = (any_lost & (first == row)).view(-1, *(1,) * (pick.ndim - 1))
+            pick = torch.where(take, outsides[row], pick)
+        mined[active], has_mined[active] = pick, any_lost
 
     # -- pruning: a discrete descent on the same objective, component by component ---------------
     def _prune(

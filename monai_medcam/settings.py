@@ -19,7 +19,7 @@ from monai_medcam.backgrounds import BACKGROUNDS, BASELINES
 
 __all__ = ["MedCAMSettings", "BY_SPATIAL_DIMS", "BY_CLASSIFIER", "as_bool", "is_whole_number"]
 
-BOOL_FIELDS = ("hard_mask", "skip_vacuous", "amp", "progress")
+BOOL_FIELDS = ("hard_mask", "mine_backgrounds", "skip_vacuous", "amp", "progress")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -40,12 +40,13 @@ def is_whole_number(value: object) -> bool:
 
 # defaults that differ between 2D images and 3D volumes (a setting left at None takes these);
 # tuned on the known-evidence benchmark (docs/settings.md)
-BY_SPATIAL_DIMS: dict[str, dict[int, float | str]] = {
+BY_SPATIAL_DIMS: dict[str, dict[int, float | str | bool]] = {
     "area_weight": {2: 20.0, 3: 120.0},
     "lr_decay": {2: 0.97, 3: 0.99},
     "restart_above": {2: 0.03, 3: 0.01},
     "late_bin_weight": {2: 100.0, 3: 0.0},
     "baseline": {2: "mean", 3: "zeros"},
+    "mine_backgrounds": {2: True, 3: False},
 }
 
 # defaults that differ between vision transformers and other networks (a setting left at None
@@ -84,6 +85,13 @@ class MedCAMSettings:
             ``"gaussian"`` (the image's channel statistics), ``"uniform"``, ``"blur"``, ``"zeros"``,
             ``"batch"`` (another image of the batch: this one makes images depend on each other);
             a sequence, or one name.
+        mine_backgrounds: where a check finds the binary mask losing the label over one of the
+            verification's outsides (a background or zeros), every second step until the next
+            check draws that one instead, so the mask learns to pass it. Without it one unlucky
+            verification background, failed by every mask that has taken shape, leaves the image
+            with the last mask that passed it: an early, large, soft one (docs/settings.md).
+            ``None``: on for 2D images, off for volumes (on six tuning volumes it lowered the
+            share kept under fresh backgrounds, and volumes' masks settle without it).
         steps: most optimisation steps per attempt.
         min_steps: no early stop before this many steps.
         lr: Adam's initial learning rate.
@@ -171,6 +179,7 @@ class MedCAMSettings:
     hard_mask: bool = True
     baseline: str | None = None
     backgrounds: Sequence[str] = field(default_factory=lambda: ("gaussian", "uniform", "blur", "zeros"))
+    mine_backgrounds: bool | None = None
     steps: int = 300
     min_steps: int = 40
     lr: float = 2e-2
@@ -200,6 +209,8 @@ class MedCAMSettings:
 
     def __post_init__(self) -> None:
         for name in BOOL_FIELDS:
+            if getattr(self, name) is None and name in BY_SPATIAL_DIMS:
+                continue
             setattr(self, name, as_bool(name, getattr(self, name)))
         for name in ("act_weight", "kl_weight", "ce_weight", "area_weight", "bin_weight", "tv_weight", "rob_weight", "late_bin_weight"):
             value = getattr(self, name)

@@ -447,6 +447,8 @@ def test_defaults_by_spatial_dims_and_classifier(monkeypatch):
     assert (d2.restart_above, d3.restart_above) == (0.03, 0.01)
     assert (d2.late_bin_weight, d3.late_bin_weight) == (100.0, 0.0)
     assert (d2.baseline, d3.baseline) == ("mean", "zeros")
+    assert (d2.mine_backgrounds, d3.mine_backgrounds) == (True, False)
+    assert MedCAMSettings(mine_backgrounds="yes").resolved(3, transformer=False).mine_backgrounds is True
     assert (d2.act_weight, d3.act_weight, s.resolved(2, transformer=True).act_weight) == (10.0, 10.0, 40.0)
     explicit = MedCAMSettings(restart_above=0.2, late_bin_weight=5.0, baseline="blur", area_weight=7.0, act_weight=3.0)
     for resolved in (explicit.resolved(2, transformer=True), explicit.resolved(3, transformer=False)):
@@ -583,6 +585,52 @@ def test_verification_backgrounds_follow_verify_seed_not_seed():
                   for c in (s, replace(s, seed=99), replace(s, verify_seed=99))]
     assert torch.equal(checks[0], checks[1])  # another seed (a restart): the same backgrounds
     assert torch.equal(checks[0][0], checks[2][0]) and not torch.equal(checks[0][1:], checks[2][1:])
+
+
+def test_mining_keeps_the_first_outside_each_mask_lost_the_label_over():
+    """Rows of the checks: baseline, two backgrounds, zeros; three active images of five."""
+    label = torch.tensor([1, 1, 0])
+    checks = torch.zeros(4, 3, 2)
+    checks[..., 1] = 1.0  # every row predicts class 1
+    checks[0, 1, 1] = -1.0  # image 1 loses the label over the baseline only: the fidelity terms' business, not mined
+    # image 2 (label 0) loses it everywhere but over the first background
+    checks[1, 2, 0] = 2.0
+    checks[2, 0, 1] = -1.0  # image 0 loses it over the second background
+    checks[3, 0, 1] = -1.0  # and over zeros: the first of the two is kept
+    outsides = [torch.full((3, 1, 4, 4), float(row)) for row in range(4)]
+    active = torch.tensor([0, 2, 4])
+    mined, has_mined = torch.full((5, 1, 4, 4), -1.0), torch.tensor([False, False, True, True, True])
+    MedCAM._mine(checks, label, outsides, active, mined, has_mined)
+    assert has_mined.tolist() == [True, False, False, True, True]  # image 2 (active 1) forgot; 1 and 3 not active: untouched
+    assert (mined[0] == 2.0).all() and (mined[2] == -1.0).all()
+    assert (mined[4] == 2.0).all()  # active image 2: lost over rows 2 and 3 (label 0, they predict 1); row 1 kept it
+
+
+def test_an_outside_the_mask_lost_the_label_over_is_drawn_every_second_step(monkeypatch):
+    """The robustness term's outside is the mined one on even steps, a fresh random one on odd steps."""
+    seen = []
+
+    class Recording(RegionClassifier):
+        def forward(self, x):
+            if x.requires_grad:  # the optimisation's passes (the checks run without gradients)
+                seen.append(x.detach().clone())
+            return super().forward(x)
+
+    def mine_a_sentinel(checks, label, outsides, active, mined, has_mined):
+        mined[active], has_mined[active] = 7.0, True
+
+    monkeypatch.setattr(MedCAM, "_mine", staticmethod(mine_a_sentinel))
+    x = region_images(1)
+    MedCAM(Recording(), steps=6, check_every=1, init_keep=0.2, max_retries=0, restarts=0, shrink_rounds=0, prune_components=0).explain(x)
+    # each pass: the evidence, then the random outside; the mask starts empty, so the outside fills nearly all of it
+    sentinel = [float((batch[1] == 7.0).float().mean()) for batch in seen[:6]]
+    assert all(share > 0.5 for share in sentinel[1::2]), sentinel  # steps 2, 4, 6
+    assert all(share == 0.0 for share in sentinel[0::2]), sentinel  # steps 1, 3, 5
+    monkeypatch.undo()
+    seen.clear()
+    MedCAM(Recording(), steps=6, check_every=1, init_keep=0.2, max_retries=0, restarts=0, shrink_rounds=0, prune_components=0,
+           mine_backgrounds=False).explain(x)
+    assert len(seen) >= 6 and all(float((batch[1] == 7.0).float().mean()) == 0.0 for batch in seen)
 
 
 def _attempt_with_a_stray_blob(explainer: MedCAM, x: torch.Tensor):
