@@ -575,7 +575,8 @@ class MedCAM:
         settled_out = torch.zeros_like(verified_out)
         steps_out = torch.full((count,), s.steps, dtype=torch.long, device=device)
         active = torch.arange(count, device=device)
-        mined = torch.zeros_like(x)  # per image: an outside its binary mask lost the label over at the last check
+        # per image: an outside its binary mask lost the label over at the last check (mining only)
+        mined = torch.zeros_like(x) if s.mine_backgrounds else None
         has_mined = torch.zeros(count, dtype=torch.bool, device=device)
         previous = None
         calm = torch.zeros(count, dtype=torch.long, device=device)  # consecutive checks verified and stable

@@ -207,9 +207,9 @@ def _without_file_header(path: Path) -> InputError:
     import pydicom
 
     try:
-        bare = pydicom.dcmread(path, force=True)
-        pixels = any(k in bare for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
-        bare = "SOPClassUID" in bare
+        ds = pydicom.dcmread(path, force=True, defer_size=1024)  # which elements it holds; pixel data not read
+        pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        bare = "SOPClassUID" in ds
     except Exception:
         bare = pixels = False
     if bare and not pixels:

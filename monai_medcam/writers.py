@@ -322,7 +322,7 @@ def write_dicom_seg(
         for keyword, mark in (("StudyTime", ":"), ("StudyDate", "."), ("PatientBirthDate", ".")):  # ACR-NEMA's 11:20:00, 1993.05.26
             value = str(source.get(keyword) or "")
             if mark in value and value.replace(mark, "").replace(".", "").isdigit():
-                setattr(source, keyword, value.replace(mark, "") if mark == ":" else value.replace(".", ""))
+                setattr(source, keyword, value.replace(mark, ""))
     for source in sources:  # in memory only: the SEG's Pixel Measures need a Slice Thickness beside the Pixel Spacing
         if "PixelSpacing" in source and not source.get("SliceThickness"):
             source.SliceThickness = source.get("SpacingBetweenSlices") or NOMINAL_SLICE_THICKNESS
