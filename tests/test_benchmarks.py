@@ -117,7 +117,7 @@ def test_quality_benchmark_smoke(tmp_path):
     # the settings sweep on the classifier just cached: one row per setting, values in their ranges
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--preset", "smoke", "--archs", "mobilenet_v2", "--images", "2",
-         "--results", str(tmp_path), "--setting", "", "--setting", "restarts=0, area_weight=40, seed=5", "--seeds", "0", "1"],
+         "--results", str(tmp_path), "--setting", "", "--setting", "restarts=0, area_weight=40, seed=5", "--seeds", "0", "1", "--fresh", "16"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -134,8 +134,9 @@ def test_quality_benchmark_smoke(tmp_path):
             mean, low, high = (float(v.strip("%")) for v in re.fullmatch(r" (\S+) \((\S+) to (\S+)\) ", r[summary_column]).groups())
             assert (low, high) == (min(values), max(values)) and abs(mean - sum(values) / 2) <= 0.06, (column, r)
     for r in rows:
-        iou, energy, kept, background = (float(r[i]) for i in (2, 3, 6, 7))
-        assert all(0 <= v <= 1 for v in (iou, energy, kept, background)), r
+        iou, energy, kept, background, fresh = (float(r[i]) for i in (2, 3, 6, 7, 11))
+        assert all(0 <= v <= 1 for v in (iou, energy, kept, background, fresh)), r
+        assert abs(fresh * 32 - round(fresh * 32)) <= 0.016  # 16 backgrounds on each of 2 images: k/32, printed to 3 digits
         assert 0 <= float(r[4].strip(" %")) <= 100 and 0 <= float(r[5].strip(" %")) <= 100
         assert 1 <= float(r[8]) <= 30  # smoke: 10 steps, a retry of 20 if unverified; no restarts below min_steps
         assert 0 <= float(r[9]) <= 1  # the share of masks settled
@@ -207,10 +208,10 @@ def test_sweep_setting_parsing():
     # --seeds: the setting as written, its own seed replaced
     assert _with_seed("baseline=blur, seed=4, backgrounds=('zeros', 'blur')", 1) == "baseline=blur, backgrounds=('zeros', 'blur'), seed=1"
     assert _with_seed("", 0) == "seed=0"
-    row = _spread_row("vit", "", [dict(iou=0.4, energy=0.5, non_binary=0.01, area=0.02, kept_backgrounds=1.0, s_per_image=2.0),
-                                  dict(iou=0.6, energy=0.7, non_binary=0.03, area=0.04, kept_backgrounds=0.5, s_per_image=4.0)])
+    row = _spread_row("vit", "", [dict(iou=0.4, energy=0.5, non_binary=0.01, area=0.02, kept_backgrounds=1.0, s_per_image=2.0, kept_fresh=0.96875),
+                                  dict(iou=0.6, energy=0.7, non_binary=0.03, area=0.04, kept_backgrounds=0.5, s_per_image=4.0, kept_fresh=1.0)])
     assert row == ("| vit | `defaults` | 0.50 (0.40 to 0.60) | 0.60 (0.50 to 0.70) | 2.0% (1.0% to 3.0%) | 3.0% (2.0% to 4.0%) "
-                   "| 0.75 (0.50 to 1.00) | 3.0 |")
+                   "| 0.75 (0.50 to 1.00) | 3.0 | 0.984 (0.969 to 1.000) |")
 
 
 def test_with_removals_relabels_by_the_lesion_kept():
