@@ -80,8 +80,7 @@ def run(net: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor, setting: dic
     result = MedCAM(net, **{"steps": steps, **setting}).explain(x)
     seconds = time.perf_counter() - t0
     mask = result.mask.as_tensor()
-    with torch.no_grad():
-        kept_fresh = metrics.decision_kept_under_backgrounds(net, x, mask, result.label, k=fresh, seed=FRESH_SEED)
+    kept_fresh = metrics.decision_kept_under_backgrounds(net, x, mask, result.label, k=fresh, seed=FRESH_SEED)  # no gradients: metrics' own
     return dict(
         **mask_metrics(net, x, mask, result.soft_mask, truth, result.label),
         kept_fresh=float(kept_fresh.mean()),
